@@ -1,0 +1,154 @@
+"""Measure a trained policy: mean tour length, gap to a reference solver, seconds per instance.
+
+    python -m policy.eval --run_dir tsp20_demo --num_instances 1000 --num_loc 20
+
+Every decoding mode is measured on the same fresh instances (a seed that no
+training epoch used). The reference is LKH-3 when the optional `elkai` package
+is installed, otherwise nearest neighbour + 2-opt, and the report says which.
+Gap = mean over instances of (policy length / reference length - 1), in percent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import click
+import torch
+
+from policy.env import DISTRIBUTIONS, generate, tour_length
+from policy.inference import solve
+from policy.reference import SOLVERS, reference_tours
+from policy.runs import load_policy
+
+log = logging.getLogger(__name__)
+
+MODES = (("greedy", 1), ("greedy", 8), ("sample", 1), ("multistart", 1), ("multistart", 8))
+EVAL_SEED_OFFSET = 987_654_321
+
+
+@dataclass
+class EvalConfig:
+    run_dir: str
+    """Run folder or name under runs/."""
+    num_instances: int = 1000
+    """Fresh instances to evaluate on."""
+    num_loc: int | None = None
+    """Nodes per instance; the run's training size when None."""
+    distribution: str | None = None
+    """Instance distribution; the run's training distribution when None."""
+    seed: int = 0
+    """Seed of the evaluation instances (offset so they differ from any training epoch)."""
+    reference: str = "auto"
+    """auto (LKH-3 if elkai is installed, else 2-opt) | lkh | 2opt."""
+    num_samples: int = 16
+    """Trajectories per instance in `sample` mode."""
+    checkpoint: int | None = None
+    """Epoch to load; the latest when None."""
+    batch_size: int = 250
+    """Instances per forward pass."""
+    device: str = "cpu"
+    """torch device."""
+
+    def __post_init__(self):
+        if self.num_instances < 1:
+            raise ValueError("num_instances must be positive")
+        if self.num_loc is not None and self.num_loc < 3:
+            raise ValueError("num_loc must be at least 3")
+        if self.distribution is not None and self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}")
+        if self.reference not in SOLVERS:
+            raise ValueError(f"reference must be one of {SOLVERS}")
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Evaluate every decoding mode; returns the report as a dict (also what --json prints)."""
+    loaded = load_policy(cfg.run_dir, cfg.checkpoint, cfg.device)
+    num_loc = cfg.num_loc or loaded.config.num_loc
+    distribution = cfg.distribution or loaded.config.distribution
+    locs = generate(cfg.num_instances, num_loc, distribution, seed=cfg.seed + EVAL_SEED_OFFSET)
+    tic = time.perf_counter()
+    ref_tours, ref_name = reference_tours(locs, cfg.reference, progress=True)
+    ref_seconds = time.perf_counter() - tic
+    ref_lengths = tour_length(locs, ref_tours)
+    report = {
+        "run_dir": str(loaded.run_dir),
+        "checkpoint_epoch": loaded.epoch,
+        "num_instances": cfg.num_instances,
+        "num_loc": num_loc,
+        "distribution": distribution,
+        "reference": {
+            "solver": ref_name,
+            "mean_length": ref_lengths.mean().item(),
+            "seconds_per_instance": ref_seconds / cfg.num_instances,
+        },
+        "modes": {},
+    }
+    for decode, augment in MODES:
+        generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+        tic = time.perf_counter()
+        _, lengths = solve(
+            loaded.model, locs, decode, augment, cfg.num_samples, cfg.batch_size, generator, progress=True
+        )
+        seconds = time.perf_counter() - tic
+        name = (
+            f"{decode}"
+            + (f" x{augment}" if augment > 1 else "")
+            + (f" (best of {cfg.num_samples})" if decode == "sample" else "")
+        )
+        report["modes"][name] = {
+            "mean_length": lengths.mean().item(),
+            "gap_percent": ((lengths / ref_lengths - 1).mean() * 100).item(),
+            "seconds_per_instance": seconds / cfg.num_instances,
+        }
+    return report
+
+
+def format_report(report: dict) -> str:
+    ref = report["reference"]
+    lines = [
+        f"{report['run_dir']} (epoch {report['checkpoint_epoch']}): {report['num_instances']} {report['distribution']} "
+        f"TSP{report['num_loc']} instances",
+        f"reference: {ref['solver']}, mean length {ref['mean_length']:.4f}, {ref['seconds_per_instance'] * 1e3:.2f} ms/instance",
+        f"{'mode':<28}{'mean length':>12}{'gap %':>9}{'ms/inst':>10}",
+    ]
+    for name, m in report["modes"].items():
+        lines.append(
+            f"{name:<28}{m['mean_length']:>12.4f}{m['gap_percent']:>9.3f}{m['seconds_per_instance'] * 1e3:>10.3f}"
+        )
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/ (e.g. tsp20_demo).")
+@click.option("--num_instances", default=1000, help="Fresh instances to evaluate on.")
+@click.option("--num_loc", default=None, type=int, help="Nodes per instance [default: the run's training size].")
+@click.option(
+    "--distribution", default=None, type=click.Choice(DISTRIBUTIONS), help="Instance distribution [default: the run's]."
+)
+@click.option("--seed", default=0, help="Seed of the evaluation instances.")
+@click.option(
+    "--reference",
+    default="auto",
+    type=click.Choice(SOLVERS),
+    help="auto: LKH-3 when elkai is installed, else nearest neighbour + 2-opt.",
+)
+@click.option("--num_samples", default=16, help="Trajectories per instance for the sample mode.")
+@click.option("--checkpoint", default=None, type=int, help="Epoch to load (default: the latest).")
+@click.option("--batch_size", default=250, help="Instances per forward pass.")
+@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def main(as_json, **options):
+    """Tour length, gap to a reference solver and speed, for every decoding mode."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = run(EvalConfig(**options))
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+if __name__ == "__main__":
+    main()

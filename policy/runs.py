@@ -1,0 +1,153 @@
+"""Run directories: where a policy's config and checkpoints live, and loading the policy.
+
+A native run (written by `python -m policy.train`):
+
+    runs/<run>/config.json                      {"policy": {...}, "env": {...}, "train": {...}}
+    runs/<run>/checkpoints/epoch_<N>.safetensors
+
+A run laid out as RL4CO users have it loads the same way:
+
+    runs/<run>/config.json                      {"embed_dim", "n_encoder_layers", "num_heads", "num_loc",
+                                                 optional "normalization", "temperature"}
+    runs/<run>/checkpoints/checkpoint_epoch_<N>.ckpt
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from policy.model import AttentionModel, PolicyConfig
+from policy.rl4co import convert_state_dict, read_policy_state_dict
+
+RUNS_DIR = Path("runs")
+"""Where run names are looked up first (relative to the working directory)."""
+PACKAGED_RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
+"""Where the shipped demo run lives (the repository's, or the installed package's, runs/)."""
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_NATIVE_CKPT = re.compile(r"^epoch_(\d+)\.safetensors$")
+_RL4CO_CKPT = re.compile(r"^checkpoint_epoch_(\d+)\.ckpt$")
+
+
+def check_name(name: str, what: str = "run name") -> str:
+    """A name that stays inside its parent folder: letters, digits, `_`, `-`, `.`; no `..`."""
+    if not _NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"invalid {what} {name!r}: use letters, digits, '_', '-' and '.', "
+            "start with a letter or digit, and do not use '..' or path separators"
+        )
+    return name
+
+
+def resolve_run_dir(run_dir: str | Path) -> Path:
+    """A path to a run folder, or a bare run name looked up in ./runs then the packaged runs/."""
+    path = Path(run_dir)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{run_dir} is a file, not a run directory")
+    if len(path.parts) == 1:
+        check_name(str(run_dir))
+        for root in (RUNS_DIR, PACKAGED_RUNS_DIR):
+            if (root / path).is_dir():
+                return root / path
+    known = sorted(
+        {p.name for root in (RUNS_DIR, PACKAGED_RUNS_DIR) if root.is_dir() for p in root.iterdir() if p.is_dir()}
+    )
+    raise FileNotFoundError(f"no run directory {str(run_dir)!r}; runs found: {', '.join(known) or 'none'}")
+
+
+@dataclass
+class RunConfig:
+    """What a run's config.json says about the policy and the instances it was trained on."""
+
+    policy: PolicyConfig
+    num_loc: int
+    distribution: str
+    raw: dict
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.json: is it a run directory?")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if "policy" in raw:  # native
+        policy = PolicyConfig.from_dict(raw["policy"])
+        env = raw.get("env", {})
+        return RunConfig(policy, int(env.get("num_loc", 20)), env.get("distribution", "uniform"), raw)
+    missing = [k for k in ("embed_dim", "n_encoder_layers", "num_heads", "num_loc") if k not in raw]
+    if missing:
+        raise ValueError(f"{path}: neither a native config (no 'policy' key) nor an RL4CO one (missing {missing})")
+    policy = PolicyConfig(
+        embed_dim=raw["embed_dim"],
+        num_encoder_layers=raw["n_encoder_layers"],
+        num_heads=raw["num_heads"],
+        normalization=raw.get("normalization", "batch"),
+        temperature=raw.get("temperature", 1.0),
+    )
+    return RunConfig(policy, int(raw["num_loc"]), raw.get("distribution", "uniform"), raw)
+
+
+def list_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """Epoch -> checkpoint file, for native `epoch_<N>.safetensors` and RL4CO `checkpoint_epoch_<N>.ckpt`."""
+    found = {}
+    folder = run_dir / "checkpoints"
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = _NATIVE_CKPT.match(path.name) or _RL4CO_CKPT.match(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Native or RL4CO weights, with native key names."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+    return convert_state_dict(read_policy_state_dict(path))
+
+
+@dataclass
+class LoadedPolicy:
+    model: AttentionModel
+    config: RunConfig
+    run_dir: Path
+    epoch: int
+    checkpoint: Path
+
+
+def load_policy(run_dir: str | Path, checkpoint: int | None = None, device: str | torch.device = "cpu") -> LoadedPolicy:
+    """The policy of a run in eval mode, from epoch `checkpoint` or the latest one."""
+    run = resolve_run_dir(run_dir)
+    config = read_config(run)
+    checkpoints = list_checkpoints(run)
+    if not checkpoints:
+        raise FileNotFoundError(f"{run}/checkpoints holds no epoch_<N>.safetensors or checkpoint_epoch_<N>.ckpt")
+    epoch = max(checkpoints) if checkpoint is None else checkpoint
+    if epoch not in checkpoints:
+        raise FileNotFoundError(f"{run} has no checkpoint for epoch {epoch}; available: {list(checkpoints)}")
+    path = checkpoints[epoch]
+    model = AttentionModel.from_weights(config.policy, read_weights(path), source=str(path))
+    return LoadedPolicy(model.to(device), config, run, epoch, path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

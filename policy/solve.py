@@ -1,0 +1,146 @@
+"""Solve your own instances with a trained policy.
+
+    python -m policy.solve --run_dir tsp20_demo --instances X.npy --out tours.npy
+    python -m policy.solve --run_dir tsp20_demo --instances berlin52.tsp --decode multistart --augment 8
+
+`X.npy` holds float coordinates [B, n, 2] (or one instance [n, 2]) in the unit
+square, the square the policy was trained on. A TSPLIB `.tsp` file (EUC_2D) is
+scaled into the unit square, and its tour length is reported in the file's units.
+The output is int64 [B, n]: each row visits every node once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from policy.env import check_locs, scale_to_unit_square
+from policy.inference import AUGMENTS, DECODE_MODES, solve
+from policy.io import save_npy
+from policy.runs import load_policy
+from policy.tsplib import read_tsplib
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SolveConfig:
+    run_dir: str
+    """Run folder or name under runs/."""
+    instances: str
+    """.npy of float [B, n, 2] or [n, 2], or a TSPLIB EUC_2D .tsp file."""
+    out: str = "tours.npy"
+    """Where the int64 [B, n] tours are written."""
+    decode: str = "greedy"
+    """greedy | sample | multistart."""
+    augment: int = 1
+    """1, or 8 for the symmetries of the unit square."""
+    num_samples: int = 16
+    """Trajectories per instance with decode=sample."""
+    checkpoint: int | None = None
+    """Epoch to load; the latest when None."""
+    batch_size: int = 256
+    """Instances per forward pass."""
+    seed: int = 0
+    """Seed for sampling."""
+    device: str = "cpu"
+    """torch device."""
+
+    def __post_init__(self):
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}")
+
+
+@dataclass
+class SolveResult:
+    tours: np.ndarray  # [B, n] int64
+    lengths: np.ndarray  # [B], in the units of the input
+    tsplib_length: int | None  # TSPLIB's integer EUC_2D length, for a .tsp input
+
+
+def read_instances(path: Path) -> tuple[torch.Tensor, float, object]:
+    """(locs [B, n, 2], scale to the input's units, TSPLIB instance or None)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such instances file: {path}")
+    if path.suffix == ".tsp":
+        inst = read_tsplib(path)
+        scaled, factor = scale_to_unit_square(inst.coords)
+        return check_locs(scaled.float()), factor, inst
+    if path.suffix != ".npy":
+        raise ValueError(f"{path}: expected a .npy array or a TSPLIB .tsp file")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: not a plain numeric .npy array ({err})") from err
+    if not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"{path}: expected float coordinates, got dtype {array.dtype}")
+    locs = check_locs(torch.from_numpy(array.astype(np.float32)))
+    if locs.min() < 0 or locs.max() > 1:
+        log.warning("coordinates outside the unit square: the policy was trained on [0, 1]^2")
+    return locs, 1.0, None
+
+
+def run(cfg: SolveConfig) -> SolveResult:
+    loaded = load_policy(cfg.run_dir, cfg.checkpoint, cfg.device)
+    locs, factor, tsplib = read_instances(Path(cfg.instances))
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    tours, lengths = solve(
+        loaded.model, locs, cfg.decode, cfg.augment, cfg.num_samples, cfg.batch_size, generator, progress=True
+    )
+    save_npy(cfg.out, tours.numpy().astype(np.int64))
+    tsplib_length = tsplib.euc_2d_length(tours[0].tolist()) if tsplib is not None else None
+    return SolveResult(tours.numpy(), lengths.double().numpy() * factor, tsplib_length)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/ (e.g. tsp20_demo).")
+@click.option(
+    "--instances",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help=".npy float [B, n, 2] or [n, 2], or a TSPLIB EUC_2D .tsp file.",
+)
+@click.option("--out", default="tours.npy", type=click.Path(dir_okay=False), help="Output .npy of int64 tours [B, n].")
+@click.option(
+    "--decode",
+    default="greedy",
+    type=click.Choice(DECODE_MODES),
+    help="greedy: one trajectory; sample: best of --num_samples; multistart: greedy from every node, best kept.",
+)
+@click.option(
+    "--augment",
+    default=1,
+    type=click.Choice(["1", "8"]),
+    help="8 = also solve the 8 symmetries of the square, keep the best.",
+)
+@click.option("--num_samples", default=16, help="Sampled trajectories per instance (--decode sample).")
+@click.option("--checkpoint", default=None, type=int, help="Epoch to load (default: the latest).")
+@click.option("--batch_size", default=256, help="Instances per forward pass.")
+@click.option("--seed", default=0, help="Seed for --decode sample.")
+@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+def main(augment, **options):
+    """Solve TSP instances with a trained policy and write the tours."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = run(SolveConfig(augment=int(augment), **options))
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    b, n = result.tours.shape
+    click.echo(f"wrote {b} tour(s) of {n} nodes to {options['out']}")
+    if result.tsplib_length is not None:
+        click.echo(
+            f"tour length: {result.lengths[0]:.2f} (Euclidean, file units); TSPLIB EUC_2D length: {result.tsplib_length}"
+        )
+    else:
+        click.echo(f"mean tour length: {result.lengths.mean():.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,310 @@
+"""Train a TSP Attention Model with REINFORCE and POMO's multi-start shared baseline.
+
+    python -m policy.train --run_name tsp20 --num_loc 20 --epochs 100
+
+Every instance is decoded once from each of its nodes (sampling); the baseline
+of a tour is the mean reward of the instance's tours. Writes:
+
+    runs/<run>/config.json                       policy, env and training settings
+    runs/<run>/val_locs.npy                      the fixed validation instances
+    runs/<run>/checkpoints/epoch_<N>.safetensors weights after epoch N
+    runs/<run>/checkpoints/train_state.pt        what --resume needs (weights_only-safe)
+    runs/<run>/metrics.jsonl                     (and W&B, see policy.logger)
+
+Ctrl-C or SIGTERM saves the exact place in the epoch and exits; `--resume`
+continues from it, batch for batch, as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import torch
+from tqdm import tqdm
+
+from policy.env import DISTRIBUTIONS, generate, tour_length
+from policy.io import save_npy, save_tensors, save_torch, write_json
+from policy.logger import WANDB_MODES, RunLogger, truncate_metrics
+from policy.model import NORMALIZATIONS, AttentionModel, PolicyConfig
+from policy.runs import check_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; saved in the run's config.json under `train`."""
+
+    run_name: str = "tsp20"
+    """Folder name of the run under `runs_dir`."""
+    runs_dir: str = "runs"
+    """Where run folders are created."""
+    num_loc: int = 20
+    """Nodes per training instance."""
+    distribution: str = "uniform"
+    """Training instance distribution (see policy.env.DISTRIBUTIONS)."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    """Model hyper-parameters."""
+    batch_size: int = 64
+    """Instances per gradient step (each decoded num_loc times)."""
+    epochs: int = 100
+    """Number of epochs; resume can raise it to train longer."""
+    instances_per_epoch: int = 100_000
+    """Fresh instances drawn per epoch."""
+    lr: float = 1e-4
+    """Adam learning rate."""
+    weight_decay: float = 1e-6
+    """Adam weight decay."""
+    grad_clip: float = 1.0
+    """Max global gradient norm."""
+    val_size: int = 1000
+    """Size of the fixed validation set."""
+    seed: int = 1234
+    """Seeds the weights, the instances of every epoch and the sampling."""
+    device: str = "cpu"
+    """torch device: cpu, cuda, cuda:1, ..."""
+    wandb_project: str = "tsp-policy"
+    """W&B project name."""
+    wandb_mode: str = "auto"
+    """auto | online | offline | disabled."""
+
+    def __post_init__(self):
+        check_name(self.run_name)
+        if isinstance(self.policy, dict):
+            self.policy = PolicyConfig.from_dict(self.policy)
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
+        if self.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
+        for name in ("num_loc", "batch_size", "epochs", "instances_per_epoch", "val_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_loc < 3:
+            raise ValueError(f"num_loc must be at least 3, got {self.num_loc}")
+        if self.instances_per_epoch < self.batch_size:
+            raise ValueError("instances_per_epoch must be at least batch_size")
+        if not self.lr > 0 or self.grad_clip <= 0:
+            raise ValueError("lr and grad_clip must be positive")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.instances_per_epoch // self.batch_size
+
+    def run_config(self) -> dict:
+        """The run's config.json: what loading the policy needs, plus the training settings."""
+        train = {k: v for k, v in asdict(self).items() if k != "policy"}
+        return {
+            "policy": self.policy.to_dict(),
+            "env": {"num_loc": self.num_loc, "distribution": self.distribution},
+            "train": train,
+        }
+
+
+class Interrupted(Exception):
+    """Raised inside the training loop by SIGINT or SIGTERM."""
+
+
+def epoch_instances(cfg: TrainConfig, epoch: int) -> torch.Tensor:
+    return generate(cfg.instances_per_epoch, cfg.num_loc, cfg.distribution, seed=cfg.seed * 1_000_003 + epoch)
+
+
+def validation_instances(cfg: TrainConfig) -> torch.Tensor:
+    return generate(cfg.val_size, cfg.num_loc, cfg.distribution, seed=cfg.seed * 1_000_003 - 1)
+
+
+def train_step(model, optimizer, locs: torch.Tensor, generator: torch.Generator, grad_clip: float) -> dict:
+    """One REINFORCE step with the multi-start shared baseline; returns scalars to log."""
+    out = model(locs, decode="sample", multistart=True, generator=generator)
+    reward = -tour_length(locs, out.actions)  # [batch, S]
+    advantage = reward - reward.mean(dim=1, keepdim=True)
+    loss = -(advantage * out.log_likelihood).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return {"loss": loss.item(), "tour_length": -reward.mean().item(), "grad_norm": grad_norm.item()}
+
+
+@torch.no_grad()
+def validate(model, locs: torch.Tensor, batch_size: int = 500) -> dict:
+    model.eval()
+    greedy, multi = [], []
+    for chunk in locs.split(batch_size):
+        greedy.append(tour_length(chunk, model(chunk).actions[:, 0]))
+        multi.append(tour_length(chunk, model(chunk, multistart=True).actions).min(dim=1).values)
+    model.train()
+    return {
+        "val/greedy_length": torch.cat(greedy).mean().item(),
+        "val/multistart_length": torch.cat(multi).mean().item(),
+    }
+
+
+def _state(model, optimizer, epoch, step, generator, global_step, wandb_id) -> dict:
+    return {
+        "epoch": epoch,
+        "step_in_epoch": step,
+        "global_step": global_step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "wandb_run_id": wandb_id or "",
+    }
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train (or resume) the run `cfg.run_dir`; returns the run folder."""
+    run_dir = cfg.run_dir
+    state_path = run_dir / "checkpoints" / "train_state.pt"
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
+        saved = json.loads((run_dir / "config.json").read_text())["train"]
+        saved["policy"] = json.loads((run_dir / "config.json").read_text())["policy"]
+        cfg = TrainConfig(
+            **{
+                **saved,
+                "epochs": cfg.epochs,
+                "device": cfg.device,
+                "wandb_mode": cfg.wandb_mode,
+                "runs_dir": cfg.runs_dir,
+            }
+        )
+    elif (run_dir / "checkpoints").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints: pass --resume to continue it, or pick another --run_name"
+        )
+
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = AttentionModel(cfg.policy).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator(device=device)
+    start_epoch, start_step, global_step, wandb_id = 0, 0, 0, None
+    if resume:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        wandb_id = state["wandb_run_id"] or None
+        truncate_metrics(run_dir / "metrics.jsonl", global_step)
+        log.info("resuming %s at epoch %d, step %d", run_dir, start_epoch, start_step)
+    else:
+        write_json(run_dir / "config.json", cfg.run_config())
+    val_locs = validation_instances(cfg)
+    if not (run_dir / "val_locs.npy").exists():
+        save_npy(run_dir / "val_locs.npy", val_locs.numpy())
+    val_locs = val_locs.to(device)
+
+    logger = RunLogger(run_dir, cfg.wandb_project, cfg.run_name, cfg.run_config(), cfg.wandb_mode, run_id=wandb_id)
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    epoch, step = start_epoch, start_step
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            data = epoch_instances(cfg, epoch).to(device)
+            if epoch != start_epoch or start_step == 0:
+                generator.manual_seed(cfg.seed * 7919 + epoch)
+            elif resume:
+                generator.set_state(state["generator"])
+            first = start_step if epoch == start_epoch else 0
+            tic, sums = time.perf_counter(), {}
+            bar = tqdm(
+                range(first, cfg.steps_per_epoch),
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                initial=first,
+                total=cfg.steps_per_epoch,
+            )
+            for step in bar:
+                locs = data[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                stats = train_step(model, optimizer, locs, generator, cfg.grad_clip)
+                global_step += 1
+                sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
+                if global_step % 50 == 0:
+                    logger.log({f"train/{k}": v for k, v in stats.items()}, step=global_step)
+                bar.set_postfix(length=f"{stats['tour_length']:.3f}")
+            step = cfg.steps_per_epoch
+            seconds = time.perf_counter() - tic
+            done = cfg.steps_per_epoch - first
+            metrics = {f"epoch/{k}": v / max(done, 1) for k, v in sums.items()}
+            metrics.update(validate(model, val_locs))
+            metrics.update(
+                {"epoch": epoch + 1, "epoch/seconds": seconds, "epoch/instances_per_s": done * cfg.batch_size / seconds}
+            )
+            logger.log(metrics, step=global_step)
+            log.info(
+                "epoch %d: val greedy %.4f, multistart %.4f",
+                epoch + 1,
+                metrics["val/greedy_length"],
+                metrics["val/multistart_length"],
+            )
+            save_tensors(
+                run_dir / "checkpoints" / f"epoch_{epoch + 1}.safetensors",
+                model.state_dict(),
+                {"epoch": str(epoch + 1)},
+            )
+            save_torch(state_path, _state(model, optimizer, epoch + 1, 0, generator, global_step, logger.run_id))
+    except (Interrupted, KeyboardInterrupt) as err:
+        save_torch(state_path, _state(model, optimizer, epoch, step, generator, global_step, logger.run_id))
+        log.warning("interrupted (%s) at epoch %d, step %d: state saved, continue with --resume", err, epoch + 1, step)
+        raise Interrupted(str(err)) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        logger.finish()
+    return run_dir
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--run_name", default="tsp20", help="Run folder name under --runs_dir.")
+@click.option("--runs_dir", default="runs", type=click.Path(file_okay=False), help="Parent folder of runs.")
+@click.option("--num_loc", default=20, help="Nodes per training instance.")
+@click.option(
+    "--distribution", default="uniform", type=click.Choice(DISTRIBUTIONS), help="Training instance distribution."
+)
+@click.option("--embed_dim", default=128, help="Embedding width d.")
+@click.option("--num_encoder_layers", default=3, help="Encoder layers.")
+@click.option("--num_heads", default=8, help="Attention heads (must divide embed_dim).")
+@click.option("--normalization", default="batch", type=click.Choice(NORMALIZATIONS), help="Encoder normalization.")
+@click.option("--batch_size", default=64, help="Instances per gradient step.")
+@click.option("--epochs", default=100, help="Epochs to train (with --resume: the new total).")
+@click.option("--instances_per_epoch", default=100_000, help="Fresh instances per epoch.")
+@click.option("--lr", default=1e-4, help="Adam learning rate.")
+@click.option("--grad_clip", default=1.0, help="Max gradient norm.")
+@click.option("--val_size", default=1000, help="Fixed validation instances.")
+@click.option("--seed", default=1234, help="Seed for weights, instances and sampling.")
+@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+@click.option("--wandb_project", default="tsp-policy", help="W&B project.")
+@click.option(
+    "--wandb_mode", default="auto", type=click.Choice(WANDB_MODES), help="auto = offline without credentials."
+)
+@click.option("--resume", is_flag=True, help="Continue the run --run_name from its last saved state.")
+def main(resume, embed_dim, num_encoder_layers, num_heads, normalization, **options):
+    """Train a TSP Attention Model with REINFORCE and the POMO multi-start baseline."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        policy = PolicyConfig(
+            embed_dim=embed_dim, num_encoder_layers=num_encoder_layers, num_heads=num_heads, normalization=normalization
+        )
+        run_dir = run(TrainConfig(policy=policy, **options), resume=resume)
+    except Interrupted:
+        raise SystemExit(130) from None
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"trained policy in {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

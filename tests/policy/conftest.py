@@ -1,0 +1,36 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FIXTURE_DIR = Path(__file__).parent / "fixtures" / "rl4co_am_tsp10_d32"
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch):
+    """Tests never reach W&B: offline at most."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+@pytest.fixture
+def rl4co_fixture() -> dict[str, np.ndarray]:
+    with np.load(FIXTURE_DIR / "fixture.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture
+def tiny_cfg():
+    from policy.model import PolicyConfig
+
+    return PolicyConfig(embed_dim=16, num_encoder_layers=2, num_heads=4, ff_hidden=32)
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg):
+    from policy.model import AttentionModel
+
+    torch.manual_seed(0)
+    return AttentionModel(tiny_cfg).eval()

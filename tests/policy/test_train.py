@@ -1,0 +1,111 @@
+"""Training: resuming after a kill or an interrupt gives the weights of an uninterrupted run."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import policy.train as train_mod
+from policy.logger import RunLogger
+from policy.model import PolicyConfig
+from policy.train import Interrupted, TrainConfig, run
+
+
+def _cfg(tmp_path, name, **kw):
+    policy = PolicyConfig(embed_dim=16, num_encoder_layers=2, num_heads=4, ff_hidden=32)
+    base = dict(run_name=name, runs_dir=str(tmp_path), num_loc=8, policy=policy, batch_size=4, epochs=2,
+                instances_per_epoch=12, val_size=8, wandb_mode="disabled", seed=7)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(run_dir, epoch):
+    return load_file(str(run_dir / "checkpoints" / f"epoch_{epoch}.safetensors"))
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_run_layout_and_metrics(tmp_path):
+    run_dir = run(_cfg(tmp_path, "full"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "epoch_1.safetensors",
+        "epoch_2.safetensors",
+        "train_state.pt",
+    ]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["policy"]["embed_dim"] == 16 and config["env"] == {"num_loc": 8, "distribution": "uniform"}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "val/greedy_length" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert (run_dir / "val_locs.npy").is_file()
+
+
+def test_resume_after_a_kill_between_epochs_matches_uninterrupted(tmp_path):
+    full = run(_cfg(tmp_path, "full"))
+    run(_cfg(tmp_path, "killed", epochs=1))  # as if killed right after epoch 1
+    resumed = run(_cfg(tmp_path, "killed", epochs=2), resume=True)
+    _assert_same(_weights(full, 2), _weights(resumed, 2))
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps), "a resumed run does not log a step twice"
+
+
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path, monkeypatch):
+    full = run(_cfg(tmp_path, "full"))
+    real_step, calls = train_mod.train_step, {"n": 0}
+
+    def interrupt_on_fifth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, step 2 of 3
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", interrupt_on_fifth)
+    with pytest.raises(Interrupted):
+        run(_cfg(tmp_path, "ctrl_c"))
+    state = torch.load(tmp_path / "ctrl_c" / "checkpoints" / "train_state.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 1)
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    resumed = run(_cfg(tmp_path, "ctrl_c"), resume=True)
+    _assert_same(_weights(full, 2), _weights(resumed, 2))
+
+
+def test_existing_run_needs_resume(tmp_path):
+    run(_cfg(tmp_path, "once", epochs=1))
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(_cfg(tmp_path, "once", epochs=1))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        run(_cfg(tmp_path, "never"), resume=True)
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", "/abs", ""])
+def test_run_names_that_escape_are_rejected(tmp_path, name):
+    with pytest.raises(ValueError, match="invalid run name"):
+        _cfg(tmp_path, name)
+
+
+def test_a_broken_wandb_never_fails_the_run(tmp_path, monkeypatch):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    logger = RunLogger(tmp_path, "p", "r", {}, mode="offline")
+    assert logger.wandb_run is None
+    logger.log({"x": 1.0}, step=1)
+    logger.finish()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "x": 1.0}
+
+
+def test_auto_mode_is_offline_without_credentials(monkeypatch, tmp_path):
+    from policy.logger import resolve_wandb_mode
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("auto") == "online"
