@@ -92,22 +92,28 @@ def read_lightning_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"{path}: not a readable PyTorch/Lightning checkpoint ({err})") from err
 
 
+def policy_tensors(ckpt: dict, source: str) -> dict[str, torch.Tensor]:
+    """The `policy.*` tensors of a Lightning checkpoint, prefix removed."""
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{source}: no state_dict in this checkpoint")
+    policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+    if not policy:
+        raise ValueError(f"{source}: the state_dict holds no 'policy.*' tensors")
+    return policy
+
+
 def read_policy_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The RL4CO policy tensors (prefix `policy.` removed) from a `.ckpt` or a plain state dict file."""
     path = Path(path)
     if path.suffix == ".ckpt":
-        ckpt = read_lightning_checkpoint(path)
-        state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: no state_dict in this checkpoint")
-        policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-        if not policy:
-            raise ValueError(f"{path}: the state_dict holds no 'policy.*' tensors")
-        return policy
+        return policy_tensors(read_lightning_checkpoint(path), str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"{path}: not a state dict that loads with weights_only=True ({err})") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     return {k.removeprefix("policy."): v for k, v in state.items()}
 
 
@@ -167,8 +173,11 @@ def load_checkpoint(path: str | Path, num_heads: int | None = None) -> Attention
     does not, so pass `num_heads` for one (default 8, RL4CO's default).
     """
     path = Path(path)
-    weights = convert_state_dict(read_policy_state_dict(path))
-    settings = settings_from_checkpoint(read_lightning_checkpoint(path)) if path.suffix == ".ckpt" else {}
+    if path.suffix == ".ckpt":
+        ckpt = read_lightning_checkpoint(path)
+        weights, settings = convert_state_dict(policy_tensors(ckpt, str(path))), settings_from_checkpoint(ckpt)
+    else:
+        weights, settings = convert_state_dict(read_policy_state_dict(path)), {}
     if num_heads is not None:
         settings["num_heads"] = num_heads
     cfg = infer_config(weights, **{"num_heads": 8, **settings})

@@ -9,7 +9,7 @@ of a tour is the mean reward of the instance's tours. Writes:
     runs/<run>/val_locs.npy                      the fixed validation instances
     runs/<run>/checkpoints/epoch_<N>.safetensors weights after epoch N
     runs/<run>/checkpoints/train_state.pt        what --resume needs (weights_only-safe)
-    runs/<run>/metrics.jsonl                     (and W&B, see policy.logger)
+    runs/<run>/metrics.jsonl                     (and W&B, see sae.logger)
 
 Ctrl-C or SIGTERM saves the exact place in the epoch and exits; `--resume`
 continues from it, batch for batch, as if nothing had happened.
@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.io import save_npy, save_tensors, save_torch, write_json
-from policy.logger import WANDB_MODES, RunLogger, truncate_metrics
 from policy.model import NORMALIZATIONS, AttentionModel, PolicyConfig
 from policy.runs import check_name
+from sae.logger import WANDB_MODES, RunLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
 

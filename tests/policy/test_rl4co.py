@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURE_DIR
 
 from policy.rl4co import RestrictedUnpickler, Stub, load_checkpoint, read_lightning_checkpoint
 from policy.runs import load_policy
@@ -57,15 +56,15 @@ def _check_against_fixture(model, fx):
         np.testing.assert_allclose(acts[key].numpy(), fx[key], atol=TOL, err_msg=key)
 
 
-def test_lightning_checkpoint_reproduces_rl4co(rl4co_fixture):
-    model = load_checkpoint(FIXTURE_DIR / "am_tiny.ckpt")
+def test_lightning_checkpoint_reproduces_rl4co(fixture_dir, rl4co_fixture):
+    model = load_checkpoint(fixture_dir / "am_tiny.ckpt")
     assert model.cfg.num_heads == 4  # read from the pickled hyper-parameters, safely
     assert model.cfg.normalization == "batch" and model.cfg.embed_dim == 32
     _check_against_fixture(model, rl4co_fixture)
 
 
-def test_raw_pointer_logits_match(rl4co_fixture):
-    model = load_checkpoint(FIXTURE_DIR / "am_tiny.ckpt")
+def test_raw_pointer_logits_match(fixture_dir, rl4co_fixture):
+    model = load_checkpoint(fixture_dir / "am_tiny.ckpt")
     logits = []
     model.decoder.hook_logits.register_forward_hook(lambda m, i, o: logits.append(o))
     with torch.no_grad():
@@ -73,13 +72,13 @@ def test_raw_pointer_logits_match(rl4co_fixture):
     np.testing.assert_allclose(torch.cat(logits, 1).numpy(), rl4co_fixture["logits_raw"], atol=TOL)
 
 
-def test_policy_state_dict_reproduces_rl4co(rl4co_fixture):
-    model = load_checkpoint(FIXTURE_DIR / "policy_state_dict.pt", num_heads=4)
+def test_policy_state_dict_reproduces_rl4co(fixture_dir, rl4co_fixture):
+    model = load_checkpoint(fixture_dir / "policy_state_dict.pt", num_heads=4)
     _check_against_fixture(model, rl4co_fixture)
 
 
-def test_hyper_parameters_come_back_as_inert_stubs():
-    ckpt = read_lightning_checkpoint(FIXTURE_DIR / "am_tiny.ckpt")
+def test_hyper_parameters_come_back_as_inert_stubs(fixture_dir):
+    ckpt = read_lightning_checkpoint(fixture_dir / "am_tiny.ckpt")
     policy = ckpt["hyper_parameters"]["policy"]
     assert isinstance(policy, Stub)
     assert policy.stub_of == "rl4co.models.zoo.am.policy.AttentionModelPolicy"
@@ -122,10 +121,10 @@ def test_garbage_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(path)
 
 
-def test_rl4co_run_directory_loads_like_a_native_run(tmp_path, rl4co_fixture):
+def test_rl4co_run_directory_loads_like_a_native_run(fixture_dir, tmp_path, rl4co_fixture):
     run = tmp_path / "my_rl4co_run"
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(FIXTURE_DIR / "am_tiny.ckpt", run / "checkpoints" / "checkpoint_epoch_3.ckpt")
+    shutil.copy(fixture_dir / "am_tiny.ckpt", run / "checkpoints" / "checkpoint_epoch_3.ckpt")
     (run / "config.json").write_text(
         json.dumps({"embed_dim": 32, "n_encoder_layers": 2, "num_heads": 4, "num_loc": 10})
     )
@@ -134,10 +133,10 @@ def test_rl4co_run_directory_loads_like_a_native_run(tmp_path, rl4co_fixture):
     _check_against_fixture(loaded.model, rl4co_fixture)
 
 
-def test_rl4co_run_with_wrong_config_says_what_does_not_fit(tmp_path):
+def test_rl4co_run_with_wrong_config_says_what_does_not_fit(fixture_dir, tmp_path):
     run = tmp_path / "wrong"
     (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(FIXTURE_DIR / "am_tiny.ckpt", run / "checkpoints" / "checkpoint_epoch_1.ckpt")
+    shutil.copy(fixture_dir / "am_tiny.ckpt", run / "checkpoints" / "checkpoint_epoch_1.ckpt")
     (run / "config.json").write_text(
         json.dumps({"embed_dim": 64, "n_encoder_layers": 2, "num_heads": 4, "num_loc": 10})
     )

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import policy.train as train_mod
-from policy.logger import RunLogger
 from policy.model import PolicyConfig
 from policy.train import Interrupted, TrainConfig, run
+from sae.logger import RunLogger
 
 
 def _cfg(tmp_path, name, **kw):
@@ -102,10 +102,35 @@ def test_a_broken_wandb_never_fails_the_run(tmp_path, monkeypatch):
 
 
 def test_auto_mode_is_offline_without_credentials(monkeypatch, tmp_path):
-    from policy.logger import resolve_wandb_mode
+    from sae.logger import resolve_wandb_mode
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     assert resolve_wandb_mode("auto") == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_wandb_mode("auto") == "online"
+
+
+def test_ctrl_c_on_the_cli_saves_then_resume_finishes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "policy.train", "--run_name", "sig", "--runs_dir", str(tmp_path), "--num_loc", "6",
+            "--embed_dim", "16", "--num_heads", "4", "--num_encoder_layers", "1", "--batch_size", "2", "--epochs", "1",
+            "--instances_per_epoch", "100000", "--val_size", "4", "--wandb_mode", "disabled"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    metrics = tmp_path / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "state saved" in err and "Traceback" not in err
+    state = torch.load(tmp_path / "sig" / "checkpoints" / "train_state.pt", weights_only=True)
+    assert state["epoch"] == 0 and state["step_in_epoch"] >= 50

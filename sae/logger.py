@@ -57,6 +57,8 @@ class RunLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.mode = resolve_wandb_mode(mode)
+        if mode == "auto" and self.mode == "offline":
+            log.info("W&B: no credentials found, logging offline (upload later with `wandb sync`)")
         self.wandb_run = None
         if self.mode != "disabled":
             self.wandb_run = self._start_wandb(out_dir, project, run_name, config, run_id)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "rl4co_am_tsp10_d32"
+"""RL4CO 0.7's own output for a tiny TSP10 Attention Model (see its README)."""
 
 
 @pytest.fixture(autouse=True)
@@ -13,6 +14,11 @@ def _no_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+@pytest.fixture
+def fixture_dir() -> Path:
+    return FIXTURE_DIR
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""The SAE package: hooked policy, activation dumps, TopK sparse autoencoders; shared by clt."""
