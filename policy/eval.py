@@ -21,7 +21,7 @@ import torch
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.inference import solve
 from policy.reference import SOLVERS, reference_tours
-from policy.runs import load_policy
+from sae.runs import load_policy
 
 log = logging.getLogger(__name__)
 

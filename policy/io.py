@@ -5,6 +5,7 @@ A crash leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -58,3 +59,11 @@ def save_npy(path: str | Path, array: np.ndarray) -> Path:
 def save_torch(path: str | Path, obj) -> Path:
     """torch.save for tensors and plain containers only; read back with weights_only=True."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

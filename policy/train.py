@@ -31,8 +31,8 @@ from tqdm import tqdm
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.io import save_npy, save_tensors, save_torch, write_json
 from policy.model import NORMALIZATIONS, AttentionModel, PolicyConfig
-from policy.runs import check_name
 from sae.logger import WANDB_MODES, RunLogger, truncate_metrics
+from sae.runs import check_name
 
 log = logging.getLogger(__name__)
 

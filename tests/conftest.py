@@ -40,3 +40,19 @@ def tiny_model(tiny_cfg):
 
     torch.manual_seed(0)
     return AttentionModel(tiny_cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny policy (d=16, TSP10) trained for one epoch through the CLI."""
+    from click.testing import CliRunner
+
+    from policy import train
+
+    runs = tmp_path_factory.mktemp("runs")
+    args = ["--run_name", "tiny", "--runs_dir", str(runs), "--num_loc", "10", "--embed_dim", "16", "--num_heads", "4",
+            "--num_encoder_layers", "2", "--batch_size", "8", "--epochs", "1", "--instances_per_epoch", "16",
+            "--val_size", "8", "--wandb_mode", "disabled"]  # fmt: skip
+    result = CliRunner().invoke(train.main, args)
+    assert result.exit_code == 0, result.output
+    return runs / "tiny"

@@ -28,17 +28,6 @@ EOF
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    args = ["--run_name", "tiny", "--runs_dir", str(runs), "--num_loc", "10", "--embed_dim", "16", "--num_heads", "4",
-            "--num_encoder_layers", "2", "--batch_size", "8", "--epochs", "1", "--instances_per_epoch", "16",
-            "--val_size", "8", "--wandb_mode", "disabled"]  # fmt: skip
-    result = CliRunner().invoke(train_cli.main, args)
-    assert result.exit_code == 0, result.output
-    return runs / "tiny"
-
-
 def _solve(*args):
     return CliRunner().invoke(solve_cli.main, [str(a) for a in args])
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from policy.rl4co import RestrictedUnpickler, Stub, load_checkpoint, read_lightning_checkpoint
-from policy.runs import load_policy
+from sae.runs import load_policy
 
 TOL = 1e-5
 

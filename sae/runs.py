@@ -1,4 +1,8 @@
-"""Run directories: where a policy's config and checkpoints live, and loading the policy.
+"""Run directories: the one place that knows where a run's files live.
+
+Resolving `--run_dir`, reading its config, listing and loading checkpoints, and
+naming every output path (`sae/...`, `clt/...`, or the same tree under an
+external activations root).
 
 A native run (written by `python -m policy.train`):
 
@@ -10,20 +14,30 @@ A run laid out as RL4CO users have it loads the same way:
     runs/<run>/config.json                      {"embed_dim", "n_encoder_layers", "num_heads", "num_loc",
                                                  optional "normalization", "temperature"}
     runs/<run>/checkpoints/checkpoint_epoch_<N>.ckpt
+
+Outputs (see the path functions at the end):
+
+    runs/<run>/sae/activation_store.json        dataset name -> resolved path
+    runs/<run>/sae/activations/<dataset>/       (or <root>/<run>/sae/activations/<dataset>/)
+    runs/<run>/sae/sae_runs/<hook>/<timestamp>/
+    runs/<run>/clt/activations/<pair>/          (or <root>/<run>/clt/activations/<pair>/)
+    runs/<run>/clt/clt_runs/<pair>/<timestamp>/
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from policy.io import file_sha256
 from policy.model import AttentionModel, PolicyConfig
 from policy.rl4co import convert_state_dict, read_policy_state_dict
 
@@ -129,6 +143,10 @@ class LoadedPolicy:
     epoch: int
     checkpoint: Path
 
+    @cached_property
+    def checkpoint_sha256(self) -> str:
+        return file_sha256(self.checkpoint)
+
 
 def load_policy(run_dir: str | Path, checkpoint: int | None = None, device: str | torch.device = "cpu") -> LoadedPolicy:
     """The policy of a run in eval mode, from epoch `checkpoint` or the latest one."""
@@ -145,9 +163,35 @@ def load_policy(run_dir: str | Path, checkpoint: int | None = None, device: str 
     return LoadedPolicy(model.to(device), config, run, epoch, path)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+ACTIVATIONS_ROOT_ENV = "ACTIVATIONS_ROOT"
+"""Environment variable that moves activation dumps out of the run folder."""
+
+
+def activations_root(explicit: str | Path | None = None) -> Path | None:
+    """`--activations_root` if given, else $ACTIVATIONS_ROOT, else None (dumps live in the run)."""
+    value = explicit or os.environ.get(ACTIVATIONS_ROOT_ENV)
+    return Path(value).resolve() if value else None
+
+
+def _data_base(run_dir: Path, root: Path | None) -> Path:
+    return run_dir if root is None else root / run_dir.resolve().name
+
+
+def registry_path(run_dir: Path) -> Path:
+    return run_dir / "sae" / "activation_store.json"
+
+
+def sae_activations_dir(run_dir: Path, dataset: str, root: Path | None = None) -> Path:
+    return _data_base(run_dir, root) / "sae" / "activations" / check_name(dataset, "dataset name")
+
+
+def clt_activations_dir(run_dir: Path, pair: str, root: Path | None = None) -> Path:
+    return _data_base(run_dir, root) / "clt" / "activations" / check_name(pair, "pair name")
+
+
+def sae_runs_dir(run_dir: Path, hook: str) -> Path:
+    return run_dir / "sae" / "sae_runs" / check_name(hook, "hook name")
+
+
+def clt_runs_dir(run_dir: Path, pair: str) -> Path:
+    return run_dir / "clt" / "clt_runs" / check_name(pair, "pair name")

@@ -1,0 +1,195 @@
+"""Dump a policy's activations at named hook points to disk.
+
+    python -m sae.collect_activations --run_dir tsp20_demo --hooks encoder_layer_0,encoder_layer_1 --num_instances 10000
+
+Rows are (instance, node) in a fixed order: row i is node i % n of instance i // n
+(for decoder points: decoding step i % n). When only encoder points are asked
+for, only the encoder runs. The dump goes to `runs/<run>/sae/activations/<name>/`
+(or under `--activations_root` / $ACTIVATIONS_ROOT) and is recorded in
+`runs/<run>/sae/activation_store.json`. The same arguments reuse a complete
+dump unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from policy.env import DISTRIBUTIONS, generate
+from sae.hooks import HookedPolicy
+from sae.runs import activations_root, load_policy, sae_activations_dir
+from sae.store import DTYPES, DumpWriter, open_dump, register_dataset
+
+log = logging.getLogger(__name__)
+
+INSTANCE_CHUNK = 1024
+"""Instances are drawn in fixed chunks (seeded by seed and chunk index), so ids do not depend on batch size."""
+
+
+@dataclass
+class CollectConfig:
+    run_dir: str
+    """Run folder or name under runs/."""
+    hooks: tuple[str, ...] = ()
+    """Hook names to dump; empty = every encoder layer output."""
+    num_instances: int = 1000
+    """Instances to run; rows = num_instances * num_loc."""
+    num_loc: int | None = None
+    """Nodes per instance; the run's training size when None."""
+    distribution: str | None = None
+    """Instance distribution; the run's when None."""
+    seed: int = 0
+    """Seed of the instances."""
+    batch_size: int = 256
+    """Instances per forward pass."""
+    checkpoint: int | None = None
+    """Epoch to load; the latest when None."""
+    dtype: str = "float32"
+    """Storage dtype: float32 or float16."""
+    activations_root: str | None = None
+    """Store the dump under this folder instead of the run (default: $ACTIVATIONS_ROOT, else the run)."""
+    name: str | None = None
+    """Dataset name; derived from distribution, size, count and seed when None."""
+    overwrite: bool = False
+    """Replace an existing dump."""
+    device: str = "cpu"
+    """torch device."""
+
+    def __post_init__(self):
+        self.hooks = tuple(self.hooks)
+        if self.num_instances < 1 or self.batch_size < 1:
+            raise ValueError("num_instances and batch_size must be positive")
+        if self.num_loc is not None and self.num_loc < 3:
+            raise ValueError("num_loc must be at least 3")
+        if self.distribution is not None and self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}")
+
+
+def instance_batches(
+    num_instances: int, num_loc: int, distribution: str, seed: int, batch_size: int
+) -> Iterator[torch.Tensor]:
+    """Instances 0..num_instances-1 in order, `batch_size` at a time, the same for any batch size."""
+    buffer = torch.empty(0, num_loc, 2)
+    for start in range(0, num_instances, INSTANCE_CHUNK):
+        count = min(INSTANCE_CHUNK, num_instances - start)
+        chunk = generate(count, num_loc, distribution, seed=seed * 1_000_003 + start // INSTANCE_CHUNK)
+        buffer = torch.cat([buffer, chunk])
+        while buffer.shape[0] >= batch_size:
+            yield buffer[:batch_size]
+            buffer = buffer[batch_size:]
+    if buffer.shape[0]:
+        yield buffer
+
+
+def collect(
+    hooked: HookedPolicy, batches: Iterator[torch.Tensor], names: dict[str, str], writer: DumpWriter, total: int
+) -> np.ndarray:
+    """Run every batch once, write `hook -> array name` rows; returns all instances [N, n, 2]."""
+    device = next(hooked.model.parameters()).device
+    locs_seen = []
+    with tqdm(total=total, desc="collecting", unit="inst") as bar:
+        for locs in batches:
+            cache = hooked.run_with_cache(locs.to(device), list(names))
+            writer.write({array: cache[hook].reshape(-1, cache[hook].shape[-1]) for hook, array in names.items()})
+            locs_seen.append(locs.numpy())
+            bar.update(locs.shape[0])
+    return np.concatenate(locs_seen)
+
+
+def hook_dims(hooked: HookedPolicy, names: list[str], num_loc: int) -> dict[str, int]:
+    """Width of each hook's rows (d, or the node count for decoder.logits), from one tiny forward."""
+    device = next(hooked.model.parameters()).device
+    probe = hooked.run_with_cache(generate(1, num_loc, seed=0).to(device), names)
+    return {name: probe[name].shape[-1] for name in names}
+
+
+def run(cfg: CollectConfig) -> Path:
+    """Collect (or reuse) the dump; returns its folder."""
+    loaded = load_policy(cfg.run_dir, cfg.checkpoint, cfg.device)
+    hooked = HookedPolicy(loaded.model)
+    names = hooked.check_names(cfg.hooks or [f"encoder_layer_{i}" for i in range(len(loaded.model.layers))])
+    num_loc = cfg.num_loc or loaded.config.num_loc
+    distribution = cfg.distribution or loaded.config.distribution
+    name = cfg.name or f"{distribution}_n{num_loc}_{cfg.num_instances}x_seed{cfg.seed}"
+    root = activations_root(cfg.activations_root)
+    path = sae_activations_dir(loaded.run_dir, name, root)
+    request = {
+        "hooks": names,
+        "num_instances": cfg.num_instances,
+        "nodes_per_instance": num_loc,
+        "distribution": distribution,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "checkpoint_sha256": loaded.checkpoint_sha256,
+    }
+    if path.exists() and not cfg.overwrite:
+        existing = open_dump(path).metadata
+        if all(existing.get(k) == v for k, v in request.items()):
+            log.info("reusing the complete dump at %s (pass --overwrite to collect again)", path)
+            register_dataset(loaded.run_dir, name, path, {"kind": "sae"})
+            return path
+        raise FileExistsError(f"{path} holds a dump made with other arguments; pass --overwrite or another --name")
+
+    rows = cfg.num_instances * num_loc
+    dims = hook_dims(hooked, names, num_loc)
+    batches = instance_batches(cfg.num_instances, num_loc, distribution, cfg.seed, cfg.batch_size)
+    with DumpWriter(path, dims, rows, cfg.dtype, overwrite=cfg.overwrite) as writer:
+        locs = collect(hooked, batches, {n: n for n in names}, writer, cfg.num_instances)
+        writer.add_file("locs", locs)
+        metadata = {
+            **request,
+            "kind": "sae",
+            "shapes": {n: [rows, d] for n, d in dims.items()},
+            "instance_ids": {"first": 0, "count": cfg.num_instances, "seed": cfg.seed, "chunk": INSTANCE_CHUNK},
+            "run_dir": str(loaded.run_dir.resolve()),
+            "checkpoint_epoch": loaded.epoch,
+            "config": asdict(cfg),
+        }
+        writer.finish(metadata)
+    register_dataset(loaded.run_dir, name, path, {"kind": "sae"})
+    return path
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/.")
+@click.option(
+    "--hooks",
+    default="",
+    help="Comma-separated hook names [default: every encoder_layer_{i}]. See HookedPolicy.hook_names().",
+)
+@click.option("--num_instances", default=1000, help="Instances to run (rows = instances x nodes).")
+@click.option("--num_loc", default=None, type=int, help="Nodes per instance [default: the run's].")
+@click.option(
+    "--distribution", default=None, type=click.Choice(DISTRIBUTIONS), help="Instance distribution [default: the run's]."
+)
+@click.option("--seed", default=0, help="Seed of the instances.")
+@click.option("--batch_size", default=256, help="Instances per forward pass.")
+@click.option("--checkpoint", default=None, type=int, help="Epoch to load [default: the latest].")
+@click.option("--dtype", default="float32", type=click.Choice(DTYPES), help="Storage dtype.")
+@click.option(
+    "--activations_root", default=None, help="Store dumps under this folder [default: $ACTIVATIONS_ROOT, else the run]."
+)
+@click.option("--name", default=None, help="Dataset name [default: <distribution>_n<nodes>_<count>x_seed<seed>].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing dump of the same name.")
+@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+def main(hooks, **options):
+    """Dump activations at named hook points to .npy files with a metadata.json."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = run(CollectConfig(hooks=tuple(h.strip() for h in hooks.split(",") if h.strip()), **options))
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"activations in {path}")
+
+
+if __name__ == "__main__":
+    main()

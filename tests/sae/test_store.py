@@ -1,0 +1,121 @@
+"""Dumps: streamed stats, complete-or-absent, clear errors for damaged files, a registry that loses nothing."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from sae.store import DumpWriter, RunningStats, open_dump, read_registry, register_dataset
+
+
+def _write(path, rows=50, dims=None, dtype="float32", chunk=7, seed=0):
+    dims = dims or {"a": 4, "b": 3}
+    rng = np.random.default_rng(seed)
+    data = {k: rng.normal(2.0, 3.0, size=(rows, d)).astype(np.float32) for k, d in dims.items()}
+    with DumpWriter(path, dims, rows, dtype) as writer:
+        for start in range(0, rows, chunk):
+            writer.write({k: v[start : start + chunk] for k, v in data.items()})
+        writer.finish({"nodes_per_instance": 5, "num_instances": rows // 5})
+    return data
+
+
+def test_round_trip_with_streamed_stats(tmp_path):
+    data = _write(tmp_path / "d")
+    dump = open_dump(tmp_path / "d", verify=True)
+    for name, values in data.items():
+        np.testing.assert_array_equal(dump.arrays[name], values)
+        mean, std = dump.stats(name)
+        np.testing.assert_allclose(mean, values.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(std, values.std(0), rtol=1e-5)
+    assert dump.rows == 50 and dump.metadata["dtype"] == "float32"
+    assert set(dump.metadata["sha256"]) == {"a.npy", "b.npy"}
+
+
+def test_float16_storage(tmp_path):
+    data = _write(tmp_path / "h", dtype="float16")
+    dump = open_dump(tmp_path / "h")
+    assert dump.arrays["a"].dtype == np.float16
+    np.testing.assert_allclose(dump.arrays["a"], data["a"], rtol=1e-3, atol=1e-2)
+
+
+def test_running_stats_merge_matches_numpy():
+    x = np.random.default_rng(1).normal(1e3, 1e-2, size=(1000, 2))
+    stats = RunningStats(2)
+    for chunk in np.array_split(x, 13):
+        stats.update(chunk)
+    np.testing.assert_allclose(stats.mean, x.mean(0))
+    np.testing.assert_allclose(stats.std, x.std(0), rtol=1e-6)
+
+
+def test_an_interrupted_dump_never_looks_complete(tmp_path):
+    path = tmp_path / "d"
+    with pytest.raises(KeyboardInterrupt):
+        with DumpWriter(path, {"a": 2}, 10) as writer:
+            writer.write({"a": np.zeros((4, 2), np.float32)})
+            raise KeyboardInterrupt
+    assert not path.exists() and not (tmp_path / "d.partial").exists()
+    writer = DumpWriter(path, {"a": 2}, 10)
+    writer.write({"a": np.zeros((4, 2), np.float32)})  # a crash here leaves only d.partial
+    with pytest.raises(ValueError, match="incomplete"):
+        open_dump(path)
+    with pytest.raises(ValueError, match="4 of 10 rows"):
+        writer.finish({})
+
+
+def test_truncated_file_is_refused_with_sizes(tmp_path):
+    _write(tmp_path / "d")
+    file = tmp_path / "d" / "a.npy"
+    file.write_bytes(file.read_bytes()[:-16])
+    with pytest.raises(ValueError, match=r"a.npy is truncated or padded: \d+ bytes, expected \d+"):
+        open_dump(tmp_path / "d")
+
+
+def test_corrupted_bytes_are_caught_by_checksums(tmp_path):
+    _write(tmp_path / "d")
+    file = tmp_path / "d" / "b.npy"
+    raw = bytearray(file.read_bytes())
+    raw[-5] ^= 0xFF
+    file.write_bytes(bytes(raw))
+    open_dump(tmp_path / "d")  # sizes still fit
+    with pytest.raises(ValueError, match="b.npy: sha256 differs"):
+        open_dump(tmp_path / "d", verify=True)
+
+
+def test_missing_metadata_and_wrong_shapes(tmp_path):
+    _write(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "metadata.json").read_text())
+    meta["arrays"]["a"]["shape"] = [51, 4]
+    (tmp_path / "d" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"holds float32 \[50, 4\], metadata.json says float32 \[51, 4\]"):
+        open_dump(tmp_path / "d")
+    (tmp_path / "d" / "metadata.json").unlink()
+    with pytest.raises(ValueError, match="no metadata.json"):
+        open_dump(tmp_path / "d")
+    with pytest.raises(FileNotFoundError):
+        open_dump(tmp_path / "nothing")
+
+
+def test_existing_dump_needs_overwrite(tmp_path):
+    _write(tmp_path / "d")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        DumpWriter(tmp_path / "d", {"a": 1}, 1)
+    with DumpWriter(tmp_path / "d", {"c": 1}, 2, overwrite=True) as writer:
+        writer.write({"c": np.ones((2, 1), np.float32)})
+        writer.finish({})
+    assert set(open_dump(tmp_path / "d").arrays) == {"c"}
+
+
+def test_concurrent_registrations_all_land(tmp_path):
+    run = tmp_path / "run"
+
+    def register(i):
+        for j in range(10):
+            register_dataset(run, f"set_{i}_{j}", tmp_path / f"p{i}{j}", {"kind": "sae"})
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(read_registry(run)) == 40
