@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.io import save_npy, save_tensors, save_torch, write_json
 from policy.model import NORMALIZATIONS, AttentionModel, PolicyConfig
+from policy.signals import GracefulStop, Interrupted
 from sae.logger import WANDB_MODES, RunLogger, truncate_metrics
 from sae.runs import check_name
 
@@ -110,10 +110,6 @@ class TrainConfig:
         }
 
 
-class Interrupted(Exception):
-    """Raised inside the training loop by SIGINT or SIGTERM."""
-
-
 def epoch_instances(cfg: TrainConfig, epoch: int) -> torch.Tensor:
     return generate(cfg.instances_per_epoch, cfg.num_loc, cfg.distribution, seed=cfg.seed * 1_000_003 + epoch)
 
@@ -161,10 +157,6 @@ def _state(model, optimizer, epoch, step, generator, global_step, wandb_id) -> d
     }
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
-
-
 def run(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train (or resume) the run `cfg.run_dir`; returns the run folder."""
     run_dir = cfg.run_dir
@@ -210,59 +202,62 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     val_locs = val_locs.to(device)
 
     logger = RunLogger(run_dir, cfg.wandb_project, cfg.run_name, cfg.run_config(), cfg.wandb_mode, run_id=wandb_id)
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     epoch, step = start_epoch, start_step
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            data = epoch_instances(cfg, epoch).to(device)
-            if epoch != start_epoch or start_step == 0:
-                generator.manual_seed(cfg.seed * 7919 + epoch)
-            elif resume:
-                generator.set_state(state["generator"])
-            first = start_step if epoch == start_epoch else 0
-            tic, sums = time.perf_counter(), {}
-            bar = tqdm(
-                range(first, cfg.steps_per_epoch),
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                initial=first,
-                total=cfg.steps_per_epoch,
-            )
-            for step in bar:
-                locs = data[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                stats = train_step(model, optimizer, locs, generator, cfg.grad_clip)
-                global_step += 1
-                sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
-                if global_step % 50 == 0:
-                    logger.log({f"train/{k}": v for k, v in stats.items()}, step=global_step)
-                bar.set_postfix(length=f"{stats['tour_length']:.3f}")
-            step = cfg.steps_per_epoch
-            seconds = time.perf_counter() - tic
-            done = cfg.steps_per_epoch - first
-            metrics = {f"epoch/{k}": v / max(done, 1) for k, v in sums.items()}
-            metrics.update(validate(model, val_locs))
-            metrics.update(
-                {"epoch": epoch + 1, "epoch/seconds": seconds, "epoch/instances_per_s": done * cfg.batch_size / seconds}
-            )
-            logger.log(metrics, step=global_step)
-            log.info(
-                "epoch %d: val greedy %.4f, multistart %.4f",
-                epoch + 1,
-                metrics["val/greedy_length"],
-                metrics["val/multistart_length"],
-            )
-            save_tensors(
-                run_dir / "checkpoints" / f"epoch_{epoch + 1}.safetensors",
-                model.state_dict(),
-                {"epoch": str(epoch + 1)},
-            )
-            save_torch(state_path, _state(model, optimizer, epoch + 1, 0, generator, global_step, logger.run_id))
+        with GracefulStop() as stop:
+            for epoch in range(start_epoch, cfg.epochs):
+                data = epoch_instances(cfg, epoch).to(device)
+                if epoch != start_epoch or start_step == 0:
+                    generator.manual_seed(cfg.seed * 7919 + epoch)
+                elif resume:
+                    generator.set_state(state["generator"])
+                first = start_step if epoch == start_epoch else 0
+                tic, sums = time.perf_counter(), {}
+                bar = tqdm(
+                    range(first, cfg.steps_per_epoch),
+                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                    initial=first,
+                    total=cfg.steps_per_epoch,
+                )
+                for step in bar:
+                    stop.check()
+                    locs = data[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                    stats = train_step(model, optimizer, locs, generator, cfg.grad_clip)
+                    global_step += 1
+                    sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
+                    if global_step % 50 == 0:
+                        logger.log({f"train/{k}": v for k, v in stats.items()}, step=global_step)
+                    bar.set_postfix(length=f"{stats['tour_length']:.3f}")
+                step = cfg.steps_per_epoch
+                seconds = time.perf_counter() - tic
+                done = cfg.steps_per_epoch - first
+                metrics = {f"epoch/{k}": v / max(done, 1) for k, v in sums.items()}
+                metrics.update(validate(model, val_locs))
+                metrics.update(
+                    {
+                        "epoch": epoch + 1,
+                        "epoch/seconds": seconds,
+                        "epoch/instances_per_s": done * cfg.batch_size / seconds,
+                    }
+                )
+                logger.log(metrics, step=global_step)
+                log.info(
+                    "epoch %d: val greedy %.4f, multistart %.4f",
+                    epoch + 1,
+                    metrics["val/greedy_length"],
+                    metrics["val/multistart_length"],
+                )
+                save_tensors(
+                    run_dir / "checkpoints" / f"epoch_{epoch + 1}.safetensors",
+                    model.state_dict(),
+                    {"epoch": str(epoch + 1)},
+                )
+                save_torch(state_path, _state(model, optimizer, epoch + 1, 0, generator, global_step, logger.run_id))
     except (Interrupted, KeyboardInterrupt) as err:
         save_torch(state_path, _state(model, optimizer, epoch, step, generator, global_step, logger.run_id))
         log.warning("interrupted (%s) at epoch %d, step %d: state saved, continue with --resume", err, epoch + 1, step)
         raise Interrupted(str(err)) from None
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         logger.finish()
     return run_dir
 

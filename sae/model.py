@@ -1,0 +1,146 @@
+"""TopK sparse autoencoder (Gao et al., 2024, "Scaling and evaluating sparse autoencoders").
+
+    pre   = (x - b_dec) @ W_enc + b_enc              [batch, latents]
+    z     = the k largest of ReLU(pre), values kept   (not shifted by the k-th value)
+    x_hat = z @ W_dec + b_dec                         [batch, d_in]
+
+Decoder rows have unit norm (renormalised after every step, and the gradient
+component along each row is removed before it). `b_dec` starts at the data mean.
+Dead latents (no activation for `dead_tokens` rows) get the AuxK loss: the
+top `aux_k` dead latents reconstruct the residual x - x_hat.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from policy.io import save_tensors, write_json
+
+
+@dataclass
+class SAEConfig:
+    """Shape and sparsity of a TopK SAE; saved as cfg.json beside model.safetensors."""
+
+    d_in: int
+    """Width of the hooked activation."""
+    expansion_factor: int = 8
+    """Latents = expansion_factor * d_in."""
+    k: int | None = None
+    """Active latents per row; when None, k = round(k_ratio * latents)."""
+    k_ratio: float | None = None
+    """Fraction of latents active per row, used when k is None (default 16 active when neither is set)."""
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss; default d_in // 2."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens: int = 100_000
+    """A latent that has not fired for this many training rows counts as dead."""
+
+    def __post_init__(self):
+        if self.d_in < 1 or self.expansion_factor < 1:
+            raise ValueError("d_in and expansion_factor must be positive")
+        if self.k is not None and self.k_ratio is not None:
+            raise ValueError("give k or k_ratio, not both")
+        if self.k_ratio is not None and not 0 < self.k_ratio <= 1:
+            raise ValueError(f"k_ratio must be in (0, 1], got {self.k_ratio}")
+        if not 1 <= self.active <= self.n_latents:
+            raise ValueError(f"k must be in [1, {self.n_latents}], got {self.active}")
+
+    @property
+    def n_latents(self) -> int:
+        return self.d_in * self.expansion_factor
+
+    @property
+    def active(self) -> int:
+        if self.k is not None:
+            return self.k
+        if self.k_ratio is not None:
+            return max(1, round(self.k_ratio * self.n_latents))
+        return min(16, self.n_latents)
+
+    @property
+    def auxiliary(self) -> int:
+        return min(self.aux_k or max(1, self.d_in // 2), self.n_latents)
+
+
+class SAEOutput(NamedTuple):
+    x_hat: torch.Tensor  # [batch, d_in]
+    values: torch.Tensor  # [batch, k] the active latents' values
+    indices: torch.Tensor  # [batch, k] their ids
+    pre: torch.Tensor  # [batch, latents] pre-activations (for AuxK)
+
+
+class TopKSAE(nn.Module):
+    def __init__(self, cfg: SAEConfig, data_mean: torch.Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        w_dec = torch.randn(cfg.n_latents, cfg.d_in)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)  # [latents, d_in], unit rows
+        self.W_enc = nn.Parameter(w_dec.T.clone())  # [d_in, latents]
+        self.b_enc = nn.Parameter(torch.zeros(cfg.n_latents))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in) if data_mean is None else data_mean.clone().float())
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense sparse codes z [batch, latents]."""
+        out = self(x)
+        return torch.zeros_like(out.pre).scatter(1, out.indices, out.values)
+
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x_hat from the k active latents only: sum_j values_j * W_dec[indices_j] + b_dec."""
+        return nn.functional.embedding_bag(indices, self.W_dec, per_sample_weights=values, mode="sum") + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        pre = self.pre_acts(x)
+        values, indices = torch.topk(pre, self.cfg.active, dim=-1, sorted=False)
+        values = torch.relu(values)
+        return SAEOutput(self.decode_sparse(values, indices), values, indices, pre)
+
+    def aux_loss(self, x: torch.Tensor, out: SAEOutput, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK: the top aux_k dead latents reconstruct the residual, normalised by x's variance."""
+        if not dead.any():
+            return x.new_zeros(())
+        k = min(self.cfg.auxiliary, int(dead.sum()))
+        masked = out.pre.masked_fill(~dead, float("-inf"))
+        values, indices = torch.topk(masked, k, dim=-1, sorted=False)
+        residual_hat = nn.functional.embedding_bag(
+            indices, self.W_dec, per_sample_weights=torch.relu(values), mode="sum"
+        )
+        residual = (x - out.x_hat).detach()
+        return (residual_hat - residual).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Project out the part of W_dec's gradient that would change the row norms."""
+        if self.W_dec.grad is not None:
+            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+            self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        write_json(folder / "cfg.json", asdict(self.cfg))
+        save_tensors(folder / "model.safetensors", self.state_dict())
+
+
+def load_sae(folder: str | Path) -> TopKSAE:
+    """A TopKSAE from `cfg.json` + `model.safetensors`."""
+    folder = Path(folder)
+    if not (folder / "cfg.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} needs cfg.json and model.safetensors")
+    model = TopKSAE(SAEConfig(**json.loads((folder / "cfg.json").read_text())))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval()

@@ -1,0 +1,285 @@
+"""Train a TopK SAE on one hook's activation dump.
+
+    python -m sae.train_topk --run_dir tsp20_demo --hook encoder_layer_1 --expansion_factor 8 --k 16
+
+Reads the newest registered dump that holds the hook (or `--dataset`), splits
+it by instance into train and validation, and writes
+
+    runs/<run>/sae/sae_runs/<hook>/<timestamp>/
+        cfg.json  model.safetensors      the SAE (load with sae.model.load_sae)
+        train_cfg.json                   these settings, and the dataset used
+        metrics.jsonl                    train and validation MSE, FVU, L0, dead fraction (also W&B)
+        checkpoints/epoch_<N>.safetensors, checkpoints/train_state.pt
+
+Ctrl-C or SIGTERM saves the exact position; `--resume` continues the newest run of the hook.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import torch
+from tqdm import tqdm
+
+from policy.io import save_tensors, save_torch, write_json
+from policy.signals import GracefulStop, Interrupted
+from sae.data import RowStream, split_instances
+from sae.logger import WANDB_MODES, RunLogger, truncate_metrics
+from sae.model import SAEConfig, TopKSAE
+from sae.runs import resolve_run_dir, sae_runs_dir
+from sae.store import Dump, open_dump, read_registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SAETrainConfig:
+    run_dir: str
+    """Run folder or name under runs/."""
+    hook: str
+    """Hook whose activations the SAE reconstructs."""
+    dataset: str | None = None
+    """Registered dump to read; the newest one holding the hook when None."""
+    expansion_factor: int = 8
+    """Latents = expansion_factor * d."""
+    k: int | None = None
+    """Active latents per row (default 16 when neither k nor k_ratio is given)."""
+    k_ratio: float | None = None
+    """Fraction of latents active per row, instead of k."""
+    lr: float = 1e-3
+    """Adam learning rate."""
+    batch_size: int = 1024
+    """Rows per step."""
+    num_epochs: int = 10
+    """Passes over the training split."""
+    val_ratio: float = 0.1
+    """Fraction of instances held out for validation."""
+    dead_tokens: int = 100_000
+    """Rows without firing after which a latent counts as dead (and gets the AuxK loss)."""
+    save_freq: int = 1
+    """Save a checkpoint every this many epochs."""
+    seed: int = 0
+    """Seeds the weights, the split and the batch order."""
+    device: str = "cpu"
+    """torch device."""
+    wandb_project: str = "tsp-sae"
+    """W&B project."""
+    wandb_run_name: str | None = None
+    """W&B run name; default <run>/<hook>/<timestamp>."""
+    wandb_mode: str = "auto"
+    """auto | online | offline | disabled."""
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.batch_size < 1 or self.num_epochs < 1 or self.save_freq < 1:
+            raise ValueError("lr, batch_size, num_epochs and save_freq must be positive")
+        if self.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"wandb_mode must be one of {WANDB_MODES}")
+
+    def sae_config(self, d_in: int) -> SAEConfig:
+        return SAEConfig(d_in, self.expansion_factor, self.k, self.k_ratio, dead_tokens=self.dead_tokens)
+
+
+def find_dump(run_dir: Path, hook: str, dataset: str | None) -> tuple[str, Dump]:
+    """The named dump, or the newest registered one that holds `hook`."""
+    registry = read_registry(run_dir)
+    if dataset is not None:
+        if dataset not in registry:
+            raise FileNotFoundError(
+                f"no dataset {dataset!r} in {run_dir}'s registry; known: {sorted(registry) or 'none'}"
+            )
+        candidates = [dataset]
+    else:
+        candidates = [n for n, e in registry.items() if e.get("kind") == "sae"]
+    found = []
+    for name in candidates:
+        dump = open_dump(registry[name]["path"])
+        if hook in dump.arrays:
+            found.append((dump.metadata["created"], name, dump))
+    if not found:
+        raise FileNotFoundError(
+            f"no registered activation dump of {run_dir} holds {hook!r}; collect one with "
+            f"python -m sae.collect_activations --run_dir {run_dir} --hooks {hook}"
+        )
+    _, name, dump = max(found, key=lambda item: item[:2])
+    return name, dump
+
+
+@torch.no_grad()
+def evaluate(model: TopKSAE, stream: RowStream, hook: str, mean: torch.Tensor) -> dict:
+    """Validation MSE, FVU (against the dump's per-dim mean), L0 and the fraction of latents that never fire."""
+    sq_err = sq_dev = l0 = rows = 0.0
+    fired = torch.zeros(model.cfg.n_latents, dtype=torch.bool)
+    device = model.b_dec.device
+    mean = mean.to(device)
+    for batch in stream.epoch(0):
+        x = batch[hook].to(device)
+        out = model(x)
+        sq_err += (out.x_hat - x).pow(2).sum().item()
+        sq_dev += (x - mean).pow(2).sum().item()
+        l0 += (out.values > 0).sum().item()
+        rows += x.shape[0]
+        fired[out.indices[out.values > 0].unique().cpu()] = True
+    return {
+        "val/mse": sq_err / (rows * x.shape[1]),
+        "val/fvu": sq_err / max(sq_dev, 1e-12),
+        "val/l0": l0 / rows,
+        "val/dead_fraction": 1 - fired.float().mean().item(),
+    }
+
+
+def train_step(model: TopKSAE, optimizer, x: torch.Tensor, rows_since_fired: torch.Tensor) -> dict:
+    out = model(x)
+    err = (out.x_hat - x).pow(2).sum(-1).mean()
+    fvu = err / (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    dead = rows_since_fired > model.cfg.dead_tokens
+    aux = model.aux_loss(x, out, dead)
+    loss = fvu + model.cfg.aux_coef * aux
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    model.remove_parallel_gradient()
+    optimizer.step()
+    model.normalize_decoder()
+    fired = torch.zeros_like(dead)
+    fired[out.indices[out.values > 0]] = True
+    rows_since_fired += x.shape[0]
+    rows_since_fired[fired] = 0
+    return {
+        "mse": err.item() / x.shape[1],
+        "fvu": fvu.item(),
+        "aux_loss": aux.item(),
+        "l0": (out.values > 0).sum(-1).float().mean().item(),
+        "dead_fraction": dead.float().mean().item(),
+    }
+
+
+def _latest_run(hook_dir: Path) -> Path:
+    runs = (
+        sorted(p for p in hook_dir.glob("*") if (p / "checkpoints" / "train_state.pt").is_file())
+        if hook_dir.is_dir()
+        else []
+    )
+    if not runs:
+        raise FileNotFoundError(f"nothing to resume under {hook_dir}")
+    return runs[-1]
+
+
+def run(cfg: SAETrainConfig, resume: bool = False) -> Path:
+    """Train (or resume) an SAE; returns its run folder."""
+    run_dir = resolve_run_dir(cfg.run_dir)
+    hook_dir = sae_runs_dir(run_dir, cfg.hook)
+    if resume:
+        out_dir = _latest_run(hook_dir)
+        saved = json.loads((out_dir / "train_cfg.json").read_text())
+        saved.pop("dataset_path", None)
+        cfg = SAETrainConfig(
+            **{**saved, "num_epochs": cfg.num_epochs, "device": cfg.device, "wandb_mode": cfg.wandb_mode}
+        )
+    else:
+        out_dir = hook_dir / time.strftime("%Y%m%d-%H%M%S")
+        while out_dir.exists():
+            out_dir = out_dir.with_name(out_dir.name + "_")
+    name, dump = find_dump(run_dir, cfg.hook, cfg.dataset)
+    cfg.dataset = name
+    train_ids, val_ids = split_instances(dump.num_instances, cfg.val_ratio, cfg.seed)
+    arrays = {cfg.hook: dump.arrays[cfg.hook]}
+    train = RowStream(arrays, dump.nodes_per_instance, train_ids, cfg.batch_size, cfg.seed)
+    val = RowStream(arrays, dump.nodes_per_instance, val_ids, cfg.batch_size, cfg.seed) if len(val_ids) else None
+
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    mean = torch.from_numpy(dump.stats(cfg.hook)[0])
+    model = TopKSAE(cfg.sae_config(dump.arrays[cfg.hook].shape[1]), mean).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    rows_since_fired = torch.zeros(model.cfg.n_latents, dtype=torch.long, device=device)
+    start_epoch = start_step = global_step = 0
+    wandb_id = None
+    state_path = out_dir / "checkpoints" / "train_state.pt"
+    if resume:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        rows_since_fired = state["rows_since_fired"].to(device)
+        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        wandb_id = state["wandb_run_id"] or None
+        truncate_metrics(out_dir / "metrics.jsonl", global_step)
+    else:
+        write_json(out_dir / "train_cfg.json", {**asdict(cfg), "dataset_path": str(dump.path)})
+
+    def save_state(epoch: int, step: int) -> None:
+        save_torch(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                                "step_in_epoch": step, "global_step": global_step, "rows_since_fired": rows_since_fired,
+                                "wandb_run_id": logger.run_id or ""})  # fmt: skip
+
+    run_name = cfg.wandb_run_name or f"{run_dir.name}/{cfg.hook}/{out_dir.name}"
+    logger = RunLogger(out_dir, cfg.wandb_project, run_name, asdict(cfg), cfg.wandb_mode, run_id=wandb_id)
+    epoch, step = start_epoch, start_step
+    try:
+        with GracefulStop() as stop:
+            for epoch in range(start_epoch, cfg.num_epochs):
+                first = start_step if epoch == start_epoch else 0
+                bar = tqdm(train.epoch(epoch, first), desc=f"SAE epoch {epoch + 1}/{cfg.num_epochs}",
+                           initial=first, total=train.steps_per_epoch)  # fmt: skip
+                for step, batch in enumerate(bar, start=first):  # noqa: B007 (step is saved on interrupt)
+                    stop.check()
+                    stats = train_step(model, optimizer, batch[cfg.hook].to(device), rows_since_fired)
+                    global_step += 1
+                    if global_step % 20 == 0:
+                        logger.log({f"train/{k}": v for k, v in stats.items()}, step=global_step)
+                    bar.set_postfix(fvu=f"{stats['fvu']:.4f}", l0=f"{stats['l0']:.1f}")
+                step = train.steps_per_epoch
+                metrics = {"epoch": epoch + 1, **(evaluate(model, val, cfg.hook, mean) if val else {})}
+                logger.log(metrics, step=global_step)
+                log.info("epoch %d: %s", epoch + 1, {k: round(v, 5) for k, v in metrics.items()})
+                if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.num_epochs:
+                    save_tensors(out_dir / "checkpoints" / f"epoch_{epoch + 1}.safetensors", model.state_dict())
+                save_state(epoch + 1, 0)
+    except (Interrupted, KeyboardInterrupt) as err:
+        save_state(epoch, step)
+        log.warning("interrupted (%s) at epoch %d, step %d: state saved, continue with --resume", err, epoch + 1, step)
+        raise Interrupted(str(err)) from None
+    finally:
+        logger.finish()
+    model.save(out_dir)
+    return out_dir
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/.")
+@click.option("--hook", required=True, help="Hook name whose activations to reconstruct (e.g. encoder_layer_1).")
+@click.option("--dataset", default=None, help="Registered dump name [default: the newest holding --hook].")
+@click.option("--expansion_factor", default=8, help="Latents = expansion_factor x d.")
+@click.option("--k", default=None, type=int, help="Active latents per row [default: 16 unless --k_ratio].")
+@click.option("--k_ratio", default=None, type=float, help="Fraction of latents active per row (instead of --k).")
+@click.option("--lr", default=1e-3, help="Adam learning rate.")
+@click.option("--batch_size", default=1024, help="Rows per step.")
+@click.option("--num_epochs", default=10, help="Passes over the training split (with --resume: the new total).")
+@click.option("--val_ratio", default=0.1, help="Fraction of instances held out for validation.")
+@click.option("--dead_tokens", default=100_000, help="Rows without firing after which a latent is dead.")
+@click.option("--save_freq", default=1, help="Checkpoint every N epochs.")
+@click.option("--seed", default=0, help="Seed for weights, split and batch order.")
+@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+@click.option("--resume", is_flag=True, help="Continue the newest run of --hook from its saved state.")
+@click.option("--wandb_project", default="tsp-sae", help="W&B project.")
+@click.option("--wandb_run_name", default=None, help="W&B run name [default: <run>/<hook>/<timestamp>].")
+@click.option(
+    "--wandb_mode", default="auto", type=click.Choice(WANDB_MODES), help="auto = offline without credentials."
+)
+def main(resume, **options):
+    """Train a TopK sparse autoencoder on a hook's activations."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out_dir = run(SAETrainConfig(**options), resume=resume)
+    except Interrupted:
+        raise SystemExit(130) from None
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"SAE saved in {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

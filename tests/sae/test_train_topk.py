@@ -1,0 +1,70 @@
+"""sae.train_topk end to end: it learns, writes its folder, and resumes exactly."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import sae.train_topk as trainer
+from policy.signals import Interrupted
+from sae import collect_activations
+from sae.model import load_sae
+from sae.train_topk import SAETrainConfig, run
+
+
+@pytest.fixture(scope="module")
+def dumped_run(tiny_run):
+    args = ["--run_dir", str(tiny_run), "--hooks", "encoder_layer_1", "--num_instances", "60", "--name", "sae_data"]
+    result = CliRunner().invoke(collect_activations.main, args)
+    assert result.exit_code == 0, result.output
+    return tiny_run
+
+
+def _cfg(run_dir, **kw):
+    base = dict(run_dir=str(run_dir), hook="encoder_layer_1", dataset="sae_data", expansion_factor=2, k=4,
+                batch_size=64, num_epochs=2, wandb_mode="disabled", lr=3e-3)  # fmt: skip
+    return SAETrainConfig(**{**base, **kw})
+
+
+def test_cli_trains_and_writes_the_run_folder(dumped_run):
+    args = ["--run_dir", str(dumped_run), "--hook", "encoder_layer_1", "--expansion_factor", "2", "--k", "4",
+            "--batch_size", "64", "--num_epochs", "3", "--wandb_mode", "disabled", "--lr", "3e-3"]  # fmt: skip
+    result = CliRunner().invoke(trainer.main, args)
+    assert result.exit_code == 0, result.output
+    out = sorted((dumped_run / "sae" / "sae_runs" / "encoder_layer_1").iterdir())[-1]
+    assert {"cfg.json", "model.safetensors", "train_cfg.json", "metrics.jsonl", "checkpoints"} <= {
+        p.name for p in out.iterdir()
+    }
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val/fvu" in r]
+    assert len(val) == 3 and val[-1]["val/fvu"] < val[0]["val/fvu"] and val[-1]["val/fvu"] < 0.5
+    assert val[-1]["val/l0"] <= 4
+    assert load_sae(out).cfg.k == 4
+
+
+def test_resume_after_interrupt_matches_uninterrupted(dumped_run, monkeypatch):
+    full = run(_cfg(dumped_run))
+    real, calls = trainer.train_step, {"n": 0}
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", interrupt)
+    with pytest.raises(Interrupted):
+        run(_cfg(dumped_run))
+    monkeypatch.setattr(trainer, "train_step", real)
+    resumed = run(_cfg(dumped_run), resume=True)
+    assert resumed != full
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_missing_dump_says_how_to_collect(tiny_run):
+    with pytest.raises(FileNotFoundError, match="sae.collect_activations"):
+        run(_cfg(tiny_run, hook="encoder_layer_0.attn_out", dataset=None))
