@@ -1,6 +1,6 @@
 """Policy throughput benchmark; prints one JSON object.
 
-    python bench/policy.py [--run_dir tsp20_demo] [--repeats 3] [--device cpu]
+    python -m bench.policy [--run_dir tsp20_demo] [--repeats 3] [--device cpu]
 
 - greedy solve throughput (instances/s), batch 512, TSP20 and TSP100, with the run's policy;
 - training throughput (instances/s) for TSP20: REINFORCE + POMO steps at batch 64.

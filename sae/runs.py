@@ -62,17 +62,17 @@ def check_name(name: str, what: str = "run name") -> str:
 
 
 def resolve_run_dir(run_dir: str | Path) -> Path:
-    """A path to a run folder, or a bare run name looked up in ./runs then the packaged runs/."""
+    """A run folder from a path (`runs/x`, `/abs/x`) or a bare name (`x`: ./runs/x, then the packaged runs/x)."""
     path = Path(run_dir)
-    if path.is_dir():
+    if len(path.parts) == 1 and not path.is_absolute():
+        check_name(str(run_dir))
+        for candidate in (RUNS_DIR / path, PACKAGED_RUNS_DIR / path, path):
+            if candidate.is_dir():
+                return candidate
+    elif path.is_dir():
         return path
     if path.exists():
         raise ValueError(f"{run_dir} is a file, not a run directory")
-    if len(path.parts) == 1:
-        check_name(str(run_dir))
-        for root in (RUNS_DIR, PACKAGED_RUNS_DIR):
-            if (root / path).is_dir():
-                return root / path
     known = sorted(
         {p.name for root in (RUNS_DIR, PACKAGED_RUNS_DIR) if root.is_dir() for p in root.iterdir() if p.is_dir()}
     )

@@ -1,0 +1,113 @@
+"""Activation collection benchmark; prints one JSON object.
+
+    python -m bench.collect [--run_dir tsp20_demo] [--num_instances 4096] [--big_gb 2.0]
+
+1. Rows/s collecting every `encoder_layer_{i}` output of the run's policy, side by side:
+   - `collector`: sae.collect_activations' path (encoder-only forward, streamed to a dump on disk);
+   - `naive`: a full greedy rollout with a forward hook on every hook point, everything
+     copied to numpy lists and concatenated at the end (the way earlier SAE code did it).
+2. Peak RSS of a separate `python -m sae.collect_activations` process writing a dump of
+   about `--big_gb` GB (its ru_maxrss), against the dump's size on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from sae.collect_activations import collect, instance_batches
+from sae.hooks import HookedPolicy
+from sae.runs import load_policy
+from sae.store import DumpWriter
+
+
+def naive_collect(hooked: HookedPolicy, batches, keep: list[str]) -> dict[str, np.ndarray]:
+    """Full rollout with every hook on; activations gathered in lists, concatenated at the end."""
+    stored: dict[str, list[np.ndarray]] = {name: [] for name in hooked.hook_names()}
+
+    def grab(x, name):
+        stored[name].append(x.detach().cpu().numpy().copy())
+
+    with torch.no_grad(), hooked.hooks({name: grab for name in hooked.hook_names()}):
+        for locs in batches:
+            hooked.model(locs)
+    return {name: np.concatenate([a.reshape(-1, a.shape[-1]) for a in stored[name]]) for name in keep}
+
+
+def time_collectors(run_dir: str, num_instances: int, batch_size: int) -> dict:
+    loaded = load_policy(run_dir)
+    hooked = HookedPolicy(loaded.model)
+    n = loaded.config.num_loc
+    names = [f"encoder_layer_{i}" for i in range(len(loaded.model.layers))]
+    rows = num_instances * n
+
+    def batches():
+        return instance_batches(num_instances, n, "uniform", 0, batch_size)
+
+    hooked.run_with_cache(next(batches()), names)  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
+        tic = time.perf_counter()
+        with DumpWriter(Path(tmp) / "dump", {k: loaded.config.policy.embed_dim for k in names}, rows) as writer:
+            collect(hooked, batches(), {k: k for k in names}, writer, num_instances)
+            writer.finish({})
+        fast = time.perf_counter() - tic
+    tic = time.perf_counter()
+    naive_collect(hooked, batches(), names)
+    naive = time.perf_counter() - tic
+    return {
+        "instances": num_instances,
+        "rows": rows,
+        "hooks": names,
+        "batch_size": batch_size,
+        "collector_rows_per_s": round(rows / fast),
+        "naive_rows_per_s": round(rows / naive),
+        "speedup": round(naive / fast, 2),
+    }
+
+
+def peak_rss_of_big_dump(run_dir: str, gigabytes: float, batch_size: int) -> dict:
+    loaded = load_policy(run_dir)
+    n, d, layers = loaded.config.num_loc, loaded.config.policy.embed_dim, len(loaded.model.layers)
+    bytes_per_instance = n * d * 4 * layers
+    num_instances = int(gigabytes * 1e9 / bytes_per_instance)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "sae.collect_activations", "--run_dir", str(loaded.run_dir), "--num_instances",
+               str(num_instances), "--batch_size", str(batch_size), "--activations_root", tmp, "--name", "bench_big"]  # fmt: skip
+        tic = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        seconds = time.perf_counter() - tic
+        dump_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("*.npy"))
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {
+        "big_dump_instances": num_instances,
+        "big_dump_gb": round(dump_bytes / 1e9, 3),
+        "big_dump_seconds": round(seconds, 1),
+        "big_dump_peak_rss_gb": round(peak_kb * 1024 / 1e9, 3),
+    }
+
+
+@click.command()
+@click.option("--run_dir", default="tsp20_demo", help="Run whose policy is hooked.")
+@click.option("--num_instances", default=4096, help="Instances for the side-by-side timing.")
+@click.option("--batch_size", default=512, help="Instances per forward pass.")
+@click.option("--big_gb", default=2.0, help="Size of the dump whose peak RSS is measured (0 to skip).")
+def main(run_dir, num_instances, batch_size, big_gb):
+    """Time activation collection against the naive way, and measure peak memory on a big dump."""
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    result.update(time_collectors(run_dir, num_instances, batch_size))
+    if big_gb > 0:
+        result.update(peak_rss_of_big_dump(run_dir, big_gb, batch_size))
+    click.echo(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
