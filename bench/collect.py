@@ -6,14 +6,13 @@
    - `collector`: sae.collect_activations' path (encoder-only forward, streamed to a dump on disk);
    - `naive`: a full greedy rollout with a forward hook on every hook point, everything
      copied to numpy lists and concatenated at the end (the way earlier SAE code did it).
-2. Peak RSS of a separate `python -m sae.collect_activations` process writing a dump of
-   about `--big_gb` GB (its ru_maxrss), against the dump's size on disk.
+2. Peak RSS (VmHWM, see bench/peak.py) of a separate `python -m sae.collect_activations`
+   process writing a dump of about `--big_gb` GB, against the dump's size on disk.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,7 @@ def time_collectors(run_dir: str, num_instances: int, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
         with DumpWriter(Path(tmp) / "dump", {k: loaded.config.policy.embed_dim for k in names}, rows) as writer:
-            collect(hooked, batches(), {k: k for k in names}, writer, num_instances)
+            collect(hooked, batches(), [(writer, {k: k for k in names})], num_instances)
             writer.finish({})
         fast = time.perf_counter() - tic
     tic = time.perf_counter()
@@ -80,18 +79,20 @@ def peak_rss_of_big_dump(run_dir: str, gigabytes: float, batch_size: int) -> dic
     bytes_per_instance = n * d * 4 * layers
     num_instances = int(gigabytes * 1e9 / bytes_per_instance)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "sae.collect_activations", "--run_dir", str(loaded.run_dir), "--num_instances",
-               str(num_instances), "--batch_size", str(batch_size), "--activations_root", tmp, "--name", "bench_big"]  # fmt: skip
+        peak_file = Path(tmp) / "peak.json"
+        cmd = [sys.executable, "-m", "bench.peak", str(peak_file), "sae.collect_activations", "--run_dir",
+               str(loaded.run_dir), "--num_instances", str(num_instances), "--batch_size", str(batch_size),
+               "--activations_root", tmp, "--name", "bench_big"]  # fmt: skip
         tic = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         seconds = time.perf_counter() - tic
         dump_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("*.npy"))
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        peak = json.loads(peak_file.read_text())["peak_rss_gb"]
     return {
         "big_dump_instances": num_instances,
         "big_dump_gb": round(dump_bytes / 1e9, 3),
         "big_dump_seconds": round(seconds, 1),
-        "big_dump_peak_rss_gb": round(peak_kb * 1024 / 1e9, 3),
+        "big_dump_peak_rss_gb": peak,
     }
 
 

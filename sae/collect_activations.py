@@ -90,18 +90,29 @@ def instance_batches(
         yield buffer
 
 
-def collect(
-    hooked: HookedPolicy, batches: Iterator[torch.Tensor], names: dict[str, str], writer: DumpWriter, total: int
-) -> np.ndarray:
-    """Run every batch once, write `hook -> array name` rows; returns all instances [N, n, 2]."""
+Route = tuple[DumpWriter, dict[str, str]]
+"""A writer and the hooks it takes: {hook name: array name in that dump}."""
+
+
+def collect(hooked: HookedPolicy, batches: Iterator[torch.Tensor], routes: list[Route], total: int) -> np.ndarray:
+    """One forward per batch serves every route; returns all instances [N, n, 2].
+
+    Non-finite activations stop the collection with a ValueError (the writers then discard their dumps).
+    """
     device = next(hooked.model.parameters()).device
-    locs_seen = []
+    names = sorted({hook for _, mapping in routes for hook in mapping})
+    locs_seen, done = [], 0
     with tqdm(total=total, desc="collecting", unit="inst") as bar:
         for locs in batches:
-            cache = hooked.run_with_cache(locs.to(device), list(names))
-            writer.write({array: cache[hook].reshape(-1, cache[hook].shape[-1]) for hook, array in names.items()})
+            cache = hooked.run_with_cache(locs.to(device), names)
+            for name, value in cache.items():
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"NaN or Inf in {name} activations of instances {done}..{done + len(locs) - 1}")
+            for writer, mapping in routes:
+                writer.write({array: cache[hook].reshape(-1, cache[hook].shape[-1]) for hook, array in mapping.items()})
             locs_seen.append(locs.numpy())
-            bar.update(locs.shape[0])
+            done += len(locs)
+            bar.update(len(locs))
     return np.concatenate(locs_seen)
 
 
@@ -143,7 +154,7 @@ def run(cfg: CollectConfig) -> Path:
     dims = hook_dims(hooked, names, num_loc)
     batches = instance_batches(cfg.num_instances, num_loc, distribution, cfg.seed, cfg.batch_size)
     with DumpWriter(path, dims, rows, cfg.dtype, overwrite=cfg.overwrite) as writer:
-        locs = collect(hooked, batches, {n: n for n in names}, writer, cfg.num_instances)
+        locs = collect(hooked, batches, [(writer, {n: n for n in names})], cfg.num_instances)
         writer.add_file("locs", locs)
         metadata = {
             **request,

@@ -1,16 +1,21 @@
-"""Minibatches of rows streamed from memory-mapped dumps, split by instance.
+"""Minibatches of rows streamed from dumps on disk, split by instance, with bounded memory.
 
 The nodes of one instance are correlated, so the train/validation split is by
-instance, never by row. Each epoch visits the instances of its split in an
-order fixed by (seed, epoch); rows are read a window of instances at a time
-and shuffled inside the window, so memory stays bounded by the window. A
-resumed run that starts at `start_step` sees exactly the batches it would have
-seen. Several arrays with the same rows (e.g. a pair's sources and targets)
-stream together, row for row.
+instance, never by row. An epoch shuffles blocks of instances (an order fixed
+by seed and epoch), reads a window of blocks at a time and shuffles the rows
+inside the window. Rows are read with `os.pread` from the `.npy` files, not
+through a memory map of the whole file, so the process holds only the window
+in memory (a memory map would keep every page it touched resident). A resumed
+run that starts at `start_step` sees exactly the batches it would have seen.
+Several arrays with the same rows (a pair's sources and targets) stream
+together, row for row. For distributed training every rank walks the same
+global batches and keeps only its slice of each (`rank`, `world_size`), so N
+ranks together see exactly the batches one process would.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -30,6 +35,40 @@ def split_instances(num_instances: int, val_ratio: float, seed: int) -> tuple[np
     return np.sort(order[num_val:]), np.sort(order[:num_val])
 
 
+class RowReader:
+    """Reads row ranges of a [rows, dim] array: with pread from its file if it is a memory map, else by slicing."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+        self.dim = array.shape[1]
+        self.dtype = array.dtype
+        filename = getattr(array, "filename", None)
+        self.fd = os.open(filename, os.O_RDONLY) if isinstance(array, np.memmap) and filename else None
+        self.offset = array.offset if self.fd is not None else 0
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as a float32 array."""
+        if self.fd is None:
+            return np.asarray(self.array[start:stop], dtype=np.float32)
+        row_bytes = self.dim * self.dtype.itemsize
+        raw = os.pread(self.fd, (stop - start) * row_bytes, self.offset + start * row_bytes)
+        return np.frombuffer(raw, dtype=self.dtype).reshape(stop - start, self.dim).astype(np.float32)
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+
+def read_instances(reader: RowReader, instances: np.ndarray, nodes: int) -> np.ndarray:
+    """The rows of `instances` (in that order), one read per run of consecutive ids -> [len * nodes, dim]."""
+    parts = []
+    breaks = np.flatnonzero(np.diff(instances) != 1) + 1
+    for run in np.split(instances, breaks):
+        if len(run):
+            parts.append(reader.read(int(run[0]) * nodes, (int(run[-1]) + 1) * nodes))
+    return np.concatenate(parts) if parts else np.empty((0, reader.dim), np.float32)
+
+
 class RowStream:
     """Shuffled minibatches `{name: tensor[batch, dim]}` over the rows of some instances."""
 
@@ -41,17 +80,24 @@ class RowStream:
         batch_size: int,
         seed: int = 0,
         window_batches: int = 16,
+        block_instances: int = 32,
+        rank: int = 0,
+        world_size: int = 1,
     ):
-        if batch_size < 1:
-            raise ValueError("batch_size must be positive")
+        if batch_size < 1 or window_batches < 1 or block_instances < 1:
+            raise ValueError("batch_size, window_batches and block_instances must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if len(instance_ids) == 0:
             raise ValueError("no instances to stream")
-        self.arrays = arrays
+        self.readers = {name: RowReader(array) for name, array in arrays.items()}
         self.nodes = nodes_per_instance
-        self.instance_ids = np.asarray(instance_ids)
+        self.instance_ids = np.sort(np.asarray(instance_ids))
         self.batch_size = batch_size
         self.seed = seed
-        self.window_instances = max(1, (batch_size * window_batches) // nodes_per_instance)
+        self.block_instances = block_instances
+        self.window_blocks = max(1, (batch_size * window_batches) // (nodes_per_instance * block_instances))
+        self.rank, self.world_size = rank, world_size
 
     @property
     def rows(self) -> int:
@@ -61,33 +107,37 @@ class RowStream:
     def steps_per_epoch(self) -> int:
         return -(-self.rows // self.batch_size)
 
-    def _rows_of(self, instances: np.ndarray) -> np.ndarray:
-        return (instances[:, None] * self.nodes + np.arange(self.nodes)).reshape(-1)
-
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """The batches of one epoch, from batch `start_step` on (the last one may be smaller)."""
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.instance_ids)
-        step, carry = 0, None
-        for start in range(0, len(order), self.window_instances):
-            window_rows = self._rows_of(order[start : start + self.window_instances])
-            window_rows = window_rows[rng.permutation(len(window_rows))]
-            rows = window_rows if carry is None else np.concatenate([carry, window_rows])
-            full = len(rows) // self.batch_size * self.batch_size
-            for b in range(0, full, self.batch_size):
-                if step >= start_step:
-                    yield self._read(rows[b : b + self.batch_size])
-                step += 1
-            carry = rows[full:]
-        if carry is not None and len(carry) and step >= start_step:
-            yield self._read(carry)
+        """The batches of one epoch, from batch `start_step` on (the last one may be smaller).
 
-    def _read(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        order = np.argsort(rows)  # read in file order, then put back in shuffled order
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        sorted_rows = rows[order]
-        return {
-            name: torch.from_numpy(np.asarray(array[sorted_rows], dtype=np.float32)[inverse])
-            for name, array in self.arrays.items()
-        }
+        Windows that hold only earlier batches are not read. With several ranks,
+        each yields its slice of every global batch.
+        """
+        rng = np.random.default_rng([self.seed, epoch])
+        ids = self.instance_ids
+        blocks = [ids[i : i + self.block_instances] for i in range(0, len(ids), self.block_instances)]
+        order = rng.permutation(len(blocks))
+        skip = start_step * self.batch_size  # rows of the epoch's stream before the first batch wanted
+        position = 0  # stream row at which the current window starts
+        pending: dict[str, np.ndarray] | None = None
+        for w in range(0, len(order), self.window_blocks):
+            instances = np.concatenate([blocks[b] for b in order[w : w + self.window_blocks]])
+            shuffle = rng.permutation(len(instances) * self.nodes)  # drawn even when skipped: same stream
+            start, position = position, position + len(shuffle)
+            if position <= skip:
+                continue
+            window = {name: read_instances(r, instances, self.nodes)[shuffle] for name, r in self.readers.items()}
+            if pending is None:  # the first window read: drop the rows of skipped batches
+                pending = {name: rows[max(skip - start, 0) :] for name, rows in window.items()}
+            else:
+                pending = {name: np.concatenate([pending[name], window[name]]) for name in window}
+            while len(next(iter(pending.values()))) >= self.batch_size:
+                yield self._slice({name: rows[: self.batch_size] for name, rows in pending.items()})
+                pending = {name: rows[self.batch_size :] for name, rows in pending.items()}
+        if pending is not None and len(next(iter(pending.values()))):
+            yield self._slice(pending)
+
+    def _slice(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        if self.world_size > 1:
+            batch = {name: np.array_split(rows, self.world_size)[self.rank] for name, rows in batch.items()}
+        return {name: torch.from_numpy(np.ascontiguousarray(rows)) for name, rows in batch.items()}

@@ -52,3 +52,17 @@ def test_starting_at_a_step_gives_the_remaining_batches():
     assert len(tail) == len(full) - 5
     for a, b in zip(full[5:], tail, strict=True):
         assert np.array_equal(a["x"].numpy(), b["x"].numpy())
+
+
+def test_memory_mapped_files_stream_the_same_batches(tmp_path):
+    rows = np.random.default_rng(0).normal(size=(120, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", rows)
+    on_disk = np.load(tmp_path / "x.npy", mmap_mode="r")
+    a = RowStream({"x": rows}, 4, np.arange(30), 9, seed=1, window_batches=1, block_instances=3)
+    b = RowStream({"x": on_disk}, 4, np.arange(30), 9, seed=1, window_batches=1, block_instances=3)
+    assert b.readers["x"].fd is not None
+    for x, y in zip(a.epoch(0), b.epoch(0), strict=True):
+        assert np.array_equal(x["x"].numpy(), y["x"].numpy())
+    for start in (0, 3, 7, 13, 14):
+        tail = list(b.epoch(0, start_step=start))
+        assert len(tail) == max(a.steps_per_epoch - start, 0)

@@ -1,0 +1,199 @@
+"""Collect row-aligned (source, target) activation pairs for transcoders.
+
+    python -m clt.collect_pairs --run_dir tsp20_demo                      (pairs from clt/configs/tsp20_demo.json)
+    python -m clt.collect_pairs --run_dir tsp20_demo --layer_pairs encoder_layer_0:encoder_layer_2
+
+One forward pass per batch serves every pair (each hook is computed once), and
+row i means the same (instance, node) in every pair, so the targets of
+L0 -> L1 equal the sources of L1 -> L2 row for row. Each pair is written with
+sae's DumpWriter to `runs/<run>/clt/activations/<pair>/{sources.npy,
+targets.npy, locs.npy, metadata.json}` (or under the external activations root)
+and registered in `runs/<run>/sae/activation_store.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+
+from clt.pairs import LayerPair, PairsConfig, default_config_path, parse_pairs, read_pairs_config
+from policy.env import DISTRIBUTIONS
+from sae.collect_activations import INSTANCE_CHUNK, collect, hook_dims, instance_batches
+from sae.hooks import HookedPolicy
+from sae.runs import activations_root, clt_activations_dir, load_policy
+from sae.store import DTYPES, DumpWriter, open_dump, register_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CollectPairsConfig:
+    run_dir: str
+    """Run folder or name under runs/."""
+    config: str | None = None
+    """Pairs config JSON; default clt/configs/<run name>.json when it exists."""
+    layer_pairs: str | None = None
+    """'src:tgt,src:tgt' hook pairs; overrides the config file."""
+    num_instances_per_pair: int | None = None
+    """Instances per pair; overrides the config file (default 10000)."""
+    seed: int | None = None
+    """Seed of the instances; overrides the config file (default 0)."""
+    distribution: str | None = None
+    """Instance distribution; overrides the config file (default: the run's)."""
+    batch_size: int = 256
+    """Instances per forward pass."""
+    checkpoint: int | None = None
+    """Epoch to load; the latest when None."""
+    dtype: str = "float32"
+    """Storage dtype: float32 or float16."""
+    activations_root: str | None = None
+    """Store pairs under this folder (default: $ACTIVATIONS_ROOT, else the run)."""
+    overwrite: bool = False
+    """Replace existing pair dumps."""
+    device: str = "cpu"
+    """torch device."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        if self.num_instances_per_pair is not None and self.num_instances_per_pair < 1:
+            raise ValueError("num_instances_per_pair must be positive")
+        if self.distribution is not None and self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}")
+
+
+def resolve_settings(cfg: CollectPairsConfig, run_name: str) -> PairsConfig:
+    """The config file (explicit, or the run's default if present) with the CLI flags on top."""
+    path = Path(cfg.config) if cfg.config else default_config_path(run_name)
+    base = read_pairs_config(path) if cfg.config or path.is_file() else PairsConfig()
+    if cfg.layer_pairs:
+        base.layer_pairs = [p for p in cfg.layer_pairs.split(",") if p.strip()]
+    if cfg.num_instances_per_pair is not None:
+        base.num_instances_per_pair = cfg.num_instances_per_pair
+    if cfg.seed is not None:
+        base.seed = cfg.seed
+    if cfg.distribution is not None:
+        base.distribution = cfg.distribution
+    if not base.layer_pairs:
+        raise ValueError(f"no layer pairs: pass --layer_pairs or write them in {path}")
+    return base
+
+
+def run(cfg: CollectPairsConfig) -> dict[str, Path]:
+    """Collect every pair (reusing identical complete dumps); returns pair name -> folder."""
+    loaded = load_policy(cfg.run_dir, cfg.checkpoint, cfg.device)
+    hooked = HookedPolicy(loaded.model)
+    settings = resolve_settings(cfg, loaded.run_dir.resolve().name)
+    pairs = parse_pairs(settings.layer_pairs, hooked.hook_names())
+    num_loc = loaded.config.num_loc
+    distribution = settings.distribution or loaded.config.distribution
+    root = activations_root(cfg.activations_root)
+    common = {
+        "num_instances": settings.num_instances_per_pair,
+        "nodes_per_instance": num_loc,
+        "distribution": distribution,
+        "seed": settings.seed,
+        "dtype": cfg.dtype,
+        "checkpoint_sha256": loaded.checkpoint_sha256,
+    }
+    paths, todo = {}, []
+    for pair in pairs:
+        path = paths[pair.name] = clt_activations_dir(loaded.run_dir, pair.name, root)
+        request = {**common, "hooks": [pair.source, pair.target]}
+        if path.exists() and not cfg.overwrite:
+            existing = open_dump(path).metadata
+            if any(existing.get(k) != v for k, v in request.items()):
+                raise FileExistsError(f"{path} holds a pair dump made with other arguments; pass --overwrite")
+            log.info("reusing the complete pair dump %s", path)
+        else:
+            todo.append(pair)
+    if todo:
+        _collect_pairs(cfg, loaded, hooked, todo, paths, common)
+    for pair in pairs:
+        register_dataset(loaded.run_dir, pair.name, paths[pair.name], {"kind": "clt_pair"})
+    return paths
+
+
+def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str, Path], common: dict) -> None:
+    n, num_instances = common["nodes_per_instance"], common["num_instances"]
+    dims = hook_dims(hooked, sorted({h for p in pairs for h in (p.source, p.target)}), n)
+    rows = num_instances * n
+    batches = instance_batches(num_instances, n, common["distribution"], common["seed"], cfg.batch_size)
+    with ExitStack() as stack:
+        writers = {
+            p.name: stack.enter_context(
+                DumpWriter(
+                    paths[p.name],
+                    {"sources": dims[p.source], "targets": dims[p.target]},
+                    rows,
+                    cfg.dtype,
+                    cfg.overwrite,
+                )
+            )
+            for p in pairs
+        }
+        routes = [(writers[p.name], {p.source: "sources", p.target: "targets"}) for p in pairs]
+        locs = collect(hooked, batches, routes, num_instances)
+        for pair in pairs:
+            writers[pair.name].add_file("locs", locs)
+            writers[pair.name].finish({
+                **common,
+                "kind": "clt_pair",
+                "pair": pair.name,
+                "hooks": [pair.source, pair.target],
+                "source_hook": pair.source,
+                "target_hook": pair.target,
+                "tensors": {"sources": pair.source_tensor, "targets": pair.target_tensor},
+                "shapes": {"sources": [rows, dims[pair.source]], "targets": [rows, dims[pair.target]]},
+                "instance_ids": {"first": 0, "count": num_instances, "seed": common["seed"], "chunk": INSTANCE_CHUNK},
+                "run_dir": str(loaded.run_dir.resolve()),
+                "checkpoint_epoch": loaded.epoch,
+                "config": asdict(cfg),
+            })  # fmt: skip
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/.")
+@click.option("--config", default=None, help="Pairs config JSON [default: clt/configs/<run name>.json if present].")
+@click.option(
+    "--layer_pairs",
+    default=None,
+    help="'src:tgt,src:tgt' hook pairs, e.g. encoder_layer_0:encoder_layer_2 (overrides --config).",
+)
+@click.option(
+    "--num_instances_per_pair", default=None, type=int, help="Instances per pair [default: config, else 10000]."
+)
+@click.option("--seed", default=None, type=int, help="Seed of the instances [default: config, else 0].")
+@click.option(
+    "--distribution",
+    default=None,
+    type=click.Choice(DISTRIBUTIONS),
+    help="Instance distribution [default: config, else the run's].",
+)
+@click.option("--batch_size", default=256, help="Instances per forward pass.")
+@click.option("--checkpoint", default=None, type=int, help="Epoch to load [default: the latest].")
+@click.option("--dtype", default="float32", type=click.Choice(DTYPES), help="Storage dtype.")
+@click.option(
+    "--activations_root", default=None, help="Store dumps under this folder [default: $ACTIVATIONS_ROOT, else the run]."
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing pair dumps.")
+@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+def main(**options):
+    """Collect row-aligned source/target activations for every layer pair."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        paths = run(CollectPairsConfig(**options))
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        raise click.ClickException(str(err)) from err
+    for name, path in paths.items():
+        click.echo(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Layer pairs (source hook -> target hook), their canonical names, and clt/configs/<run>.json.
+
+Names: `encoder_layer_{i}` is `L{i}`, a sub-point keeps its suffix (`L1.mlp_in`),
+`init_embedding` is `embed` and `encoder_output` is `out`; a pair is
+`clt_<source>_to_<target>`, e.g. `clt_L0_to_L2` or `clt_L1.mlp_in_to_L1.mlp_out`.
+Saved tensors are `source_<hook>` and `target_<hook>`.
+
+A config file:
+
+    {"layer_pairs": ["encoder_layer_0:encoder_layer_1", ...],
+     "sparsity": {"expansion_factors": [8], "k": [16]},          (or "k_ratio": [...])
+     "sampling": {"num_instances_per_pair": 10000, "distribution": "uniform", "seed": 0}}
+
+CLI flags override the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_LAYER = re.compile(r"^encoder_layer_(\d+)(\..+)?$")
+
+
+@dataclass(frozen=True)
+class LayerPair:
+    source: str
+    target: str
+
+    @property
+    def name(self) -> str:
+        return f"clt_{short_name(self.source)}_to_{short_name(self.target)}"
+
+    @property
+    def source_tensor(self) -> str:
+        return f"source_{self.source}"
+
+    @property
+    def target_tensor(self) -> str:
+        return f"target_{self.target}"
+
+
+def short_name(hook: str) -> str:
+    if hook == "init_embedding":
+        return "embed"
+    if hook == "encoder_output":
+        return "out"
+    match = _LAYER.match(hook)
+    if not match:
+        raise ValueError(f"{hook!r} cannot be part of a pair: only encoder points (one row per node) can")
+    return f"L{match.group(1)}{match.group(2) or ''}"
+
+
+def parse_pairs(spec: str | list[str], hook_names: list[str]) -> list[LayerPair]:
+    """`a:b,c:d` (or a list of `a:b`) -> pairs, checked against the policy's hooks in forward order."""
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [s.strip() for s in spec]
+    order = {name: i for i, name in enumerate(hook_names)}
+    pairs = []
+    for item in filter(None, items):
+        if item.count(":") != 1:
+            raise ValueError(f"a layer pair is 'source:target', got {item!r}")
+        source, target = (part.strip() for part in item.split(":"))
+        for hook in (source, target):
+            if hook not in order:
+                raise ValueError(f"unknown hook {hook!r} in pair {item!r}; valid names: {', '.join(hook_names)}")
+            short_name(hook)
+        if order[target] <= order[source]:
+            raise ValueError(f"pair {item!r}: the target {target} is not downstream of the source {source}")
+        pairs.append(LayerPair(source, target))
+    if not pairs:
+        raise ValueError("no layer pairs given")
+    names = [p.name for p in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a pair is listed twice: {names}")
+    return pairs
+
+
+@dataclass
+class PairsConfig:
+    """What clt/configs/<run>.json holds."""
+
+    layer_pairs: list[str] = field(default_factory=list)
+    """'source:target' hook pairs."""
+    expansion_factors: list[int] = field(default_factory=lambda: [8])
+    """Transcoder widths to sweep, as multiples of d."""
+    k: list[int] = field(default_factory=list)
+    """Active features per row to sweep (or k_ratio)."""
+    k_ratio: list[float] = field(default_factory=list)
+    """Fractions of features active per row to sweep."""
+    num_instances_per_pair: int = 10_000
+    """Instances collected for every pair."""
+    distribution: str | None = None
+    """Instance distribution; the run's when None."""
+    seed: int = 0
+    """Seed of the instances."""
+
+
+def read_pairs_config(path: str | Path) -> PairsConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no pairs config {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    sparsity, sampling = raw.get("sparsity", {}), raw.get("sampling", {})
+    return PairsConfig(
+        layer_pairs=list(raw.get("layer_pairs", [])),
+        expansion_factors=list(sparsity.get("expansion_factors", [8])),
+        k=list(sparsity.get("k", [])),
+        k_ratio=list(sparsity.get("k_ratio", [])),
+        num_instances_per_pair=int(sampling.get("num_instances_per_pair", 10_000)),
+        distribution=sampling.get("distribution"),
+        seed=int(sampling.get("seed", 0)),
+    )
+
+
+def default_config_path(run_name: str) -> Path:
+    return CONFIG_DIR / f"{run_name}.json"

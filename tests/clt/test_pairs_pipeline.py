@@ -1,0 +1,176 @@
+"""clt data pipeline: pair names and checks, collect_pairs, PairDataset, inspect_pairs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from clt import collect_pairs as collect_cli
+from clt import inspect_pairs as inspect_cli
+from clt.datasets import Normalizer, PairDataset, open_pair
+from clt.pairs import LayerPair, parse_pairs, read_pairs_config
+from policy.env import generate
+from sae.hooks import HookedPolicy
+from sae.runs import load_policy
+from sae.store import DumpWriter, read_registry
+
+PAIRS = "encoder_layer_0:encoder_layer_1,encoder_layer_1:encoder_output,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
+
+
+@pytest.fixture(scope="module")
+def pairs_run(tiny_run):
+    args = ["--run_dir", str(tiny_run), "--layer_pairs", PAIRS, "--num_instances_per_pair", "40", "--batch_size", "16"]
+    result = CliRunner().invoke(collect_cli.main, args)
+    assert result.exit_code == 0, result.output
+    return tiny_run
+
+
+def _dir(run, pair):
+    return run / "clt" / "activations" / pair
+
+
+def test_canonical_names():
+    assert LayerPair("encoder_layer_0", "encoder_layer_2").name == "clt_L0_to_L2"
+    assert LayerPair("encoder_layer_1.mlp_in", "encoder_layer_1.mlp_out").name == "clt_L1.mlp_in_to_L1.mlp_out"
+    assert LayerPair("encoder_layer_1", "encoder_output").name == "clt_L1_to_out"
+    assert LayerPair("encoder_layer_0", "encoder_layer_2").source_tensor == "source_encoder_layer_0"
+
+
+def test_pair_checks(tiny_model):
+    names = HookedPolicy(tiny_model).hook_names()
+    with pytest.raises(ValueError, match="unknown hook 'encoder_layer_9'"):
+        parse_pairs("encoder_layer_0:encoder_layer_9", names)
+    with pytest.raises(ValueError, match="not downstream"):
+        parse_pairs("encoder_layer_1:encoder_layer_0", names)
+    with pytest.raises(ValueError, match="only encoder points"):
+        parse_pairs("encoder_layer_0:decoder.glimpse", names)
+    with pytest.raises(ValueError, match="source:target"):
+        parse_pairs("encoder_layer_0", names)
+    assert len(parse_pairs(["encoder_layer_0:encoder_output"], names)) == 1
+
+
+def test_shipped_demo_config():
+    cfg = read_pairs_config("clt/configs/tsp20_demo.json")
+    assert "encoder_layer_0:encoder_layer_2" in cfg.layer_pairs
+    assert all(f"encoder_layer_{i}.mlp_in:encoder_layer_{i}.mlp_out" in cfg.layer_pairs for i in range(3))
+
+
+def test_rows_are_the_same_nodes_in_every_pair(pairs_run):
+    a = open_pair(_dir(pairs_run, "clt_L0_to_L1"), verify=True)
+    b = open_pair(_dir(pairs_run, "clt_L1_to_out"))
+    np.testing.assert_array_equal(a.arrays["targets"], b.arrays["sources"])
+    np.testing.assert_array_equal(a.arrays["targets"], b.arrays["targets"])  # the last layer's output is the encoder's
+    assert a.metadata["tensors"] == {"sources": "source_encoder_layer_0", "targets": "target_encoder_layer_1"}
+    assert a.rows == 400 and a.metadata["checkpoint_sha256"]
+    locs = torch.from_numpy(np.load(a.path / "locs.npy"))
+    cache = HookedPolicy(load_policy(pairs_run).model).run_with_cache(locs, ["encoder_layer_0"])
+    np.testing.assert_allclose(a.arrays["sources"], cache["encoder_layer_0"].reshape(400, -1).numpy(), atol=1e-6)
+    assert {"clt_L0_to_L1", "clt_L1_to_out", "clt_L1.mlp_in_to_L1.mlp_out"} <= set(read_registry(pairs_run))
+
+
+def test_bad_pairs_leave_nothing_behind(tiny_run):
+    result = CliRunner().invoke(
+        collect_cli.main, ["--run_dir", str(tiny_run), "--layer_pairs", "encoder_layer_1:encoder_layer_0"]
+    )
+    assert result.exit_code == 1 and "not downstream" in result.output
+    assert not _dir(tiny_run, "clt_L1_to_L0").exists()
+
+
+def test_nan_activations_stop_the_collection_cleanly(tiny_run, tmp_path, monkeypatch):
+    import sae.collect_activations as collector
+
+    real = collector.HookedPolicy.run_with_cache
+
+    def poisoned(self, locs, names, **kw):
+        cache = real(self, locs, names, **kw)
+        return {k: v.clone().fill_(float("nan")) for k, v in cache.items()}
+
+    monkeypatch.setattr(collector.HookedPolicy, "run_with_cache", poisoned)
+    args = ["--run_dir", str(tiny_run), "--layer_pairs", "encoder_layer_0:encoder_output", "--num_instances_per_pair", "8",
+            "--activations_root", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(collect_cli.main, args)
+    assert result.exit_code == 1 and "NaN or Inf" in result.output
+    assert not any(tmp_path.rglob("metadata.json")) and not any(tmp_path.rglob("*.partial"))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_unequal_rows_and_nonfinite_stats_are_refused(tmp_path):
+    with DumpWriter(tmp_path / "p", {"sources": 2, "targets": 2}, 4) as w:
+        w.write({"sources": np.ones((4, 2), np.float32), "targets": np.full((4, 2), np.inf, np.float32)})
+        w.finish({"num_instances": 2, "nodes_per_instance": 2})
+    with pytest.raises(ValueError, match="NaN or Inf rows in targets"):
+        open_pair(tmp_path / "p")
+    meta = json.loads((tmp_path / "p" / "metadata.json").read_text())
+    meta["arrays"]["targets"]["shape"] = [3, 2]
+    (tmp_path / "p" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="targets.npy holds"):
+        open_pair(tmp_path / "p")
+
+
+def test_dataset_split_determinism_resume_and_shards(pairs_run):
+    path = _dir(pairs_run, "clt_L0_to_L1")
+    ds = PairDataset(path, batch_size=32, val_ratio=0.25, seed=3)
+    assert not set(ds.train_ids) & set(ds.val_ids) and len(ds.val_ids) == 10
+    train_rows = set((ds.train_ids[:, None] * 10 + np.arange(10)).ravel())
+    first = list(ds.train_batches(0))
+    again = list(PairDataset(path, batch_size=32, val_ratio=0.25, seed=3).train_batches(0))
+    for (xa, ya), (xb, yb) in zip(first, again, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    tail = list(ds.train_batches(0, start_step=4))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first[4:], tail, strict=True))
+    sources = np.asarray(ds.dump.arrays["sources"])
+    seen = torch.cat([x for x, _ in first]).numpy()
+    assert seen.shape[0] == len(train_rows)
+    rows = {int(np.flatnonzero((sources == row).all(1))[0]) for row in seen[:20]}
+    assert rows <= train_rows
+    shards = [PairDataset(path, batch_size=32, val_ratio=0.25, seed=3, rank=r, world_size=2) for r in range(2)]
+    for (x, _), (x0, _), (x1, _) in zip(first, shards[0].train_batches(0), shards[1].train_batches(0), strict=True):
+        assert torch.equal(torch.cat([x0, x1]), x)
+
+
+def test_normalisation_round_trip(pairs_run):
+    path = _dir(pairs_run, "clt_L0_to_L1")
+    raw = PairDataset(path, batch_size=64, seed=0)
+    std = PairDataset(path, batch_size=64, seed=0, normalize_source="standard", normalize_target="center")
+    (xr, yr), (xs, yc) = next(raw.train_batches(0)), next(std.train_batches(0))
+    torch.testing.assert_close(std.source_norm.inverse(xs), xr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std.target_norm.inverse(yc), yr, atol=1e-5, rtol=1e-5)
+    allx = torch.cat([x for x, _ in std.train_batches(0)] + [x for x, _ in std.val_batches()])
+    torch.testing.assert_close(allx.mean(0), torch.zeros(allx.shape[1]), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="normalisation"):
+        Normalizer("whiten", torch.zeros(2), torch.ones(2))
+
+
+def test_inspect_pairs_table_json_and_a_ridge_baseline(pairs_run):
+    result = CliRunner().invoke(inspect_cli.main, ["--run_dir", str(pairs_run), "--json"])
+    assert result.exit_code == 0, result.output
+    reports = {r["pair"]: r for r in json.loads(result.output)}
+    assert {"clt_L0_to_L1", "clt_L1.mlp_in_to_L1.mlp_out"} <= set(reports)
+    r = reports["clt_L1.mlp_in_to_L1.mlp_out"]
+    assert r["rows"] == 400 and r["instances"] == 40
+    assert 1 <= r["sources"]["effective_rank"] <= 16 and 0 <= r["mean_abs_correlation"] <= 1
+    assert r["ridge"]["r2"] == pytest.approx(1 - r["ridge"]["fvu"])
+    table = CliRunner().invoke(inspect_cli.main, ["--run_dir", str(pairs_run), "--pair", "clt_L0_to_L1"])
+    assert table.exit_code == 0 and "ridge FVU" in table.output and "clt_L0_to_L1" in table.output
+
+
+def test_ridge_recovers_an_exact_linear_map(tmp_path):
+    from clt.inspect_pairs import inspect_pair
+    from sae.store import open_dump
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 5)).astype(np.float32)
+    y = (x @ rng.normal(size=(5, 3)) + 0.5).astype(np.float32)
+    with DumpWriter(tmp_path / "lin", {"sources": 5, "targets": 3}, 600) as w:
+        w.write({"sources": x, "targets": y})
+        w.finish({"num_instances": 60, "nodes_per_instance": 10})
+    report = inspect_pair(open_dump(tmp_path / "lin"))
+    assert report["ridge"]["fvu"] < 1e-4
+
+
+def test_generated_locs_are_in_every_pair(pairs_run):
+    a = np.load(_dir(pairs_run, "clt_L0_to_L1") / "locs.npy")
+    assert a.shape == (40, 10, 2)
+    assert np.array_equal(a[:3], generate(40, 10, "uniform", seed=0 * 1_000_003).numpy()[:3])
