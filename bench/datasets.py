@@ -60,7 +60,7 @@ def stream(path: str, mode: str, batch_size: int) -> dict:
             reader.array, reader.fd = np.array(reader.array), None
     tic = time.perf_counter()
     batches = rows = 0
-    for x, y in ds.train_batches(0):
+    for x, _ in ds.train_batches(0):
         batches += 1
         rows += x.shape[0]
     seconds = time.perf_counter() - tic

@@ -157,8 +157,12 @@ def _state(model, optimizer, epoch, step, generator, global_step, wandb_id) -> d
     }
 
 
-def run(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train (or resume) the run `cfg.run_dir`; returns the run folder."""
+def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None) -> Path:
+    """Train (or resume) the run `cfg.run_dir`; returns the run folder.
+
+    A resumed run keeps its saved settings except epochs, device, W&B mode and,
+    when `new_lr` is given, the learning rate (e.g. to anneal a long run).
+    """
     run_dir = cfg.run_dir
     state_path = run_dir / "checkpoints" / "train_state.pt"
     if resume:
@@ -173,6 +177,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
                 "device": cfg.device,
                 "wandb_mode": cfg.wandb_mode,
                 "runs_dir": cfg.runs_dir,
+                "lr": new_lr or saved["lr"],
             }
         )
     elif (run_dir / "checkpoints").exists():
@@ -190,6 +195,11 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         state = torch.load(state_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if new_lr:
+            for group in optimizer.param_groups:
+                group["lr"] = new_lr
+            write_json(run_dir / "config.json", cfg.run_config())
+            log.info("learning rate set to %g from epoch %d on", new_lr, state["epoch"] + 1)
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         wandb_id = state["wandb_run_id"] or None
         truncate_metrics(run_dir / "metrics.jsonl", global_step)
@@ -233,6 +243,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
                 done = cfg.steps_per_epoch - first
                 metrics = {f"epoch/{k}": v / max(done, 1) for k, v in sums.items()}
                 metrics.update(validate(model, val_locs))
+                metrics["lr"] = optimizer.param_groups[0]["lr"]
                 metrics.update(
                     {
                         "epoch": epoch + 1,
@@ -276,7 +287,9 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
 @click.option("--batch_size", default=64, help="Instances per gradient step.")
 @click.option("--epochs", default=100, help="Epochs to train (with --resume: the new total).")
 @click.option("--instances_per_epoch", default=100_000, help="Fresh instances per epoch.")
-@click.option("--lr", default=1e-4, help="Adam learning rate.")
+@click.option(
+    "--lr", default=None, type=float, help="Adam learning rate [default: 1e-4; with --resume: the saved one]."
+)
 @click.option("--grad_clip", default=1.0, help="Max gradient norm.")
 @click.option("--val_size", default=1000, help="Fixed validation instances.")
 @click.option("--seed", default=1234, help="Seed for weights, instances and sampling.")
@@ -286,14 +299,16 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     "--wandb_mode", default="auto", type=click.Choice(WANDB_MODES), help="auto = offline without credentials."
 )
 @click.option("--resume", is_flag=True, help="Continue the run --run_name from its last saved state.")
-def main(resume, embed_dim, num_encoder_layers, num_heads, normalization, **options):
+def main(resume, embed_dim, num_encoder_layers, num_heads, normalization, lr, **options):
     """Train a TSP Attention Model with REINFORCE and the POMO multi-start baseline."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         policy = PolicyConfig(
             embed_dim=embed_dim, num_encoder_layers=num_encoder_layers, num_heads=num_heads, normalization=normalization
         )
-        run_dir = run(TrainConfig(policy=policy, **options), resume=resume)
+        if not resume:
+            options["lr"] = lr or TrainConfig.lr
+        run_dir = run(TrainConfig(policy=policy, **options), resume=resume, new_lr=lr if resume else None)
     except Interrupted:
         raise SystemExit(130) from None
     except (ValueError, FileNotFoundError, FileExistsError) as err:

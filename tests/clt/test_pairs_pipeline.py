@@ -102,10 +102,15 @@ def test_unequal_rows_and_nonfinite_stats_are_refused(tmp_path):
         w.finish({"num_instances": 2, "nodes_per_instance": 2})
     with pytest.raises(ValueError, match="NaN or Inf rows in targets"):
         open_pair(tmp_path / "p")
+    np.save(tmp_path / "p" / "targets.npy", np.zeros((3, 2), np.float32))  # a consistent file with fewer rows
     meta = json.loads((tmp_path / "p" / "metadata.json").read_text())
-    meta["arrays"]["targets"]["shape"] = [3, 2]
+    meta["arrays"]["targets"].update(shape=[3, 2], mean=[0.0, 0.0], std=[1.0, 1.0])
     (tmp_path / "p" / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="targets.npy holds"):
+    with pytest.raises(ValueError, match="sources have 4 rows, targets 3"):
+        open_pair(tmp_path / "p")
+    meta["arrays"]["targets"]["shape"] = [4, 2]
+    (tmp_path / "p" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"targets.npy holds float32 \[3, 2\]"):
         open_pair(tmp_path / "p")
 
 

@@ -134,3 +134,11 @@ def test_ctrl_c_on_the_cli_saves_then_resume_finishes(tmp_path):
     assert "state saved" in err and "Traceback" not in err
     state = torch.load(tmp_path / "sig" / "checkpoints" / "train_state.pt", weights_only=True)
     assert state["epoch"] == 0 and state["step_in_epoch"] >= 50
+
+
+def test_resume_can_lower_the_learning_rate(tmp_path):
+    run(_cfg(tmp_path, "anneal", epochs=1))
+    run_dir = run(_cfg(tmp_path, "anneal", epochs=2), resume=True, new_lr=5e-5)
+    assert json.loads((run_dir / "config.json").read_text())["train"]["lr"] == 5e-5
+    lrs = [r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs == [1e-4, 5e-5]
