@@ -22,7 +22,7 @@ import torch
 from policy.env import check_locs, scale_to_unit_square
 from policy.inference import AUGMENTS, DECODE_MODES, solve
 from policy.io import save_npy
-from policy.tsplib import read_tsplib
+from policy.tsplib import TsplibInstance, read_tsplib
 from sae.runs import load_policy
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class SolveResult:
     tsplib_length: int | None  # TSPLIB's integer EUC_2D length, for a .tsp input
 
 
-def read_instances(path: Path) -> tuple[torch.Tensor, float, object]:
+def read_instances(path: Path) -> tuple[torch.Tensor, float, TsplibInstance | None]:
     """(locs [B, n, 2], scale to the input's units, TSPLIB instance or None)."""
     if not path.is_file():
         raise FileNotFoundError(f"no such instances file: {path}")
@@ -77,7 +77,7 @@ def read_instances(path: Path) -> tuple[torch.Tensor, float, object]:
         raise ValueError(f"{path}: expected a .npy array or a TSPLIB .tsp file")
     try:
         array = np.load(path, allow_pickle=False)
-    except ValueError as err:
+    except (ValueError, EOFError, OSError) as err:
         raise ValueError(f"{path}: not a plain numeric .npy array ({err})") from err
     if not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"{path}: expected float coordinates, got dtype {array.dtype}")

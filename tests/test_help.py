@@ -1,0 +1,32 @@
+"""Every command-line tool documents every option and starts as `python -m <module>`."""
+
+import importlib
+import subprocess
+import sys
+
+import click
+import pytest
+
+CLIS = [
+    "policy.train",
+    "policy.solve",
+    "policy.eval",
+    "sae.collect_activations",
+    "sae.train_topk",
+    "clt.collect_pairs",
+    "clt.inspect_pairs",
+]
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_every_option_has_help(module):
+    command = importlib.import_module(module).main
+    undocumented = [p.name for p in command.params if isinstance(p, click.Option) and not p.help]
+    assert not undocumented
+    assert command.help
+
+
+@pytest.mark.parametrize("module", ["policy.eval", "clt.inspect_pairs"])
+def test_runs_as_a_module(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith(f"Usage: python -m {module}")
