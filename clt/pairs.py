@@ -16,10 +16,11 @@ CLI flags override the file.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from policy.io import read_json
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _LAYER = re.compile(r"^encoder_layer_(\d+)(\..+)?$")
@@ -102,10 +103,7 @@ def read_pairs_config(path: str | Path) -> PairsConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no pairs config {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    raw = read_json(path)
     sparsity, sampling = raw.get("sparsity", {}), raw.get("sampling", {})
     return PairsConfig(
         layer_pairs=list(raw.get("layer_pairs", [])),

@@ -38,6 +38,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def read_json(path: str | Path):
+    """Parse a JSON file; a broken one is a ValueError that names the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (corrupted?): {err}") from err
+
+
 def write_json(path: str | Path, obj) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 

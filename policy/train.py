@@ -17,7 +17,6 @@ continues from it, batch for batch, as if nothing had happened.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from policy.env import DISTRIBUTIONS, generate, tour_length
-from policy.io import save_npy, save_tensors, save_torch, write_json
+from policy.io import read_json, save_npy, save_tensors, save_torch, write_json
 from policy.model import NORMALIZATIONS, AttentionModel, PolicyConfig
 from policy.signals import GracefulStop, Interrupted
 from sae.logger import WANDB_MODES, RunLogger, truncate_metrics
@@ -168,8 +167,8 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None) -> 
     if resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
-        saved = json.loads((run_dir / "config.json").read_text())["train"]
-        saved["policy"] = json.loads((run_dir / "config.json").read_text())["policy"]
+        run_config = read_json(run_dir / "config.json")
+        saved = {**run_config["train"], "policy": run_config["policy"]}
         cfg = TrainConfig(
             **{
                 **saved,

@@ -12,7 +12,6 @@ top `aux_k` dead latents reconstruct the residual x - x_hat.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -21,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from policy.io import save_tensors, write_json
+from policy.io import read_json, save_tensors, write_json
 
 
 @dataclass
@@ -141,6 +140,6 @@ def load_sae(folder: str | Path) -> TopKSAE:
     folder = Path(folder)
     if not (folder / "cfg.json").is_file() or not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} needs cfg.json and model.safetensors")
-    model = TopKSAE(SAEConfig(**json.loads((folder / "cfg.json").read_text())))
+    model = TopKSAE(SAEConfig(**read_json(folder / "cfg.json")))
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     return model.eval()

@@ -26,7 +26,6 @@ Outputs (see the path functions at the end):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from policy.io import file_sha256
+from policy.io import file_sha256, read_json
 from policy.model import AttentionModel, PolicyConfig
 from policy.rl4co import convert_state_dict, read_policy_state_dict
 
@@ -93,10 +92,7 @@ def read_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.json: is it a run directory?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    raw = read_json(path)
     if "policy" in raw:  # native
         policy = PolicyConfig.from_dict(raw["policy"])
         env = raw.get("env", {})

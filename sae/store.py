@@ -18,7 +18,6 @@ truncated or corrupted dump. `register_dataset` records a dump in the run's
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import time
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
-from policy.io import file_sha256, write_json
+from policy.io import file_sha256, read_json, write_json
 from sae.runs import registry_path
 
 DTYPES = ("float32", "float16")
@@ -210,10 +209,7 @@ def open_dump(path: str | Path, verify: bool = False) -> Dump:
     meta_path = path / METADATA
     if not meta_path.is_file():
         raise ValueError(f"{path} has no {METADATA}: not a complete dump (interrupted, or not a dump)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{meta_path} is corrupted: {err}") from err
+    meta = read_json(meta_path)
     dtype = np.dtype(meta["dtype"])
     arrays = {}
     for name, info in meta["arrays"].items():
@@ -272,10 +268,7 @@ def read_registry(run_dir: Path) -> dict:
     path = registry_path(run_dir)
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is corrupted: {err}") from err
+    return read_json(path)
 
 
 def register_dataset(run_dir: Path, name: str, path: Path, info: dict | None = None) -> None:

@@ -16,7 +16,6 @@ Ctrl-C or SIGTERM saves the exact position; `--resume` continues the newest run 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ import click
 import torch
 from tqdm import tqdm
 
-from policy.io import save_tensors, save_torch, write_json
+from policy.io import read_json, save_tensors, save_torch, write_json
 from policy.signals import GracefulStop, Interrupted
 from sae.data import RowStream, split_instances
 from sae.logger import WANDB_MODES, RunLogger, truncate_metrics
@@ -174,7 +173,7 @@ def run(cfg: SAETrainConfig, resume: bool = False) -> Path:
     hook_dir = sae_runs_dir(run_dir, cfg.hook)
     if resume:
         out_dir = _latest_run(hook_dir)
-        saved = json.loads((out_dir / "train_cfg.json").read_text())
+        saved = read_json(out_dir / "train_cfg.json")
         saved.pop("dataset_path", None)
         cfg = SAETrainConfig(
             **{**saved, "num_epochs": cfg.num_epochs, "device": cfg.device, "wandb_mode": cfg.wandb_mode}

@@ -85,30 +85,33 @@ def test_hyper_parameters_come_back_as_inert_stubs(fixture_dir):
     assert "rl4co" not in __import__("sys").modules
 
 
+class RemoveWhenUnpickled:
+    """Unpickling this calls shutil.rmtree(folder), unless the unpickler refuses to."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        return (shutil.rmtree, (self.folder,))
+
+
 def test_restricted_unpickler_never_calls_what_it_reads(tmp_path):
     marker = tmp_path / "marker"
     marker.mkdir()
-
-    class Evil:
-        def __reduce__(self):
-            return (shutil.rmtree, (str(marker),))
-
-    payload = pickle.dumps({"x": Evil(), "n": [1, 2.5, "a"]})
+    payload = pickle.dumps({"x": RemoveWhenUnpickled(marker), "n": [1, 2.5, "a"]})
     loaded = RestrictedUnpickler(io.BytesIO(payload)).load()
     assert marker.exists(), "the pickled call must not run"
     assert isinstance(loaded["x"], Stub) and loaded["x"].stub_of == "shutil.rmtree"
+    assert loaded["n"] == [1, 2.5, "a"]
 
 
 def test_malicious_ckpt_file_is_inert(tmp_path):
     marker = tmp_path / "marker"
     marker.mkdir()
-
-    class Evil:
-        def __reduce__(self):
-            return (shutil.rmtree, (str(marker),))
-
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"policy.x": torch.zeros(1)}, "hyper_parameters": {"p": Evil()}}, path)
+    torch.save(
+        {"state_dict": {"policy.x": torch.zeros(1)}, "hyper_parameters": {"p": RemoveWhenUnpickled(marker)}}, path
+    )
     ckpt = read_lightning_checkpoint(path)
     assert marker.exists()
     assert torch.equal(ckpt["state_dict"]["policy.x"], torch.zeros(1))
