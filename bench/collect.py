@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,9 +80,11 @@ def peak_rss_of_big_dump(run_dir: str, gigabytes: float, batch_size: int) -> dic
     bytes_per_instance = n * d * 4 * layers
     num_instances = int(gigabytes * 1e9 / bytes_per_instance)
     with tempfile.TemporaryDirectory() as tmp:
+        run_copy = Path(tmp) / loaded.run_dir.resolve().name  # the dump's registry entry stays out of the real run
+        shutil.copytree(loaded.run_dir, run_copy, ignore=shutil.ignore_patterns("sae", "clt"))
         peak_file = Path(tmp) / "peak.json"
         cmd = [sys.executable, "-m", "bench.peak", str(peak_file), "sae.collect_activations", "--run_dir",
-               str(loaded.run_dir), "--num_instances", str(num_instances), "--batch_size", str(batch_size),
+               str(run_copy), "--num_instances", str(num_instances), "--batch_size", str(batch_size),
                "--activations_root", tmp, "--name", "bench_big"]  # fmt: skip
         tic = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)

@@ -46,13 +46,22 @@ class RowReader:
         self.fd = os.open(filename, os.O_RDONLY) if isinstance(array, np.memmap) and filename else None
         self.offset = array.offset if self.fd is not None else 0
 
+    def read_into(self, out: np.ndarray, start: int) -> None:
+        """Fill `out` ([rows, dim], this array's dtype, contiguous) with rows start, start+1, ..."""
+        if self.fd is None:
+            out[:] = self.array[start : start + len(out)]
+            return
+        row_bytes = self.dim * self.dtype.itemsize
+        wanted = len(out) * row_bytes
+        got = os.preadv(self.fd, [memoryview(out).cast("B")], self.offset + start * row_bytes)
+        if got != wanted:
+            raise ValueError(f"{self.array.filename}: short read ({got} of {wanted} bytes); is the file truncated?")
+
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as a float32 array."""
-        if self.fd is None:
-            return np.asarray(self.array[start:stop], dtype=np.float32)
-        row_bytes = self.dim * self.dtype.itemsize
-        raw = os.pread(self.fd, (stop - start) * row_bytes, self.offset + start * row_bytes)
-        return np.frombuffer(raw, dtype=self.dtype).reshape(stop - start, self.dim).astype(np.float32)
+        out = np.empty((stop - start, self.dim), self.dtype)
+        self.read_into(out, start)
+        return out.astype(np.float32, copy=False)
 
     def __del__(self):
         if getattr(self, "fd", None) is not None:
@@ -60,13 +69,15 @@ class RowReader:
 
 
 def read_instances(reader: RowReader, instances: np.ndarray, nodes: int) -> np.ndarray:
-    """The rows of `instances` (in that order), one read per run of consecutive ids -> [len * nodes, dim]."""
-    parts = []
-    breaks = np.flatnonzero(np.diff(instances) != 1) + 1
-    for run in np.split(instances, breaks):
+    """The rows of `instances` (in that order) as float32 [len * nodes, dim], one read per run of consecutive ids."""
+    out = np.empty((len(instances) * nodes, reader.dim), reader.dtype)
+    position = 0
+    for run in np.split(instances, np.flatnonzero(np.diff(instances) != 1) + 1):
         if len(run):
-            parts.append(reader.read(int(run[0]) * nodes, (int(run[-1]) + 1) * nodes))
-    return np.concatenate(parts) if parts else np.empty((0, reader.dim), np.float32)
+            rows = len(run) * nodes
+            reader.read_into(out[position : position + rows], int(run[0]) * nodes)
+            position += rows
+    return out.astype(np.float32, copy=False)
 
 
 class RowStream:
