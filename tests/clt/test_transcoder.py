@@ -1,0 +1,162 @@
+"""CrossLayerTranscoder: each sparsifier, tied/skip options, normalisation inside the model, sparse decode, save/load."""
+
+import pytest
+import torch
+
+from clt.model import ACTIVATIONS, CrossLayerTranscoder, TranscoderConfig, load_transcoder
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return CrossLayerTranscoder(TranscoderConfig(**{"d_in": 8, "d_out": 6, "expansion_factor": 4, **kw}))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_shapes_and_sparsity_of_each_activation(activation):
+    model = _model(activation=activation, k=3)
+    x = torch.randn(16, 8)
+    y_hat, z = model(x)
+    assert y_hat.shape == (16, 6) and z.shape == (16, 32)
+    assert (z >= 0).all() or activation == "jumprelu"
+    if activation == "topk":
+        assert ((z > 0).sum(-1) <= 3).all()
+    if activation == "batchtopk":
+        assert (z > 0).sum() <= 3 * 16
+        model.eval()
+        assert model.batchtopk_threshold > 0
+        z_eval = model.encode(x)
+        assert torch.equal(z_eval > 0, model.forward_normalized(x).pre > model.batchtopk_threshold)
+
+
+def test_topk_keeps_values_unchanged():
+    model = _model(k=4)
+    x = torch.randn(5, 8)
+    pre = x @ model.W_enc + model.b_enc
+    z = model.encode(x)
+    expected = torch.relu(pre).topk(4, dim=-1).values.sort(-1).values
+    torch.testing.assert_close(z.topk(4, dim=-1).values.sort(-1).values, expected)
+
+
+def test_jumprelu_threshold_learns_through_the_straight_through_estimate():
+    model = _model(activation="jumprelu", jumprelu_threshold=0.5, bandwidth=1.0, l0_coef=1.0)
+    x = torch.randn(64, 8)
+    out = model.forward_normalized(x)
+    loss = out.y_hat.pow(2).mean() + model.sparsity_loss(out)
+    loss.backward()
+    assert model.log_threshold.grad is not None and model.log_threshold.grad.abs().sum() > 0
+    assert ((out.z == 0) | (out.pre > 0.5)).all()
+
+
+def test_sparse_decode_equals_dense():
+    model = _model(k=5)
+    x = torch.randn(10, 8)
+    out = model.forward_normalized(x)
+    values, indices = out.z.topk(5, dim=-1)
+    torch.testing.assert_close(model.decode_sparse(values, indices), out.y_hat, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_decoder_and_skip_path():
+    tied = _model(d_out=8, tied=True)
+    assert tied.W_dec is None and torch.equal(tied.decoder, tied.W_enc.T)
+    with pytest.raises(ValueError, match="tied decoder needs"):
+        TranscoderConfig(d_in=8, d_out=6, tied=True)
+    skip = _model(skip=True)
+    with torch.no_grad():
+        skip.W_skip.normal_()
+    x = torch.randn(4, 8)
+    y_hat, z = skip(x)
+    torch.testing.assert_close(skip.decode(z, x), y_hat)
+    with pytest.raises(ValueError, match="skip path"):
+        skip.decode(z)
+
+
+def test_normalisation_is_part_of_the_model():
+    model = _model(normalize_source="standard", normalize_target="standard")
+    src_mean, src_std, tgt_mean, tgt_std = torch.randn(8), torch.rand(8) + 0.5, torch.randn(6), torch.rand(6) + 0.5
+    model.set_statistics(src_mean, src_std, tgt_mean, tgt_std)
+    assert torch.equal(model.b_dec.data, torch.zeros(6))
+    x_raw = torch.randn(3, 8) * src_std + src_mean
+    out = model.forward_normalized((x_raw - src_mean) / src_std)
+    y_raw, _ = model(x_raw)
+    torch.testing.assert_close(y_raw, out.y_hat * tgt_std + tgt_mean)
+    torch.testing.assert_close(model.decode(model.encode(x_raw)), y_raw)
+    raw = _model()
+    raw.set_statistics(src_mean, src_std, tgt_mean, tgt_std)
+    torch.testing.assert_close(raw.b_dec.data, tgt_mean)
+
+
+def test_relu_l1_and_aux_losses():
+    model = _model(activation="relu", l1_coef=0.1)
+    out = model.forward_normalized(torch.randn(8, 8))
+    assert model.sparsity_loss(out) > 0
+    topk = _model(k=2)
+    x, y = torch.randn(8, 8), torch.randn(8, 6)
+    out = topk.forward_normalized(x)
+    assert topk.aux_loss(out, y, torch.zeros(32, dtype=torch.bool)) == 0
+    aux = topk.aux_loss(out, y, torch.ones(32, dtype=torch.bool))
+    aux.backward()
+    assert aux > 0 and topk.W_dec.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(activation="jumprelu", skip=True), dict(d_out=8, tied=True, activation="batchtopk")]
+)
+def test_save_and_load_round_trip(tmp_path, kw):
+    model = _model(**kw, normalize_source="center")
+    model.set_statistics(torch.randn(8), torch.ones(8), torch.randn(model.cfg.d_out), torch.ones(model.cfg.d_out))
+    model.save(tmp_path)
+    loaded = load_transcoder(tmp_path)
+    model.eval()
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(loaded(x)[0], model(x)[0])
+    assert loaded.cfg == model.cfg
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"activation": "gelu"}, "activation"),
+        ({"k": 2, "k_ratio": 0.1}, "not both"),
+        ({"k": 1000}, "k must be"),
+        ({"normalize_source": "whiten"}, "normalize_source"),
+        ({"l1_coef": -1.0}, "penalty"),
+    ],
+)
+def test_config_validation(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TranscoderConfig(d_in=8, d_out=6, **kw)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_each_activation_learns_a_sparse_map_better_than_linear(activation):
+    """y is a sparse non-linear function of x (4 of 32 ReLU features); a transcoder beats least squares."""
+    torch.manual_seed(1)
+    enc, dec = torch.randn(8, 32), torch.randn(32, 6)
+
+    def sample(n):
+        x = torch.randn(n, 8)
+        pre = x @ enc
+        z = torch.zeros_like(pre).scatter(1, pre.topk(4, dim=1).indices, pre.topk(4, dim=1).values.relu())
+        return x, z @ dec
+
+    x, y = sample(4096)
+    x_val, y_val = sample(1024)
+    xa = torch.cat([x, torch.ones(len(x), 1)], 1)
+    w = torch.linalg.lstsq(xa, y).solution
+    linear_fvu = (
+        (torch.cat([x_val, torch.ones(1024, 1)], 1) @ w - y_val).pow(2).sum() / (y_val - y_val.mean(0)).pow(2).sum()
+    ).item()
+    model = CrossLayerTranscoder(TranscoderConfig(d_in=8, d_out=6, expansion_factor=8, k=8, activation=activation,
+                                                  l1_coef=1e-3 if activation == "relu" else 0.0))  # fmt: skip
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(600):
+        batch = slice((step * 256) % 4096, (step * 256) % 4096 + 256)
+        out = model.forward_normalized(x[batch])
+        loss = (out.y_hat - y[batch]).pow(2).sum(-1).mean() + model.sparsity_loss(out)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        fvu = ((model(x_val)[0] - y_val).pow(2).sum() / (y_val - y_val.mean(0)).pow(2).sum()).item()
+    assert fvu < 0.5 * linear_fvu, (fvu, linear_fvu)
