@@ -23,6 +23,22 @@ from sae.store import Dump, open_dump, read_registry
 NORMALIZATIONS = ("none", "center", "standard")
 
 
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, mode: str) -> torch.Tensor:
+    """(x - mean) / std for `standard`, x - mean for `center`, x for `none`."""
+    if mode == "none":
+        return x
+    x = x - mean.to(x.device)
+    return x / std.to(x.device) if mode == "standard" else x
+
+
+def denormalize(y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, mode: str) -> torch.Tensor:
+    """The inverse of `normalize`."""
+    if mode == "none":
+        return y
+    y = y * std.to(y.device) if mode == "standard" else y
+    return y + mean.to(y.device)
+
+
 @dataclass
 class Normalizer:
     """x -> (x - mean) / std (standard), x - mean (center) or x (none); and back."""
@@ -42,16 +58,10 @@ class Normalizer:
         return cls(mode, torch.from_numpy(mean), torch.from_numpy(std))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "none":
-            return x
-        x = x - self.mean.to(x.device)
-        return x / self.std.to(x.device) if self.mode == "standard" else x
+        return normalize(x, self.mean, self.std, self.mode)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        if self.mode == "none":
-            return y
-        y = y * self.std.to(y.device) if self.mode == "standard" else y
-        return y + self.mean.to(y.device)
+        return denormalize(y, self.mean, self.std, self.mode)
 
 
 def find_pair(run_dir: Path, pair: str, root: Path | None = None) -> Path:

@@ -21,19 +21,18 @@ Normalisation statistics are buffers of the model, so `encode` takes raw sources
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from policy.io import read_json, save_tensors, write_json
+from clt.datasets import NORMALIZATIONS, denormalize, normalize
+from sae.model import auxk_loss, read_model_files, resolve_k, save_model
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
-NORMALIZATIONS = ("none", "center", "standard")
 
 
 @dataclass
@@ -80,12 +79,7 @@ class TranscoderConfig:
             raise ValueError("d_in, d_out and expansion_factor must be positive")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.k is not None and self.k_ratio is not None:
-            raise ValueError("give k or k_ratio, not both")
-        if self.k_ratio is not None and not 0 < self.k_ratio <= 1:
-            raise ValueError(f"k_ratio must be in (0, 1], got {self.k_ratio}")
-        if not 1 <= self.active <= self.n_features:
-            raise ValueError(f"k must be in [1, {self.n_features}], got {self.active}")
+        resolve_k(self.k, self.k_ratio, self.n_features)
         if self.tied and self.d_in != self.d_out:
             raise ValueError(f"a tied decoder needs d_in == d_out, got {self.d_in} and {self.d_out}")
         for name in ("normalize_source", "normalize_target"):
@@ -100,11 +94,7 @@ class TranscoderConfig:
 
     @property
     def active(self) -> int:
-        if self.k is not None:
-            return self.k
-        if self.k_ratio is not None:
-            return max(1, round(self.k_ratio * self.n_features))
-        return min(16, self.n_features)
+        return resolve_k(self.k, self.k_ratio, self.n_features)
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -179,16 +169,13 @@ class CrossLayerTranscoder(nn.Module):
             self.b_dec.copy_(self.tgt_mean if self.cfg.normalize_target == "none" else torch.zeros_like(self.tgt_mean))
 
     def normalize_source(self, x: torch.Tensor) -> torch.Tensor:
-        return _normalize(x, self.src_mean, self.src_std, self.cfg.normalize_source)
+        return normalize(x, self.src_mean, self.src_std, self.cfg.normalize_source)
 
     def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
-        return _normalize(y, self.tgt_mean, self.tgt_std, self.cfg.normalize_target)
+        return normalize(y, self.tgt_mean, self.tgt_std, self.cfg.normalize_target)
 
     def denormalize_target(self, y: torch.Tensor) -> torch.Tensor:
-        mode = self.cfg.normalize_target
-        if mode == "standard":
-            y = y * self.tgt_std
-        return y + self.tgt_mean if mode != "none" else y
+        return denormalize(y, self.tgt_mean, self.tgt_std, self.cfg.normalize_target)
 
     # the map ---------------------------------------------------------------------------
     @property
@@ -261,32 +248,17 @@ class CrossLayerTranscoder(nn.Module):
 
     def aux_loss(self, out: TranscoderOutput, y: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """AuxK: the top aux_k dead features reconstruct the residual, normalised by y's variance."""
-        if not dead.any() or self.cfg.activation not in ("topk", "batchtopk"):
+        if self.cfg.activation not in ("topk", "batchtopk"):
             return y.new_zeros(())
-        k = min(self.cfg.aux_k or max(1, self.cfg.d_out // 2), int(dead.sum()))
-        values, indices = torch.topk(out.pre.masked_fill(~dead, float("-inf")), k, dim=-1, sorted=False)
-        residual_hat = F.embedding_bag(indices, self.decoder, per_sample_weights=F.relu(values), mode="sum")
-        residual = (y - out.y_hat).detach()
-        return (residual_hat - residual).pow(2).sum(-1).mean() / (y - y.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return auxk_loss(out.pre, self.decoder, dead, self.cfg.aux_k or max(1, self.cfg.d_out // 2), y, out.y_hat)
 
     def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        write_json(folder / "cfg.json", asdict(self.cfg))
-        save_tensors(folder / "model.safetensors", self.state_dict())
-
-
-def _normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "none":
-        return x
-    x = x - mean
-    return x / std if mode == "standard" else x
+        save_model(folder, self)
 
 
 def load_transcoder(folder: str | Path) -> CrossLayerTranscoder:
     """A transcoder from `cfg.json` + `model.safetensors`, in eval mode."""
-    folder = Path(folder)
-    if not (folder / "cfg.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{folder} needs cfg.json and model.safetensors")
-    model = CrossLayerTranscoder(TranscoderConfig(**read_json(folder / "cfg.json")))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    cfg, state = read_model_files(folder)
+    model = CrossLayerTranscoder(TranscoderConfig(**cfg))
+    model.load_state_dict(state)
     return model.eval()

@@ -23,6 +23,56 @@ from torch import nn
 from policy.io import read_json, save_tensors, write_json
 
 
+def resolve_k(k: int | None, k_ratio: float | None, units: int) -> int:
+    """Active units per row: k, else round(k_ratio * units), else 16; a ValueError when invalid."""
+    if k is not None and k_ratio is not None:
+        raise ValueError("give k or k_ratio, not both")
+    if k_ratio is not None and not 0 < k_ratio <= 1:
+        raise ValueError(f"k_ratio must be in (0, 1], got {k_ratio}")
+    active = k if k is not None else max(1, round(k_ratio * units)) if k_ratio is not None else min(16, units)
+    if not 1 <= active <= units:
+        raise ValueError(f"k must be in [1, {units}], got {active}")
+    return active
+
+
+def auxk_loss(
+    pre: torch.Tensor,
+    decoder: torch.Tensor,
+    dead: torch.Tensor,
+    aux_k: int,
+    target: torch.Tensor,
+    prediction: torch.Tensor,
+) -> torch.Tensor:
+    """AuxK (Gao et al.): the top `aux_k` dead units reconstruct the residual target - prediction.
+
+    pre [batch, units], decoder [units, d], dead [units] bool; normalised by the target's variance.
+    """
+    if not dead.any():
+        return target.new_zeros(())
+    values, indices = torch.topk(
+        pre.masked_fill(~dead, float("-inf")), min(aux_k, int(dead.sum())), dim=-1, sorted=False
+    )
+    residual_hat = nn.functional.embedding_bag(indices, decoder, per_sample_weights=torch.relu(values), mode="sum")
+    residual = (target - prediction).detach()
+    variance = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return (residual_hat - residual).pow(2).sum(-1).mean() / variance
+
+
+def save_model(folder: str | Path, module: nn.Module) -> None:
+    """`cfg.json` (the module's dataclass `cfg`) + `model.safetensors`, both written atomically."""
+    folder = Path(folder)
+    write_json(folder / "cfg.json", asdict(module.cfg))
+    save_tensors(folder / "model.safetensors", module.state_dict())
+
+
+def read_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(cfg dict, state dict) from a folder written by `save_model`."""
+    folder = Path(folder)
+    if not (folder / "cfg.json").is_file() or not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{folder} needs cfg.json and model.safetensors")
+    return read_json(folder / "cfg.json"), load_file(str(folder / "model.safetensors"))
+
+
 @dataclass
 class SAEConfig:
     """Shape and sparsity of a TopK SAE; saved as cfg.json beside model.safetensors."""
@@ -45,12 +95,7 @@ class SAEConfig:
     def __post_init__(self):
         if self.d_in < 1 or self.expansion_factor < 1:
             raise ValueError("d_in and expansion_factor must be positive")
-        if self.k is not None and self.k_ratio is not None:
-            raise ValueError("give k or k_ratio, not both")
-        if self.k_ratio is not None and not 0 < self.k_ratio <= 1:
-            raise ValueError(f"k_ratio must be in (0, 1], got {self.k_ratio}")
-        if not 1 <= self.active <= self.n_latents:
-            raise ValueError(f"k must be in [1, {self.n_latents}], got {self.active}")
+        resolve_k(self.k, self.k_ratio, self.n_latents)
 
     @property
     def n_latents(self) -> int:
@@ -58,11 +103,7 @@ class SAEConfig:
 
     @property
     def active(self) -> int:
-        if self.k is not None:
-            return self.k
-        if self.k_ratio is not None:
-            return max(1, round(self.k_ratio * self.n_latents))
-        return min(16, self.n_latents)
+        return resolve_k(self.k, self.k_ratio, self.n_latents)
 
     @property
     def auxiliary(self) -> int:
@@ -107,16 +148,7 @@ class TopKSAE(nn.Module):
 
     def aux_loss(self, x: torch.Tensor, out: SAEOutput, dead: torch.Tensor) -> torch.Tensor:
         """AuxK: the top aux_k dead latents reconstruct the residual, normalised by x's variance."""
-        if not dead.any():
-            return x.new_zeros(())
-        k = min(self.cfg.auxiliary, int(dead.sum()))
-        masked = out.pre.masked_fill(~dead, float("-inf"))
-        values, indices = torch.topk(masked, k, dim=-1, sorted=False)
-        residual_hat = nn.functional.embedding_bag(
-            indices, self.W_dec, per_sample_weights=torch.relu(values), mode="sum"
-        )
-        residual = (x - out.x_hat).detach()
-        return (residual_hat - residual).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return auxk_loss(out.pre, self.W_dec, dead, self.cfg.auxiliary, x, out.x_hat)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -130,16 +162,12 @@ class TopKSAE(nn.Module):
             self.W_dec.grad.sub_(parallel * self.W_dec)
 
     def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        write_json(folder / "cfg.json", asdict(self.cfg))
-        save_tensors(folder / "model.safetensors", self.state_dict())
+        save_model(folder, self)
 
 
 def load_sae(folder: str | Path) -> TopKSAE:
     """A TopKSAE from `cfg.json` + `model.safetensors`."""
-    folder = Path(folder)
-    if not (folder / "cfg.json").is_file() or not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{folder} needs cfg.json and model.safetensors")
-    model = TopKSAE(SAEConfig(**read_json(folder / "cfg.json")))
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    cfg, state = read_model_files(folder)
+    model = TopKSAE(SAEConfig(**cfg))
+    model.load_state_dict(state)
     return model.eval()
