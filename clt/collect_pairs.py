@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from clt.pairs import LayerPair, PairsConfig, default_config_path, parse_pairs, read_pairs_config
+from policy.cli import command
 from policy.env import DISTRIBUTIONS
 from sae.collect_activations import INSTANCE_CHUNK, collect, hook_dims, instance_batches
 from sae.hooks import HookedPolicy
@@ -186,11 +187,8 @@ def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str,
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
 def main(**options):
     """Collect row-aligned source/target activations for every layer pair."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with command():
         paths = run(CollectPairsConfig(**options))
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise click.ClickException(str(err)) from err
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
 

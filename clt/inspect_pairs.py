@@ -21,6 +21,7 @@ import click
 import numpy as np
 
 from clt.datasets import find_pair, open_pair
+from policy.cli import command
 from sae.data import RowReader, split_instances
 from sae.runs import resolve_run_dir
 from sae.store import Dump, read_registry
@@ -164,11 +165,8 @@ def format_table(reports: list[dict]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def main(run_dir, pairs, val_ratio, seed, verify, as_json):
     """Statistics of each layer pair and its ridge (dense linear) baseline."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with command():
         reports = run(run_dir, pairs, val_ratio, seed, verify)
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
     click.echo(json.dumps(reports, indent=2) if as_json else format_table(reports))
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import click
 import torch
 
+from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.inference import solve
 from policy.reference import SOLVERS, reference_tours
@@ -142,11 +143,8 @@ def format_report(report: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def main(as_json, **options):
     """Tour length, gap to a reference solver and speed, for every decoding mode."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with command():
         report = run(EvalConfig(**options))
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 

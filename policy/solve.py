@@ -19,6 +19,7 @@ import click
 import numpy as np
 import torch
 
+from policy.cli import command
 from policy.env import check_locs, scale_to_unit_square
 from policy.inference import AUGMENTS, DECODE_MODES, solve
 from policy.io import save_npy
@@ -127,11 +128,8 @@ def run(cfg: SolveConfig) -> SolveResult:
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
 def main(augment, **options):
     """Solve TSP instances with a trained policy and write the tours."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with command():
         result = run(SolveConfig(augment=int(augment), **options))
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
     b, n = result.tours.shape
     click.echo(f"wrote {b} tour(s) of {n} nodes to {options['out']}")
     if result.tsplib_length is not None:

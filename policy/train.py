@@ -26,6 +26,7 @@ import click
 import torch
 from tqdm import tqdm
 
+from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.io import read_json, save_npy, save_tensors, save_torch, write_json
 from policy.model import NORMALIZATIONS, AttentionModel, PolicyConfig
@@ -300,18 +301,13 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None) -> 
 @click.option("--resume", is_flag=True, help="Continue the run --run_name from its last saved state.")
 def main(resume, embed_dim, num_encoder_layers, num_heads, normalization, lr, **options):
     """Train a TSP Attention Model with REINFORCE and the POMO multi-start baseline."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with command():
         policy = PolicyConfig(
             embed_dim=embed_dim, num_encoder_layers=num_encoder_layers, num_heads=num_heads, normalization=normalization
         )
         if not resume:
             options["lr"] = lr or TrainConfig.lr
         run_dir = run(TrainConfig(policy=policy, **options), resume=resume, new_lr=lr if resume else None)
-    except Interrupted:
-        raise SystemExit(130) from None
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise click.ClickException(str(err)) from err
     click.echo(f"trained policy in {run_dir}")
 
 

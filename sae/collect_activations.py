@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from sae.hooks import HookedPolicy
 from sae.runs import activations_root, load_policy, sae_activations_dir
@@ -213,11 +214,8 @@ def run(cfg: CollectConfig) -> Path:
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
 def main(hooks, **options):
     """Dump activations at named hook points to .npy files with a metadata.json."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with command():
         path = run(CollectConfig(hooks=tuple(h.strip() for h in hooks.split(",") if h.strip()), **options))
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise click.ClickException(str(err)) from err
     click.echo(f"activations in {path}")
 
 

@@ -25,6 +25,7 @@ import click
 import torch
 from tqdm import tqdm
 
+from policy.cli import command
 from policy.io import read_json, save_tensors, save_torch, write_json
 from policy.signals import GracefulStop, Interrupted
 from sae.data import RowStream, split_instances
@@ -270,13 +271,8 @@ def run(cfg: SAETrainConfig, resume: bool = False) -> Path:
 )
 def main(resume, **options):
     """Train a TopK sparse autoencoder on a hook's activations."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with command():
         out_dir = run(SAETrainConfig(**options), resume=resume)
-    except Interrupted:
-        raise SystemExit(130) from None
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        raise click.ClickException(str(err)) from err
     click.echo(f"SAE saved in {out_dir}")
 
 
