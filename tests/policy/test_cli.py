@@ -97,7 +97,9 @@ def test_missing_run_and_checkpoint_are_clear_errors(tiny_run, tmp_path):
     assert result.exit_code == 1 and "no run directory" in result.output
     result = _solve("--run_dir", tiny_run, "--instances", x, "--checkpoint", "9")
     assert result.exit_code == 1 and "no checkpoint for epoch 9" in result.output
-    result = _solve("--run_dir", "../../etc", "--instances", x)  # a path, not a name: used as given
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = _solve("--run_dir", empty / ".." / "empty", "--instances", x)  # a path, not a name: used as given
     assert result.exit_code == 1 and "no config.json" in result.output
 
 
