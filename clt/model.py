@@ -1,7 +1,7 @@
 """CrossLayerTranscoder: a sparse, overcomplete map from a source activation to a target one.
 
     x     = norm_src(x_raw)                                  [batch, d_in]
-    pre   = x @ W_enc + b_enc                                [batch, features]
+    pre   = x @ W_enc^T + b_enc                              [batch, features]
     z     = sparsify(pre)                                    topk | batchtopk | jumprelu | relu
     y     = z @ W_dec + b_dec (+ x @ W_skip)                 [batch, d_out], normalised target space
     y_raw = norm_tgt^-1(y)
@@ -14,25 +14,30 @@ Sparsifiers:
   straight-through estimator (rectangle kernel of width `bandwidth`);
 - `relu`: ReLU(pre), made sparse by an L1 penalty weighted by the decoder row norms.
 
-The decoder is untied by default, or tied (`W_dec = W_enc^T`, needs d_in == d_out).
-Normalisation statistics are buffers of the model, so `encode` takes raw sources and
-`decode` returns raw targets. `decode_sparse` decodes from the active features only.
+W_enc and W_dec are both [features, d] (one row per feature). The decoder is untied
+by default, or tied (W_dec = W_enc, needs d_in == d_out); topk/batchtopk decoder rows
+are kept at unit norm by the trainer (`unit_norm_decoder`). Normalisation statistics
+are buffers of the model, so `encode` takes raw sources and `decode` returns raw
+targets. `decode_sparse` decodes from the active features only, and `forward_train`
+trains topk/batchtopk through them (clt.sparse) with the dense map's gradients.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from clt.datasets import NORMALIZATIONS, denormalize, normalize
-from sae.model import auxk_loss, read_model_files, resolve_k, save_model
+from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode
+from sae.model import read_model_files, resolve_k, save_model
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
+DICTIONARY_PENALTIES = ("none", "l1", "l2")
 
 
 @dataclass
@@ -59,6 +64,10 @@ class TranscoderConfig:
     """L1 penalty on z * |W_dec row| (the sparsity term of `relu`; optional for the others)."""
     l0_coef: float = 0.0
     """L0 penalty through the straight-through step (jumprelu)."""
+    dictionary_penalty: str = "none"
+    """none | l1 | l2: a penalty on the decoder rows (sum of |w| or of w^2), e.g. for a tied decoder."""
+    dictionary_coef: float = 0.0
+    """Weight of the dictionary penalty."""
     jumprelu_threshold: float = 1e-3
     """Initial threshold of jumprelu features."""
     bandwidth: float = 1e-3
@@ -67,6 +76,8 @@ class TranscoderConfig:
     """Dead features used by the AuxK loss (topk/batchtopk); default d_out // 2."""
     aux_coef: float = 1 / 32
     """Weight of the AuxK loss."""
+    aux_rows: int = 1024
+    """Rows of each batch the AuxK loss is estimated on."""
     dead_tokens: int = 100_000
     """Rows without firing after which a feature counts as dead."""
     normalize_source: str = "none"
@@ -75,8 +86,8 @@ class TranscoderConfig:
     """none | center | standard, from the pair's stored statistics."""
 
     def __post_init__(self):
-        if min(self.d_in, self.d_out, self.expansion_factor) < 1:
-            raise ValueError("d_in, d_out and expansion_factor must be positive")
+        if min(self.d_in, self.d_out, self.expansion_factor, self.aux_rows) < 1:
+            raise ValueError("d_in, d_out, expansion_factor and aux_rows must be positive")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         resolve_k(self.k, self.k_ratio, self.n_features)
@@ -85,8 +96,12 @@ class TranscoderConfig:
         for name in ("normalize_source", "normalize_target"):
             if getattr(self, name) not in NORMALIZATIONS:
                 raise ValueError(f"{name} must be one of {NORMALIZATIONS}")
-        if min(self.l1_coef, self.l0_coef, self.aux_coef) < 0 or self.bandwidth <= 0:
-            raise ValueError("penalty coefficients must be >= 0 and bandwidth > 0")
+        if self.dictionary_penalty not in DICTIONARY_PENALTIES:
+            raise ValueError(f"dictionary_penalty must be one of {DICTIONARY_PENALTIES}")
+        if min(self.l1_coef, self.l0_coef, self.aux_coef, self.dictionary_coef, self.dead_tokens) < 0:
+            raise ValueError("penalty coefficients and dead_tokens must be >= 0")
+        if self.bandwidth <= 0 or self.jumprelu_threshold <= 0:
+            raise ValueError("bandwidth and jumprelu_threshold must be > 0")
 
     @property
     def n_features(self) -> int:
@@ -130,10 +145,31 @@ class _Step(torch.autograd.Function):
         return None, (-(1.0 / ctx.bandwidth) * near * grad).sum(0), None
 
 
-class TranscoderOutput(NamedTuple):
+@dataclass
+class TranscoderOutput:
+    """What one forward pass produced; the sparse training path keeps only the active entries."""
+
     y_hat: torch.Tensor  # [batch, d_out] in normalised target space
-    z: torch.Tensor  # [batch, features] sparse codes
-    pre: torch.Tensor  # [batch, features] pre-activations
+    z: torch.Tensor | None = None  # [batch, features] codes (dense path)
+    pre: torch.Tensor | None = None  # [batch, features] pre-activations (dense path)
+    codes: SparseCodes | None = None  # active entries (sparse path)
+
+    def fired(self, n_features: int) -> torch.Tensor:
+        """[features] bool: which features were non-zero in some row."""
+        if self.codes is None:
+            return (self.z != 0).any(0)
+        fired = torch.zeros(n_features, dtype=torch.bool, device=self.y_hat.device)
+        fired[self.codes.features[self.codes.values != 0]] = True
+        return fired
+
+    def l0(self) -> float:
+        """Mean number of non-zero codes per row."""
+        nonzero = (self.z != 0).sum() if self.codes is None else (self.codes.values != 0).sum()
+        return nonzero.item() / self.y_hat.shape[0]
+
+
+Penalty = Callable[["CrossLayerTranscoder", TranscoderOutput], torch.Tensor]
+"""An extra loss term (e.g. orthogonality or energy) a trainer adds: penalty(model, output) -> scalar."""
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -143,7 +179,7 @@ class CrossLayerTranscoder(nn.Module):
         f = cfg.n_features
         w_dec = torch.randn(f, cfg.d_out)
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
-        self.W_enc = nn.Parameter(torch.randn(cfg.d_in, f) / cfg.d_in**0.5 if not cfg.tied else w_dec.T.clone())
+        self.W_enc = nn.Parameter(w_dec.clone() if cfg.tied else torch.randn(f, cfg.d_in) / cfg.d_in**0.5)
         self.b_enc = nn.Parameter(torch.zeros(f))
         self.W_dec = None if cfg.tied else nn.Parameter(w_dec)  # [features, d_out]
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
@@ -180,7 +216,20 @@ class CrossLayerTranscoder(nn.Module):
     # the map ---------------------------------------------------------------------------
     @property
     def decoder(self) -> torch.Tensor:  # [features, d_out]
-        return self.W_enc.T if self.cfg.tied else self.W_dec
+        return self.W_enc if self.cfg.tied else self.W_dec
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """Whether decoder rows are held at unit norm (topk/batchtopk, untied: the scale lives in z)."""
+        return self.cfg.activation in ("topk", "batchtopk") and not self.cfg.tied
+
+    @property
+    def sparse_training(self) -> bool:
+        """Whether `forward_train` takes the sparse path (topk/batchtopk without an L1 term on z)."""
+        return self.cfg.activation in ("topk", "batchtopk") and self.cfg.l1_coef == 0
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:  # [batch, features]
+        return torch.addmm(self.b_enc, x, self.W_enc.T)
 
     def sparsify(self, pre: torch.Tensor) -> torch.Tensor:
         act = self.cfg.activation
@@ -194,26 +243,54 @@ class CrossLayerTranscoder(nn.Module):
         if self.training:  # batchtopk: k * batch over the whole batch
             flat = F.relu(pre).flatten()
             values, indices = torch.topk(flat, min(self.cfg.active * pre.shape[0], flat.numel()), sorted=False)
-            kept = values[values > 0]
-            if kept.numel():
-                with torch.no_grad():
-                    self.batchtopk_threshold.lerp_(kept.min(), 0.01 if self.batchtopk_threshold > 0 else 1.0)
+            self._update_batchtopk_threshold(values.detach())
             return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
         return pre * (pre > self.batchtopk_threshold)
 
+    @torch.no_grad()
+    def _update_batchtopk_threshold(self, kept: torch.Tensor) -> None:
+        """Running mean of the smallest value batchtopk kept: the inference threshold."""
+        kept = kept[kept > 0]
+        if kept.numel():
+            self.batchtopk_threshold.lerp_(kept.min(), 0.01 if self.batchtopk_threshold > 0 else 1.0)
+
     def forward_normalized(self, x: torch.Tensor) -> TranscoderOutput:
         """The map in normalised spaces: x is a normalised source."""
-        pre = x @ self.W_enc + self.b_enc
+        pre = self.pre_activations(x)
         z = self.sparsify(pre)
         y = z @ self.decoder + self.b_dec
         if self.W_skip is not None:
             y = y + x @ self.W_skip
-        return TranscoderOutput(y, z, pre)
+        return TranscoderOutput(y, z=z, pre=pre)
+
+    def forward_train(self, x: torch.Tensor, chunk: int = 512) -> TranscoderOutput:
+        """`forward_normalized` with the same gradients; topk/batchtopk decode from the active entries only.
+
+        On the sparse path the encoder GEMM and the top-k run `chunk` rows at a time (the
+        pre-activations of a chunk stay in cache) and no [batch, features] tensor is kept.
+        """
+        if not self.sparse_training:
+            return self.forward_normalized(x)
+        with torch.no_grad():
+            if self.cfg.activation == "topk":
+                parts = [select_topk(self.pre_activations(rows), self.cfg.active) for rows in x.split(chunk)]
+                codes = SparseCodes(
+                    torch.cat([p.values for p in parts]),
+                    torch.cat([p.features for p in parts]),
+                    torch.arange(0, x.shape[0] * self.cfg.active + 1, self.cfg.active, device=x.device),
+                )
+            else:
+                codes = select_batchtopk(self.pre_activations(x), self.cfg.active)
+                self._update_batchtopk_threshold(codes.values)
+        y = sparse_decode(x, self.W_enc, self.b_enc, self.decoder, codes) + self.b_dec
+        if self.W_skip is not None:
+            y = y + x @ self.W_skip
+        return TranscoderOutput(y, codes=codes)
 
     def encode(self, x_raw: torch.Tensor) -> torch.Tensor:
         """Raw sources [batch, d_in] -> sparse codes z [batch, features]."""
         x = self.normalize_source(x_raw)
-        return self.sparsify(x @ self.W_enc + self.b_enc)
+        return self.sparsify(self.pre_activations(x))
 
     def decode(self, z: torch.Tensor, x_raw: torch.Tensor | None = None) -> torch.Tensor:
         """Codes -> raw targets; pass the raw sources too when the model has a skip path."""
@@ -225,7 +302,10 @@ class CrossLayerTranscoder(nn.Module):
         return self.denormalize_target(y)
 
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Normalised prediction from the active features only (no skip): sum_j values_j * decoder[indices_j] + b_dec."""
+        """Normalised prediction from the active features only (no skip path).
+
+        values, indices [batch, k] -> sum_j values_j * decoder[indices_j] + b_dec [batch, d_out].
+        """
         return F.embedding_bag(indices, self.decoder, per_sample_weights=values, mode="sum") + self.b_dec
 
     def forward(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,22 +315,37 @@ class CrossLayerTranscoder(nn.Module):
 
     # losses -----------------------------------------------------------------------------
     def sparsity_loss(self, out: TranscoderOutput) -> torch.Tensor:
-        """L1 on z weighted by decoder row norms, and the jumprelu L0 term, as configured."""
+        """L1 on z weighted by decoder row norms, the jumprelu L0 term and the dictionary penalty, as configured."""
         loss = out.y_hat.new_zeros(())
-        if self.cfg.l1_coef:
+        if self.cfg.dictionary_coef and self.cfg.dictionary_penalty != "none":
+            rows = self.decoder.abs() if self.cfg.dictionary_penalty == "l1" else self.decoder.pow(2)
+            loss = loss + self.cfg.dictionary_coef * rows.sum()
+        if self.cfg.l1_coef and out.z is not None:
             loss = loss + self.cfg.l1_coef * (out.z.abs() * self.decoder.norm(dim=1)).sum(-1).mean()
-        if self.cfg.l0_coef and self.log_threshold is not None:
+        if self.cfg.l0_coef and self.log_threshold is not None and out.pre is not None:
             loss = (
                 loss
                 + self.cfg.l0_coef * _Step.apply(out.pre, self.log_threshold.exp(), self.cfg.bandwidth).sum(-1).mean()
             )
         return loss
 
-    def aux_loss(self, out: TranscoderOutput, y: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-        """AuxK: the top aux_k dead features reconstruct the residual, normalised by y's variance."""
-        if self.cfg.activation not in ("topk", "batchtopk"):
+    def aux_loss(self, x: torch.Tensor, y: torch.Tensor, out: TranscoderOutput, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK: the top aux_k dead features reconstruct the residual y - y_hat, over y's variance (normalised spaces).
+
+        Estimated on the first `aux_rows` rows of the (shuffled) batch, from the dead features'
+        pre-activations only, and decoded sparsely (clt.sparse): the gradients are those of
+        the dense AuxK on those rows, at a fraction of a step's cost.
+        """
+        if self.cfg.activation not in ("topk", "batchtopk") or not dead.any():
             return y.new_zeros(())
-        return auxk_loss(out.pre, self.decoder, dead, self.cfg.aux_k or max(1, self.cfg.d_out // 2), y, out.y_hat)
+        ids = dead.nonzero().squeeze(1)
+        x, y, y_hat = x[: self.cfg.aux_rows], y[: self.cfg.aux_rows], out.y_hat[: self.cfg.aux_rows]
+        w_enc, b_enc, w_dec = self.W_enc[ids], self.b_enc[ids], self.decoder[ids]
+        with torch.no_grad():
+            codes = select_topk(torch.addmm(b_enc, x, w_enc.T), min(self.cfg.aux_k or self.cfg.d_out // 2, len(ids)))
+        residual_hat = sparse_decode(x, w_enc, b_enc, w_dec, codes)
+        variance = (y - y.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        return (residual_hat - (y - y_hat).detach()).pow(2).sum(-1).mean() / variance
 
     def save(self, folder: str | Path) -> None:
         save_model(folder, self)

@@ -20,6 +20,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
+
+from policy.cli import command
 from policy.io import read_json
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -118,3 +121,18 @@ def read_pairs_config(path: str | Path) -> PairsConfig:
 
 def default_config_path(run_name: str) -> Path:
     return CONFIG_DIR / f"{run_name}.json"
+
+
+@click.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+def main(config):
+    """Print the pair names that the pairs CONFIG file lists, one per line (used by train_clt.sh)."""
+    with command():
+        for item in read_pairs_config(config).layer_pairs:
+            if item.count(":") != 1:
+                raise ValueError(f"a layer pair is 'source:target', got {item!r}")
+            click.echo(LayerPair(*(part.strip() for part in item.split(":"))).name)
+
+
+if __name__ == "__main__":
+    main()

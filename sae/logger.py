@@ -18,6 +18,8 @@ import netrc
 import os
 from pathlib import Path
 
+import numpy as np
+
 from policy.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,26 @@ class RunLogger:
                 self.wandb_run.log(metrics, step=step)
             except Exception as err:
                 log.warning("W&B logging failed (%s); continuing with %s only", err, self.path)
+                self.wandb_run = None
+
+    def log_histograms(self, values: dict[str, np.ndarray], step: int, bins: int = 50) -> None:
+        """Histograms (counts and bin edges) to metrics.jsonl, and to W&B as wandb.Histogram."""
+        record = {}
+        for name, array in values.items():
+            counts, edges = np.histogram(np.asarray(array, dtype=np.float64), bins=bins)
+            record[name] = {"counts": counts.tolist(), "edges": edges.tolist()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+        if self.wandb_run is not None:
+            try:
+                import wandb
+
+                self.wandb_run.log(
+                    {name: wandb.Histogram(np_histogram=(r["counts"], r["edges"])) for name, r in record.items()},
+                    step=step,
+                )
+            except Exception as err:
+                log.warning("W&B histogram logging failed (%s); continuing with %s only", err, self.path)
                 self.wandb_run = None
 
     def finish(self) -> None:

@@ -16,25 +16,21 @@ Ctrl-C or SIGTERM saves the exact position; `--resume` continues the newest run 
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 import torch
-from tqdm import tqdm
 
 from policy.cli import command
-from policy.io import read_json, save_tensors, save_torch, write_json
-from policy.signals import GracefulStop, Interrupted
+from policy.io import read_json, write_json
 from sae.data import RowStream, split_instances
-from sae.logger import WANDB_MODES, RunLogger, truncate_metrics
+from sae.logger import WANDB_MODES, RunLogger
 from sae.model import SAEConfig, TopKSAE
 from sae.runs import resolve_run_dir, sae_runs_dir
 from sae.store import Dump, open_dump, read_registry
-
-log = logging.getLogger(__name__)
+from sae.trainer import EpochTrainer
 
 
 @dataclass
@@ -132,40 +128,80 @@ def evaluate(model: TopKSAE, stream: RowStream, hook: str, mean: torch.Tensor) -
     }
 
 
-def train_step(model: TopKSAE, optimizer, x: torch.Tensor, rows_since_fired: torch.Tensor) -> dict:
-    out = model(x)
-    err = (out.x_hat - x).pow(2).sum(-1).mean()
-    fvu = err / (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-    dead = rows_since_fired > model.cfg.dead_tokens
-    aux = model.aux_loss(x, out, dead)
-    loss = fvu + model.cfg.aux_coef * aux
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    model.remove_parallel_gradient()
-    optimizer.step()
-    model.normalize_decoder()
-    fired = torch.zeros_like(dead)
-    fired[out.indices[out.values > 0]] = True
-    rows_since_fired += x.shape[0]
-    rows_since_fired[fired] = 0
-    return {
-        "mse": err.item() / x.shape[1],
-        "fvu": fvu.item(),
-        "aux_loss": aux.item(),
-        "l0": (out.values > 0).sum(-1).float().mean().item(),
-        "dead_fraction": dead.float().mean().item(),
-    }
+class SAETrainer(EpochTrainer):
+    """TopK SAE steps on one hook's row stream."""
+
+    def __init__(self, cfg: SAETrainConfig, out_dir: Path, model: TopKSAE, train: RowStream, val: RowStream | None,
+                 mean: torch.Tensor):  # fmt: skip
+        super().__init__(out_dir, cfg.num_epochs, cfg.save_freq, desc="SAE")
+        self.cfg, self.model, self.train, self.val, self.mean = cfg, model, train, val, mean
+        self.steps_per_epoch = train.steps_per_epoch
+        self.device = model.b_dec.device
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        self.rows_since_fired = torch.zeros(model.cfg.n_latents, dtype=torch.long, device=self.device)
+
+    def batches(self, epoch: int, start_step: int):
+        return (batch[self.cfg.hook].to(self.device) for batch in self.train.epoch(epoch, start_step))
+
+    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+        model = self.model
+        out = model(x)
+        err = (out.x_hat - x).pow(2).sum(-1).mean()
+        fvu = err / (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+        dead = self.rows_since_fired > model.cfg.dead_tokens
+        aux = model.aux_loss(x, out, dead)
+        loss = fvu + model.cfg.aux_coef * aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        model.remove_parallel_gradient()
+        self.optimizer.step()
+        model.normalize_decoder()
+        fired = torch.zeros_like(dead)
+        fired[out.indices[out.values > 0]] = True
+        self.rows_since_fired += x.shape[0]
+        self.rows_since_fired[fired] = 0
+        return {
+            "mse": err.item() / x.shape[1],
+            "fvu": fvu.item(),
+            "aux_loss": aux.item(),
+            "l0": (out.values > 0).sum(-1).float().mean().item(),
+            "dead_fraction": dead.float().mean().item(),
+        }
+
+    def validate(self) -> dict[str, float]:
+        return evaluate(self.model, self.val, self.cfg.hook, self.mean) if self.val else {}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rows_since_fired": self.rows_since_fired}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rows_since_fired = state["rows_since_fired"].to(self.device)
 
 
-def _latest_run(hook_dir: Path) -> Path:
+def latest_run(folder: Path) -> Path:
+    """The newest run folder under `folder` that has a saved training state."""
     runs = (
-        sorted(p for p in hook_dir.glob("*") if (p / "checkpoints" / "train_state.pt").is_file())
-        if hook_dir.is_dir()
+        sorted(p for p in folder.glob("*") if (p / "checkpoints" / "train_state.pt").is_file())
+        if folder.is_dir()
         else []
     )
     if not runs:
-        raise FileNotFoundError(f"nothing to resume under {hook_dir}")
+        raise FileNotFoundError(f"nothing to resume under {folder}")
     return runs[-1]
+
+
+def new_run_folder(folder: Path) -> Path:
+    """folder/<timestamp>, made unique."""
+    out_dir = folder / time.strftime("%Y%m%d-%H%M%S")
+    while out_dir.exists():
+        out_dir = out_dir.with_name(out_dir.name + "_")
+    return out_dir
 
 
 def run(cfg: SAETrainConfig, resume: bool = False) -> Path:
@@ -173,16 +209,14 @@ def run(cfg: SAETrainConfig, resume: bool = False) -> Path:
     run_dir = resolve_run_dir(cfg.run_dir)
     hook_dir = sae_runs_dir(run_dir, cfg.hook)
     if resume:
-        out_dir = _latest_run(hook_dir)
+        out_dir = latest_run(hook_dir)
         saved = read_json(out_dir / "train_cfg.json")
         saved.pop("dataset_path", None)
         cfg = SAETrainConfig(
             **{**saved, "num_epochs": cfg.num_epochs, "device": cfg.device, "wandb_mode": cfg.wandb_mode}
         )
     else:
-        out_dir = hook_dir / time.strftime("%Y%m%d-%H%M%S")
-        while out_dir.exists():
-            out_dir = out_dir.with_name(out_dir.name + "_")
+        out_dir = new_run_folder(hook_dir)
     name, dump = find_dump(run_dir, cfg.hook, cfg.dataset)
     cfg.dataset = name
     train_ids, val_ids = split_instances(dump.num_instances, cfg.val_ratio, cfg.seed)
@@ -190,58 +224,18 @@ def run(cfg: SAETrainConfig, resume: bool = False) -> Path:
     train = RowStream(arrays, dump.nodes_per_instance, train_ids, cfg.batch_size, cfg.seed)
     val = RowStream(arrays, dump.nodes_per_instance, val_ids, cfg.batch_size, cfg.seed) if len(val_ids) else None
 
-    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     mean = torch.from_numpy(dump.stats(cfg.hook)[0])
-    model = TopKSAE(cfg.sae_config(dump.arrays[cfg.hook].shape[1]), mean).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    rows_since_fired = torch.zeros(model.cfg.n_latents, dtype=torch.long, device=device)
-    start_epoch = start_step = global_step = 0
-    wandb_id = None
-    state_path = out_dir / "checkpoints" / "train_state.pt"
+    model = TopKSAE(cfg.sae_config(dump.arrays[cfg.hook].shape[1]), mean).to(cfg.device)
+    trainer = SAETrainer(cfg, out_dir, model, train, val, mean)
     if resume:
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        rows_since_fired = state["rows_since_fired"].to(device)
-        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        wandb_id = state["wandb_run_id"] or None
-        truncate_metrics(out_dir / "metrics.jsonl", global_step)
+        trainer.resume(cfg.device)
     else:
         write_json(out_dir / "train_cfg.json", {**asdict(cfg), "dataset_path": str(dump.path)})
-
-    def save_state(epoch: int, step: int) -> None:
-        save_torch(state_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                                "step_in_epoch": step, "global_step": global_step, "rows_since_fired": rows_since_fired,
-                                "wandb_run_id": logger.run_id or ""})  # fmt: skip
-
     run_name = cfg.wandb_run_name or f"{run_dir.name}/{cfg.hook}/{out_dir.name}"
-    logger = RunLogger(out_dir, cfg.wandb_project, run_name, asdict(cfg), cfg.wandb_mode, run_id=wandb_id)
-    epoch, step = start_epoch, start_step
+    logger = RunLogger(out_dir, cfg.wandb_project, run_name, asdict(cfg), cfg.wandb_mode, run_id=trainer.wandb_run_id)
     try:
-        with GracefulStop() as stop:
-            for epoch in range(start_epoch, cfg.num_epochs):
-                first = start_step if epoch == start_epoch else 0
-                bar = tqdm(train.epoch(epoch, first), desc=f"SAE epoch {epoch + 1}/{cfg.num_epochs}",
-                           initial=first, total=train.steps_per_epoch)  # fmt: skip
-                for step, batch in enumerate(bar, start=first):  # noqa: B007 (step is saved on interrupt)
-                    stop.check()
-                    stats = train_step(model, optimizer, batch[cfg.hook].to(device), rows_since_fired)
-                    global_step += 1
-                    if global_step % 20 == 0:
-                        logger.log({f"train/{k}": v for k, v in stats.items()}, step=global_step)
-                    bar.set_postfix(fvu=f"{stats['fvu']:.4f}", l0=f"{stats['l0']:.1f}")
-                step = train.steps_per_epoch
-                metrics = {"epoch": epoch + 1, **(evaluate(model, val, cfg.hook, mean) if val else {})}
-                logger.log(metrics, step=global_step)
-                log.info("epoch %d: %s", epoch + 1, {k: round(v, 5) for k, v in metrics.items()})
-                if (epoch + 1) % cfg.save_freq == 0 or epoch + 1 == cfg.num_epochs:
-                    save_tensors(out_dir / "checkpoints" / f"epoch_{epoch + 1}.safetensors", model.state_dict())
-                save_state(epoch + 1, 0)
-    except (Interrupted, KeyboardInterrupt) as err:
-        save_state(epoch, step)
-        log.warning("interrupted (%s) at epoch %d, step %d: state saved, continue with --resume", err, epoch + 1, step)
-        raise Interrupted(str(err)) from None
+        trainer.fit(logger)
     finally:
         logger.finish()
     model.save(out_dir)

@@ -15,6 +15,10 @@ CLIS = [
     "sae.train_topk",
     "clt.collect_pairs",
     "clt.inspect_pairs",
+    "clt.train_transcoder",
+    "clt.summarize",
+    "clt.pairs",
+    "bench.train",
 ]
 
 
@@ -26,7 +30,7 @@ def test_every_option_has_help(module):
     assert command.help
 
 
-@pytest.mark.parametrize("module", ["policy.eval", "clt.inspect_pairs"])
+@pytest.mark.parametrize("module", ["policy.eval", "clt.inspect_pairs", "clt.train_transcoder"])
 def test_runs_as_a_module(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True).stdout
     assert out.startswith(f"Usage: python -m {module}")

@@ -1,9 +1,10 @@
-"""CrossLayerTranscoder: each sparsifier, tied/skip options, normalisation inside the model, sparse decode, save/load."""
+"""CrossLayerTranscoder: each sparsifier, tied/skip options, normalisation inside the model, sparse paths, save/load."""
 
 import pytest
 import torch
 
 from clt.model import ACTIVATIONS, CrossLayerTranscoder, TranscoderConfig, load_transcoder
+from clt.train_transcoder import train_step
 
 
 def _model(**kw):
@@ -31,7 +32,7 @@ def test_shapes_and_sparsity_of_each_activation(activation):
 def test_topk_keeps_values_unchanged():
     model = _model(k=4)
     x = torch.randn(5, 8)
-    pre = x @ model.W_enc + model.b_enc
+    pre = x @ model.W_enc.T + model.b_enc
     z = model.encode(x)
     expected = torch.relu(pre).topk(4, dim=-1).values.sort(-1).values
     torch.testing.assert_close(z.topk(4, dim=-1).values.sort(-1).values, expected)
@@ -57,7 +58,7 @@ def test_sparse_decode_equals_dense():
 
 def test_tied_decoder_and_skip_path():
     tied = _model(d_out=8, tied=True)
-    assert tied.W_dec is None and torch.equal(tied.decoder, tied.W_enc.T)
+    assert tied.W_dec is None and torch.equal(tied.decoder, tied.W_enc)
     with pytest.raises(ValueError, match="tied decoder needs"):
         TranscoderConfig(d_in=8, d_out=6, tied=True)
     skip = _model(skip=True)
@@ -92,10 +93,37 @@ def test_relu_l1_and_aux_losses():
     topk = _model(k=2)
     x, y = torch.randn(8, 8), torch.randn(8, 6)
     out = topk.forward_normalized(x)
-    assert topk.aux_loss(out, y, torch.zeros(32, dtype=torch.bool)) == 0
-    aux = topk.aux_loss(out, y, torch.ones(32, dtype=torch.bool))
+    assert topk.aux_loss(x, y, out, torch.zeros(32, dtype=torch.bool)) == 0
+    aux = topk.aux_loss(x, y, out, torch.ones(32, dtype=torch.bool))
     aux.backward()
     assert aux > 0 and topk.W_dec.grad.abs().sum() > 0
+    tied = _model(d_out=8, tied=True, dictionary_penalty="l2", dictionary_coef=0.5)
+    out = tied.forward_normalized(x)
+    torch.testing.assert_close(tied.sparsity_loss(out), 0.5 * tied.W_enc.pow(2).sum())
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+@pytest.mark.parametrize("kw", [{}, {"skip": True}, {"d_out": 8, "tied": True}])
+def test_sparse_training_path_has_the_dense_gradients(activation, kw):
+    """forward_train (active entries only) gives the outputs and gradients of autograd through the dense map."""
+    model = _model(activation=activation, k=3, **kw)
+    with torch.no_grad():
+        model.b_enc.normal_()
+        if model.W_skip is not None:
+            model.W_skip.normal_()
+    x = torch.randn(37, 8)
+    y = torch.randn(37, model.cfg.d_out)
+    grads = []
+    for forward in (model.forward_normalized, lambda rows: model.forward_train(rows, chunk=10)):
+        model.zero_grad()
+        out = forward(x)
+        (out.y_hat - y).pow(2).sum().backward()
+        grads.append((out.y_hat.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, out.l0()))
+    (y_dense, g_dense, l0_dense), (y_sparse, g_sparse, l0_sparse) = grads
+    assert model.forward_train(x).codes is not None and l0_dense == l0_sparse
+    torch.testing.assert_close(y_sparse, y_dense, atol=1e-5, rtol=1e-5)
+    for name in g_dense:
+        torch.testing.assert_close(g_sparse[name], g_dense[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize(
@@ -120,6 +148,7 @@ def test_save_and_load_round_trip(tmp_path, kw):
         ({"k": 1000}, "k must be"),
         ({"normalize_source": "whiten"}, "normalize_source"),
         ({"l1_coef": -1.0}, "penalty"),
+        ({"dictionary_penalty": "l3"}, "dictionary_penalty"),
     ],
 )
 def test_config_validation(kw, message):
@@ -148,14 +177,12 @@ def test_each_activation_learns_a_sparse_map_better_than_linear(activation):
     ).item()
     model = CrossLayerTranscoder(TranscoderConfig(d_in=8, d_out=6, expansion_factor=8, k=8, activation=activation,
                                                   l1_coef=1e-3 if activation == "relu" else 0.0))  # fmt: skip
+    model.set_statistics(x.mean(0), x.std(0), y.mean(0), y.std(0))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(600):
+    rows_since_fired = torch.zeros(model.cfg.n_features, dtype=torch.long)
+    for step in range(600):  # the trainer's step: FVU + AuxK + sparsity, unit-norm decoder rows
         batch = slice((step * 256) % 4096, (step * 256) % 4096 + 256)
-        out = model.forward_normalized(x[batch])
-        loss = (out.y_hat - y[batch]).pow(2).sum(-1).mean() + model.sparsity_loss(out)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        assert train_step(model, opt, x[batch], y[batch], rows_since_fired) is not None
     model.eval()
     with torch.no_grad():
         fvu = ((model(x_val)[0] - y_val).pow(2).sum() / (y_val - y_val.mean(0)).pow(2).sum()).item()

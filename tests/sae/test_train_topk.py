@@ -1,6 +1,8 @@
 """sae.train_topk end to end: it learns, writes its folder, and resumes exactly."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import sae.train_topk as trainer
 from policy.signals import Interrupted
 from sae import collect_activations
 from sae.model import load_sae
-from sae.train_topk import SAETrainConfig, run
+from sae.train_topk import SAETrainConfig, SAETrainer, run
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +48,18 @@ def test_cli_trains_and_writes_the_run_folder(dumped_run):
 
 def test_resume_after_interrupt_matches_uninterrupted(dumped_run, monkeypatch):
     full = run(_cfg(dumped_run))
-    real, calls = trainer.train_step, {"n": 0}
+    real, calls = SAETrainer.train_step, {"n": 0}
 
-    def interrupt(*args, **kwargs):
+    def interrupt(self, batch):
         calls["n"] += 1
-        if calls["n"] == 12:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        if calls["n"] == 12:  # Ctrl-C during a step: the step finishes, then the run stops and saves
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, batch)
 
-    monkeypatch.setattr(trainer, "train_step", interrupt)
+    monkeypatch.setattr(SAETrainer, "train_step", interrupt)
     with pytest.raises(Interrupted):
         run(_cfg(dumped_run))
-    monkeypatch.setattr(trainer, "train_step", real)
+    monkeypatch.setattr(SAETrainer, "train_step", real)
     resumed = run(_cfg(dumped_run), resume=True)
     assert resumed != full
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))

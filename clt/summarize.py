@@ -1,0 +1,64 @@
+"""A table of transcoder runs: validation FVU, L0 and dead features beside each pair's ridge baseline.
+
+python -m clt.summarize runs/tsp20_demo/clt/clt_runs/*/2026*     # run folders
+python -m clt.summarize --run_dir tsp20_demo                      # the newest run of every pair
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from policy.cli import command
+from policy.io import read_json
+from sae.runs import resolve_run_dir
+
+COLUMNS = ("pair", "act", "features", "k", "lr", "val FVU", "ridge FVU", "ratio", "L0", "dead", "cosine")
+
+
+def read_summaries(folders: list[Path]) -> list[dict]:
+    """summary.json (and the lr from train_cfg.json) of each run folder."""
+    rows = []
+    for folder in folders:
+        if not (folder / "summary.json").is_file():
+            raise FileNotFoundError(f"{folder} has no summary.json (an unfinished or interrupted run?)")
+        rows.append({**read_json(folder / "summary.json"), "lr": read_json(folder / "train_cfg.json")["lr"]})
+    return rows
+
+
+def newest_runs(run_dir: Path) -> list[Path]:
+    root = run_dir / "clt" / "clt_runs"
+    pairs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    newest = [max((r for r in p.iterdir() if (r / "summary.json").is_file()), default=None) for p in pairs]
+    return [r for r in newest if r is not None]
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{COLUMNS[0]:<32}{COLUMNS[1]:>10}" + "".join(f"{c:>10}" for c in COLUMNS[2:])]
+    for r in rows:
+        ridge = r.get("ridge_val_fvu")
+        ratio = r["val/fvu"] / ridge if ridge else float("nan")
+        lines.append(
+            f"{r['pair']:<32}{r['activation']:>10}{r['features']:>10}{r['k']:>10}{r['lr']:>10.0e}{r['val/fvu']:>10.4f}"
+            f"{ridge if ridge is not None else float('nan'):>10.4f}{ratio:>10.2f}{r['val/l0']:>10.1f}"
+            f"{r['val/dead_fraction']:>10.1%}{r['val/cosine']:>10.4f}"
+        )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("folders", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--run_dir", default=None, help="Summarise the newest finished run of every pair of this run.")
+def main(folders, run_dir):
+    """Print validation FVU, L0, dead features and the ridge baseline for transcoder run FOLDERS."""
+    with command():
+        if run_dir:
+            folders = [*folders, *newest_runs(resolve_run_dir(run_dir))]
+        if not folders:
+            raise ValueError("give run folders or --run_dir")
+        click.echo(format_table(read_summaries(list(folders))))
+
+
+if __name__ == "__main__":
+    main()

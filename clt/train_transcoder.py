@@ -1,0 +1,380 @@
+"""Train a transcoder on one layer pair's paired activations.
+
+    python -m clt.train_transcoder --run_dir tsp20_demo --pair clt_L1.mlp_in_to_L1.mlp_out --k 16
+
+Streams the pair dump (train/validation split by instance), trains
+`clt.model.CrossLayerTranscoder` (topk and batchtopk through the sparse kernel
+of clt.sparse) and writes
+
+    runs/<run>/clt/clt_runs/<pair>/<timestamp>/
+        cfg.json  model.safetensors     the transcoder (load with clt.model.load_transcoder)
+        train_cfg.json                  these settings and the dump used
+        metrics.jsonl                   train/val loss, FVU, L0, dead features, cosine, usage histograms (also W&B)
+        summary.json                    final validation metrics beside the pair's ridge baseline
+        checkpoints/epoch_<N>.safetensors, checkpoints/train_state.pt
+
+Validation FVU is measured on raw targets against the validation rows' own mean,
+as clt.inspect_pairs measures the ridge baseline, and the two are printed side by side.
+Ctrl-C or SIGTERM saves the exact position; `--resume` continues the newest run
+of the pair (also after kill -9, from the last saved state) and ends with the
+weights an uninterrupted run ends with.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from clt.datasets import NORMALIZATIONS, PairDataset, find_pair
+from clt.inspect_pairs import inspect_pair
+from clt.model import ACTIVATIONS, CrossLayerTranscoder, Penalty, TranscoderConfig
+from clt.pairs import parse_pairs
+from policy.cli import command
+from policy.io import read_json, write_json
+from policy.model import AttentionModel
+from sae.hooks import HookedPolicy
+from sae.logger import WANDB_MODES, RunLogger
+from sae.runs import check_name, clt_runs_dir, read_config, resolve_run_dir
+from sae.store import read_registry
+from sae.train_topk import latest_run, new_run_folder
+from sae.trainer import EpochTrainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TranscoderTrainConfig:
+    run_dir: str
+    """Run folder or name under runs/."""
+    pair: str
+    """Pair name (clt_L0_to_L1) or spec (encoder_layer_0:encoder_layer_1), collected by clt.collect_pairs."""
+    expansion_factor: int = 8
+    """Features = expansion_factor * d_src."""
+    k: int | None = None
+    """Active features per row for topk/batchtopk (default 16 unless k_ratio)."""
+    k_ratio: float | None = None
+    """Fraction of features active per row, instead of k."""
+    activation: str = "topk"
+    """topk | batchtopk | jumprelu | relu (relu needs l1_coef > 0)."""
+    tied: bool = False
+    """Tie the decoder to the encoder (needs d_src == d_tgt)."""
+    skip: bool = False
+    """Add a linear skip path (a skip transcoder)."""
+    lr: float = 4e-3
+    """Adam learning rate."""
+    batch_size: int = 4096
+    """Rows per step."""
+    num_epochs: int = 10
+    """Passes over the training split (ignored when num_tokens is set)."""
+    num_tokens: int | None = None
+    """Training rows in all: a token budget instead of num_epochs."""
+    l1_coef: float = 0.0
+    """L1 penalty on codes weighted by decoder norms (the sparsity term of relu; 1e-3 when relu and unset)."""
+    l0_coef: float = 0.0
+    """L0 penalty (jumprelu)."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss on dead features (topk/batchtopk)."""
+    dead_tokens: int = 100_000
+    """Rows without firing after which a feature counts as dead."""
+    normalize_source: str = "standard"
+    """none | center | standard: how the model normalises sources (inside the model)."""
+    normalize_target: str = "center"
+    """none | center | standard: how the model normalises targets (the loss is measured there)."""
+    val_ratio: float = 0.1
+    """Fraction of instances held out for validation."""
+    save_freq: int = 1
+    """Checkpoint the weights every N epochs."""
+    state_every: int = 50
+    """Save the resumable training state every N steps too (0: at epoch ends only)."""
+    log_weights: bool = False
+    """Also log histograms of encoder/decoder row norms at every epoch end."""
+    seed: int = 0
+    """Seeds the weights, the split and the batch order."""
+    device: str = "cpu"
+    """torch device."""
+    activations_root: str | None = None
+    """Where pair dumps live if not in the run's registry ($ACTIVATIONS_ROOT)."""
+    wandb_project: str = "tsp-clt"
+    """W&B project."""
+    wandb_run_name: str | None = None
+    """W&B run name; default <run>/<pair>/<timestamp>."""
+    wandb_mode: str = "auto"
+    """auto | online | offline | disabled."""
+    penalties: list[Penalty] = field(default_factory=list, repr=False, compare=False)
+    """Extra loss terms penalty(model, output) (orthogonality, energy, ...); not saved, library use only."""
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.batch_size < 1 or self.num_epochs < 1 or self.save_freq < 1 or self.state_every < 0:
+            raise ValueError("lr, batch_size, num_epochs and save_freq must be positive, state_every >= 0")
+        if self.num_tokens is not None and self.num_tokens < 1:
+            raise ValueError("num_tokens must be positive")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.activation == "relu" and self.l1_coef == 0:
+            self.l1_coef = 1e-3
+        for name in ("normalize_source", "normalize_target"):
+            if getattr(self, name) not in NORMALIZATIONS:
+                raise ValueError(f"{name} must be one of {NORMALIZATIONS}")
+        if self.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"wandb_mode must be one of {WANDB_MODES}")
+
+    def model_config(self, d_in: int, d_out: int) -> TranscoderConfig:
+        return TranscoderConfig(
+            d_in, d_out, self.expansion_factor, self.k, self.k_ratio, self.activation, self.tied, self.skip,
+            self.l1_coef, self.l0_coef, aux_coef=self.aux_coef, dead_tokens=self.dead_tokens,
+            normalize_source=self.normalize_source, normalize_target=self.normalize_target,
+        )  # fmt: skip
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "penalties"}
+
+
+def pair_name(run_dir: Path, pair: str) -> str:
+    """A pair name from a name or a `source:target` spec (checked against the policy's hooks)."""
+    if ":" not in pair:
+        return check_name(pair, "pair name")
+    hooks = HookedPolicy(AttentionModel(read_config(run_dir).policy)).hook_names()
+    return parse_pairs(pair, hooks)[0].name
+
+
+def pair_path(run_dir: Path, pair: str, root: Path | None) -> Path:
+    """The pair's dump folder; a clear error naming the collected pairs when it has none."""
+    path = find_pair(run_dir, pair, root)
+    if not path.exists():
+        collected = sorted(n for n, e in read_registry(run_dir).items() if e.get("kind") == "clt_pair")
+        raise FileNotFoundError(
+            f"no data for pair {pair!r} (looked in {path}); pairs collected for {run_dir.name}: "
+            f"{', '.join(collected) or 'none'}; collect with python -m clt.collect_pairs --run_dir {run_dir}"
+        )
+    return path
+
+
+@torch.no_grad()
+def evaluate(model: CrossLayerTranscoder, data: PairDataset) -> tuple[dict, np.ndarray]:
+    """Validation metrics on raw targets, and how often each feature fired (fraction of rows)."""
+    was_training = model.training
+    model.eval()
+    device = model.b_dec.device
+    sse = rows = l0 = cosine = 0.0
+    y_sum = y_sq = 0.0
+    counts = torch.zeros(model.cfg.n_features, device=device)
+    for x, y in data.val_batches():
+        x, y = x.to(device), y.to(device)
+        y_hat, z = model(x)
+        sse += (y_hat - y).pow(2).sum().item()
+        y_sum = y_sum + y.sum(0)
+        y_sq += y.pow(2).sum().item()
+        counts += (z != 0).sum(0)
+        l0 += (z != 0).sum().item()
+        cosine += torch.nn.functional.cosine_similarity(y_hat, y, dim=-1).sum().item()
+        rows += x.shape[0]
+    model.train(was_training)
+    if not rows:
+        return {}, np.zeros(0)
+    sst = y_sq - (y_sum.pow(2).sum().item() / rows)
+    frequency = (counts / rows).cpu().numpy()
+    metrics = {
+        "val/mse": sse / (rows * model.cfg.d_out),
+        "val/fvu": sse / max(sst, 1e-12),
+        "val/l0": l0 / rows,
+        "val/dead_fraction": float((frequency == 0).mean()),
+        "val/cosine": cosine / rows,
+    }
+    return metrics, frequency
+
+
+class TranscoderTrainer(EpochTrainer):
+    """Transcoder steps on one pair's stream."""
+
+    def __init__(self, cfg: TranscoderTrainConfig, out_dir: Path, model: CrossLayerTranscoder, data: PairDataset):
+        steps = data.train.steps_per_epoch
+        max_steps = math.ceil(cfg.num_tokens / cfg.batch_size) if cfg.num_tokens else None
+        num_epochs = math.ceil(max_steps / steps) if max_steps else cfg.num_epochs
+        super().__init__(out_dir, num_epochs, cfg.save_freq, state_every=cfg.state_every, max_steps=max_steps,
+                         desc=f"{data.dump.path.name}")  # fmt: skip
+        self.cfg, self.model, self.data = cfg, model, data
+        self.steps_per_epoch = steps
+        self.device = model.b_dec.device
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        self.rows_since_fired = torch.zeros(model.cfg.n_features, dtype=torch.long, device=self.device)
+        self.logger: RunLogger | None = None
+
+    def batches(self, epoch: int, start_step: int):
+        return ((x.to(self.device), y.to(self.device)) for x, y in self.data.train_batches(epoch, start_step))
+
+    def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+        stats = train_step(self.model, self.optimizer, *batch, self.rows_since_fired, self.cfg.penalties)
+        if stats is None:
+            self._raise_not_finite(batch)
+        return stats
+
+    def _raise_not_finite(self, batch) -> None:
+        p = self.position
+        where = f"epoch {p.epoch + 1}, step {p.step + 1}"
+        for side, tensor in zip(("sources", "targets"), batch, strict=True):
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"NaN or Inf in the pair's {side} at {where}: the dump is corrupt; collect it again")
+        raise ValueError(f"the loss became NaN or Inf at {where}: lower --lr (now {self.cfg.lr})")
+
+    def validate(self) -> dict[str, float]:
+        metrics, frequency = evaluate(self.model, self.data)
+        if self.logger is not None and len(frequency):
+            histograms = {"val/log10_feature_frequency": np.log10(frequency + 1e-7)}
+            if self.cfg.log_weights:
+                histograms["weights/encoder_row_norm"] = self.model.W_enc.norm(dim=1).detach().cpu().numpy()
+                histograms["weights/decoder_row_norm"] = self.model.decoder.norm(dim=1).detach().cpu().numpy()
+            self.logger.log_histograms(histograms, step=self.position.global_step)
+        return metrics
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rows_since_fired": self.rows_since_fired}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rows_since_fired = state["rows_since_fired"].to(self.device)
+
+
+def train_step(
+    model: CrossLayerTranscoder,
+    optimizer: torch.optim.Optimizer,
+    x_raw: torch.Tensor,
+    y_raw: torch.Tensor,
+    rows_since_fired: torch.Tensor,
+    penalties: list[Penalty] | tuple = (),
+) -> dict[str, float] | None:
+    """One step on raw (x_src, x_tgt): FVU + AuxK + sparsity (+ extra penalties); None if the loss is not finite.
+
+    The loss is measured in the model's normalised target space; `rows_since_fired` [features]
+    is updated in place; unit-norm decoder rows get their parallel gradient removed and are renormalised.
+    """
+    x, y = model.normalize_source(x_raw), model.normalize_target(y_raw)
+    out = model.forward_train(x)
+    err = (out.y_hat - y).pow(2).sum(-1).mean()
+    fvu = err / (y - y.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    dead = rows_since_fired > model.cfg.dead_tokens
+    aux = model.aux_loss(x, y, out, dead)
+    loss = fvu + model.cfg.aux_coef * aux + model.sparsity_loss(out)
+    for penalty in penalties:
+        loss = loss + penalty(model, out)
+    if not torch.isfinite(loss):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if model.unit_norm_decoder:
+        with torch.no_grad():
+            w, g = model.W_dec, model.W_dec.grad
+            g.sub_((g * w).sum(dim=1, keepdim=True) * w)  # keep the step tangent to the unit rows
+    optimizer.step()
+    if model.unit_norm_decoder:
+        with torch.no_grad():
+            model.W_dec.div_(model.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    rows_since_fired += x.shape[0]
+    rows_since_fired[out.fired(model.cfg.n_features)] = 0
+    return {"loss": loss.item(), "fvu": fvu.item(), "mse": err.item() / model.cfg.d_out, "aux_loss": aux.item(),
+            "l0": out.l0(), "dead_fraction": dead.float().mean().item()}  # fmt: skip
+
+
+def run(cfg: TranscoderTrainConfig, resume: bool = False) -> Path:
+    """Train (or resume) a transcoder on one pair; returns its run folder."""
+    run_dir = resolve_run_dir(cfg.run_dir)
+    cfg.pair = pair_name(run_dir, cfg.pair)
+    pair_dir = clt_runs_dir(run_dir, cfg.pair)
+    if resume:
+        out_dir = latest_run(pair_dir)
+        saved = read_json(out_dir / "train_cfg.json")
+        saved.pop("dataset_path", None)
+        keep = {"num_epochs": cfg.num_epochs, "num_tokens": cfg.num_tokens, "device": cfg.device,
+                "wandb_mode": cfg.wandb_mode, "penalties": cfg.penalties}  # fmt: skip
+        cfg = TranscoderTrainConfig(**{**saved, **keep})
+    else:
+        out_dir = new_run_folder(pair_dir)
+    path = pair_path(run_dir, cfg.pair, Path(cfg.activations_root) if cfg.activations_root else None)
+    data = PairDataset(path, cfg.batch_size, cfg.val_ratio, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = CrossLayerTranscoder(cfg.model_config(data.d_src, data.d_tgt))
+    model.set_statistics(*data.dump.stats("sources"), *data.dump.stats("targets"))
+    model.to(cfg.device)
+    trainer = TranscoderTrainer(cfg, out_dir, model, data)
+    if resume:
+        trainer.resume(cfg.device)
+    else:
+        write_json(out_dir / "train_cfg.json", {**cfg.to_json(), "dataset_path": str(data.dump.path)})
+    run_name = cfg.wandb_run_name or f"{run_dir.name}/{cfg.pair}/{out_dir.name}"
+    logger = RunLogger(out_dir, cfg.wandb_project, run_name, cfg.to_json(), cfg.wandb_mode, run_id=trainer.wandb_run_id)
+    trainer.logger = logger
+    try:
+        trainer.fit(logger)
+    finally:
+        logger.finish()
+    model.save(out_dir)
+    metrics, _ = evaluate(model, data)
+    ridge = inspect_pair(data.dump, cfg.val_ratio, cfg.seed)["ridge"] or {}
+    summary = {"pair": cfg.pair, "features": model.cfg.n_features, "k": model.cfg.active,
+               "activation": cfg.activation, "steps": trainer.position.global_step, **metrics,
+               "ridge_val_fvu": ridge.get("fvu")}  # fmt: skip
+    write_json(out_dir / "summary.json", summary)
+    return out_dir
+
+
+def format_summary(summary: dict) -> str:
+    ridge = summary.get("ridge_val_fvu")
+    line = f"{summary['pair']}: validation FVU {summary.get('val/fvu', float('nan')):.4f}"
+    line += f" (L0 {summary.get('val/l0', 0):.1f}, dead {summary.get('val/dead_fraction', 0):.1%})"
+    if ridge is not None:
+        line += f" vs ridge baseline {ridge:.4f}"
+    return line
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/.")
+@click.option("--pair", required=True, help="Pair name (clt_L0_to_L1) or source:target hooks, as collected.")
+@click.option("--expansion_factor", default=8, help="Features = expansion_factor x d_src.")
+@click.option("--k", default=None, type=int, help="Active features per row [default: 16 unless --k_ratio].")
+@click.option("--k_ratio", default=None, type=float, help="Fraction of features active per row (instead of --k).")
+@click.option("--activation", default="topk", type=click.Choice(ACTIVATIONS), help="Sparsifier.")
+@click.option("--tied", is_flag=True, help="Tie the decoder to the encoder (d_src == d_tgt).")
+@click.option("--skip", is_flag=True, help="Add a linear skip path (skip transcoder).")
+@click.option("--lr", default=4e-3, help="Adam learning rate.")
+@click.option("--batch_size", default=4096, help="Rows per step.")
+@click.option("--num_epochs", default=10, help="Passes over the training split (with --resume: the new total).")
+@click.option("--num_tokens", default=None, type=int, help="Train on this many rows instead of --num_epochs.")
+@click.option("--l1_coef", default=0.0, help="L1 penalty on codes x decoder norms [relu: 1e-3 when 0].")
+@click.option("--l0_coef", default=0.0, help="L0 penalty through the straight-through estimator (jumprelu).")
+@click.option("--aux_coef", default=1 / 32, help="Weight of the AuxK loss for dead features.")
+@click.option("--dead_tokens", default=100_000, help="Rows without firing after which a feature is dead.")
+@click.option("--normalize_source", default="standard", type=click.Choice(NORMALIZATIONS), help="Source scaling.")
+@click.option("--normalize_target", default="center", type=click.Choice(NORMALIZATIONS), help="Target scaling.")
+@click.option("--val_ratio", default=0.1, help="Fraction of instances held out for validation.")
+@click.option("--save_freq", default=1, help="Checkpoint the weights every N epochs.")
+@click.option("--state_every", default=50, help="Also save the resumable state every N steps (0: epoch ends).")
+@click.option("--log_weights", is_flag=True, help="Log histograms of encoder/decoder row norms each epoch.")
+@click.option("--seed", default=0, help="Seed for weights, split and batch order.")
+@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+@click.option("--activations_root", default=None, envvar="ACTIVATIONS_ROOT", help="Where pair dumps live.")
+@click.option("--resume", is_flag=True, help="Continue the newest run of --pair from its saved state.")
+@click.option("--wandb_project", default="tsp-clt", help="W&B project.")
+@click.option("--wandb_run_name", default=None, help="W&B run name [default: <run>/<pair>/<timestamp>].")
+@click.option(
+    "--wandb_mode", default="auto", type=click.Choice(WANDB_MODES), help="auto = offline without credentials."
+)
+def main(resume, **options):
+    """Train a sparse transcoder from a pair's source activations to its target activations."""
+    with command():
+        out_dir = run(TranscoderTrainConfig(**options), resume=resume)
+    click.echo(format_summary(read_json(out_dir / "summary.json")))
+    click.echo(f"transcoder saved in {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""clt.train_transcoder end to end: the CLI's folder and report, exact resume after Ctrl-C and kill -9, clear errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from clt import collect_pairs as collect_cli
+from clt import train_transcoder as train_cli
+from clt.model import load_transcoder
+from clt.train_transcoder import TranscoderTrainConfig, TranscoderTrainer, run
+from policy.signals import Interrupted
+
+PAIR = "clt_L0.mlp_in_to_L0.mlp_out"
+
+
+@pytest.fixture(scope="module")
+def pair_run(tiny_run, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("clt_train") / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    args = ["--run_dir", str(run_dir), "--layer_pairs", "encoder_layer_0.mlp_in:encoder_layer_0.mlp_out",
+            "--num_instances_per_pair", "60", "--batch_size", "32"]  # fmt: skip
+    result = CliRunner().invoke(collect_cli.main, args)
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def _args(run_dir, *extra):
+    return ["--run_dir", str(run_dir), "--pair", PAIR, "--expansion_factor", "4", "--k", "4", "--batch_size", "64",
+            "--num_epochs", "3", "--wandb_mode", "disabled", *map(str, extra)]  # fmt: skip
+
+
+def _cfg(run_dir, **kw):
+    base = dict(run_dir=str(run_dir), pair=PAIR, expansion_factor=4, k=4, batch_size=64, num_epochs=3,
+                state_every=2, wandb_mode="disabled")  # fmt: skip
+    return TranscoderTrainConfig(**{**base, **kw})
+
+
+def _runs(run_dir):
+    return sorted((run_dir / "clt" / "clt_runs" / PAIR).iterdir())
+
+
+def test_cli_writes_the_run_folder_and_reports_against_ridge(pair_run):
+    result = CliRunner().invoke(train_cli.main, _args(pair_run, "--log_weights"))
+    assert result.exit_code == 0, result.output
+    assert f"{PAIR}: validation FVU" in result.output and "vs ridge baseline" in result.output
+    out = _runs(pair_run)[-1]
+    assert {"cfg.json", "model.safetensors", "train_cfg.json", "metrics.jsonl", "summary.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert {"epoch_1.safetensors", "epoch_3.safetensors", "train_state.pt"} <= {
+        p.name for p in (out / "checkpoints").iterdir()
+    }
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val/fvu" in r]
+    assert len(val) == 3 and {"val/l0", "val/dead_fraction", "val/cosine", "val/mse"} <= set(val[-1])
+    assert val[-1]["val/l0"] <= 4 and val[-1]["val/fvu"] < val[0]["val/fvu"]
+    histogram = next(r for r in records if "val/log10_feature_frequency" in r)
+    assert sum(histogram["val/log10_feature_frequency"]["counts"]) == 4 * 16
+    assert "weights/decoder_row_norm" in histogram
+    model = load_transcoder(out)
+    assert model.cfg.k == 4 and model.cfg.normalize_source == "standard"
+    torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(64))  # unit-norm rows (topk)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ridge_val_fvu"] > 0 and summary["val/fvu"] == pytest.approx(val[-1]["val/fvu"], rel=1e-4)
+
+
+def test_pair_given_as_hooks_and_token_budget(pair_run):
+    out = run(_cfg(pair_run, pair="encoder_layer_0.mlp_in:encoder_layer_0.mlp_out", num_tokens=200))
+    assert out.parent.name == PAIR
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4  # ceil(200 / 64)
+
+
+def test_ctrl_c_saves_and_resume_matches_uninterrupted(pair_run, monkeypatch):
+    full = run(_cfg(pair_run))
+    real, calls = TranscoderTrainer.train_step, {"n": 0}
+
+    def interrupt(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, batch)
+
+    monkeypatch.setattr(TranscoderTrainer, "train_step", interrupt)
+    with pytest.raises(Interrupted):
+        run(_cfg(pair_run))
+    monkeypatch.undo()
+    state = torch.load(_runs(pair_run)[-1] / "checkpoints" / "train_state.pt", weights_only=True)
+    assert state["position"] == {"epoch": 0, "step": 5, "global_step": 5}
+    resumed = run(_cfg(pair_run), resume=True)
+    _assert_same_weights(full, resumed)
+
+
+def test_kill_9_then_resume_matches_uninterrupted(pair_run):
+    full = run(_cfg(pair_run, num_epochs=40, batch_size=16, state_every=3))
+    before = set(_runs(pair_run))
+    command = [sys.executable, "-m", "clt.train_transcoder",
+               *_args(pair_run, "--num_epochs", 40, "--batch_size", 16, "--state_every", 3)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(
+            (p / "checkpoints" / "train_state.pt").exists() for p in set(_runs(pair_run)) - before
+        ):
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    killed = (set(_runs(pair_run)) - before).pop()
+    assert not (killed / "model.safetensors").exists(), "the run ended before it could be killed"
+    result = CliRunner().invoke(train_cli.main, [*_args(pair_run, "--num_epochs", 40), "--resume"])
+    assert result.exit_code == 0, result.output
+    _assert_same_weights(full, killed)
+
+
+def _assert_same_weights(a_dir, b_dir):
+    a, b = load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize(
+    "pair, message",
+    [("../escape", "invalid pair name"), ("clt_L5_to_L6", "pairs collected for tiny: " + PAIR),
+     ("encoder_layer_0:encoder_layer_9", "unknown hook")],
+)  # fmt: skip
+def test_bad_pair_is_a_clear_error(pair_run, pair, message):
+    result = CliRunner().invoke(train_cli.main, [*_args(pair_run)[:2], "--pair", pair, "--wandb_mode", "disabled"])
+    assert result.exit_code == 1 and message in result.output
+
+
+def test_nan_in_a_batch_is_a_clear_error(pair_run, tmp_path):
+    broken = tmp_path / "tiny"
+    shutil.copytree(pair_run, broken)
+    sources = np.load(broken / "clt" / "activations" / PAIR / "sources.npy", mmap_mode="r+")
+    sources[7, 3] = np.nan  # stats stay finite: only the stream meets it
+    sources.flush()
+    registry = broken / "sae" / "activation_store.json"
+    registry.write_text(registry.read_text().replace(str(pair_run), str(broken)))
+    result = CliRunner().invoke(train_cli.main, _args(broken))
+    assert result.exit_code == 1 and "NaN or Inf in the pair's sources at epoch 1" in result.output
+
+
+def test_train_clt_sh_sweeps_a_grid_and_prints_the_table(pair_run):
+    script = Path(__file__).resolve().parents[2] / "train_clt.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    command = ["bash", str(script), "--run_dir", str(pair_run), "--no_collect", "--pairs", PAIR, "--expansion", "2",
+               "--k", "2 4", "--epochs", "1", "--", "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = result.stdout.strip().splitlines()[-3:]
+    assert table[0].split()[:5] == ["pair", "act", "features", "k", "lr"]
+    assert [line.split()[:4] for line in table[1:]] == [[PAIR, "topk", "32", "2"], [PAIR, "topk", "32", "4"]]
+    usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--expansion" in usage and "--no_collect" in usage
+    bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr

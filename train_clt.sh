@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Train transcoders over layer pairs x a hyper-parameter grid, then print a summary table.
+#
+#   ./train_clt.sh                      the demo: collect runs/tsp20_demo's pairs (clt/configs/tsp20_demo.json),
+#                                       train one top-k transcoder per pair, print FVU / L0 / dead vs ridge
+#   ./train_clt.sh --run_dir R --pairs "clt_L0_to_L1 clt_L1_to_L2" --expansion "4 8" --k "8 16" \
+#                  --activation "topk batchtopk" --lr "2e-3 4e-3" --epochs 20 -- --wandb_project my-clt
+#
+# Options (each grid option takes a space-separated list):
+#   --run_dir R        run folder or name                     [tsp20_demo]
+#   --config FILE      pair config for collection             [clt/configs/<run>.json, if it exists]
+#   --pairs "P ..."    pair names to train                    [every pair the config lists]
+#   --expansion "E ..."  expansion factors                    [8]
+#   --k "K ..."        active features per row                [16]
+#   --activation "A ..." topk | batchtopk | jumprelu | relu   [topk]
+#   --lr "LR ..."      learning rates                         [4e-3]
+#   --epochs N         epochs per run                         [10]
+#   --no_collect       skip pair collection (reuse the dumps)
+#   -- ARGS            passed to every python -m clt.train_transcoder (e.g. --wandb_project, --wandb_mode, --device)
+# PYTHON selects the interpreter [python].
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+RUN_DIR=tsp20_demo
+CONFIG=""
+PAIRS=""
+EXPANSION="8"
+K="16"
+ACTIVATION="topk"
+LR="4e-3"
+EPOCHS=10
+COLLECT=1
+EXTRA=()
+
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --run_dir) RUN_DIR=$2; shift 2 ;;
+    --config) CONFIG=$2; shift 2 ;;
+    --pairs) PAIRS=$2; shift 2 ;;
+    --expansion) EXPANSION=$2; shift 2 ;;
+    --k) K=$2; shift 2 ;;
+    --activation) ACTIVATION=$2; shift 2 ;;
+    --lr) LR=$2; shift 2 ;;
+    --epochs) EPOCHS=$2; shift 2 ;;
+    --no_collect) COLLECT=0; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "train_clt.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+DEFAULT_CONFIG="$(dirname "$0")/clt/configs/$(basename "$RUN_DIR").json"
+if [[ -z "$CONFIG" && -f "$DEFAULT_CONFIG" ]]; then
+  CONFIG=$DEFAULT_CONFIG
+fi
+if [[ $COLLECT -eq 1 ]]; then
+  collect=("$PYTHON" -m clt.collect_pairs --run_dir "$RUN_DIR")
+  [[ -n "$CONFIG" ]] && collect+=(--config "$CONFIG")
+  "${collect[@]}"
+fi
+if [[ -z "$PAIRS" ]]; then
+  [[ -n "$CONFIG" ]] || { echo "train_clt.sh: give --pairs or --config" >&2; exit 2; }
+  PAIRS=$("$PYTHON" -m clt.pairs "$CONFIG")
+fi
+
+folders=()
+for pair in $PAIRS; do
+  for e in $EXPANSION; do for k in $K; do for act in $ACTIVATION; do for lr in $LR; do
+    echo "== $pair: expansion $e, k $k, $act, lr $lr" >&2
+    out=$("$PYTHON" -m clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" --k "$k" \
+          --activation "$act" --lr "$lr" --num_epochs "$EPOCHS" ${EXTRA[@]+"${EXTRA[@]}"} | tee /dev/stderr)
+    folders+=("$(sed -n 's/^transcoder saved in //p' <<<"$out")")
+  done; done; done; done
+done
+
+echo
+"$PYTHON" -m clt.summarize "${folders[@]}"
