@@ -76,7 +76,7 @@ class TranscoderConfig:
     """Dead features used by the AuxK loss (topk/batchtopk); default d_out // 2."""
     aux_coef: float = 1 / 32
     """Weight of the AuxK loss."""
-    aux_rows: int = 1024
+    aux_rows: int = 512
     """Rows of each batch the AuxK loss is estimated on."""
     dead_tokens: int = 100_000
     """Rows without firing after which a feature counts as dead."""
@@ -158,9 +158,7 @@ class TranscoderOutput:
         """[features] bool: which features were non-zero in some row."""
         if self.codes is None:
             return (self.z != 0).any(0)
-        fired = torch.zeros(n_features, dtype=torch.bool, device=self.y_hat.device)
-        fired[self.codes.features[self.codes.values != 0]] = True
-        return fired
+        return torch.bincount(self.codes.features, weights=self.codes.values, minlength=n_features) > 0
 
     def l0(self) -> float:
         """Mean number of non-zero codes per row."""
@@ -263,17 +261,22 @@ class CrossLayerTranscoder(nn.Module):
             y = y + x @ self.W_skip
         return TranscoderOutput(y, z=z, pre=pre)
 
-    def forward_train(self, x: torch.Tensor, chunk: int = 512) -> TranscoderOutput:
+    def forward_train(self, x: torch.Tensor, chunk: int | None = None) -> TranscoderOutput:
         """`forward_normalized` with the same gradients; topk/batchtopk decode from the active entries only.
 
-        On the sparse path the encoder GEMM and the top-k run `chunk` rows at a time (the
-        pre-activations of a chunk stay in cache) and no [batch, features] tensor is kept.
+        On the sparse path the pre-activations are never kept: topk computes them `chunk` rows
+        at a time (default: as many rows as fit 64 MB) into one reused buffer.
         """
         if not self.sparse_training:
             return self.forward_normalized(x)
         with torch.no_grad():
             if self.cfg.activation == "topk":
-                parts = [select_topk(self.pre_activations(rows), self.cfg.active) for rows in x.split(chunk)]
+                chunk = chunk or max(1, 2**24 // self.cfg.n_features)
+                pre = x.new_empty(min(chunk, x.shape[0]), self.cfg.n_features)  # reused: no fresh pages per chunk
+                parts = []
+                for rows in x.split(chunk):
+                    torch.addmm(self.b_enc, rows, self.W_enc.T, out=pre[: len(rows)])
+                    parts.append(select_topk(pre[: len(rows)], self.cfg.active))
                 codes = SparseCodes(
                     torch.cat([p.values for p in parts]),
                     torch.cat([p.features for p in parts]),
@@ -340,10 +343,11 @@ class CrossLayerTranscoder(nn.Module):
             return y.new_zeros(())
         ids = dead.nonzero().squeeze(1)
         x, y, y_hat = x[: self.cfg.aux_rows], y[: self.cfg.aux_rows], out.y_hat[: self.cfg.aux_rows]
-        w_enc, b_enc, w_dec = self.W_enc[ids], self.b_enc[ids], self.decoder[ids]
         with torch.no_grad():
-            codes = select_topk(torch.addmm(b_enc, x, w_enc.T), min(self.cfg.aux_k or self.cfg.d_out // 2, len(ids)))
-        residual_hat = sparse_decode(x, w_enc, b_enc, w_dec, codes)
+            pre = torch.addmm(self.b_enc[ids], x, self.W_enc[ids].T)  # [rows, dead]
+            codes = select_topk(pre, min(self.cfg.aux_k or self.cfg.d_out // 2, len(ids)))
+        codes = codes._replace(features=ids[codes.features])  # back to feature ids: no gathered weight copies
+        residual_hat = sparse_decode(x, self.W_enc, self.b_enc, self.decoder, codes)
         variance = (y - y.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
         return (residual_hat - (y - y_hat).detach()).pow(2).sum(-1).mean() / variance
 

@@ -76,13 +76,20 @@ def select_batchtopk(pre: torch.Tensor, k: int) -> SparseCodes:
     return SparseCodes(F.relu(values[order]), flat % n_features, offsets)
 
 
+def _index_dtype(size: int) -> torch.dtype:
+    """The narrowest index type for values below `size` (int32 indices make CPU sparse products faster)."""
+    return torch.int32 if size < 2**31 else torch.int64
+
+
 def _transpose(codes: SparseCodes, n_features: int, *values: torch.Tensor) -> list[torch.Tensor]:
     """CSR matrices [features, batch] holding `values` (per entry) at the codes' positions."""
-    order = torch.argsort(codes.features, stable=True)
-    crow = F.pad(torch.bincount(codes.features, minlength=n_features).cumsum(0), (1, 0))
-    cols = codes.rows[order]
-    size = (n_features, len(codes.offsets) - 1)
-    return [torch.sparse_csr_tensor(crow, cols, v[order], size, check_invariants=False) for v in values]
+    batch = len(codes.offsets) - 1
+    keys = codes.features.to(torch.int16 if n_features < 2**15 else torch.int32)  # narrow keys sort faster
+    order = torch.argsort(keys, stable=True)
+    index = _index_dtype(max(batch, len(codes.values)) + 1)
+    crow = F.pad(torch.bincount(codes.features, minlength=n_features).cumsum(0), (1, 0)).to(index)
+    cols = codes.rows.to(index)[order]
+    return [torch.sparse_csr_tensor(crow, cols, v[order], (n_features, batch), check_invariants=False) for v in values]
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -98,8 +105,9 @@ class _SparseDecode(torch.autograd.Function):
         x, w_enc, w_dec, values, features, offsets = ctx.saved_tensors
         codes = SparseCodes(values, features, offsets)
         n_features = w_dec.shape[0]
-        pattern = torch.sparse_csr_tensor(offsets, features, values, (len(offsets) - 1, n_features),
-                                          check_invariants=False)  # fmt: skip
+        index = _index_dtype(max(n_features, len(values)) + 1)
+        pattern = torch.sparse_csr_tensor(offsets.to(index), features.to(index), values,
+                                          (len(offsets) - 1, n_features), check_invariants=False)  # fmt: skip
         g = torch.sparse.sampled_addmm(pattern, dy.contiguous(), w_dec.T, beta=0.0).values()
         g = g * (values > 0)  # ReLU
         z_t, g_t = _transpose(codes, n_features, values, g)  # [features, batch]
@@ -108,7 +116,8 @@ class _SparseDecode(torch.autograd.Function):
         grad_b_enc = torch.zeros(n_features, dtype=g.dtype, device=g.device).index_add_(0, features, g)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            g_rows = torch.sparse_csr_tensor(offsets, features, g, pattern.shape, check_invariants=False)
+            g_rows = torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), g, pattern.shape,
+                                             check_invariants=False)  # fmt: skip
             grad_x = g_rows @ w_enc
         return grad_x, grad_w_enc, grad_b_enc, grad_w_dec, None, None, None
 
