@@ -33,6 +33,7 @@ import torch
 
 from clt.datasets import NORMALIZATIONS, PairDataset, find_pair
 from clt.inspect_pairs import inspect_pair
+from clt.metrics import reconstruction
 from clt.model import ACTIVATIONS, CrossLayerTranscoder, Penalty, TranscoderConfig
 from clt.pairs import parse_pairs
 from policy.cli import command
@@ -155,38 +156,13 @@ def pair_path(run_dir: Path, pair: str, root: Path | None) -> Path:
     return path
 
 
-@torch.no_grad()
 def evaluate(model: CrossLayerTranscoder, data: PairDataset) -> tuple[dict, np.ndarray]:
-    """Validation metrics on raw targets, and how often each feature fired (fraction of rows)."""
-    was_training = model.training
-    model.eval()
-    device = model.b_dec.device
-    sse = rows = l0 = cosine = 0.0
-    y_sum = y_sq = 0.0
-    counts = torch.zeros(model.cfg.n_features, device=device)
-    for x, y in data.val_batches():
-        x, y = x.to(device), y.to(device)
-        y_hat, z = model(x)
-        sse += (y_hat - y).pow(2).sum().item()
-        y_sum = y_sum + y.sum(0)
-        y_sq += y.pow(2).sum().item()
-        counts += (z != 0).sum(0)
-        l0 += (z != 0).sum().item()
-        cosine += torch.nn.functional.cosine_similarity(y_hat, y, dim=-1).sum().item()
-        rows += x.shape[0]
-    model.train(was_training)
-    if not rows:
+    """Validation metrics on raw targets (val/fvu, val/l0, ...), and how often each feature fired."""
+    if data.val is None:
         return {}, np.zeros(0)
-    sst = y_sq - (y_sum.pow(2).sum().item() / rows)
-    frequency = (counts / rows).cpu().numpy()
-    metrics = {
-        "val/mse": sse / (rows * model.cfg.d_out),
-        "val/fvu": sse / max(sst, 1e-12),
-        "val/l0": l0 / rows,
-        "val/dead_fraction": float((frequency == 0).mean()),
-        "val/cosine": cosine / rows,
-    }
-    return metrics, frequency
+    result = reconstruction(model, data.val_batches())
+    keep = ("fvu", "mse", "l0", "dead_fraction", "cosine", "r2_per_dim_mean")
+    return {f"val/{k}": v for k, v in result.summary().items() if k in keep}, result.frequency
 
 
 class TranscoderTrainer(EpochTrainer):

@@ -256,11 +256,14 @@ class AttentionModel(nn.Module):
         multistart: bool = False,
         generator: torch.Generator | None = None,
         return_log_probs: bool = False,
+        actions: torch.Tensor | None = None,
     ) -> Rollout:
         """Build one tour per instance (S=1), or one per start node with `multistart` (S=node).
 
         With `multistart` the first node is forced (its log-probability is not counted).
         `decode` is `greedy` (argmax) or `sample` (from the softmax, using `generator`).
+        `actions` ([batch, S, node]) are tours to follow instead (teacher forcing): the
+        log-probabilities are then the policy's at every step of those tours.
         """
         if decode not in DECODE_TYPES:
             raise ValueError(f"decode must be one of {DECODE_TYPES}, got {decode!r}")
@@ -269,15 +272,19 @@ class AttentionModel(nn.Module):
         s = n if multistart else 1
         visited = torch.zeros(b, s, n, dtype=torch.bool, device=locs.device)
         log_likelihood = torch.zeros(b, s, device=locs.device)
-        actions, step_log_probs = [], []
+        step_log_probs = []
         first = current = None
         if multistart:
             first = current = torch.arange(n, device=locs.device).expand(b, n)
             visited = visited.scatter(2, first[..., None], True)
-            actions.append(first)
+        if actions is not None and actions.shape != (b, s, n):
+            raise ValueError(f"actions to follow must be [batch, S, node] = {[b, s, n]}, got {list(actions.shape)}")
+        forced, actions = actions, [first] if multistart else []
         while len(actions) < n:
             log_p = self.log_probs(self.decoder(cache, first, current, visited), visited)  # [batch, S, node]
-            if decode == "greedy":
+            if forced is not None:
+                action = forced[..., len(actions)]
+            elif decode == "greedy":
                 action = log_p.argmax(dim=-1)
             else:
                 probs = log_p.detach().exp().view(b * s, n)

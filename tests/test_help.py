@@ -18,6 +18,7 @@ CLIS = [
     "clt.train_transcoder",
     "clt.summarize",
     "clt.pairs",
+    "clt.eval",
     "bench.train",
 ]
 

@@ -1,0 +1,235 @@
+"""Evaluate a trained transcoder: reconstruction, causal splicing into the policy, SAE paths, edge export.
+
+    python -m clt.eval --clt_dir runs/tsp20_demo/clt/clt_runs/<pair>/<timestamp> [--num_instances 1000] [--json]
+    python -m clt.eval --run_dir tsp20_demo --pair clt_L1.mlp_in_to_L1.mlp_out     # the pair's newest run
+
+writes `<clt_dir>/eval/`:
+
+    metrics.json            reconstruction on the validation split (FVU, R^2 per target channel, cosine,
+                            L0, dead and rare features) and splicing (clt.splice) for each replacement
+    features.json           per feature: activation frequency and mean activation (the attribution scores)
+    decoder_heatmap.png     raw decoder weights, features (by frequency) x target channels
+    feature_frequency.png   histogram of log10 feature frequencies
+    edges.json, edges.csv   the strongest edges and SAE paths (schema: clt.graph)
+
+With `--source_sae` (an SAE run folder on the source hook) and optionally `--target_sae`,
+SAE features are projected through the transcoder (clt.graph) and the strongest
+SAE feature -> transcoder feature -> target paths are exported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from clt.datasets import PairDataset, open_pair
+from clt.graph import GraphSource, build_graph, write_graph
+from clt.metrics import Reconstruction, reconstruction
+from clt.model import CrossLayerTranscoder, load_transcoder
+from clt.splice import REPLACEMENTS, replacement, splice_metrics
+from clt.train_transcoder import pair_name
+from policy.cli import command
+from policy.env import generate
+from policy.io import atomic_write, read_json, write_json
+from sae.hooks import HookedPolicy
+from sae.model import TopKSAE, load_sae
+from sae.runs import clt_runs_dir, load_policy, resolve_run_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    clt_dir: str | None = None
+    """Transcoder run folder (with cfg.json, model.safetensors, train_cfg.json)."""
+    run_dir: str | None = None
+    """Instead of clt_dir: a run, with `pair`, for the pair's newest transcoder."""
+    pair: str | None = None
+    """Pair name or source:target hooks (with run_dir)."""
+    num_instances: int = 1000
+    """Fresh instances for splicing (0: skip splicing)."""
+    seed: int = 2024
+    """Seed of the splicing instances (collection and training use other seeds)."""
+    batch_size: int = 256
+    """Instances per forward pass when splicing."""
+    source_sae: str | None = None
+    """SAE run folder on the source hook: export SAE feature -> transcoder feature edges."""
+    target_sae: str | None = None
+    """SAE run folder on the target hook (needs source_sae): export full SAE -> CLT -> SAE paths."""
+    top_edges: int = 2000
+    """Edges kept per kind, by |attribution|."""
+    device: str = "cpu"
+    """torch device."""
+
+    def __post_init__(self):
+        if (self.clt_dir is None) == (self.run_dir is None):
+            raise ValueError("give --clt_dir, or --run_dir with --pair")
+        if self.run_dir is not None and self.pair is None:
+            raise ValueError("--run_dir needs --pair")
+        if self.num_instances < 0 or self.batch_size < 1 or self.top_edges < 1:
+            raise ValueError("num_instances must be >= 0, batch_size and top_edges positive")
+        if self.target_sae and not self.source_sae:
+            raise ValueError("--target_sae needs --source_sae (paths run source SAE -> transcoder -> target SAE)")
+
+
+def find_transcoder(cfg: EvalConfig) -> Path:
+    if cfg.clt_dir is not None:
+        folder = Path(cfg.clt_dir)
+        if not (folder / "train_cfg.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a transcoder run folder (no train_cfg.json)")
+        return folder
+    run_dir = resolve_run_dir(cfg.run_dir)
+    pair = pair_name(run_dir, cfg.pair)
+    folders = [p for p in clt_runs_dir(run_dir, pair).glob("*") if (p / "model.safetensors").is_file()]
+    if not folders:
+        raise FileNotFoundError(f"no trained transcoder for {pair} in {run_dir}; train one with clt.train_transcoder")
+    return max(folders)
+
+
+def sae_mean_activations(sae: TopKSAE, data: PairDataset) -> np.ndarray:
+    """Mean activation of each SAE latent over the validation sources."""
+    total, rows = torch.zeros(sae.cfg.n_latents, dtype=torch.float64), 0
+    with torch.no_grad():
+        for x, _ in data.val_batches():
+            out = sae(x.to(sae.b_dec.device))
+            total.index_add_(0, out.indices.flatten().cpu(), out.values.flatten().double().cpu())
+            rows += x.shape[0]
+    return (total / max(rows, 1)).numpy()
+
+
+def plot(model: CrossLayerTranscoder, result: Reconstruction, folder: Path) -> None:
+    """decoder_heatmap.png and feature_frequency.png (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from clt.graph import raw_decoder
+
+    order = np.argsort(-result.frequency, kind="stable")
+    weights = raw_decoder(model).cpu().numpy()[order]
+    limit = float(np.abs(weights).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(8, 6))
+    image = ax.imshow(weights, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
+    ax.set(xlabel="target channel", ylabel="feature (most frequent first)", title="decoder weights (raw units)")
+    fig.colorbar(image, ax=ax)
+    _save(fig, folder / "decoder_heatmap.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    alive = result.frequency[result.frequency > 0]
+    ax.hist(np.log10(alive), bins=50)
+    ax.set(xlabel="log10 activation frequency", ylabel="features",
+           title=f"{len(alive)} of {len(result.frequency)} features fire")  # fmt: skip
+    _save(fig, folder / "feature_frequency.png")
+
+
+def _save(fig, path: Path) -> None:
+    from matplotlib import pyplot as plt
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Evaluate; writes <clt_dir>/eval/ and returns metrics.json's content."""
+    folder = find_transcoder(cfg)
+    train_cfg = read_json(folder / "train_cfg.json")
+    model = load_transcoder(folder).to(cfg.device)
+    dump = open_pair(train_cfg["dataset_path"])
+    data = PairDataset(dump.path, 4096, train_cfg["val_ratio"], train_cfg["seed"])
+    meta = dump.metadata
+    result = reconstruction(model, data.val_batches())
+    report = {"transcoder": str(folder), "pair": meta["pair"], "source_hook": meta["source_hook"],
+              "target_hook": meta["target_hook"], "features": model.cfg.n_features, "k": model.cfg.active,
+              "activation": model.cfg.activation, "validation_rows": result.rows,
+              "reconstruction": {**result.summary(), "r2_per_dim": result.r2_per_dim.tolist()}}  # fmt: skip
+    out = folder / "eval"
+    if cfg.num_instances:
+        policy = load_policy(meta["run_dir"], meta["checkpoint_epoch"], cfg.device)
+        hooked = HookedPolicy(policy.model)
+        locs = generate(cfg.num_instances, meta["nodes_per_instance"], meta["distribution"], seed=cfg.seed)
+        target_mean = torch.from_numpy(dump.stats("targets")[0]).float()
+        fns = {kind: replacement(kind, model, target_mean) for kind in REPLACEMENTS}
+        report["splice"] = splice_metrics(hooked, locs.to(cfg.device), meta["source_hook"], meta["target_hook"],
+                                          fns, cfg.batch_size)  # fmt: skip
+        report["splice"]["instances"] = cfg.num_instances
+    source_sae = target_sae = None
+    if cfg.source_sae:
+        sae = load_sae(cfg.source_sae).to(cfg.device)
+        source_sae = (Path(cfg.source_sae).name, sae, sae_mean_activations(sae, data))
+    if cfg.target_sae:
+        target_sae = (Path(cfg.target_sae).name, load_sae(cfg.target_sae).to(cfg.device))
+    _check_sae_widths(model, source_sae, target_sae)
+    graph = build_graph(GraphSource(
+        Path(meta["run_dir"]).name, meta["pair"], folder.name, meta["source_hook"], meta["target_hook"], model.cpu(),
+        result.frequency, result.mean_activation, dump.stats("sources")[1], source_sae, target_sae,
+    ), cfg.top_edges)  # fmt: skip
+    write_graph(graph, out)
+    write_json(out / "features.json", {"frequency": result.frequency.tolist(),
+                                       "mean_activation": result.mean_activation.tolist()})  # fmt: skip
+    plot(model, result, out)
+    report["config"] = asdict(cfg)
+    write_json(out / "metrics.json", report)
+    return report
+
+
+def _check_sae_widths(model: CrossLayerTranscoder, source_sae, target_sae) -> None:
+    if source_sae and source_sae[1].cfg.d_in != model.cfg.d_in:
+        raise ValueError(f"the source SAE reads width {source_sae[1].cfg.d_in}, the transcoder {model.cfg.d_in}")
+    if target_sae and target_sae[1].cfg.d_in != model.cfg.d_out:
+        raise ValueError(
+            f"the target SAE reads width {target_sae[1].cfg.d_in}, the transcoder writes {model.cfg.d_out}"
+        )
+
+
+def format_report(report: dict) -> str:
+    r = report["reconstruction"]
+    lines = [
+        f"{report['pair']} ({report['activation']}, {report['features']} features, k={report['k']}): "
+        f"FVU {r['fvu']:.4f}, mean R^2 per channel {r['r2_per_dim_mean']:.4f}, cosine {r['cosine']:.4f}, "
+        f"L0 {r['l0']:.1f}, dead {r['dead_fraction']:.1%}, rare {r['rare_fraction']:.1%}"
+    ]
+    splice = report.get("splice")
+    if splice:
+        lines.append(
+            f"splicing on {splice['instances']} instances, "
+            f"original mean length {splice['original']['mean_length']:.4f}:"
+        )
+        lines.append(f"  {'replacement':<18}{'length':>9}{'gap':>9}{'agree':>9}{'KL':>10}{'same tour':>11}")
+        for kind in REPLACEMENTS:
+            s = splice[kind]
+            lines.append(f"  {kind:<18}{s['mean_length']:>9.4f}{s['gap']:>9.2%}{s['action_agreement']:>9.2%}"
+                         f"{s['mean_kl']:>10.4f}{s['same_tour_fraction']:>11.1%}")  # fmt: skip
+        lines.append(
+            f"  transcoder recovers {splice['transcoder'].get('recovered', float('nan')):.1%}"
+            " of the mean-ablation damage"
+        )
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--clt_dir", default=None, help="Transcoder run folder.")
+@click.option("--run_dir", default=None, help="Instead of --clt_dir: a run (with --pair) for its newest transcoder.")
+@click.option("--pair", default=None, help="Pair name or source:target hooks (with --run_dir).")
+@click.option("--num_instances", default=1000, help="Fresh instances for splicing (0 skips splicing).")
+@click.option("--seed", default=2024, help="Seed of the splicing instances.")
+@click.option("--batch_size", default=256, help="Instances per forward pass when splicing.")
+@click.option("--source_sae", default=None, help="SAE run folder on the source hook (SAE -> CLT edges).")
+@click.option("--target_sae", default=None, help="SAE run folder on the target hook (with --source_sae: paths).")
+@click.option("--top_edges", default=2000, help="Edges kept per kind, by |attribution|.")
+@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+@click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the summary.")
+def main(as_json, **options):
+    """Evaluate a transcoder: reconstruction, splicing into the policy, SAE paths, and edge export."""
+    with command():
+        report = run(EvalConfig(**options))
+    click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
+
+
+if __name__ == "__main__":
+    main()
