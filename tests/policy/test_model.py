@@ -92,3 +92,16 @@ def test_weights_that_do_not_fit_say_why(tiny_model, tiny_cfg):
     del weights["init_embed.bias"]
     with pytest.raises(ValueError, match="missing init_embed.bias"):
         AttentionModel.from_weights(tiny_cfg, weights)
+
+
+def test_teacher_forcing_follows_given_tours(tiny_model):
+    locs = generate(6, 9, seed=3)
+    sampled = tiny_model(locs, decode="sample", generator=torch.Generator().manual_seed(0), return_log_probs=True)
+    forced = tiny_model(locs, actions=sampled.actions, return_log_probs=True)
+    assert torch.equal(forced.actions, sampled.actions)
+    torch.testing.assert_close(forced.log_probs, sampled.log_probs)
+    torch.testing.assert_close(forced.log_likelihood, sampled.log_likelihood)
+    starts = tiny_model(locs, multistart=True)
+    assert torch.equal(tiny_model(locs, multistart=True, actions=starts.actions).actions, starts.actions)
+    with pytest.raises(ValueError, match="actions to follow"):
+        tiny_model(locs, actions=sampled.actions[:, 0])
