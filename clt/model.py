@@ -202,6 +202,16 @@ class CrossLayerTranscoder(nn.Module):
         with torch.no_grad():
             self.b_dec.copy_(self.tgt_mean if self.cfg.normalize_target == "none" else torch.zeros_like(self.tgt_mean))
 
+    @torch.no_grad()
+    def init_encoder_from(self, x_raw: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Point each encoder row at a (normalised) source row drawn from `x_raw`, so every feature
+        starts out firing on the data: far fewer dead features, at some cost in FVU (see README)."""
+        if self.cfg.tied:
+            raise ValueError("a tied transcoder's encoder is its decoder: init from data is for untied ones")
+        x = self.normalize_source(x_raw)
+        rows = x[torch.randint(len(x), (self.cfg.n_features,), generator=generator)]
+        self.W_enc.copy_(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
     def normalize_source(self, x: torch.Tensor) -> torch.Tensor:
         return normalize(x, self.src_mean, self.src_std, self.cfg.normalize_source)
 

@@ -48,6 +48,8 @@ from sae.trainer import EpochTrainer
 
 log = logging.getLogger(__name__)
 
+INITS = ("random", "data")
+
 
 @dataclass
 class TranscoderTrainConfig:
@@ -87,6 +89,8 @@ class TranscoderTrainConfig:
     """none | center | standard: how the model normalises sources (inside the model)."""
     normalize_target: str = "center"
     """none | center | standard: how the model normalises targets (the loss is measured there)."""
+    init: str = "random"
+    """random | data: encoder rows random, or pointed at source rows (fewer dead features, higher FVU)."""
     val_ratio: float = 0.1
     """Fraction of instances held out for validation."""
     save_freq: int = 1
@@ -124,6 +128,8 @@ class TranscoderTrainConfig:
                 raise ValueError(f"{name} must be one of {NORMALIZATIONS}")
         if self.wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb_mode must be one of {WANDB_MODES}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
 
     def model_config(self, d_in: int, d_out: int) -> TranscoderConfig:
         return TranscoderConfig(
@@ -280,6 +286,8 @@ def run(cfg: TranscoderTrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     model = CrossLayerTranscoder(cfg.model_config(data.d_src, data.d_tgt))
     model.set_statistics(*data.dump.stats("sources"), *data.dump.stats("targets"))
+    if cfg.init == "data" and not resume:
+        model.init_encoder_from(next(data.train_batches(0))[0], torch.Generator().manual_seed(cfg.seed))
     model.to(cfg.device)
     trainer = TranscoderTrainer(cfg, out_dir, model, data)
     if resume:
@@ -331,6 +339,7 @@ def format_summary(summary: dict) -> str:
 @click.option("--dead_tokens", default=100_000, help="Rows without firing after which a feature is dead.")
 @click.option("--normalize_source", default="standard", type=click.Choice(NORMALIZATIONS), help="Source scaling.")
 @click.option("--normalize_target", default="center", type=click.Choice(NORMALIZATIONS), help="Target scaling.")
+@click.option("--init", default="random", type=click.Choice(INITS), help="Encoder rows: random, or source rows.")
 @click.option("--val_ratio", default=0.1, help="Fraction of instances held out for validation.")
 @click.option("--save_freq", default=1, help="Checkpoint the weights every N epochs.")
 @click.option("--state_every", default=50, help="Also save the resumable state every N steps (0: epoch ends).")

@@ -76,7 +76,7 @@ def test_cli_writes_the_run_folder_and_reports_against_ridge(pair_run):
 
 
 def test_pair_given_as_hooks_and_token_budget(pair_run):
-    out = run(_cfg(pair_run, pair="encoder_layer_0.mlp_in:encoder_layer_0.mlp_out", num_tokens=200))
+    out = run(_cfg(pair_run, pair="encoder_layer_0.mlp_in:encoder_layer_0.mlp_out", num_tokens=200, init="data"))
     assert out.parent.name == PAIR
     assert json.loads((out / "summary.json").read_text())["steps"] == 4  # ceil(200 / 64)
 

@@ -187,3 +187,16 @@ def test_each_activation_learns_a_sparse_map_better_than_linear(activation):
     with torch.no_grad():
         fvu = ((model(x_val)[0] - y_val).pow(2).sum() / (y_val - y_val.mean(0)).pow(2).sum()).item()
     assert fvu < 0.5 * linear_fvu, (fvu, linear_fvu)
+
+
+def test_encoder_init_from_data_points_rows_at_normalised_sources():
+    model = _model(normalize_source="standard")
+    mean, std = torch.randn(8), torch.rand(8) + 0.5
+    model.set_statistics(mean, std, torch.zeros(6), torch.ones(6))
+    x_raw = torch.randn(5, 8) * std + mean
+    model.init_encoder_from(x_raw, torch.Generator().manual_seed(0))
+    x = (x_raw - mean) / std
+    directions = x / x.norm(dim=1, keepdim=True)
+    assert all(any(torch.allclose(row, d, atol=1e-5) for d in directions) for row in model.W_enc)
+    with pytest.raises(ValueError, match="tied"):
+        _model(d_out=8, tied=True).init_encoder_from(x_raw)
