@@ -327,12 +327,16 @@ class CrossLayerTranscoder(nn.Module):
         return self.denormalize_target(out.y_hat), out.z
 
     # losses -----------------------------------------------------------------------------
+    def dictionary_loss(self) -> torch.Tensor:
+        """The penalty on the decoder rows (sum of |w| or w^2), as configured; it does not depend on the data."""
+        if not self.cfg.dictionary_coef or self.cfg.dictionary_penalty == "none":
+            return self.b_dec.new_zeros(())
+        rows = self.decoder.abs() if self.cfg.dictionary_penalty == "l1" else self.decoder.pow(2)
+        return self.cfg.dictionary_coef * rows.sum()
+
     def sparsity_loss(self, out: TranscoderOutput) -> torch.Tensor:
-        """L1 on z weighted by decoder row norms, the jumprelu L0 term and the dictionary penalty, as configured."""
+        """Mean over rows of the L1 term on z (weighted by decoder row norms) and the jumprelu L0 term."""
         loss = out.y_hat.new_zeros(())
-        if self.cfg.dictionary_coef and self.cfg.dictionary_penalty != "none":
-            rows = self.decoder.abs() if self.cfg.dictionary_penalty == "l1" else self.decoder.pow(2)
-            loss = loss + self.cfg.dictionary_coef * rows.sum()
         if self.cfg.l1_coef and out.z is not None:
             loss = loss + self.cfg.l1_coef * (out.z.abs() * self.decoder.norm(dim=1)).sum(-1).mean()
         if self.cfg.l0_coef and self.log_threshold is not None and out.pre is not None:

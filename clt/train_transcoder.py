@@ -30,6 +30,8 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from clt.datasets import NORMALIZATIONS, PairDataset, find_pair
 from clt.inspect_pairs import inspect_pair
@@ -39,6 +41,15 @@ from clt.pairs import parse_pairs
 from policy.cli import command
 from policy.io import read_json, write_json
 from policy.model import AttentionModel
+from sae.distributed import (
+    SINGLE_PROCESS,
+    DistInfo,
+    all_reduce_sum,
+    broadcast_from_main,
+    init_distributed,
+    is_main_process,
+    shutdown,
+)
 from sae.hooks import HookedPolicy
 from sae.logger import WANDB_MODES, RunLogger
 from sae.runs import check_name, clt_runs_dir, read_config, resolve_run_dir
@@ -174,13 +185,26 @@ def evaluate(model: CrossLayerTranscoder, data: PairDataset) -> tuple[dict, np.n
 class TranscoderTrainer(EpochTrainer):
     """Transcoder steps on one pair's stream."""
 
-    def __init__(self, cfg: TranscoderTrainConfig, out_dir: Path, model: CrossLayerTranscoder, data: PairDataset):
+    def __init__(
+        self,
+        cfg: TranscoderTrainConfig,
+        out_dir: Path,
+        model: CrossLayerTranscoder,
+        data: PairDataset,
+        val_data: PairDataset | None = None,
+        dist: DistInfo = SINGLE_PROCESS,
+    ):
         steps = data.train.steps_per_epoch
         max_steps = math.ceil(cfg.num_tokens / cfg.batch_size) if cfg.num_tokens else None
         num_epochs = math.ceil(max_steps / steps) if max_steps else cfg.num_epochs
         super().__init__(out_dir, num_epochs, cfg.save_freq, state_every=cfg.state_every, max_steps=max_steps,
                          desc=f"{data.dump.path.name}")  # fmt: skip
-        self.cfg, self.model, self.data = cfg, model, data
+        self.cfg, self.model, self.data, self.val_data, self.dist = cfg, model, data, val_data or data, dist
+        self.is_main = dist.is_main
+        self.forward = None
+        if dist.enabled:
+            device_ids = [model.b_dec.device.index] if model.b_dec.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(TrainingForward(model), device_ids=device_ids)
         self.steps_per_epoch = steps
         self.device = model.b_dec.device
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -191,7 +215,8 @@ class TranscoderTrainer(EpochTrainer):
         return ((x.to(self.device), y.to(self.device)) for x, y in self.data.train_batches(epoch, start_step))
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-        stats = train_step(self.model, self.optimizer, *batch, self.rows_since_fired, self.cfg.penalties)
+        stats = train_step(self.model, self.optimizer, *batch, self.rows_since_fired, self.cfg.penalties, self.dist,
+                           self.forward)  # fmt: skip
         if stats is None:
             self._raise_not_finite(batch)
         return stats
@@ -205,7 +230,9 @@ class TranscoderTrainer(EpochTrainer):
         raise ValueError(f"the loss became NaN or Inf at {where}: lower --lr (now {self.cfg.lr})")
 
     def validate(self) -> dict[str, float]:
-        metrics, frequency = evaluate(self.model, self.data)
+        if not self.is_main:
+            return {}
+        metrics, frequency = evaluate(self.model, self.val_data)
         if self.logger is not None and len(frequency):
             histograms = {"val/log10_feature_frequency": np.log10(frequency + 1e-7)}
             if self.cfg.log_weights:
@@ -227,6 +254,19 @@ class TranscoderTrainer(EpochTrainer):
         self.rows_since_fired = state["rows_since_fired"].to(self.device)
 
 
+class TrainingForward(nn.Module):
+    """The training forward pass (sparse codes, prediction, AuxK) as a module, so that DDP can wrap it."""
+
+    def __init__(self, model: CrossLayerTranscoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor, with_aux: bool = True):
+        out = self.model.forward_train(x)
+        aux = self.model.aux_loss(x, y, out, dead) if with_aux else x.new_zeros(())
+        return out, aux
+
+
 def train_step(
     model: CrossLayerTranscoder,
     optimizer: torch.optim.Optimizer,
@@ -234,19 +274,28 @@ def train_step(
     y_raw: torch.Tensor,
     rows_since_fired: torch.Tensor,
     penalties: list[Penalty] | tuple = (),
+    dist: DistInfo = SINGLE_PROCESS,
+    forward: nn.Module | None = None,
 ) -> dict[str, float] | None:
-    """One step on raw (x_src, x_tgt): FVU + AuxK + sparsity (+ extra penalties); None if the loss is not finite.
+    """One step on raw (x_src, x_tgt): FVU + AuxK + sparsity (+ penalties); None if the loss is not finite.
 
     The loss is measured in the model's normalised target space; `rows_since_fired` [features]
     is updated in place; unit-norm decoder rows get their parallel gradient removed and are renormalised.
+    Under DDP (`forward` is the DDP-wrapped TrainingForward, `dist` this rank) each rank holds a slice
+    of the global batch: the variance comes from the whole batch, each rank's terms are weighted so
+    that DDP's gradient average equals the one-process gradient, and AuxK runs on rank 0's rows
+    (the first rows of the global batch, as in one process). `penalties` are added on every rank.
     """
     x, y = model.normalize_source(x_raw), model.normalize_target(y_raw)
-    out = model.forward_train(x)
-    err = (out.y_hat - y).pow(2).sum(-1).mean()
-    fvu = err / (y - y.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
     dead = rows_since_fired > model.cfg.dead_tokens
-    aux = model.aux_loss(x, y, out, dead)
-    loss = fvu + model.cfg.aux_coef * aux + model.sparsity_loss(out)
+    moments = all_reduce_sum(torch.cat([x.new_tensor([len(x)]), y.sum(0), y.pow(2).sum().view(1)]).double(), dist)
+    rows = moments[0].item()  # of the global batch
+    variance = ((moments[-1] - moments[1:-1].pow(2).sum() / rows) / rows).clamp_min(1e-12).item()
+    out, aux = (forward or TrainingForward(model))(x, y, dead, with_aux=dist.is_main)
+    err_sum = (out.y_hat - y).pow(2).sum()
+    weight = dist.world_size / rows  # DDP averages gradients over ranks
+    loss = weight * err_sum / variance + weight * len(x) * model.sparsity_loss(out) + model.dictionary_loss()
+    loss = loss + dist.world_size * model.cfg.aux_coef * aux
     for penalty in penalties:
         loss = loss + penalty(model, out)
     if not torch.isfinite(loss):
@@ -261,14 +310,26 @@ def train_step(
     if model.unit_norm_decoder:
         with torch.no_grad():
             model.W_dec.div_(model.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
-    rows_since_fired += x.shape[0]
-    rows_since_fired[out.fired(model.cfg.n_features)] = 0
-    return {"loss": loss.item(), "fvu": fvu.item(), "mse": err.item() / model.cfg.d_out, "aux_loss": aux.item(),
-            "l0": out.l0(), "dead_fraction": dead.float().mean().item()}  # fmt: skip
+    fired = out.fired(model.cfg.n_features).double()
+    counts = torch.cat([err_sum.detach().double().view(1), fired.new_tensor([out.l0() * len(x)]), fired])
+    counts = all_reduce_sum(counts, dist)
+    rows_since_fired += int(rows)
+    rows_since_fired[counts[2:] > 0] = 0
+    fvu = counts[0].item() / rows / variance
+    return {"loss": loss.item(), "fvu": fvu, "mse": fvu * variance / model.cfg.d_out, "aux_loss": aux.item(),
+            "l0": counts[1].item() / rows, "dead_fraction": dead.float().mean().item()}  # fmt: skip
 
 
 def run(cfg: TranscoderTrainConfig, resume: bool = False) -> Path:
-    """Train (or resume) a transcoder on one pair; returns its run folder."""
+    """Train (or resume) a transcoder on one pair; returns its run folder. Under torchrun, one rank of DDP."""
+    info, cfg.device = init_distributed(cfg.device)
+    try:
+        return _run(cfg, resume, info)
+    finally:
+        shutdown(info)
+
+
+def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo) -> Path:
     run_dir = resolve_run_dir(cfg.run_dir)
     cfg.pair = pair_name(run_dir, cfg.pair)
     pair_dir = clt_runs_dir(run_dir, cfg.pair)
@@ -280,34 +341,39 @@ def run(cfg: TranscoderTrainConfig, resume: bool = False) -> Path:
                 "wandb_mode": cfg.wandb_mode, "penalties": cfg.penalties}  # fmt: skip
         cfg = TranscoderTrainConfig(**{**saved, **keep})
     else:
-        out_dir = new_run_folder(pair_dir)
+        out_dir = broadcast_from_main(new_run_folder(pair_dir), info)
     path = pair_path(run_dir, cfg.pair, Path(cfg.activations_root) if cfg.activations_root else None)
-    data = PairDataset(path, cfg.batch_size, cfg.val_ratio, cfg.seed)
+    data = PairDataset(path, cfg.batch_size, cfg.val_ratio, cfg.seed, rank=info.rank, world_size=info.world_size)
+    val_data = PairDataset(path, cfg.batch_size, cfg.val_ratio, cfg.seed) if info.enabled else data
     torch.manual_seed(cfg.seed)
     model = CrossLayerTranscoder(cfg.model_config(data.d_src, data.d_tgt))
     model.set_statistics(*data.dump.stats("sources"), *data.dump.stats("targets"))
     if cfg.init == "data" and not resume:
-        model.init_encoder_from(next(data.train_batches(0))[0], torch.Generator().manual_seed(cfg.seed))
+        model.init_encoder_from(next(val_data.train_batches(0))[0], torch.Generator().manual_seed(cfg.seed))
     model.to(cfg.device)
-    trainer = TranscoderTrainer(cfg, out_dir, model, data)
+    trainer = TranscoderTrainer(cfg, out_dir, model, data, val_data, info)
     if resume:
         trainer.resume(cfg.device)
-    else:
+    elif info.is_main:
         write_json(out_dir / "train_cfg.json", {**cfg.to_json(), "dataset_path": str(data.dump.path)})
-    run_name = cfg.wandb_run_name or f"{run_dir.name}/{cfg.pair}/{out_dir.name}"
-    logger = RunLogger(out_dir, cfg.wandb_project, run_name, cfg.to_json(), cfg.wandb_mode, run_id=trainer.wandb_run_id)
-    trainer.logger = logger
+    logger = None
+    if info.is_main:
+        run_name = cfg.wandb_run_name or f"{run_dir.name}/{cfg.pair}/{out_dir.name}"
+        logger = RunLogger(out_dir, cfg.wandb_project, run_name, cfg.to_json(), cfg.wandb_mode, trainer.wandb_run_id)
+        trainer.logger = logger
     try:
         trainer.fit(logger)
     finally:
-        logger.finish()
-    model.save(out_dir)
-    metrics, _ = evaluate(model, data)
-    ridge = inspect_pair(data.dump, cfg.val_ratio, cfg.seed)["ridge"] or {}
-    summary = {"pair": cfg.pair, "features": model.cfg.n_features, "k": model.cfg.active,
-               "activation": cfg.activation, "steps": trainer.position.global_step, **metrics,
-               "ridge_val_fvu": ridge.get("fvu")}  # fmt: skip
-    write_json(out_dir / "summary.json", summary)
+        if logger is not None:
+            logger.finish()
+    if info.is_main:
+        model.save(out_dir)
+        metrics, _ = evaluate(model, val_data)
+        ridge = inspect_pair(data.dump, cfg.val_ratio, cfg.seed)["ridge"] or {}
+        summary = {"pair": cfg.pair, "features": model.cfg.n_features, "k": model.cfg.active,
+                   "activation": cfg.activation, "steps": trainer.position.global_step, "ranks": info.world_size,
+                   **metrics, "ridge_val_fvu": ridge.get("fvu")}  # fmt: skip
+        write_json(out_dir / "summary.json", summary)
     return out_dir
 
 
@@ -357,8 +423,9 @@ def main(resume, **options):
     """Train a sparse transcoder from a pair's source activations to its target activations."""
     with command():
         out_dir = run(TranscoderTrainConfig(**options), resume=resume)
-    click.echo(format_summary(read_json(out_dir / "summary.json")))
-    click.echo(f"transcoder saved in {out_dir}")
+    if is_main_process():
+        click.echo(format_summary(read_json(out_dir / "summary.json")))
+        click.echo(f"transcoder saved in {out_dir}")
 
 
 if __name__ == "__main__":

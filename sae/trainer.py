@@ -62,6 +62,7 @@ class EpochTrainer:
             state_every,
         )
         self.max_steps = max_steps
+        self.is_main = True  # under DDP only rank 0 logs and writes
         self.desc = desc
         self.position = Position()
         self.wandb_run_id: str | None = None
@@ -96,6 +97,8 @@ class EpochTrainer:
         return self.out_dir / "checkpoints" / "train_state.pt"
 
     def save_state(self, logger: RunLogger | None = None) -> None:
+        if not self.is_main:
+            return
         run_id = (logger.run_id if logger else None) or self.wandb_run_id or ""
         save_torch(self.state_path, {**self.state_dict(), "position": asdict(self.position), "wandb_run_id": run_id})
 
@@ -109,17 +112,19 @@ class EpochTrainer:
         self.wandb_run_id = state["wandb_run_id"] or None
         truncate_metrics(self.out_dir / "metrics.jsonl", self.position.global_step)
 
-    def fit(self, logger: RunLogger) -> None:
+    def fit(self, logger: RunLogger | None) -> None:
+        """Train to the end; `logger` is None on ranks that do not log."""
         p = self.position
         try:
             with GracefulStop() as stop:
                 while p.epoch < self.num_epochs:
                     self._epoch(logger, stop)
                     metrics = {"epoch": p.epoch + 1, **self.validate()}
-                    logger.log(metrics, step=p.global_step)
-                    log.info("epoch %d: %s", p.epoch + 1, {k: round(v, 5) for k, v in metrics.items()})
+                    if logger is not None:
+                        logger.log(metrics, step=p.global_step)
+                        log.info("epoch %d: %s", p.epoch + 1, {k: round(v, 5) for k, v in metrics.items()})
                     p.epoch, p.step = p.epoch + 1, 0
-                    if p.epoch % self.save_freq == 0 or p.epoch == self.num_epochs:
+                    if self.is_main and (p.epoch % self.save_freq == 0 or p.epoch == self.num_epochs):
                         save_tensors(self.out_dir / "checkpoints" / f"epoch_{p.epoch}.safetensors", self.weights())
                     self.save_state(logger)
         except Interrupted as err:
@@ -128,17 +133,17 @@ class EpochTrainer:
                         err, p.epoch + 1, p.step)  # fmt: skip
             raise
 
-    def _epoch(self, logger: RunLogger, stop: GracefulStop) -> None:
+    def _epoch(self, logger: RunLogger | None, stop: GracefulStop) -> None:
         p = self.position
         bar = tqdm(self.batches(p.epoch, p.step), desc=f"{self.desc} epoch {p.epoch + 1}/{self.num_epochs}",
-                   initial=p.step, total=self.steps_per_epoch)  # fmt: skip
+                   initial=p.step, total=self.steps_per_epoch, disable=not self.is_main)  # fmt: skip
         for batch in bar:
             if self.max_steps is not None and p.global_step >= self.max_steps:
                 break
             stop.check()
             stats = self.train_step(batch)
             p.step, p.global_step = p.step + 1, p.global_step + 1
-            if p.global_step % self.log_every == 0:
+            if logger is not None and p.global_step % self.log_every == 0:
                 logger.log({f"train/{k}": v for k, v in stats.items()}, step=p.global_step)
             if self.state_every and p.global_step % self.state_every == 0:
                 self.save_state(logger)

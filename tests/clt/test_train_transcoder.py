@@ -15,24 +15,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from clt import collect_pairs as collect_cli
 from clt import train_transcoder as train_cli
 from clt.model import load_transcoder
 from clt.train_transcoder import TranscoderTrainConfig, TranscoderTrainer, run
 from policy.signals import Interrupted
 
 PAIR = "clt_L0.mlp_in_to_L0.mlp_out"
-
-
-@pytest.fixture(scope="module")
-def pair_run(tiny_run, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("clt_train") / "tiny"
-    shutil.copytree(tiny_run, run_dir)
-    args = ["--run_dir", str(run_dir), "--layer_pairs", "encoder_layer_0.mlp_in:encoder_layer_0.mlp_out",
-            "--num_instances_per_pair", "60", "--batch_size", "32"]  # fmt: skip
-    result = CliRunner().invoke(collect_cli.main, args)
-    assert result.exit_code == 0, result.output
-    return run_dir
 
 
 def _args(run_dir, *extra):
