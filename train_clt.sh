@@ -15,6 +15,7 @@
 #   --activation "A ..." topk | batchtopk | jumprelu | relu   [topk]
 #   --lr "LR ..."      learning rates                         [4e-3]
 #   --epochs N         epochs per run                         [10]
+#   --eval N           splice each transcoder into the policy on N instances (python -m clt.eval) [1000; 0: skip]
 #   --no_collect       skip pair collection (reuse the dumps)
 #   -- ARGS            passed to every python -m clt.train_transcoder (e.g. --wandb_project, --wandb_mode, --device)
 # PYTHON selects the interpreter [python].
@@ -29,10 +30,11 @@ K="16"
 ACTIVATION="topk"
 LR="4e-3"
 EPOCHS=10
+EVAL=1000
 COLLECT=1
 EXTRA=()
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -44,6 +46,7 @@ while [[ $# -gt 0 ]]; do
     --activation) ACTIVATION=$2; shift 2 ;;
     --lr) LR=$2; shift 2 ;;
     --epochs) EPOCHS=$2; shift 2 ;;
+    --eval) EVAL=$2; shift 2 ;;
     --no_collect) COLLECT=0; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -71,7 +74,11 @@ for pair in $PAIRS; do
     echo "== $pair: expansion $e, k $k, $act, lr $lr" >&2
     out=$("$PYTHON" -m clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" --k "$k" \
           --activation "$act" --lr "$lr" --num_epochs "$EPOCHS" ${EXTRA[@]+"${EXTRA[@]}"} | tee /dev/stderr)
-    folders+=("$(sed -n 's/^transcoder saved in //p' <<<"$out")")
+    folder=$(sed -n 's/^transcoder saved in //p' <<<"$out")
+    folders+=("$folder")
+    if [[ $EVAL -gt 0 ]]; then
+      "$PYTHON" -m clt.eval --clt_dir "$folder" --num_instances "$EVAL" >&2
+    fi
   done; done; done; done
 done
 

@@ -14,16 +14,34 @@ from policy.cli import command
 from policy.io import read_json
 from sae.runs import resolve_run_dir
 
-COLUMNS = ("pair", "act", "features", "k", "lr", "val FVU", "ridge FVU", "ratio", "L0", "dead", "cosine")
+COLUMNS = (
+    "pair",
+    "act",
+    "features",
+    "k",
+    "lr",
+    "val FVU",
+    "ridge FVU",
+    "ratio",
+    "L0",
+    "dead",
+    "cosine",
+    "splice",
+    "recovered",
+)
 
 
 def read_summaries(folders: list[Path]) -> list[dict]:
-    """summary.json (and the lr from train_cfg.json) of each run folder."""
+    """summary.json (with the lr from train_cfg.json, and clt.eval's splice results when present) of each folder."""
     rows = []
     for folder in folders:
         if not (folder / "summary.json").is_file():
             raise FileNotFoundError(f"{folder} has no summary.json (an unfinished or interrupted run?)")
-        rows.append({**read_json(folder / "summary.json"), "lr": read_json(folder / "train_cfg.json")["lr"]})
+        row = {**read_json(folder / "summary.json"), "lr": read_json(folder / "train_cfg.json")["lr"]}
+        if (folder / "eval" / "metrics.json").is_file():
+            splice = read_json(folder / "eval" / "metrics.json").get("splice", {}).get("transcoder", {})
+            row.update({"splice_gap": splice.get("gap"), "recovered": splice.get("recovered")})
+        rows.append(row)
     return rows
 
 
@@ -43,8 +61,13 @@ def format_table(rows: list[dict]) -> str:
             f"{r['pair']:<32}{r['activation']:>10}{r['features']:>10}{r['k']:>10}{r['lr']:>10.0e}{r['val/fvu']:>10.4f}"
             f"{ridge if ridge is not None else float('nan'):>10.4f}{ratio:>10.2f}{r['val/l0']:>10.1f}"
             f"{r['val/dead_fraction']:>10.1%}{r['val/cosine']:>10.4f}"
+            f"{_percent(r.get('splice_gap')):>10}{_percent(r.get('recovered')):>10}"
         )
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
 
 
 @click.command()

@@ -143,12 +143,13 @@ def test_train_clt_sh_sweeps_a_grid_and_prints_the_table(pair_run):
     script = Path(__file__).resolve().parents[2] / "train_clt.sh"
     env = {**os.environ, "PYTHON": sys.executable}
     command = ["bash", str(script), "--run_dir", str(pair_run), "--no_collect", "--pairs", PAIR, "--expansion", "2",
-               "--k", "2 4", "--epochs", "1", "--", "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
+               "--k", "2 4", "--epochs", "1", "--eval", "8", "--", "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     table = result.stdout.strip().splitlines()[-3:]
     assert table[0].split()[:5] == ["pair", "act", "features", "k", "lr"]
     assert [line.split()[:4] for line in table[1:]] == [[PAIR, "topk", "32", "2"], [PAIR, "topk", "32", "4"]]
+    assert all(line.split()[-2].endswith("%") for line in table[1:])  # the splice gap from clt.eval
     usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
     assert "--expansion" in usage and "--no_collect" in usage
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
