@@ -55,7 +55,7 @@ from sae.logger import WANDB_MODES, RunLogger
 from sae.runs import check_name, clt_runs_dir, read_config, resolve_run_dir
 from sae.store import read_registry
 from sae.train_topk import latest_run, new_run_folder
-from sae.trainer import EpochTrainer
+from sae.trainer import DictionaryTrainer
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def evaluate(model: CrossLayerTranscoder, data: PairDataset) -> tuple[dict, np.n
     return {f"val/{k}": v for k, v in result.summary().items() if k in keep}, result.frequency
 
 
-class TranscoderTrainer(EpochTrainer):
+class TranscoderTrainer(DictionaryTrainer):
     """Transcoder steps on one pair's stream."""
 
     def __init__(
@@ -240,18 +240,6 @@ class TranscoderTrainer(EpochTrainer):
                 histograms["weights/decoder_row_norm"] = self.model.decoder.norm(dim=1).detach().cpu().numpy()
             self.logger.log_histograms(histograms, step=self.position.global_step)
         return metrics
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "rows_since_fired": self.rows_since_fired}  # fmt: skip
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rows_since_fired = state["rows_since_fired"].to(self.device)
 
 
 class TrainingForward(nn.Module):

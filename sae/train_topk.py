@@ -30,7 +30,7 @@ from sae.logger import WANDB_MODES, RunLogger
 from sae.model import SAEConfig, TopKSAE
 from sae.runs import resolve_run_dir, sae_runs_dir
 from sae.store import Dump, open_dump, read_registry
-from sae.trainer import EpochTrainer
+from sae.trainer import DictionaryTrainer
 
 
 @dataclass
@@ -128,7 +128,7 @@ def evaluate(model: TopKSAE, stream: RowStream, hook: str, mean: torch.Tensor) -
     }
 
 
-class SAETrainer(EpochTrainer):
+class SAETrainer(DictionaryTrainer):
     """TopK SAE steps on one hook's row stream."""
 
     def __init__(self, cfg: SAETrainConfig, out_dir: Path, model: TopKSAE, train: RowStream, val: RowStream | None,
@@ -170,18 +170,6 @@ class SAETrainer(EpochTrainer):
 
     def validate(self) -> dict[str, float]:
         return evaluate(self.model, self.val, self.cfg.hook, self.mean) if self.val else {}
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "rows_since_fired": self.rows_since_fired}  # fmt: skip
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rows_since_fired = state["rows_since_fired"].to(self.device)
 
 
 def latest_run(folder: Path) -> Path:
