@@ -89,9 +89,13 @@ class TranscoderTrainConfig:
     num_tokens: int | None = None
     """Training rows in all: a token budget instead of num_epochs."""
     l1_coef: float = 0.0
-    """L1 penalty on codes weighted by decoder norms (the sparsity term of relu; 1e-3 when relu and unset)."""
+    """L1 penalty on codes weighted by decoder norms (the sparsity term of relu; 3e-3 when relu and unset)."""
     l0_coef: float = 0.0
-    """L0 penalty (jumprelu)."""
+    """L0 penalty (jumprelu; 1e-3 when unset)."""
+    jumprelu_threshold: float = 0.5
+    """Initial jumprelu threshold, in units of the (normalised) pre-activations."""
+    bandwidth: float = 0.2
+    """Width of jumprelu's straight-through window around each threshold."""
     aux_coef: float = 1 / 32
     """Weight of the AuxK loss on dead features (topk/batchtopk)."""
     dead_tokens: int = 100_000
@@ -133,7 +137,9 @@ class TranscoderTrainConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.activation == "relu" and self.l1_coef == 0:
-            self.l1_coef = 1e-3
+            self.l1_coef = 3e-3
+        if self.activation == "jumprelu" and self.l0_coef == 0:
+            self.l0_coef = 1e-3
         for name in ("normalize_source", "normalize_target"):
             if getattr(self, name) not in NORMALIZATIONS:
                 raise ValueError(f"{name} must be one of {NORMALIZATIONS}")
@@ -145,7 +151,8 @@ class TranscoderTrainConfig:
     def model_config(self, d_in: int, d_out: int) -> TranscoderConfig:
         return TranscoderConfig(
             d_in, d_out, self.expansion_factor, self.k, self.k_ratio, self.activation, self.tied, self.skip,
-            self.l1_coef, self.l0_coef, aux_coef=self.aux_coef, dead_tokens=self.dead_tokens,
+            self.l1_coef, self.l0_coef, jumprelu_threshold=self.jumprelu_threshold, bandwidth=self.bandwidth,
+            aux_coef=self.aux_coef, dead_tokens=self.dead_tokens,
             normalize_source=self.normalize_source, normalize_target=self.normalize_target,
         )  # fmt: skip
 
@@ -387,8 +394,12 @@ def format_summary(summary: dict) -> str:
 @click.option("--batch_size", default=4096, help="Rows per step.")
 @click.option("--num_epochs", default=10, help="Passes over the training split (with --resume: the new total).")
 @click.option("--num_tokens", default=None, type=int, help="Train on this many rows instead of --num_epochs.")
-@click.option("--l1_coef", default=0.0, help="L1 penalty on codes x decoder norms [relu: 1e-3 when 0].")
-@click.option("--l0_coef", default=0.0, help="L0 penalty through the straight-through estimator (jumprelu).")
+@click.option("--l1_coef", default=0.0, help="L1 penalty on codes x decoder norms [relu: 3e-3 when 0].")
+@click.option(
+    "--l0_coef", default=0.0, help="L0 penalty through the straight-through estimator [jumprelu: 1e-3 when 0]."
+)
+@click.option("--jumprelu_threshold", default=0.5, help="Initial jumprelu threshold (normalised pre-activation units).")
+@click.option("--bandwidth", default=0.2, help="Width of jumprelu's straight-through window.")
 @click.option("--aux_coef", default=1 / 32, help="Weight of the AuxK loss for dead features.")
 @click.option("--dead_tokens", default=100_000, help="Rows without firing after which a feature is dead.")
 @click.option("--normalize_source", default="standard", type=click.Choice(NORMALIZATIONS), help="Source scaling.")
