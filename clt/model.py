@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clt.datasets import NORMALIZATIONS, denormalize, normalize
+from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode
 from sae.model import read_model_files, resolve_k, save_model
 
@@ -369,9 +370,13 @@ class CrossLayerTranscoder(nn.Module):
         save_model(folder, self)
 
 
-def load_transcoder(folder: str | Path) -> CrossLayerTranscoder:
-    """A transcoder from `cfg.json` + `model.safetensors`, in eval mode."""
+def load_transcoder(folder: str | Path) -> CrossLayerTranscoder | MultiLayerTranscoder:
+    """A pairwise or multi-layer transcoder from `cfg.json` + `model.safetensors`, in eval mode."""
     cfg, state = read_model_files(folder)
-    model = CrossLayerTranscoder(TranscoderConfig(**cfg))
+    model = (
+        MultiLayerTranscoder(MultiLayerConfig(**cfg))
+        if "n_layers" in cfg
+        else CrossLayerTranscoder(TranscoderConfig(**cfg))
+    )
     model.load_state_dict(state)
     return model.eval()

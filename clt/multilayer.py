@@ -1,0 +1,195 @@
+"""MultiLayerTranscoder: Anthropic's cross-layer transcoder for the encoder's feed-forward blocks.
+
+Features of layer l read `encoder_layer_l.mlp_in` and write into `encoder_layer_m.mlp_out`
+for every m >= l; the prediction for layer m sums over the layers l <= m:
+
+    x_l   = norm_src_l(mlp_in_l)                                   [batch, d]
+    z_l   = topk(x_l @ W_enc[l]^T + b_enc[l])                      [batch, features]   (k per layer)
+    y_m   = b_dec[m] + sum_{l <= m} z_l @ W_dec[l][:, m - l]       [batch, d], normalised target space
+    mlp_out_m ~ norm_tgt_m^-1(y_m)
+
+W_dec[l] is [features, n_layers - l, d]: each feature's decoder rows into its own and every
+later layer, kept at unit norm together (the norm summed across the layers it writes to).
+Training decodes from the active entries only (clt.sparse), one call per source layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from clt.datasets import NORMALIZATIONS, denormalize, normalize
+from clt.sparse import SparseCodes, select_topk, sparse_decode
+from sae.model import resolve_k, save_model
+
+
+@dataclass
+class MultiLayerConfig:
+    """Shape and sparsity of a multi-layer CLT; saved as cfg.json beside model.safetensors."""
+
+    n_layers: int
+    """Encoder layers: one encoder per layer's mlp_in, decoders into that and every later mlp_out."""
+    d: int
+    """Width of mlp_in and mlp_out."""
+    expansion_factor: int = 8
+    """Features per layer = expansion_factor * d."""
+    k: int | None = None
+    """Active features per row and layer (default 16 unless k_ratio)."""
+    k_ratio: float | None = None
+    """Fraction of a layer's features active per row, instead of k."""
+    activation: str = "topk"
+    """topk (per layer)."""
+    aux_k: int | None = None
+    """Dead features per layer used by the AuxK loss; default d // 2."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+    aux_rows: int = 512
+    """Rows of each batch the AuxK loss is estimated on."""
+    dead_tokens: int = 100_000
+    """Rows without firing after which a feature counts as dead."""
+    normalize_source: str = "standard"
+    """none | center | standard, per layer from the stored statistics."""
+    normalize_target: str = "center"
+    """none | center | standard, per layer from the stored statistics."""
+
+    def __post_init__(self):
+        if min(self.n_layers, self.d, self.expansion_factor, self.aux_rows) < 1:
+            raise ValueError("n_layers, d, expansion_factor and aux_rows must be positive")
+        if self.activation != "topk":
+            raise ValueError(f"the multi-layer transcoder supports activation 'topk', got {self.activation!r}")
+        resolve_k(self.k, self.k_ratio, self.n_features)
+        for name in ("normalize_source", "normalize_target"):
+            if getattr(self, name) not in NORMALIZATIONS:
+                raise ValueError(f"{name} must be one of {NORMALIZATIONS}")
+        if self.aux_coef < 0 or self.dead_tokens < 0:
+            raise ValueError("aux_coef and dead_tokens must be >= 0")
+
+    @property
+    def n_features(self) -> int:  # per layer
+        return self.d * self.expansion_factor
+
+    @property
+    def active(self) -> int:  # per layer
+        return resolve_k(self.k, self.k_ratio, self.n_features)
+
+
+@dataclass
+class MultiLayerOutput:
+    y_hat: torch.Tensor  # [layer, batch, d] normalised target space
+    codes: list[SparseCodes]  # per source layer
+
+    def fired(self, n_features: int) -> torch.Tensor:
+        """[layer * features] bool: which features were non-zero in some row."""
+        return torch.cat([torch.bincount(c.features, weights=c.values, minlength=n_features) > 0 for c in self.codes])
+
+    def l0(self) -> float:
+        """Mean non-zero codes per row, summed over layers."""
+        return sum((c.values != 0).sum().item() for c in self.codes) / self.y_hat.shape[1]
+
+
+class MultiLayerTranscoder(nn.Module):
+    def __init__(self, cfg: MultiLayerConfig):
+        super().__init__()
+        self.cfg = cfg
+        n, d, f = cfg.n_layers, cfg.d, cfg.n_features
+        self.W_enc = nn.Parameter(torch.randn(n, f, d) / d**0.5)  # [layer, features, d]
+        self.b_enc = nn.Parameter(torch.zeros(n, f))
+        self.W_dec = nn.ParameterList(nn.Parameter(torch.randn(f, n - l, d)) for l in range(n))  # [features, m>=l, d]
+        self.b_dec = nn.Parameter(torch.zeros(n, d))
+        self.normalize_decoder()
+        for side in ("src", "tgt"):
+            self.register_buffer(f"{side}_mean", torch.zeros(n, d))
+            self.register_buffer(f"{side}_std", torch.ones(n, d))
+
+    def set_statistics(self, src_mean, src_std, tgt_mean, tgt_std) -> None:
+        """Per-layer statistics [layer, d]; b_dec starts at the (normalised) target means."""
+        for name, value in (("src_mean", src_mean), ("src_std", src_std), ("tgt_mean", tgt_mean), ("tgt_std", tgt_std)):
+            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+        self.src_std.clamp_(min=1e-6)
+        self.tgt_std.clamp_(min=1e-6)
+        with torch.no_grad():
+            self.b_dec.copy_(self.tgt_mean if self.cfg.normalize_target == "none" else torch.zeros_like(self.tgt_mean))
+
+    def normalize_source(self, xs: torch.Tensor) -> torch.Tensor:  # [layer, batch, d]
+        return normalize(xs, self.src_mean[:, None], self.src_std[:, None], self.cfg.normalize_source)
+
+    def normalize_target(self, ys: torch.Tensor) -> torch.Tensor:
+        return normalize(ys, self.tgt_mean[:, None], self.tgt_std[:, None], self.cfg.normalize_target)
+
+    def denormalize_target(self, ys: torch.Tensor) -> torch.Tensor:
+        return denormalize(ys, self.tgt_mean[:, None], self.tgt_std[:, None], self.cfg.normalize_target)
+
+    def decoder(self, layer: int) -> torch.Tensor:  # [features, (n_layers - layer) * d]
+        return self.W_dec[layer].flatten(1)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Each feature's decoder rows into all the layers it writes to, together at unit norm."""
+        for w in self.W_dec:
+            w.div_(w.norm(dim=(1, 2), keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        for w in self.W_dec:
+            if w.grad is not None:
+                w.grad.sub_((w.grad * w).sum(dim=(1, 2), keepdim=True) * w)
+
+    def _assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per source layer l a [batch, (n - l) * d] prediction -> y [layer, batch, d] with b_dec."""
+        n, d = self.cfg.n_layers, self.cfg.d
+        y = [self.b_dec[m].expand(parts[0].shape[0], d) for m in range(n)]
+        for l, part in enumerate(parts):
+            for m in range(l, n):
+                y[m] = y[m] + part[:, (m - l) * d : (m - l + 1) * d]
+        return torch.stack(y)
+
+    def encode_normalized(self, xs: torch.Tensor) -> list[SparseCodes]:
+        with torch.no_grad():
+            return [select_topk(torch.addmm(self.b_enc[l], xs[l], self.W_enc[l].T), self.cfg.active)
+                    for l in range(self.cfg.n_layers)]  # fmt: skip
+
+    def forward_train(self, xs: torch.Tensor) -> MultiLayerOutput:
+        """Normalised sources [layer, batch, d] -> prediction [layer, batch, d], through the active entries."""
+        codes = self.encode_normalized(xs)
+        parts = [sparse_decode(xs[l], self.W_enc[l], self.b_enc[l], self.decoder(l), c) for l, c in enumerate(codes)]
+        return MultiLayerOutput(self._assemble(parts), codes)
+
+    def encode(self, xs_raw: torch.Tensor) -> torch.Tensor:
+        """Raw mlp_in [layer, batch, d] -> codes [layer, batch, features]."""
+        codes = self.encode_normalized(self.normalize_source(xs_raw))
+        return torch.stack([c.dense(self.cfg.n_features) for c in codes])
+
+    def decode(self, zs: torch.Tensor) -> torch.Tensor:
+        """Codes [layer, batch, features] -> raw mlp_out predictions [layer, batch, d]."""
+        return self.denormalize_target(self._assemble([zs[l] @ self.decoder(l) for l in range(self.cfg.n_layers)]))
+
+    def forward(self, xs_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw mlp_in [layer, batch, d] -> (raw mlp_out predictions [layer, batch, d], codes)."""
+        zs = self.encode(xs_raw)
+        return self.decode(zs), zs
+
+    def aux_loss(self, xs: torch.Tensor, ys: torch.Tensor, out: MultiLayerOutput, dead: torch.Tensor) -> torch.Tensor:
+        """AuxK per source layer: its top dead features reconstruct the residuals of every layer they write to."""
+        n, f, rows = self.cfg.n_layers, self.cfg.n_features, self.cfg.aux_rows
+        dead = dead.view(n, f)
+        loss = ys.new_zeros(())
+        for l in range(n):
+            ids = dead[l].nonzero().squeeze(1)
+            if not len(ids):
+                continue
+            x = xs[l, :rows]
+            target = (ys[l:, :rows] - out.y_hat[l:, :rows]).detach().transpose(0, 1).flatten(1)  # [rows, (n-l)*d]
+            with torch.no_grad():
+                pre = torch.addmm(self.b_enc[l, ids], x, self.W_enc[l, ids].T)
+                codes = select_topk(pre, min(self.cfg.aux_k or self.cfg.d // 2, len(ids)))
+            codes = codes._replace(features=ids[codes.features])
+            residual_hat = sparse_decode(x, self.W_enc[l], self.b_enc[l], self.decoder(l), codes)
+            y = ys[l:, :rows].transpose(0, 1).flatten(1)
+            variance = (y - y.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+            loss = loss + (residual_hat - target).pow(2).sum(-1).mean() / variance
+        return loss
+
+    def save(self, folder) -> None:
+        save_model(folder, self)
