@@ -1,14 +1,14 @@
 """MultiLayerTranscoder: Anthropic's cross-layer transcoder for the encoder's feed-forward blocks.
 
-Features of layer l read `encoder_layer_l.mlp_in` and write into `encoder_layer_m.mlp_out`
-for every m >= l; the prediction for layer m sums over the layers l <= m:
+Features of layer i read `encoder_layer_i.mlp_in` and write into `encoder_layer_m.mlp_out`
+for every m >= i; the prediction for layer m sums over the layers i <= m:
 
-    x_l   = norm_src_l(mlp_in_l)                                   [batch, d]
-    z_l   = topk(x_l @ W_enc[l]^T + b_enc[l])                      [batch, features]   (k per layer)
-    y_m   = b_dec[m] + sum_{l <= m} z_l @ W_dec[l][:, m - l]       [batch, d], normalised target space
+    x_i   = norm_src_i(mlp_in_i)                                   [batch, d]
+    z_i   = topk(x_i @ W_enc[i]^T + b_enc[i])                      [batch, features]   (k per layer)
+    y_m   = b_dec[m] + sum_{i <= m} z_i @ W_dec[i][:, m - i]       [batch, d], normalised target space
     mlp_out_m ~ norm_tgt_m^-1(y_m)
 
-W_dec[l] is [features, n_layers - l, d]: each feature's decoder rows into its own and every
+W_dec[i] is [features, n_layers - i, d]: each feature's decoder rows into its own and every
 later layer, kept at unit norm together (the norm summed across the layers it writes to).
 Training decodes from the active entries only (clt.sparse), one call per source layer.
 """
@@ -96,7 +96,7 @@ class MultiLayerTranscoder(nn.Module):
         n, d, f = cfg.n_layers, cfg.d, cfg.n_features
         self.W_enc = nn.Parameter(torch.randn(n, f, d) / d**0.5)  # [layer, features, d]
         self.b_enc = nn.Parameter(torch.zeros(n, f))
-        self.W_dec = nn.ParameterList(nn.Parameter(torch.randn(f, n - l, d)) for l in range(n))  # [features, m>=l, d]
+        self.W_dec = nn.ParameterList(nn.Parameter(torch.randn(f, n - i, d)) for i in range(n))  # [features, m>=i, d]
         self.b_dec = nn.Parameter(torch.zeros(n, d))
         self.normalize_decoder()
         for side in ("src", "tgt"):
@@ -140,20 +140,20 @@ class MultiLayerTranscoder(nn.Module):
         """Per source layer l a [batch, (n - l) * d] prediction -> y [layer, batch, d] with b_dec."""
         n, d = self.cfg.n_layers, self.cfg.d
         y = [self.b_dec[m].expand(parts[0].shape[0], d) for m in range(n)]
-        for l, part in enumerate(parts):
-            for m in range(l, n):
-                y[m] = y[m] + part[:, (m - l) * d : (m - l + 1) * d]
+        for i, part in enumerate(parts):
+            for m in range(i, n):
+                y[m] = y[m] + part[:, (m - i) * d : (m - i + 1) * d]
         return torch.stack(y)
 
     def encode_normalized(self, xs: torch.Tensor) -> list[SparseCodes]:
         with torch.no_grad():
-            return [select_topk(torch.addmm(self.b_enc[l], xs[l], self.W_enc[l].T), self.cfg.active)
-                    for l in range(self.cfg.n_layers)]  # fmt: skip
+            return [select_topk(torch.addmm(self.b_enc[i], xs[i], self.W_enc[i].T), self.cfg.active)
+                    for i in range(self.cfg.n_layers)]  # fmt: skip
 
     def forward_train(self, xs: torch.Tensor) -> MultiLayerOutput:
         """Normalised sources [layer, batch, d] -> prediction [layer, batch, d], through the active entries."""
         codes = self.encode_normalized(xs)
-        parts = [sparse_decode(xs[l], self.W_enc[l], self.b_enc[l], self.decoder(l), c) for l, c in enumerate(codes)]
+        parts = [sparse_decode(xs[i], self.W_enc[i], self.b_enc[i], self.decoder(i), c) for i, c in enumerate(codes)]
         return MultiLayerOutput(self._assemble(parts), codes)
 
     def encode(self, xs_raw: torch.Tensor) -> torch.Tensor:
@@ -163,7 +163,7 @@ class MultiLayerTranscoder(nn.Module):
 
     def decode(self, zs: torch.Tensor) -> torch.Tensor:
         """Codes [layer, batch, features] -> raw mlp_out predictions [layer, batch, d]."""
-        return self.denormalize_target(self._assemble([zs[l] @ self.decoder(l) for l in range(self.cfg.n_layers)]))
+        return self.denormalize_target(self._assemble([zs[i] @ self.decoder(i) for i in range(self.cfg.n_layers)]))
 
     def forward(self, xs_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw mlp_in [layer, batch, d] -> (raw mlp_out predictions [layer, batch, d], codes)."""
@@ -175,18 +175,18 @@ class MultiLayerTranscoder(nn.Module):
         n, f, rows = self.cfg.n_layers, self.cfg.n_features, self.cfg.aux_rows
         dead = dead.view(n, f)
         loss = ys.new_zeros(())
-        for l in range(n):
-            ids = dead[l].nonzero().squeeze(1)
+        for i in range(n):
+            ids = dead[i].nonzero().squeeze(1)
             if not len(ids):
                 continue
-            x = xs[l, :rows]
-            target = (ys[l:, :rows] - out.y_hat[l:, :rows]).detach().transpose(0, 1).flatten(1)  # [rows, (n-l)*d]
+            x = xs[i, :rows]
+            target = (ys[i:, :rows] - out.y_hat[i:, :rows]).detach().transpose(0, 1).flatten(1)  # [rows, (n-i)*d]
             with torch.no_grad():
-                pre = torch.addmm(self.b_enc[l, ids], x, self.W_enc[l, ids].T)
+                pre = torch.addmm(self.b_enc[i, ids], x, self.W_enc[i, ids].T)
                 codes = select_topk(pre, min(self.cfg.aux_k or self.cfg.d // 2, len(ids)))
             codes = codes._replace(features=ids[codes.features])
-            residual_hat = sparse_decode(x, self.W_enc[l], self.b_enc[l], self.decoder(l), codes)
-            y = ys[l:, :rows].transpose(0, 1).flatten(1)
+            residual_hat = sparse_decode(x, self.W_enc[i], self.b_enc[i], self.decoder(i), codes)
+            y = ys[i:, :rows].transpose(0, 1).flatten(1)
             variance = (y - y.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
             loss = loss + (residual_hat - target).pow(2).sum(-1).mean() / variance
         return loss

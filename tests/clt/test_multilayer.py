@@ -15,10 +15,10 @@ def _model(**kw):
 def _dense(model, xs):
     """The same map with dense codes and autograd through everything."""
     parts = []
-    for l in range(model.cfg.n_layers):
-        pre = torch.addmm(model.b_enc[l], xs[l], model.W_enc[l].T)
+    for i in range(model.cfg.n_layers):
+        pre = torch.addmm(model.b_enc[i], xs[i], model.W_enc[i].T)
         values, indices = pre.topk(model.cfg.active, dim=-1)
-        parts.append(torch.zeros_like(pre).scatter(-1, indices, F.relu(values)) @ model.decoder(l))
+        parts.append(torch.zeros_like(pre).scatter(-1, indices, F.relu(values)) @ model.decoder(i))
     return model._assemble(parts)
 
 
