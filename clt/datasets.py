@@ -133,3 +133,73 @@ class PairDataset:
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalised (x_src, x_tgt) validation batches (empty when val_ratio is 0)."""
         return self._pairs(self.val, 0, 0) if self.val is not None else iter(())
+
+
+MULTILAYER = "clt_multilayer"
+"""The run-folder name of multi-layer transcoders (trained on every layer's mlp_in -> mlp_out pair)."""
+
+ROW_ALIGNMENT = ("num_instances", "nodes_per_instance", "distribution", "seed", "checkpoint_sha256")
+
+
+def layer_pair_names(n_layers: int) -> list[str]:
+    """The per-layer pairs a multi-layer transcoder trains on: clt_L{i}.mlp_in_to_L{i}.mlp_out."""
+    return [f"clt_L{i}.mlp_in_to_L{i}.mlp_out" for i in range(n_layers)]
+
+
+class MultiLayerDataset:
+    """Every layer's (mlp_in, mlp_out) at once, from the per-layer pair dumps that one collection wrote row-aligned.
+
+    Batches are (xs, ys), each [layer, batch, d]; the split, shuffle, resume and rank slicing are PairDataset's.
+    """
+
+    def __init__(
+        self,
+        paths: list[str | Path],
+        batch_size: int = 1024,
+        val_ratio: float = 0.1,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.dumps = [open_pair(p) for p in paths]
+        self.dump = self.dumps[0]
+        for dump in self.dumps[1:]:
+            differ = [k for k in ROW_ALIGNMENT if dump.metadata.get(k) != self.dump.metadata.get(k)]
+            if differ:
+                raise ValueError(
+                    f"{dump.path} and {self.dump.path} were not collected together (they differ in {differ}): "
+                    "collect every layer's pair in one python -m clt.collect_pairs run"
+                )
+        self.train_ids, self.val_ids = split_instances(self.dump.num_instances, val_ratio, seed)
+        arrays = {}
+        for i, dump in enumerate(self.dumps):
+            arrays[f"sources_{i}"], arrays[f"targets_{i}"] = dump.arrays["sources"], dump.arrays["targets"]
+        n = self.dump.nodes_per_instance
+        self.train = RowStream(arrays, n, self.train_ids, batch_size, seed, rank=rank, world_size=world_size)
+        self.val = RowStream(arrays, n, self.val_ids, batch_size, seed) if len(self.val_ids) else None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.dumps)
+
+    @property
+    def d(self) -> int:
+        return self.dump.arrays["sources"].shape[1]
+
+    def statistics(self) -> list[torch.Tensor]:
+        """[layer, d] source means, source stds, target means, target stds."""
+        stats = [[torch.from_numpy(v) for v in (*d.stats("sources"), *d.stats("targets"))] for d in self.dumps]
+        return [torch.stack(column) for column in zip(*stats, strict=True)]
+
+    def _stacked(self, stream: RowStream, epoch: int, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in stream.epoch(epoch, start_step):
+            xs = torch.stack([batch[f"sources_{i}"] for i in range(self.n_layers)])
+            ys = torch.stack([batch[f"targets_{i}"] for i in range(self.n_layers)])
+            yield xs, ys
+
+    def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._stacked(self.train, epoch, start_step)
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """All validation rows (not sliced by rank: validation runs on rank 0)."""
+        return self._stacked(self.val, 0, 0) if self.val is not None else iter(())

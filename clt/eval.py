@@ -22,17 +22,19 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
 
-from clt.datasets import PairDataset, open_pair
+from clt.datasets import MULTILAYER, MultiLayerDataset, PairDataset, layer_pair_names, open_pair
 from clt.graph import GraphSource, build_graph, write_graph
-from clt.metrics import Reconstruction, reconstruction
+from clt.metrics import Reconstruction, layer_reconstructions, reconstruction
 from clt.model import CrossLayerTranscoder, load_transcoder
-from clt.splice import REPLACEMENTS, replacement, splice_metrics
+from clt.multilayer import MultiLayerTranscoder
+from clt.splice import REPLACEMENTS, multilayer_hooks, pair_hooks, replacement, splice_metrics
 from clt.train_transcoder import pair_name
 from policy.cli import command
 from policy.env import generate
@@ -140,6 +142,8 @@ def run(cfg: EvalConfig) -> dict:
     folder = find_transcoder(cfg)
     train_cfg = read_json(folder / "train_cfg.json")
     model = load_transcoder(folder).to(cfg.device)
+    if isinstance(model, MultiLayerTranscoder):
+        return run_multilayer(cfg, folder, train_cfg, model)
     dump = open_pair(train_cfg["dataset_path"])
     data = PairDataset(dump.path, 4096, train_cfg["val_ratio"], train_cfg["seed"])
     meta = dump.metadata
@@ -154,9 +158,11 @@ def run(cfg: EvalConfig) -> dict:
         hooked = HookedPolicy(policy.model)
         locs = generate(cfg.num_instances, meta["nodes_per_instance"], meta["distribution"], seed=cfg.seed)
         target_mean = torch.from_numpy(dump.stats("targets")[0]).float()
-        fns = {kind: replacement(kind, model, target_mean) for kind in REPLACEMENTS}
-        report["splice"] = splice_metrics(hooked, locs.to(cfg.device), meta["source_hook"], meta["target_hook"],
-                                          fns, cfg.batch_size)  # fmt: skip
+        source, target = meta["source_hook"], meta["target_hook"]
+        fns = {
+            kind: partial(pair_hooks, source, target, replacement(kind, model, target_mean)) for kind in REPLACEMENTS
+        }
+        report["splice"] = splice_metrics(hooked, locs.to(cfg.device), fns, cfg.batch_size)
         report["splice"]["instances"] = cfg.num_instances
     source_sae = target_sae = None
     if cfg.source_sae:
@@ -178,6 +184,35 @@ def run(cfg: EvalConfig) -> dict:
     return report
 
 
+def run_multilayer(cfg: EvalConfig, folder: Path, train_cfg: dict, model: MultiLayerTranscoder) -> dict:
+    """A multi-layer CLT: per-layer reconstruction, and splicing of every layer's mlp_out at once and of each alone."""
+    n = model.cfg.n_layers
+    paths = [Path(train_cfg["dataset_path"]).parent / name for name in layer_pair_names(n)]
+    data = MultiLayerDataset(paths, 4096, train_cfg["val_ratio"], train_cfg["seed"])
+    layers = layer_reconstructions(model, data.val_batches())
+    meta = data.dump.metadata
+    report = {"transcoder": str(folder), "pair": MULTILAYER, "layers": n, "features": model.feature_count,
+              "k": model.cfg.active, "activation": model.cfg.activation, "validation_rows": layers[0].rows,
+              "reconstruction": {f"L{i}": r.summary() for i, r in enumerate(layers)}}  # fmt: skip
+    if cfg.num_instances:
+        hooked = HookedPolicy(load_policy(meta["run_dir"], meta["checkpoint_epoch"], cfg.device).model)
+        locs = generate(cfg.num_instances, meta["nodes_per_instance"], meta["distribution"], seed=cfg.seed)
+        means = data.statistics()[2]
+        fns = {kind: partial(multilayer_hooks, model, kind, means) for kind in REPLACEMENTS}
+        fns.update(
+            {f"transcoder L{m} only": partial(multilayer_hooks, model, "transcoder", means, [m]) for m in range(n)}
+        )
+        report["splice"] = splice_metrics(hooked, locs.to(cfg.device), fns, cfg.batch_size)
+        report["splice"]["instances"] = cfg.num_instances
+    out = folder / "eval"
+    write_json(out / "features.json", {f"L{i}": {"frequency": r.frequency.tolist(),
+                                                 "mean_activation": r.mean_activation.tolist()}
+                                       for i, r in enumerate(layers)})  # fmt: skip
+    report["config"] = asdict(cfg)
+    write_json(out / "metrics.json", report)
+    return report
+
+
 def _check_sae_widths(model: CrossLayerTranscoder, source_sae, target_sae) -> None:
     if source_sae and source_sae[1].cfg.d_in != model.cfg.d_in:
         raise ValueError(f"the source SAE reads width {source_sae[1].cfg.d_in}, the transcoder {model.cfg.d_in}")
@@ -188,22 +223,32 @@ def _check_sae_widths(model: CrossLayerTranscoder, source_sae, target_sae) -> No
 
 
 def format_report(report: dict) -> str:
-    r = report["reconstruction"]
-    lines = [
-        f"{report['pair']} ({report['activation']}, {report['features']} features, k={report['k']}): "
-        f"FVU {r['fvu']:.4f}, mean R^2 per channel {r['r2_per_dim_mean']:.4f}, cosine {r['cosine']:.4f}, "
-        f"L0 {r['l0']:.1f}, dead {r['dead_fraction']:.1%}, rare {r['rare_fraction']:.1%}"
-    ]
+    if report["pair"] == MULTILAYER:
+        lines = [
+            f"multi-layer CLT ({report['layers']} layers, {report['features']} features, k={report['k']} per layer):"
+        ]
+        lines += [
+            f"  {layer}: FVU {r['fvu']:.4f}, cosine {r['cosine']:.4f}, L0 {r['l0']:.1f}, dead {r['dead_fraction']:.1%}"
+            for layer, r in report["reconstruction"].items()
+        ]
+    else:
+        r = report["reconstruction"]
+        lines = [
+            f"{report['pair']} ({report['activation']}, {report['features']} features, k={report['k']}): "
+            f"FVU {r['fvu']:.4f}, mean R^2 per channel {r['r2_per_dim_mean']:.4f}, cosine {r['cosine']:.4f}, "
+            f"L0 {r['l0']:.1f}, dead {r['dead_fraction']:.1%}, rare {r['rare_fraction']:.1%}"
+        ]
     splice = report.get("splice")
     if splice:
         lines.append(
             f"splicing on {splice['instances']} instances, "
             f"original mean length {splice['original']['mean_length']:.4f}:"
         )
-        lines.append(f"  {'replacement':<18}{'length':>9}{'gap':>9}{'agree':>9}{'KL':>10}{'same tour':>11}")
-        for kind in REPLACEMENTS:
-            s = splice[kind]
-            lines.append(f"  {kind:<18}{s['mean_length']:>9.4f}{s['gap']:>9.2%}{s['action_agreement']:>9.2%}"
+        lines.append(f"  {'replacement':<22}{'length':>9}{'gap':>9}{'agree':>9}{'KL':>10}{'same tour':>11}")
+        for kind, s in splice.items():
+            if kind in ("original", "instances"):
+                continue
+            lines.append(f"  {kind:<22}{s['mean_length']:>9.4f}{s['gap']:>9.2%}{s['action_agreement']:>9.2%}"
                          f"{s['mean_kl']:>10.4f}{s['same_tour_fraction']:>11.1%}")  # fmt: skip
         lines.append(
             f"  transcoder recovers {splice['transcoder'].get('recovered', float('nan')):.1%}"

@@ -48,32 +48,51 @@ class Reconstruction:
 
 
 @torch.no_grad()
-def reconstruction(model: CrossLayerTranscoder, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Reconstruction:
-    """Stream raw (x_src, x_tgt) batches through the model in eval mode."""
+def layer_reconstructions(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[Reconstruction]:
+    """Stream raw (source, target) batches through the model in eval mode; one Reconstruction per target layer.
+
+    A pairwise transcoder maps [batch, d_in] -> [batch, d_out] (one layer); a multi-layer one maps
+    [layer, batch, d] -> [layer, batch, d], its codes [layer, batch, features].
+    """
     was_training = model.training
     model.eval()
     device = model.b_dec.device
-    d_out, f = model.cfg.d_out, model.cfg.n_features
-    sse, y_sum, y_sq = (torch.zeros(d_out, dtype=torch.float64, device=device) for _ in range(3))
-    counts, z_sum = (
-        torch.zeros(f, dtype=torch.float64, device=device),
-        torch.zeros(f, dtype=torch.float64, device=device),
-    )
-    rows, cosine, active = 0, 0.0, 0.0
+    totals: dict[str, torch.Tensor] = {}
+    rows = 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         y_hat, z = model(x)
-        sse += (y_hat - y).double().pow(2).sum(0)
-        y_sum += y.double().sum(0)
-        y_sq += y.double().pow(2).sum(0)
-        counts += (z != 0).sum(0)
-        z_sum += z.double().sum(0)
-        cosine += torch.nn.functional.cosine_similarity(y_hat, y, dim=-1).sum().item()
-        active += (z != 0).sum().item()
-        rows += x.shape[0]
+        if y.dim() == 2:  # pairwise: one layer
+            y, y_hat, z = y[None], y_hat[None], z[None]
+        parts = {
+            "sse": (y_hat - y).double().pow(2).sum(1),  # [layer, d]
+            "y_sum": y.double().sum(1),
+            "y_sq": y.double().pow(2).sum(1),
+            "counts": (z != 0).double().sum(1),  # [layer, features]
+            "z_sum": z.double().sum(1),
+            "cosine": torch.nn.functional.cosine_similarity(y_hat, y, dim=-1).double().sum(1),  # [layer]
+        }
+        totals = {k: totals[k] + v if k in totals else v for k, v in parts.items()}
+        rows += y.shape[1]
     model.train(was_training)
     if rows == 0:
         raise ValueError("no rows to evaluate (is the validation split empty?)")
-    sst = y_sq - y_sum.pow(2) / rows
-    return Reconstruction(rows, sse.cpu().numpy(), sst.cpu().numpy(), cosine / rows, active / rows,
-                          (counts / rows).cpu().numpy(), (z_sum / rows).cpu().numpy())  # fmt: skip
+    t = {k: v.cpu().numpy() for k, v in totals.items()}
+    sst = t["y_sq"] - t["y_sum"] ** 2 / rows
+    return [
+        Reconstruction(
+            rows,
+            t["sse"][i],
+            sst[i],
+            float(t["cosine"][i] / rows),
+            float(t["counts"][i].sum() / rows),
+            t["counts"][i] / rows,
+            t["z_sum"][i] / rows,
+        )  # fmt: skip
+        for i in range(len(sst))
+    ]
+
+
+def reconstruction(model: CrossLayerTranscoder, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Reconstruction:
+    """A pairwise transcoder's reconstruction over raw (x_src, x_tgt) batches."""
+    return layer_reconstructions(model, batches)[0]

@@ -228,6 +228,10 @@ class CrossLayerTranscoder(nn.Module):
         return self.W_enc if self.cfg.tied else self.W_dec
 
     @property
+    def feature_count(self) -> int:
+        return self.cfg.n_features
+
+    @property
     def unit_norm_decoder(self) -> bool:
         """Whether decoder rows are held at unit norm (topk/batchtopk, untied: the scale lives in z)."""
         return self.cfg.activation in ("topk", "batchtopk") and not self.cfg.tied
@@ -236,6 +240,17 @@ class CrossLayerTranscoder(nn.Module):
     def sparse_training(self) -> bool:
         """Whether `forward_train` takes the sparse path (topk/batchtopk without an L1 term on z)."""
         return self.cfg.activation in ("topk", "batchtopk") and self.cfg.l1_coef == 0
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Decoder rows back to unit norm (after an optimizer step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Project out the part of W_dec's gradient that would change its row norms."""
+        if self.W_dec.grad is not None:
+            self.W_dec.grad.sub_((self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True) * self.W_dec)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:  # [batch, features]
         return torch.addmm(self.b_enc, x, self.W_enc.T)

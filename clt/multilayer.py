@@ -121,6 +121,18 @@ class MultiLayerTranscoder(nn.Module):
     def denormalize_target(self, ys: torch.Tensor) -> torch.Tensor:
         return denormalize(ys, self.tgt_mean[:, None], self.tgt_std[:, None], self.cfg.normalize_target)
 
+    unit_norm_decoder = True
+
+    @property
+    def feature_count(self) -> int:
+        return self.cfg.n_layers * self.cfg.n_features
+
+    def sparsity_loss(self, out: MultiLayerOutput) -> torch.Tensor:
+        return out.y_hat.new_zeros(())  # topk: sparse by construction
+
+    def dictionary_loss(self) -> torch.Tensor:
+        return self.b_dec.new_zeros(())
+
     def decoder(self, layer: int) -> torch.Tensor:  # [features, (n_layers - layer) * d]
         return self.W_dec[layer].flatten(1)
 
@@ -169,6 +181,17 @@ class MultiLayerTranscoder(nn.Module):
         """Raw mlp_in [layer, batch, d] -> (raw mlp_out predictions [layer, batch, d], codes)."""
         zs = self.encode(xs_raw)
         return self.decode(zs), zs
+
+    @torch.no_grad()
+    def predict_layer(self, xs_raw: list[torch.Tensor], m: int) -> torch.Tensor:
+        """Raw mlp_out of layer m [rows, d] from the raw mlp_in of layers 0..m (a list of [rows, d])."""
+        d = self.cfg.d
+        y = self.b_dec[m].expand(xs_raw[0].shape[0], d)
+        for i in range(m + 1):
+            x = normalize(xs_raw[i], self.src_mean[i], self.src_std[i], self.cfg.normalize_source)
+            z = select_topk(torch.addmm(self.b_enc[i], x, self.W_enc[i].T), self.cfg.active).dense(self.cfg.n_features)
+            y = y + z @ self.W_dec[i][:, m - i]
+        return denormalize(y, self.tgt_mean[m], self.tgt_std[m], self.cfg.normalize_target)
 
     def aux_loss(self, xs: torch.Tensor, ys: torch.Tensor, out: MultiLayerOutput, dead: torch.Tensor) -> torch.Tensor:
         """AuxK per source layer: its top dead features reconstruct the residuals of every layer they write to."""

@@ -25,8 +25,9 @@ from collections.abc import Callable
 import torch
 
 from clt.model import CrossLayerTranscoder
+from clt.multilayer import MultiLayerTranscoder
 from policy.env import tour_length
-from sae.hooks import HookedPolicy
+from sae.hooks import HookedPolicy, HookFn
 
 REPLACEMENTS = ("transcoder", "transcoder+error", "mean", "zero")
 
@@ -51,15 +52,8 @@ def replacement(kind: str, transcoder: CrossLayerTranscoder, target_mean: torch.
     raise ValueError(f"replacement must be one of {REPLACEMENTS}, got {kind!r}")
 
 
-def spliced_rollout(
-    hooked: HookedPolicy,
-    locs: torch.Tensor,
-    source_hook: str,
-    target_hook: str,
-    replace: Replacement,
-    **rollout,
-):
-    """A rollout with the target hook's output replaced by `replace(live source, live target)`."""
+def pair_hooks(source_hook: str, target_hook: str, replace: Replacement) -> dict[str, HookFn]:
+    """Hooks for one rollout: the source hook records, the target hook returns `replace(live source, live target)`."""
     live: dict[str, torch.Tensor] = {}
 
     def record(x: torch.Tensor, name: str) -> None:
@@ -68,19 +62,53 @@ def spliced_rollout(
     def swap(x: torch.Tensor, name: str) -> torch.Tensor:
         return replace(live["source"], x)
 
-    return hooked.run_with_hooks(locs, {source_hook: record, target_hook: swap}, **rollout)
+    return {source_hook: record, target_hook: swap}
+
+
+def multilayer_hooks(
+    model: MultiLayerTranscoder, kind: str, target_means: torch.Tensor, layers: list[int] | None = None
+) -> dict[str, HookFn]:
+    """Hooks for one rollout that replace every layer's mlp_out (or only `layers`) at once.
+
+    Each mlp_in is recorded as the forward pass reaches it, so layer m's prediction reads the
+    live mlp_in of layers 0..m. `kind` as for pairs; `mean` uses each layer's target mean.
+    """
+    if kind not in REPLACEMENTS:
+        raise ValueError(f"replacement must be one of {REPLACEMENTS}, got {kind!r}")
+    live: dict[int, torch.Tensor] = {}
+    n = model.cfg.n_layers
+
+    def record(x: torch.Tensor, name: str) -> None:
+        live[int(name.split(".")[0].rsplit("_", 1)[1])] = x
+
+    def swap(y: torch.Tensor, name: str) -> torch.Tensor | None:
+        m = int(name.split(".")[0].rsplit("_", 1)[1])
+        if layers is not None and m not in layers:
+            return None
+        if kind == "mean":
+            return target_means[m].to(y).expand_as(y)
+        if kind == "zero":
+            return torch.zeros_like(y)
+        rows = [live[i].reshape(-1, y.shape[-1]) for i in range(m + 1)]
+        y_hat = model.predict_layer(rows, m).reshape(y.shape)
+        return y_hat if kind == "transcoder" else y_hat + (y - y_hat)
+
+    return {**{f"encoder_layer_{i}.mlp_in": record for i in range(n)},
+            **{f"encoder_layer_{i}.mlp_out": swap for i in range(n)}}  # fmt: skip
 
 
 @torch.no_grad()
 def splice_metrics(
     hooked: HookedPolicy,
     locs: torch.Tensor,
-    source_hook: str,
-    target_hook: str,
-    replacements: dict[str, Replacement],
+    replacements: dict[str, Callable[[], dict[str, HookFn]]],
     batch_size: int = 256,
 ) -> dict[str, dict[str, float]]:
-    """Tour length, gap, action agreement and KL for the original policy and each replacement."""
+    """Tour length, gap, action agreement and KL for the original policy and each replacement.
+
+    `replacements` maps a name to a function that makes one rollout's hooks (pair_hooks,
+    multilayer_hooks); `recovered` is reported for `transcoder` when `mean` is there too.
+    """
     sums: dict[str, dict[str, float]] = {name: {} for name in ["original", *replacements]}
 
     def add(name: str, key: str, value: float) -> None:
@@ -93,12 +121,13 @@ def splice_metrics(
         log_p = original.log_probs  # [batch, 1, step, node]
         p = log_p.exp()
         steps += log_p.shape[0] * log_p.shape[2]
-        for name, replace in replacements.items():
-            free = spliced_rollout(hooked, batch, source_hook, target_hook, replace)
+        for name, make_hooks in replacements.items():
+            free = hooked.run_with_hooks(batch, make_hooks())
             add(name, "length", tour_length(batch, free.actions[:, 0]).sum().item())
             add(name, "same_tour", (free.actions == original.actions).all(-1).sum().item())
-            forced = spliced_rollout(hooked, batch, source_hook, target_hook, replace, actions=original.actions,
-                                     return_log_probs=True).log_probs  # fmt: skip
+            forced = hooked.run_with_hooks(
+                batch, make_hooks(), actions=original.actions, return_log_probs=True
+            ).log_probs
             add(name, "agreement", (forced.argmax(-1) == log_p.argmax(-1)).sum().item())
             kl = torch.where(p > 0, p * (log_p - forced), torch.zeros_like(p)).sum(-1)  # [batch, 1, step]
             add(name, "kl", kl.sum().item())

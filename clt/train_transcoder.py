@@ -33,10 +33,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from clt.datasets import NORMALIZATIONS, PairDataset, find_pair
+from clt.datasets import MULTILAYER, NORMALIZATIONS, MultiLayerDataset, PairDataset, find_pair, layer_pair_names
 from clt.inspect_pairs import inspect_pair
-from clt.metrics import reconstruction
+from clt.metrics import layer_reconstructions
 from clt.model import ACTIVATIONS, CrossLayerTranscoder, Penalty, TranscoderConfig
+from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.pairs import parse_pairs
 from policy.cli import command
 from policy.io import read_json, write_json
@@ -59,6 +60,8 @@ from sae.trainer import DictionaryTrainer
 
 log = logging.getLogger(__name__)
 
+Transcoder = CrossLayerTranscoder | MultiLayerTranscoder
+
 INITS = ("random", "data")
 
 
@@ -67,7 +70,8 @@ class TranscoderTrainConfig:
     run_dir: str
     """Run folder or name under runs/."""
     pair: str
-    """Pair name (clt_L0_to_L1) or spec (encoder_layer_0:encoder_layer_1), collected by clt.collect_pairs."""
+    """Pair name (clt_L0_to_L1) or spec (encoder_layer_0:encoder_layer_1), collected by clt.collect_pairs;
+    `clt_multilayer` for a multi-layer CLT over every layer's clt_L<i>.mlp_in_to_L<i>.mlp_out pair."""
     expansion_factor: int = 8
     """Features = expansion_factor * d_src."""
     k: int | None = None
@@ -156,13 +160,20 @@ class TranscoderTrainConfig:
             normalize_source=self.normalize_source, normalize_target=self.normalize_target,
         )  # fmt: skip
 
+    def multilayer_config(self, n_layers: int, d: int) -> MultiLayerConfig:
+        if self.activation != "topk" or self.tied or self.skip or self.init != "random":
+            raise ValueError("the multi-layer transcoder trains topk features, untied, without skip or --init data")
+        return MultiLayerConfig(n_layers, d, self.expansion_factor, self.k, self.k_ratio, aux_coef=self.aux_coef,
+                                dead_tokens=self.dead_tokens, normalize_source=self.normalize_source,
+                                normalize_target=self.normalize_target)  # fmt: skip
+
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "penalties"}
 
 
 def pair_name(run_dir: Path, pair: str) -> str:
     """A pair name from a name or a `source:target` spec (checked against the policy's hooks)."""
-    if ":" not in pair:
+    if ":" not in pair:  # a name, or clt_multilayer for a multi-layer transcoder over every layer's mlp pair
         return check_name(pair, "pair name")
     hooks = HookedPolicy(AttentionModel(read_config(run_dir).policy)).hook_names()
     return parse_pairs(pair, hooks)[0].name
@@ -180,13 +191,21 @@ def pair_path(run_dir: Path, pair: str, root: Path | None) -> Path:
     return path
 
 
-def evaluate(model: CrossLayerTranscoder, data: PairDataset) -> tuple[dict, np.ndarray]:
-    """Validation metrics on raw targets (val/fvu, val/l0, ...), and how often each feature fired."""
+def evaluate(model: Transcoder, data: PairDataset | MultiLayerDataset) -> tuple[dict, np.ndarray]:
+    """Validation metrics on raw targets (val/fvu, val/l0, ...; per layer val/fvu_L<i>, ... for a multi-layer
+    transcoder, whose val/fvu is the mean over layers and val/l0 the sum), and how often each feature fired."""
     if data.val is None:
         return {}, np.zeros(0)
-    result = reconstruction(model, data.val_batches())
+    layers = layer_reconstructions(model, data.val_batches())
     keep = ("fvu", "mse", "l0", "dead_fraction", "cosine", "r2_per_dim_mean")
-    return {f"val/{k}": v for k, v in result.summary().items() if k in keep}, result.frequency
+    per_layer = [{k: v for k, v in r.summary().items() if k in keep} for r in layers]
+    frequency = np.concatenate([r.frequency for r in layers])
+    if len(layers) == 1:
+        return {f"val/{k}": v for k, v in per_layer[0].items()}, frequency
+    metrics = {f"val/{k}": float(np.mean([m[k] for m in per_layer])) for k in keep}
+    metrics["val/l0"] = sum(m["l0"] for m in per_layer)
+    metrics.update({f"val/{k}_L{i}": m[k] for i, m in enumerate(per_layer) for k in ("fvu", "l0", "dead_fraction")})
+    return metrics, frequency
 
 
 class TranscoderTrainer(DictionaryTrainer):
@@ -215,7 +234,7 @@ class TranscoderTrainer(DictionaryTrainer):
         self.steps_per_epoch = steps
         self.device = model.b_dec.device
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        self.rows_since_fired = torch.zeros(model.cfg.n_features, dtype=torch.long, device=self.device)
+        self.rows_since_fired = torch.zeros(model.feature_count, dtype=torch.long, device=self.device)
         self.logger: RunLogger | None = None
 
     def batches(self, epoch: int, start_step: int):
@@ -282,14 +301,20 @@ def train_step(
     (the first rows of the global batch, as in one process). `penalties` are added on every rank.
     """
     x, y = model.normalize_source(x_raw), model.normalize_target(y_raw)
+    layered = y.dim() == 3  # a multi-layer transcoder: [layer, batch, d], one FVU per layer, summed
+    y3 = y if layered else y[None]
+    local_rows = y3.shape[1]
     dead = rows_since_fired > model.cfg.dead_tokens
-    moments = all_reduce_sum(torch.cat([x.new_tensor([len(x)]), y.sum(0), y.pow(2).sum().view(1)]).double(), dist)
-    rows = moments[0].item()  # of the global batch
-    variance = ((moments[-1] - moments[1:-1].pow(2).sum() / rows) / rows).clamp_min(1e-12).item()
+    moments = torch.cat([y3.new_full((len(y3), 1), local_rows), y3.sum(1), y3.pow(2).sum((1, 2))[:, None]], dim=1)
+    moments = all_reduce_sum(moments.double(), dist)  # [layer, 1 + d + 1] over the global batch
+    rows = moments[0, 0].item()
+    variance = ((moments[:, -1] - moments[:, 1:-1].pow(2).sum(1) / rows) / rows).clamp_min(1e-12).float()  # [layer]
     out, aux = (forward or TrainingForward(model))(x, y, dead, with_aux=dist.is_main)
-    err_sum = (out.y_hat - y).pow(2).sum()
+    err_sum = ((out.y_hat if layered else out.y_hat[None]) - y3).pow(2).sum((1, 2))  # [layer]
     weight = dist.world_size / rows  # DDP averages gradients over ranks
-    loss = weight * err_sum / variance + weight * len(x) * model.sparsity_loss(out) + model.dictionary_loss()
+    loss = (
+        weight * (err_sum / variance).sum() + weight * local_rows * model.sparsity_loss(out) + model.dictionary_loss()
+    )
     loss = loss + dist.world_size * model.cfg.aux_coef * aux
     for penalty in penalties:
         loss = loss + penalty(model, out)
@@ -298,21 +323,21 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if model.unit_norm_decoder:
-        with torch.no_grad():
-            w, g = model.W_dec, model.W_dec.grad
-            g.sub_((g * w).sum(dim=1, keepdim=True) * w)  # keep the step tangent to the unit rows
+        model.remove_parallel_gradient()  # keep the step tangent to the unit rows
     optimizer.step()
     if model.unit_norm_decoder:
-        with torch.no_grad():
-            model.W_dec.div_(model.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        model.normalize_decoder()
     fired = out.fired(model.cfg.n_features).double()
-    counts = torch.cat([err_sum.detach().double().view(1), fired.new_tensor([out.l0() * len(x)]), fired])
+    counts = torch.cat([err_sum.detach().double(), fired.new_tensor([out.l0() * local_rows]), fired])
     counts = all_reduce_sum(counts, dist)
     rows_since_fired += int(rows)
-    rows_since_fired[counts[2:] > 0] = 0
-    fvu = counts[0].item() / rows / variance
-    return {"loss": loss.item(), "fvu": fvu, "mse": fvu * variance / model.cfg.d_out, "aux_loss": aux.item(),
-            "l0": counts[1].item() / rows, "dead_fraction": dead.float().mean().item()}  # fmt: skip
+    rows_since_fired[counts[len(y3) + 1 :] > 0] = 0
+    fvu = (counts[: len(y3)] / rows / variance.double()).tolist()
+    stats = {"loss": loss.item(), "fvu": sum(fvu) / len(fvu), "aux_loss": aux.item(),
+             "l0": counts[len(y3)].item() / rows, "dead_fraction": dead.float().mean().item()}  # fmt: skip
+    if layered:
+        stats.update({f"fvu_L{i}": v for i, v in enumerate(fvu)})
+    return stats
 
 
 def run(cfg: TranscoderTrainConfig, resume: bool = False) -> Path:
@@ -337,14 +362,25 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo) -> Path:
         cfg = TranscoderTrainConfig(**{**saved, **keep})
     else:
         out_dir = broadcast_from_main(new_run_folder(pair_dir), info)
-    path = pair_path(run_dir, cfg.pair, Path(cfg.activations_root) if cfg.activations_root else None)
-    data = PairDataset(path, cfg.batch_size, cfg.val_ratio, cfg.seed, rank=info.rank, world_size=info.world_size)
-    val_data = PairDataset(path, cfg.batch_size, cfg.val_ratio, cfg.seed) if info.enabled else data
-    torch.manual_seed(cfg.seed)
-    model = CrossLayerTranscoder(cfg.model_config(data.d_src, data.d_tgt))
-    model.set_statistics(*data.dump.stats("sources"), *data.dump.stats("targets"))
-    if cfg.init == "data" and not resume:
-        model.init_encoder_from(next(val_data.train_batches(0))[0], torch.Generator().manual_seed(cfg.seed))
+    root = Path(cfg.activations_root) if cfg.activations_root else None
+    split = (cfg.batch_size, cfg.val_ratio, cfg.seed)
+    if cfg.pair == MULTILAYER:
+        n_layers = read_config(run_dir).policy.num_encoder_layers
+        paths = [pair_path(run_dir, name, root) for name in layer_pair_names(n_layers)]
+        data = MultiLayerDataset(paths, *split, rank=info.rank, world_size=info.world_size)
+        val_data = MultiLayerDataset(paths, *split) if info.enabled else data
+        torch.manual_seed(cfg.seed)
+        model = MultiLayerTranscoder(cfg.multilayer_config(n_layers, data.d))
+        model.set_statistics(*data.statistics())
+    else:
+        path = pair_path(run_dir, cfg.pair, root)
+        data = PairDataset(path, *split, rank=info.rank, world_size=info.world_size)
+        val_data = PairDataset(path, *split) if info.enabled else data
+        torch.manual_seed(cfg.seed)
+        model = CrossLayerTranscoder(cfg.model_config(data.d_src, data.d_tgt))
+        model.set_statistics(*data.dump.stats("sources"), *data.dump.stats("targets"))
+        if cfg.init == "data" and not resume:
+            model.init_encoder_from(next(val_data.train_batches(0))[0], torch.Generator().manual_seed(cfg.seed))
     model.to(cfg.device)
     trainer = TranscoderTrainer(cfg, out_dir, model, data, val_data, info)
     if resume:
@@ -364,10 +400,13 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo) -> Path:
     if info.is_main:
         model.save(out_dir)
         metrics, _ = evaluate(model, val_data)
-        ridge = inspect_pair(data.dump, cfg.val_ratio, cfg.seed)["ridge"] or {}
-        summary = {"pair": cfg.pair, "features": model.cfg.n_features, "k": model.cfg.active,
+        dumps = val_data.dumps if isinstance(val_data, MultiLayerDataset) else [val_data.dump]
+        ridges = [(inspect_pair(d, cfg.val_ratio, cfg.seed)["ridge"] or {}).get("fvu") for d in dumps]
+        summary = {"pair": cfg.pair, "features": model.feature_count, "k": model.cfg.active,
                    "activation": cfg.activation, "steps": trainer.position.global_step, "ranks": info.world_size,
-                   **metrics, "ridge_val_fvu": ridge.get("fvu")}  # fmt: skip
+                   **metrics, "ridge_val_fvu": float(np.mean(ridges)) if None not in ridges else None}  # fmt: skip
+        if len(ridges) > 1:
+            summary.update({f"ridge_val_fvu_L{i}": r for i, r in enumerate(ridges)})
         write_json(out_dir / "summary.json", summary)
     return out_dir
 
@@ -383,7 +422,8 @@ def format_summary(summary: dict) -> str:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--run_dir", required=True, help="Run folder, or a run name under runs/.")
-@click.option("--pair", required=True, help="Pair name (clt_L0_to_L1) or source:target hooks, as collected.")
+@click.option("--pair", default=None, help="Pair name (clt_L0_to_L1) or source:target hooks, as collected.")
+@click.option("--multilayer", is_flag=True, help="Train a multi-layer CLT on every layer's mlp_in -> mlp_out pair.")
 @click.option("--expansion_factor", default=8, help="Features = expansion_factor x d_src.")
 @click.option("--k", default=None, type=int, help="Active features per row [default: 16 unless --k_ratio].")
 @click.option("--k_ratio", default=None, type=float, help="Fraction of features active per row (instead of --k).")
@@ -418,10 +458,13 @@ def format_summary(summary: dict) -> str:
 @click.option(
     "--wandb_mode", default="auto", type=click.Choice(WANDB_MODES), help="auto = offline without credentials."
 )
-def main(resume, **options):
-    """Train a sparse transcoder from a pair's source activations to its target activations."""
+def main(resume, multilayer, **options):
+    """Train a sparse transcoder from a pair's source activations to its target activations,
+    or (--multilayer) a cross-layer transcoder over every layer's feed-forward block."""
     with command():
-        out_dir = run(TranscoderTrainConfig(**options), resume=resume)
+        if multilayer == (options["pair"] is not None):
+            raise click.UsageError("give --pair, or --multilayer")
+        out_dir = run(TranscoderTrainConfig(**{**options, "pair": options["pair"] or MULTILAYER}), resume=resume)
     if is_main_process():
         click.echo(format_summary(read_json(out_dir / "summary.json")))
         click.echo(f"transcoder saved in {out_dir}")

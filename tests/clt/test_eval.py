@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from clt import collect_pairs as collect_cli
 from clt import eval as eval_cli
 from clt.graph import GraphSource, build_graph, read_edges_csv, read_graph, write_graph
 from clt.model import CrossLayerTranscoder, TranscoderConfig
-from clt.splice import replacement, splice_metrics
+from clt.splice import pair_hooks, replacement, splice_metrics
 from clt.train_transcoder import TranscoderTrainConfig
 from clt.train_transcoder import run as train
 from policy.env import generate
@@ -45,8 +46,8 @@ def trained(tiny_run, tmp_path_factory):
 
 def _splice(run_dir, model, target_mean, kinds):
     hooked = HookedPolicy(load_policy(run_dir).model)
-    fns = {kind: replacement(kind, model, target_mean) for kind in kinds}
-    return splice_metrics(hooked, generate(24, 10, seed=5), SOURCE, TARGET, fns, batch_size=10)
+    fns = {kind: partial(pair_hooks, SOURCE, TARGET, replacement(kind, model, target_mean)) for kind in kinds}
+    return splice_metrics(hooked, generate(24, 10, seed=5), fns, batch_size=10)
 
 
 def test_error_term_reproduces_the_original_tours(trained):

@@ -1,10 +1,24 @@
 """MultiLayerTranscoder: shapes, the sparse training path against autograd through the dense map, AuxK, save/load."""
 
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
 import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
+from clt import collect_pairs as collect_cli
+from clt import train_transcoder as train_cli
 from clt.model import load_transcoder
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
+from clt.train_transcoder import TranscoderTrainer
 
 
 def _model(**kw):
@@ -63,3 +77,99 @@ def test_save_and_load_round_trip(tmp_path):
     assert isinstance(loaded, MultiLayerTranscoder) and loaded.cfg == model.cfg
     xs = torch.randn(3, 4, 6)
     torch.testing.assert_close(loaded(xs)[0], model(xs)[0])
+
+
+@pytest.fixture(scope="module")
+def layers_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run (2 layers) with both layers' mlp_in -> mlp_out pairs collected in one pass."""
+    run_dir = tmp_path_factory.mktemp("multilayer") / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    pairs = "encoder_layer_0.mlp_in:encoder_layer_0.mlp_out,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
+    args = ["--run_dir", str(run_dir), "--layer_pairs", pairs, "--num_instances_per_pair", "60"]
+    assert CliRunner().invoke(collect_cli.main, args).exit_code == 0
+    return run_dir
+
+
+def _cli(run_dir, *extra):
+    args = ["--run_dir", str(run_dir), "--multilayer", "--expansion_factor", "2", "--k", "3", "--batch_size", "64",
+            "--num_epochs", "2", "--state_every", "2", "--wandb_mode", "disabled", *map(str, extra)]  # fmt: skip
+    return CliRunner().invoke(train_cli.main, args)
+
+
+def test_multilayer_cli_trains_logs_per_layer_and_resumes_exactly(layers_run, monkeypatch):
+    result = _cli(layers_run)
+    assert result.exit_code == 0, result.output
+    assert "clt_multilayer: validation FVU" in result.output
+    runs = sorted((layers_run / "clt" / "clt_runs" / "clt_multilayer").iterdir())
+    full = runs[-1]
+    model = load_transcoder(full)
+    assert isinstance(model, MultiLayerTranscoder) and model.cfg.n_layers == 2 and model.cfg.k == 3
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["val/l0"] == 6 and {"val/fvu_L0", "val/fvu_L1", "ridge_val_fvu_L0", "ridge_val_fvu_L1"} <= set(
+        summary
+    )
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/fvu_L1" in r and "val/dead_fraction_L0" in r for r in records)
+    real, calls = TranscoderTrainer.train_step, {"n": 0}
+
+    def interrupt(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, batch)
+
+    monkeypatch.setattr(TranscoderTrainer, "train_step", interrupt)
+    assert _cli(layers_run).exit_code == 130
+    monkeypatch.undo()
+    assert _cli(layers_run, "--resume").exit_code == 0
+    resumed = sorted((layers_run / "clt" / "clt_runs" / "clt_multilayer").iterdir())[-1]
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_multilayer_cli_errors(layers_run):
+    result = _cli(layers_run, "--pair", "clt_L0_to_L1")
+    assert result.exit_code == 2 and "give --pair, or --multilayer" in result.output
+    result = _cli(layers_run, "--activation", "jumprelu")
+    assert result.exit_code == 1 and "multi-layer transcoder trains topk" in result.output
+
+
+def test_whole_model_splice_reproduces_tours_with_error_terms(layers_run):
+    from clt import eval as eval_cli
+    from clt.train_transcoder import TranscoderTrainConfig, run
+
+    folder = run(TranscoderTrainConfig(str(layers_run), "clt_multilayer", expansion_factor=2, k=3, batch_size=64,
+                                       num_epochs=1, wandb_mode="disabled"))  # fmt: skip
+    args = ["--clt_dir", str(folder), "--num_instances", "12", "--batch_size", "6", "--json"]
+    result = CliRunner().invoke(eval_cli.main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert set(report["reconstruction"]) == {"L0", "L1"}
+    splice = report["splice"]
+    exact = splice["transcoder+error"]
+    assert exact["same_tour_fraction"] == 1.0 and exact["action_agreement"] == 1.0 and exact["mean_kl"] < 1e-6
+    assert {"transcoder", "mean", "zero", "transcoder L0 only", "transcoder L1 only"} <= set(splice)
+    assert "recovered" in splice["transcoder"]
+    assert (folder / "eval" / "metrics.json").is_file()
+
+
+def test_two_ranks_train_the_multilayer_clt_like_one_process(layers_run):
+    from clt.train_transcoder import TranscoderTrainConfig, run
+
+    single = run(TranscoderTrainConfig(str(layers_run), "clt_multilayer", expansion_factor=2, k=3, batch_size=64,
+                                       num_epochs=1, wandb_mode="disabled"))  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "-m", "clt.train_transcoder", "--run_dir", str(layers_run), "--multilayer",
+               "--expansion_factor", "2", "--k", "3", "--batch_size", "64", "--num_epochs", "1",
+               "--wandb_mode", "disabled"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = result.stdout.split("transcoder saved in ")[1].strip()
+    a, b = load_file(str(single / "model.safetensors")), load_file(f"{two}/model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -143,7 +143,8 @@ def test_train_clt_sh_sweeps_a_grid_and_prints_the_table(pair_run):
     script = Path(__file__).resolve().parents[2] / "train_clt.sh"
     env = {**os.environ, "PYTHON": sys.executable}
     command = ["bash", str(script), "--run_dir", str(pair_run), "--no_collect", "--pairs", PAIR, "--expansion", "2",
-               "--k", "2 4", "--epochs", "1", "--eval", "8", "--", "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
+               "--k", "2 4", "--epochs", "1", "--eval", "8", "--", "--batch_size", "64",
+               "--wandb_mode", "disabled"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     table = result.stdout.strip().splitlines()[-3:]
