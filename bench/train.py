@@ -10,7 +10,9 @@ batches. The plain one computes everything densely and lets autograd differentia
 (z = scatter(topk), y = z @ W_dec); clt's `train_step` decodes from the active
 features only (clt.sparse) and also keeps unit-norm decoder rows, dead-feature
 counters and the AuxK loss. Prints JSON: tokens/s, validation FVU after the same
-tokens, and where a step's time goes against the encoder-GEMM floor.
+tokens, and where a step's time goes against the encoder-GEMM floor. Then (unless
+--no_scaling) bench.train_scaling's cases: the multi-layer CLT against three pairwise
+transcoders of the same total width, and 2 DDP ranks against 1 process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import click
 import torch
 from torch import nn
 
+from bench.train_scaling import ddp_case, multilayer_case
 from clt.model import CrossLayerTranscoder, TranscoderConfig
 from clt.sparse import select_topk
 from clt.train_transcoder import train_step
@@ -82,7 +85,8 @@ def timed(fn, repeats: int) -> float:
 @click.option("--batch_size", default=4096, help="Rows per step.")
 @click.option("--lr", default=4e-3, help="Adam learning rate (both).")
 @click.option("--threads", default=2, help="torch threads.")
-def main(run_dir, tokens, train_instances, val_instances, batch_size, lr, threads):
+@click.option("--scaling/--no_scaling", default=True, help="Also the multi-layer and 2-process DDP cases.")
+def main(run_dir, tokens, train_instances, val_instances, batch_size, lr, threads, scaling):
     """Print JSON: training tokens/s and validation FVU, clt vs plain dense TopK transcoder."""
     torch.set_num_threads(threads)
     x, y = collect(run_dir, train_instances, seed=1)
@@ -152,6 +156,9 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, lr, thread
         "clt_gemm_floor_fraction": round(gemm_ms / ours_step_ms, 3),
         "plain_gemm_floor_fraction": round(gemm_ms / plain_step_ms, 3),
     }
+    if scaling:
+        result.update(multilayer_case(run_dir, tokens // 2))
+        result.update(ddp_case(run_dir, tokens // 2))
     click.echo(json.dumps(result, indent=1))
 
 

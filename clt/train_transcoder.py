@@ -224,7 +224,7 @@ class TranscoderTrainer(DictionaryTrainer):
         max_steps = math.ceil(cfg.num_tokens / cfg.batch_size) if cfg.num_tokens else None
         num_epochs = math.ceil(max_steps / steps) if max_steps else cfg.num_epochs
         super().__init__(out_dir, num_epochs, cfg.save_freq, state_every=cfg.state_every, max_steps=max_steps,
-                         desc=f"{data.dump.path.name}")  # fmt: skip
+                         desc=cfg.pair)  # fmt: skip
         self.cfg, self.model, self.data, self.val_data, self.dist = cfg, model, data, val_data or data, dist
         self.is_main = dist.is_main
         self.forward = None

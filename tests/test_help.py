@@ -20,6 +20,7 @@ CLIS = [
     "clt.pairs",
     "clt.eval",
     "bench.train",
+    "bench.train_scaling",
 ]
 
 
