@@ -39,6 +39,18 @@ def denormalize(y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, mode: st
     return y + mean.to(y.device)
 
 
+@torch.no_grad()
+def store_statistics(model: torch.nn.Module, src_mean, src_std, tgt_mean, tgt_std) -> None:
+    """Copy a pair's statistics into a transcoder's buffers (stds floored at 1e-6) and start its b_dec at the
+    target mean in the space it predicts in (the mean itself with normalize_target none, zero otherwise)."""
+    for name, value in (("src_mean", src_mean), ("src_std", src_std), ("tgt_mean", tgt_mean), ("tgt_std", tgt_std)):
+        getattr(model, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+    model.src_std.clamp_(min=1e-6)
+    model.tgt_std.clamp_(min=1e-6)
+    none = model.cfg.normalize_target == "none"
+    model.b_dec.copy_(model.tgt_mean if none else torch.zeros_like(model.tgt_mean))
+
+
 @dataclass
 class Normalizer:
     """x -> (x - mean) / std (standard), x - mean (center) or x (none); and back."""

@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clt.datasets import NORMALIZATIONS, denormalize, normalize
+from clt.datasets import NORMALIZATIONS, denormalize, normalize, store_statistics
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode
-from sae.model import read_model_files, resolve_k, save_model
+from sae.model import normalize_rows_, read_model_files, remove_parallel_gradient_, resolve_k, save_model
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
 DICTIONARY_PENALTIES = ("none", "l1", "l2")
@@ -196,12 +196,7 @@ class CrossLayerTranscoder(nn.Module):
     # normalisation ------------------------------------------------------------------
     def set_statistics(self, src_mean, src_std, tgt_mean, tgt_std) -> None:
         """Store the pair's per-dim statistics and start b_dec at the (normalised) target mean."""
-        for name, value in (("src_mean", src_mean), ("src_std", src_std), ("tgt_mean", tgt_mean), ("tgt_std", tgt_std)):
-            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
-        self.src_std.clamp_(min=1e-6)
-        self.tgt_std.clamp_(min=1e-6)
-        with torch.no_grad():
-            self.b_dec.copy_(self.tgt_mean if self.cfg.normalize_target == "none" else torch.zeros_like(self.tgt_mean))
+        store_statistics(self, src_mean, src_std, tgt_mean, tgt_std)
 
     @torch.no_grad()
     def init_encoder_from(self, x_raw: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -241,16 +236,13 @@ class CrossLayerTranscoder(nn.Module):
         """Whether `forward_train` takes the sparse path (topk/batchtopk without an L1 term on z)."""
         return self.cfg.activation in ("topk", "batchtopk") and self.cfg.l1_coef == 0
 
-    @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Decoder rows back to unit norm (after an optimizer step)."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        normalize_rows_(self.W_dec)
 
-    @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
         """Project out the part of W_dec's gradient that would change its row norms."""
-        if self.W_dec.grad is not None:
-            self.W_dec.grad.sub_((self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True) * self.W_dec)
+        remove_parallel_gradient_(self.W_dec)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:  # [batch, features]
         return torch.addmm(self.b_enc, x, self.W_enc.T)

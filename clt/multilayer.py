@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clt.datasets import NORMALIZATIONS, denormalize, normalize
+from clt.datasets import NORMALIZATIONS, denormalize, normalize, store_statistics
 from clt.sparse import SparseCodes, select_topk, sparse_decode
-from sae.model import resolve_k, save_model
+from sae.model import normalize_rows_, remove_parallel_gradient_, resolve_k, save_model
 
 
 @dataclass
@@ -105,12 +105,7 @@ class MultiLayerTranscoder(nn.Module):
 
     def set_statistics(self, src_mean, src_std, tgt_mean, tgt_std) -> None:
         """Per-layer statistics [layer, d]; b_dec starts at the (normalised) target means."""
-        for name, value in (("src_mean", src_mean), ("src_std", src_std), ("tgt_mean", tgt_mean), ("tgt_std", tgt_std)):
-            getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
-        self.src_std.clamp_(min=1e-6)
-        self.tgt_std.clamp_(min=1e-6)
-        with torch.no_grad():
-            self.b_dec.copy_(self.tgt_mean if self.cfg.normalize_target == "none" else torch.zeros_like(self.tgt_mean))
+        store_statistics(self, src_mean, src_std, tgt_mean, tgt_std)
 
     def normalize_source(self, xs: torch.Tensor) -> torch.Tensor:  # [layer, batch, d]
         return normalize(xs, self.src_mean[:, None], self.src_std[:, None], self.cfg.normalize_source)
@@ -136,17 +131,14 @@ class MultiLayerTranscoder(nn.Module):
     def decoder(self, layer: int) -> torch.Tensor:  # [features, (n_layers - layer) * d]
         return self.W_dec[layer].flatten(1)
 
-    @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Each feature's decoder rows into all the layers it writes to, together at unit norm."""
         for w in self.W_dec:
-            w.div_(w.norm(dim=(1, 2), keepdim=True).clamp_min(1e-12))
+            normalize_rows_(w, dims=(1, 2))
 
-    @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
         for w in self.W_dec:
-            if w.grad is not None:
-                w.grad.sub_((w.grad * w).sum(dim=(1, 2), keepdim=True) * w)
+            remove_parallel_gradient_(w, dims=(1, 2))
 
     def _assemble(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Per source layer l a [batch, (n - l) * d] prediction -> y [layer, batch, d] with b_dec."""

@@ -58,6 +58,19 @@ def auxk_loss(
     return (residual_hat - residual).pow(2).sum(-1).mean() / variance
 
 
+@torch.no_grad()
+def normalize_rows_(weight: torch.Tensor, dims: tuple[int, ...] = (1,)) -> None:
+    """Scale each row (the slices along `dims`) of a dictionary to unit norm, in place."""
+    weight.div_(weight.norm(dim=dims, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def remove_parallel_gradient_(weight: torch.Tensor, dims: tuple[int, ...] = (1,)) -> None:
+    """Project out the part of a unit-row weight's gradient that would change its row norms, in place."""
+    if weight.grad is not None:
+        weight.grad.sub_((weight.grad * weight).sum(dim=dims, keepdim=True) * weight)
+
+
 def save_model(folder: str | Path, module: nn.Module) -> None:
     """`cfg.json` (the module's dataclass `cfg`) + `model.safetensors`, both written atomically."""
     folder = Path(folder)
@@ -150,16 +163,11 @@ class TopKSAE(nn.Module):
         """AuxK: the top aux_k dead latents reconstruct the residual, normalised by x's variance."""
         return auxk_loss(out.pre, self.W_dec, dead, self.cfg.auxiliary, x, out.x_hat)
 
-    @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        normalize_rows_(self.W_dec)
 
-    @torch.no_grad()
     def remove_parallel_gradient(self) -> None:
-        """Project out the part of W_dec's gradient that would change the row norms."""
-        if self.W_dec.grad is not None:
-            parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-            self.W_dec.grad.sub_(parallel * self.W_dec)
+        remove_parallel_gradient_(self.W_dec)
 
     def save(self, folder: str | Path) -> None:
         save_model(folder, self)

@@ -1,11 +1,14 @@
-"""Shared by the clt tests: a copy of the tiny run with the layer-0 mlp pair collected."""
+"""Shared by the clt tests: a copy of the tiny run with the layer-0 mlp pair collected; a Ctrl-C during training."""
 
+import os
 import shutil
+import signal
 
 import pytest
 from click.testing import CliRunner
 
 from clt import collect_pairs as collect_cli
+from clt.train_transcoder import TranscoderTrainer
 
 PAIR = "clt_L0.mlp_in_to_L0.mlp_out"
 
@@ -19,3 +22,21 @@ def pair_run(tiny_run, tmp_path_factory):
     result = CliRunner().invoke(collect_cli.main, args)
     assert result.exit_code == 0, result.output
     return run_dir
+
+
+@pytest.fixture
+def ctrl_c_at_step(monkeypatch):
+    """ctrl_c_at_step(n): SIGINT arrives during the n-th transcoder training step (the step finishes first)."""
+
+    def arm(n: int) -> None:
+        real, calls = TranscoderTrainer.train_step, {"n": 0}
+
+        def interrupt(self, batch):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(self, batch)
+
+        monkeypatch.setattr(TranscoderTrainer, "train_step", interrupt)
+
+    return arm

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,6 @@ from clt import collect_pairs as collect_cli
 from clt import train_transcoder as train_cli
 from clt.model import load_transcoder
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
-from clt.train_transcoder import TranscoderTrainer
 
 
 def _model(**kw):
@@ -96,7 +94,7 @@ def _cli(run_dir, *extra):
     return CliRunner().invoke(train_cli.main, args)
 
 
-def test_multilayer_cli_trains_logs_per_layer_and_resumes_exactly(layers_run, monkeypatch):
+def test_multilayer_cli_trains_logs_per_layer_and_resumes_exactly(layers_run, monkeypatch, ctrl_c_at_step):
     result = _cli(layers_run)
     assert result.exit_code == 0, result.output
     assert "clt_multilayer: validation FVU" in result.output
@@ -110,15 +108,7 @@ def test_multilayer_cli_trains_logs_per_layer_and_resumes_exactly(layers_run, mo
     )
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert any("val/fvu_L1" in r and "val/dead_fraction_L0" in r for r in records)
-    real, calls = TranscoderTrainer.train_step, {"n": 0}
-
-    def interrupt(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, batch)
-
-    monkeypatch.setattr(TranscoderTrainer, "train_step", interrupt)
+    ctrl_c_at_step(5)
     assert _cli(layers_run).exit_code == 130
     monkeypatch.undo()
     assert _cli(layers_run, "--resume").exit_code == 0

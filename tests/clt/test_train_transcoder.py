@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from clt import train_transcoder as train_cli
 from clt.model import load_transcoder
-from clt.train_transcoder import TranscoderTrainConfig, TranscoderTrainer, run
+from clt.train_transcoder import TranscoderTrainConfig, run
 from policy.signals import Interrupted
 
 PAIR = "clt_L0.mlp_in_to_L0.mlp_out"
@@ -69,17 +69,9 @@ def test_pair_given_as_hooks_and_token_budget(pair_run):
     assert json.loads((out / "summary.json").read_text())["steps"] == 4  # ceil(200 / 64)
 
 
-def test_ctrl_c_saves_and_resume_matches_uninterrupted(pair_run, monkeypatch):
+def test_ctrl_c_saves_and_resume_matches_uninterrupted(pair_run, monkeypatch, ctrl_c_at_step):
     full = run(_cfg(pair_run))
-    real, calls = TranscoderTrainer.train_step, {"n": 0}
-
-    def interrupt(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, batch)
-
-    monkeypatch.setattr(TranscoderTrainer, "train_step", interrupt)
+    ctrl_c_at_step(5)
     with pytest.raises(Interrupted):
         run(_cfg(pair_run))
     monkeypatch.undo()
