@@ -226,6 +226,8 @@ class CrossLayerTranscoder(nn.Module):
     def feature_count(self) -> int:
         return self.cfg.n_features
 
+    layer_weights = None  # one target layer
+
     @property
     def unit_norm_decoder(self) -> bool:
         """Whether decoder rows are held at unit norm (topk/batchtopk, untied: the scale lives in z)."""

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from clt.datasets import NORMALIZATIONS, denormalize, normalize, store_statistics
-from clt.sparse import SparseCodes, select_topk, sparse_decode
+from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode
 from sae.model import normalize_rows_, remove_parallel_gradient_, resolve_k, save_model
+
+MULTILAYER_ACTIVATIONS = ("topk", "batchtopk")
 
 
 @dataclass
@@ -40,7 +43,10 @@ class MultiLayerConfig:
     k_ratio: float | None = None
     """Fraction of a layer's features active per row, instead of k."""
     activation: str = "topk"
-    """topk (per layer)."""
+    """topk (k per row) | batchtopk (k * batch per batch), per layer. One budget across layers is not offered: a
+    layer's codes would then depend on later layers' inputs, which splicing into a forward pass cannot provide."""
+    layer_weights: list[float] | None = None
+    """Weights of the per-layer FVUs in the loss (default all 1)."""
     aux_k: int | None = None
     """Dead features per layer used by the AuxK loss; default d // 2."""
     aux_coef: float = 1 / 32
@@ -57,8 +63,12 @@ class MultiLayerConfig:
     def __post_init__(self):
         if min(self.n_layers, self.d, self.expansion_factor, self.aux_rows) < 1:
             raise ValueError("n_layers, d, expansion_factor and aux_rows must be positive")
-        if self.activation != "topk":
-            raise ValueError(f"the multi-layer transcoder supports activation 'topk', got {self.activation!r}")
+        if self.activation not in MULTILAYER_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {MULTILAYER_ACTIVATIONS}, got {self.activation!r}")
+        if self.layer_weights is not None and (
+            len(self.layer_weights) != self.n_layers or min(self.layer_weights) < 0 or not any(self.layer_weights)
+        ):
+            raise ValueError(f"layer_weights needs {self.n_layers} non-negative weights, not all zero")
         resolve_k(self.k, self.k_ratio, self.n_features)
         for name in ("normalize_source", "normalize_target"):
             if getattr(self, name) not in NORMALIZATIONS:
@@ -89,6 +99,13 @@ class MultiLayerOutput:
         return sum((c.values != 0).sum().item() for c in self.codes) / self.y_hat.shape[1]
 
 
+def threshold_codes(pre: torch.Tensor, threshold: torch.Tensor) -> SparseCodes:
+    """The entries of pre above a threshold (batchtopk at inference), row by row."""
+    rows, features = (pre > threshold).nonzero(as_tuple=True)
+    offsets = F.pad(torch.bincount(rows, minlength=pre.shape[0]).cumsum(0), (1, 0))
+    return SparseCodes(pre[rows, features], features, offsets)
+
+
 class MultiLayerTranscoder(nn.Module):
     def __init__(self, cfg: MultiLayerConfig):
         super().__init__()
@@ -99,6 +116,7 @@ class MultiLayerTranscoder(nn.Module):
         self.W_dec = nn.ParameterList(nn.Parameter(torch.randn(f, n - i, d)) for i in range(n))  # [features, m>=i, d]
         self.b_dec = nn.Parameter(torch.zeros(n, d))
         self.normalize_decoder()
+        self.register_buffer("batchtopk_threshold", torch.zeros(n))  # per layer, for batchtopk at inference
         for side in ("src", "tgt"):
             self.register_buffer(f"{side}_mean", torch.zeros(n, d))
             self.register_buffer(f"{side}_std", torch.ones(n, d))
@@ -117,6 +135,12 @@ class MultiLayerTranscoder(nn.Module):
         return denormalize(ys, self.tgt_mean[:, None], self.tgt_std[:, None], self.cfg.normalize_target)
 
     unit_norm_decoder = True
+
+    @property
+    def layer_weights(self) -> torch.Tensor | None:
+        """[layer] weights of the per-layer FVUs in the loss (None: all 1)."""
+        w = self.cfg.layer_weights
+        return None if w is None else torch.tensor(w, dtype=torch.float32, device=self.b_dec.device)
 
     @property
     def feature_count(self) -> int:
@@ -149,10 +173,22 @@ class MultiLayerTranscoder(nn.Module):
                 y[m] = y[m] + part[:, (m - i) * d : (m - i + 1) * d]
         return torch.stack(y)
 
+    @torch.no_grad()
     def encode_normalized(self, xs: torch.Tensor) -> list[SparseCodes]:
-        with torch.no_grad():
-            return [select_topk(torch.addmm(self.b_enc[i], xs[i], self.W_enc[i].T), self.cfg.active)
-                    for i in range(self.cfg.n_layers)]  # fmt: skip
+        """Normalised sources [layer, batch, d] -> each layer's active entries."""
+        n, k = self.cfg.n_layers, self.cfg.active
+        pres = [torch.addmm(self.b_enc[i], xs[i], self.W_enc[i].T) for i in range(n)]  # [batch, features] each
+        if self.cfg.activation == "topk":
+            return [select_topk(pre, k) for pre in pres]
+        if self.training:  # batchtopk
+            codes = [select_batchtopk(pre, k) for pre in pres]
+            for i, c in enumerate(codes):
+                kept = c.values[c.values > 0]
+                if kept.numel():
+                    rate = 0.01 if self.batchtopk_threshold[i] > 0 else 1.0
+                    self.batchtopk_threshold[i].lerp_(kept.min(), rate)
+            return codes
+        return [threshold_codes(pre, self.batchtopk_threshold[i]) for i, pre in enumerate(pres)]
 
     def forward_train(self, xs: torch.Tensor) -> MultiLayerOutput:
         """Normalised sources [layer, batch, d] -> prediction [layer, batch, d], through the active entries."""
@@ -177,12 +213,12 @@ class MultiLayerTranscoder(nn.Module):
     @torch.no_grad()
     def predict_layer(self, xs_raw: list[torch.Tensor], m: int) -> torch.Tensor:
         """Raw mlp_out of layer m [rows, d] from the raw mlp_in of layers 0..m (a list of [rows, d])."""
-        d = self.cfg.d
-        y = self.b_dec[m].expand(xs_raw[0].shape[0], d)
+        n, rows = self.cfg.n_layers, xs_raw[0].shape[0]
+        xs = torch.stack([*xs_raw, *(xs_raw[0].new_zeros(rows, self.cfg.d) for _ in range(n - len(xs_raw)))])
+        codes = self.encode_normalized(self.normalize_source(xs))  # later layers' (zero) inputs do not reach layer m
+        y = self.b_dec[m].expand(rows, self.cfg.d)
         for i in range(m + 1):
-            x = normalize(xs_raw[i], self.src_mean[i], self.src_std[i], self.cfg.normalize_source)
-            z = select_topk(torch.addmm(self.b_enc[i], x, self.W_enc[i].T), self.cfg.active).dense(self.cfg.n_features)
-            y = y + z @ self.W_dec[i][:, m - i]
+            y = y + codes[i].dense(self.cfg.n_features) @ self.W_dec[i][:, m - i]
         return denormalize(y, self.tgt_mean[m], self.tgt_std[m], self.cfg.normalize_target)
 
     def aux_loss(self, xs: torch.Tensor, ys: torch.Tensor, out: MultiLayerOutput, dead: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ from clt.datasets import MULTILAYER, NORMALIZATIONS, MultiLayerDataset, PairData
 from clt.inspect_pairs import inspect_pair
 from clt.metrics import layer_reconstructions
 from clt.model import ACTIVATIONS, CrossLayerTranscoder, Penalty, TranscoderConfig
-from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
+from clt.multilayer import MULTILAYER_ACTIVATIONS, MultiLayerConfig, MultiLayerTranscoder
 from clt.pairs import parse_pairs
 from policy.cli import command
 from policy.io import read_json, write_json
@@ -108,6 +108,8 @@ class TranscoderTrainConfig:
     """none | center | standard: how the model normalises sources (inside the model)."""
     normalize_target: str = "center"
     """none | center | standard: how the model normalises targets (the loss is measured there)."""
+    layer_weights: list[float] | None = None
+    """Multi-layer only: weights of the per-layer FVUs in the loss (default all 1)."""
     init: str = "random"
     """random | data: encoder rows random, or pointed at source rows (fewer dead features, higher FVU)."""
     val_ratio: float = 0.1
@@ -161,10 +163,12 @@ class TranscoderTrainConfig:
         )  # fmt: skip
 
     def multilayer_config(self, n_layers: int, d: int) -> MultiLayerConfig:
-        if self.activation != "topk" or self.tied or self.skip or self.init != "random":
-            raise ValueError("the multi-layer transcoder trains topk features, untied, without skip or --init data")
-        return MultiLayerConfig(n_layers, d, self.expansion_factor, self.k, self.k_ratio, aux_coef=self.aux_coef,
-                                dead_tokens=self.dead_tokens, normalize_source=self.normalize_source,
+        if self.activation not in MULTILAYER_ACTIVATIONS or self.tied or self.skip or self.init != "random":
+            raise ValueError(f"the multi-layer transcoder trains {' or '.join(MULTILAYER_ACTIVATIONS)} features, "
+                             "untied, without skip or --init data")  # fmt: skip
+        return MultiLayerConfig(n_layers, d, self.expansion_factor, self.k, self.k_ratio, self.activation,
+                                self.layer_weights, aux_coef=self.aux_coef, dead_tokens=self.dead_tokens,
+                                normalize_source=self.normalize_source,
                                 normalize_target=self.normalize_target)  # fmt: skip
 
     def to_json(self) -> dict:
@@ -312,9 +316,8 @@ def train_step(
     out, aux = (forward or TrainingForward(model))(x, y, dead, with_aux=dist.is_main)
     err_sum = ((out.y_hat if layered else out.y_hat[None]) - y3).pow(2).sum((1, 2))  # [layer]
     weight = dist.world_size / rows  # DDP averages gradients over ranks
-    loss = (
-        weight * (err_sum / variance).sum() + weight * local_rows * model.sparsity_loss(out) + model.dictionary_loss()
-    )
+    fvu_terms = err_sum / variance if model.layer_weights is None else model.layer_weights * err_sum / variance
+    loss = weight * fvu_terms.sum() + weight * local_rows * model.sparsity_loss(out) + model.dictionary_loss()
     loss = loss + dist.world_size * model.cfg.aux_coef * aux
     for penalty in penalties:
         loss = loss + penalty(model, out)
@@ -444,6 +447,7 @@ def format_summary(summary: dict) -> str:
 @click.option("--dead_tokens", default=100_000, help="Rows without firing after which a feature is dead.")
 @click.option("--normalize_source", default="standard", type=click.Choice(NORMALIZATIONS), help="Source scaling.")
 @click.option("--normalize_target", default="center", type=click.Choice(NORMALIZATIONS), help="Target scaling.")
+@click.option("--layer_weights", default=None, help="Multi-layer: comma-separated weights of the per-layer FVUs.")
 @click.option("--init", default="random", type=click.Choice(INITS), help="Encoder rows: random, or source rows.")
 @click.option("--val_ratio", default=0.1, help="Fraction of instances held out for validation.")
 @click.option("--save_freq", default=1, help="Checkpoint the weights every N epochs.")
@@ -464,6 +468,8 @@ def main(resume, multilayer, **options):
     with command():
         if multilayer == (options["pair"] is not None):
             raise click.UsageError("give --pair, or --multilayer")
+        weights = options["layer_weights"]
+        options["layer_weights"] = [float(w) for w in weights.split(",")] if weights else None
         out_dir = run(TranscoderTrainConfig(**{**options, "pair": options["pair"] or MULTILAYER}), resume=resume)
     if is_main_process():
         click.echo(format_summary(read_json(out_dir / "summary.json")))

@@ -163,3 +163,23 @@ def test_two_ranks_train_the_multilayer_clt_like_one_process(layers_run):
     a, b = load_file(str(single / "model.safetensors")), load_file(f"{two}/model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_batchtopk_per_layer_and_layer_weights():
+    from clt.train_transcoder import train_step
+
+    model = _model(activation="batchtopk", layer_weights=[1.0, 0.0, 2.0])
+    xs, ys = torch.randn(3, 16, 6), torch.randn(3, 16, 6)
+    out = model.forward_train(xs)
+    assert all((c.values > 0).sum() <= 3 * 16 for c in out.codes) and (model.batchtopk_threshold > 0).all()
+    model.eval()
+    for i, codes in enumerate(model.encode_normalized(xs)):
+        pre = torch.addmm(model.b_enc[i], xs[i], model.W_enc[i].T)
+        assert codes.values.numel() == (pre > model.batchtopk_threshold[i]).sum()
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    counters = torch.zeros(model.feature_count, dtype=torch.long)
+    assert train_step(model, opt, xs, ys, counters) is not None
+    assert model.b_dec.grad[1].abs().sum() == 0 and model.b_dec.grad[2].abs().sum() > 0  # layer 1 weighs 0
+    with pytest.raises(ValueError, match="layer_weights"):
+        MultiLayerConfig(n_layers=3, d=6, layer_weights=[1.0, 1.0])
