@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clt.datasets import NORMALIZATIONS, denormalize, normalize, store_statistics
+from clt.jumprelu import jump_relu, step
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode
 from sae.model import normalize_rows_, read_model_files, remove_parallel_gradient_, resolve_k, save_model
@@ -111,39 +112,6 @@ class TranscoderConfig:
     @property
     def active(self) -> int:
         return resolve_k(self.k, self.k_ratio, self.n_features)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """pre * H(pre - theta); d/dtheta by a rectangle-kernel straight-through estimate."""
-
-    @staticmethod
-    def forward(ctx, pre, theta, bandwidth):
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > theta)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, theta = ctx.saved_tensors
-        near = ((pre - theta).abs() < ctx.bandwidth / 2).to(grad.dtype)
-        grad_theta = -(theta / ctx.bandwidth) * near * grad
-        return grad * (pre > theta), grad_theta.sum(0), None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre - theta) for the L0 penalty; gradient to theta only, by the same estimate."""
-
-    @staticmethod
-    def forward(ctx, pre, theta, bandwidth):
-        ctx.save_for_backward(pre, theta)
-        ctx.bandwidth = bandwidth
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, theta = ctx.saved_tensors
-        near = ((pre - theta).abs() < ctx.bandwidth / 2).to(grad.dtype)
-        return None, (-(1.0 / ctx.bandwidth) * near * grad).sum(0), None
 
 
 @dataclass
@@ -254,7 +222,7 @@ class CrossLayerTranscoder(nn.Module):
         if act == "relu":
             return F.relu(pre)
         if act == "jumprelu":
-            return _JumpReLU.apply(pre, self.log_threshold.exp(), self.cfg.bandwidth)
+            return jump_relu(pre, self.log_threshold.exp(), self.cfg.bandwidth)
         if act == "topk":
             values, indices = torch.topk(pre, self.cfg.active, dim=-1, sorted=False)
             return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
@@ -350,10 +318,7 @@ class CrossLayerTranscoder(nn.Module):
         if self.cfg.l1_coef and out.z is not None:
             loss = loss + self.cfg.l1_coef * (out.z.abs() * self.decoder.norm(dim=1)).sum(-1).mean()
         if self.cfg.l0_coef and self.log_threshold is not None and out.pre is not None:
-            loss = (
-                loss
-                + self.cfg.l0_coef * _Step.apply(out.pre, self.log_threshold.exp(), self.cfg.bandwidth).sum(-1).mean()
-            )
+            loss = loss + self.cfg.l0_coef * step(out.pre, self.log_threshold.exp(), self.cfg.bandwidth).sum(-1).mean()
         return loss
 
     def aux_loss(self, x: torch.Tensor, y: torch.Tensor, out: TranscoderOutput, dead: torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from clt.datasets import NORMALIZATIONS, denormalize, normalize, store_statistics
+from clt.jumprelu import jump_relu
 from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode
 from sae.model import normalize_rows_, remove_parallel_gradient_, resolve_k, save_model
 
-MULTILAYER_ACTIVATIONS = ("topk", "batchtopk")
+MULTILAYER_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
 
 
 @dataclass
@@ -43,8 +44,17 @@ class MultiLayerConfig:
     k_ratio: float | None = None
     """Fraction of a layer's features active per row, instead of k."""
     activation: str = "topk"
-    """topk (k per row) | batchtopk (k * batch per batch), per layer. One budget across layers is not offered: a
-    layer's codes would then depend on later layers' inputs, which splicing into a forward pass cannot provide."""
+    """topk (k per row) | batchtopk (k * batch per batch), per layer, or jumprelu (a learned threshold per feature,
+    with the paper's sparsity penalty). One budget across layers is not offered: a layer's codes would then depend
+    on later layers' inputs, which splicing into a forward pass cannot provide."""
+    sparsity_coef: float = 1e-3
+    """jumprelu: weight of sum tanh(c * |decoder row across layers| * z) per row (Anthropic's CLT penalty)."""
+    sparsity_scale: float = 1.0
+    """jumprelu: c in that penalty."""
+    jumprelu_threshold: float = 0.5
+    """jumprelu: initial threshold (normalised pre-activation units)."""
+    bandwidth: float = 0.2
+    """jumprelu: width of the straight-through window."""
     layer_weights: list[float] | None = None
     """Weights of the per-layer FVUs in the loss (default all 1)."""
     aux_k: int | None = None
@@ -73,8 +83,10 @@ class MultiLayerConfig:
         for name in ("normalize_source", "normalize_target"):
             if getattr(self, name) not in NORMALIZATIONS:
                 raise ValueError(f"{name} must be one of {NORMALIZATIONS}")
-        if self.aux_coef < 0 or self.dead_tokens < 0:
-            raise ValueError("aux_coef and dead_tokens must be >= 0")
+        if min(self.aux_coef, self.dead_tokens, self.sparsity_coef, self.sparsity_scale) < 0:
+            raise ValueError("aux_coef, dead_tokens and the sparsity penalty must be >= 0")
+        if self.bandwidth <= 0 or self.jumprelu_threshold <= 0:
+            raise ValueError("bandwidth and jumprelu_threshold must be > 0")
 
     @property
     def n_features(self) -> int:  # per layer
@@ -89,6 +101,7 @@ class MultiLayerConfig:
 class MultiLayerOutput:
     y_hat: torch.Tensor  # [layer, batch, d] normalised target space
     codes: list[SparseCodes]  # per source layer
+    zs: list[torch.Tensor] | None = None  # jumprelu: dense codes [batch, features] per layer, with gradients
 
     def fired(self, n_features: int) -> torch.Tensor:
         """[layer * features] bool: which features were non-zero in some row."""
@@ -100,10 +113,15 @@ class MultiLayerOutput:
 
 
 def threshold_codes(pre: torch.Tensor, threshold: torch.Tensor) -> SparseCodes:
-    """The entries of pre above a threshold (batchtopk at inference), row by row."""
-    rows, features = (pre > threshold).nonzero(as_tuple=True)
-    offsets = F.pad(torch.bincount(rows, minlength=pre.shape[0]).cumsum(0), (1, 0))
-    return SparseCodes(pre[rows, features], features, offsets)
+    """The entries of pre above a threshold (a scalar, or one per feature), row by row."""
+    return dense_codes(pre * (pre > threshold))
+
+
+def dense_codes(z: torch.Tensor) -> SparseCodes:
+    """The non-zero entries of a [batch, features] code matrix, row by row."""
+    rows, features = z.nonzero(as_tuple=True)
+    offsets = F.pad(torch.bincount(rows, minlength=z.shape[0]).cumsum(0), (1, 0))
+    return SparseCodes(z[rows, features], features, offsets)
 
 
 class MultiLayerTranscoder(nn.Module):
@@ -117,6 +135,8 @@ class MultiLayerTranscoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(n, d))
         self.normalize_decoder()
         self.register_buffer("batchtopk_threshold", torch.zeros(n))  # per layer, for batchtopk at inference
+        if cfg.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n, f), float(cfg.jumprelu_threshold)).log())
         for side in ("src", "tgt"):
             self.register_buffer(f"{side}_mean", torch.zeros(n, d))
             self.register_buffer(f"{side}_std", torch.ones(n, d))
@@ -134,7 +154,9 @@ class MultiLayerTranscoder(nn.Module):
     def denormalize_target(self, ys: torch.Tensor) -> torch.Tensor:
         return denormalize(ys, self.tgt_mean[:, None], self.tgt_std[:, None], self.cfg.normalize_target)
 
-    unit_norm_decoder = True
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return self.cfg.activation != "jumprelu"  # jumprelu's penalty weighs the decoder norms instead
 
     @property
     def layer_weights(self) -> torch.Tensor | None:
@@ -147,7 +169,13 @@ class MultiLayerTranscoder(nn.Module):
         return self.cfg.n_layers * self.cfg.n_features
 
     def sparsity_loss(self, out: MultiLayerOutput) -> torch.Tensor:
-        return out.y_hat.new_zeros(())  # topk: sparse by construction
+        """jumprelu: mean over rows of sum_i,f tanh(c * |W_dec[i][f]| * z_i,f), the norm over every layer
+        feature f writes to; topk and batchtopk are sparse by construction."""
+        if out.zs is None:
+            return out.y_hat.new_zeros(())
+        c = self.cfg.sparsity_scale
+        terms = [torch.tanh(c * z * w.norm(dim=(1, 2))).sum(-1).mean() for z, w in zip(out.zs, self.W_dec, strict=True)]
+        return self.cfg.sparsity_coef * torch.stack(terms).sum()
 
     def dictionary_loss(self) -> torch.Tensor:
         return self.b_dec.new_zeros(())
@@ -180,6 +208,8 @@ class MultiLayerTranscoder(nn.Module):
         pres = [torch.addmm(self.b_enc[i], xs[i], self.W_enc[i].T) for i in range(n)]  # [batch, features] each
         if self.cfg.activation == "topk":
             return [select_topk(pre, k) for pre in pres]
+        if self.cfg.activation == "jumprelu":
+            return [threshold_codes(pre, theta) for pre, theta in zip(pres, self.log_threshold.exp(), strict=True)]
         if self.training:  # batchtopk
             codes = [select_batchtopk(pre, k) for pre in pres]
             for i, c in enumerate(codes):
@@ -192,6 +222,11 @@ class MultiLayerTranscoder(nn.Module):
 
     def forward_train(self, xs: torch.Tensor) -> MultiLayerOutput:
         """Normalised sources [layer, batch, d] -> prediction [layer, batch, d], through the active entries."""
+        if self.cfg.activation == "jumprelu":  # dense: the thresholds learn through the straight-through estimate
+            zs = [jump_relu(torch.addmm(self.b_enc[i], xs[i], self.W_enc[i].T), self.log_threshold[i].exp(),
+                            self.cfg.bandwidth) for i in range(self.cfg.n_layers)]  # fmt: skip
+            codes = [dense_codes(z.detach()) for z in zs]
+            return MultiLayerOutput(self._assemble([z @ self.decoder(i) for i, z in enumerate(zs)]), codes, zs)
         codes = self.encode_normalized(xs)
         parts = [sparse_decode(xs[i], self.W_enc[i], self.b_enc[i], self.decoder(i), c) for i, c in enumerate(codes)]
         return MultiLayerOutput(self._assemble(parts), codes)
@@ -226,6 +261,8 @@ class MultiLayerTranscoder(nn.Module):
         n, f, rows = self.cfg.n_layers, self.cfg.n_features, self.cfg.aux_rows
         dead = dead.view(n, f)
         loss = ys.new_zeros(())
+        if self.cfg.activation == "jumprelu":
+            return loss
         for i in range(n):
             ids = dead[i].nonzero().squeeze(1)
             if not len(ids):

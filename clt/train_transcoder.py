@@ -95,7 +95,7 @@ class TranscoderTrainConfig:
     l1_coef: float = 0.0
     """L1 penalty on codes weighted by decoder norms (the sparsity term of relu; 3e-3 when relu and unset)."""
     l0_coef: float = 0.0
-    """L0 penalty (jumprelu; 1e-3 when unset)."""
+    """Sparsity penalty of jumprelu (L0; for the multi-layer CLT the paper's tanh penalty), 1e-3 when unset."""
     jumprelu_threshold: float = 0.5
     """Initial jumprelu threshold, in units of the (normalised) pre-activations."""
     bandwidth: float = 0.2
@@ -166,10 +166,12 @@ class TranscoderTrainConfig:
         if self.activation not in MULTILAYER_ACTIVATIONS or self.tied or self.skip or self.init != "random":
             raise ValueError(f"the multi-layer transcoder trains {' or '.join(MULTILAYER_ACTIVATIONS)} features, "
                              "untied, without skip or --init data")  # fmt: skip
-        return MultiLayerConfig(n_layers, d, self.expansion_factor, self.k, self.k_ratio, self.activation,
-                                self.layer_weights, aux_coef=self.aux_coef, dead_tokens=self.dead_tokens,
-                                normalize_source=self.normalize_source,
-                                normalize_target=self.normalize_target)  # fmt: skip
+        return MultiLayerConfig(
+            n_layers, d, self.expansion_factor, self.k, self.k_ratio, self.activation, layer_weights=self.layer_weights,
+            sparsity_coef=self.l0_coef, jumprelu_threshold=self.jumprelu_threshold, bandwidth=self.bandwidth,
+            aux_coef=self.aux_coef, dead_tokens=self.dead_tokens, normalize_source=self.normalize_source,
+            normalize_target=self.normalize_target,
+        )  # fmt: skip
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "penalties"}

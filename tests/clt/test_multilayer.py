@@ -121,7 +121,7 @@ def test_multilayer_cli_trains_logs_per_layer_and_resumes_exactly(layers_run, mo
 def test_multilayer_cli_errors(layers_run):
     result = _cli(layers_run, "--pair", "clt_L0_to_L1")
     assert result.exit_code == 2 and "give --pair, or --multilayer" in result.output
-    result = _cli(layers_run, "--activation", "jumprelu")
+    result = _cli(layers_run, "--activation", "relu")
     assert result.exit_code == 1 and "multi-layer transcoder trains topk" in result.output
 
 
@@ -183,3 +183,23 @@ def test_batchtopk_per_layer_and_layer_weights():
     assert model.b_dec.grad[1].abs().sum() == 0 and model.b_dec.grad[2].abs().sum() > 0  # layer 1 weighs 0
     with pytest.raises(ValueError, match="layer_weights"):
         MultiLayerConfig(n_layers=3, d=6, layer_weights=[1.0, 1.0])
+
+
+def test_jumprelu_learns_thresholds_under_the_cross_layer_penalty():
+    from clt.train_transcoder import train_step
+
+    model = _model(activation="jumprelu", jumprelu_threshold=0.3, bandwidth=0.5, sparsity_coef=0.1)
+    xs, ys = torch.randn(3, 32, 6), torch.randn(3, 32, 6)
+    out = model.forward_train(xs)
+    norms = [w.norm(dim=(1, 2)) for w in model.W_dec]
+    expected = 0.1 * sum(torch.tanh(z * n).sum(-1).mean() for z, n in zip(out.zs, norms, strict=True))
+    torch.testing.assert_close(model.sparsity_loss(out), expected)
+    assert all(((z == 0) | (z > 0.3)).all() for z in out.zs)
+    before = model.log_threshold.detach().clone()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    counters = torch.zeros(model.feature_count, dtype=torch.long)
+    assert train_step(model, opt, xs, ys, counters) is not None
+    assert not torch.equal(model.log_threshold, before) and not model.unit_norm_decoder
+    model.eval()
+    codes = model.encode_normalized(xs)
+    assert [c.values.numel() for c in codes] == [int((z != 0).sum()) for z in model.forward_train(xs).zs]
