@@ -26,7 +26,7 @@ from clt.model import CrossLayerTranscoder, TranscoderConfig
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.train_transcoder import TrainingForward, train_step
 from policy.env import generate
-from sae.distributed import init_distributed, shutdown
+from sae.distributed import init_distributed, shutdown, synchronize
 from sae.hooks import HookedPolicy
 from sae.runs import load_policy
 
@@ -123,6 +123,7 @@ def run_worker(run_dir: str, tokens: int, threads: int) -> None:
     seconds = time.perf_counter() - start
     if info.is_main:
         click.echo(json.dumps({"tokens_per_s": round(len(batches) * BATCH / seconds)}))
+    synchronize(info)
     shutdown(info)
 
 

@@ -50,6 +50,7 @@ from sae.distributed import (
     init_distributed,
     is_main_process,
     shutdown,
+    synchronize,
 )
 from sae.hooks import HookedPolicy
 from sae.logger import WANDB_MODES, RunLogger
@@ -349,7 +350,9 @@ def run(cfg: TranscoderTrainConfig, resume: bool = False) -> Path:
     """Train (or resume) a transcoder on one pair; returns its run folder. Under torchrun, one rank of DDP."""
     info, cfg.device = init_distributed(cfg.device)
     try:
-        return _run(cfg, resume, info)
+        out_dir = _run(cfg, resume, info)
+        synchronize(info)  # rank 0 writes its files after training; the others wait for it before leaving
+        return out_dir
     finally:
         shutdown(info)
 
@@ -400,6 +403,7 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo) -> Path:
     try:
         trainer.fit(logger)
     finally:
+        trainer.forward = None  # the DDP wrapper goes before its process group does
         if logger is not None:
             logger.finish()
     if info.is_main:

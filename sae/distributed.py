@@ -12,6 +12,7 @@ so N ranks see exactly the rows one process would; only rank 0 logs and writes f
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -67,11 +68,19 @@ def broadcast_from_main(value, info: DistInfo):
     return box[0]
 
 
+def synchronize(info: DistInfo) -> None:
+    """Wait for every rank (a barrier): ranks then leave together, so none tears the group down early."""
+    if info.enabled:
+        dist.barrier()
+
+
 def is_main_process() -> bool:
     """Whether this process is rank 0 (or not under torchrun at all)."""
     return os.environ.get("RANK", "0") == "0"
 
 
 def shutdown(info: DistInfo) -> None:
+    """Destroy the process group, after collecting what still holds it (a DDP wrapper in a reference cycle)."""
     if info.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
