@@ -9,8 +9,9 @@ for every m >= i; the prediction for layer m sums over the layers i <= m:
     mlp_out_m ~ norm_tgt_m^-1(y_m)
 
 W_dec[i] is [features, n_layers - i, d]: each feature's decoder rows into its own and every
-later layer, kept at unit norm together (the norm summed across the layers it writes to).
-Training decodes from the active entries only (clt.sparse), one call per source layer.
+later layer. topk and batchtopk keep them at unit norm together and train through the active
+entries only (clt.sparse, one call per source layer); jumprelu trains densely, its penalty
+weighing each feature by the norm of those rows across the layers it writes to.
 """
 
 from __future__ import annotations
