@@ -24,27 +24,10 @@ import click
 import torch
 from torch import nn
 
-from bench.train_scaling import ddp_case, multilayer_case
+from bench.train_scaling import collect_layers, ddp_case, multilayer_case
 from clt.model import CrossLayerTranscoder, TranscoderConfig
 from clt.sparse import select_topk
 from clt.train_transcoder import train_step
-from policy.env import generate
-from sae.hooks import HookedPolicy
-from sae.runs import load_policy
-
-SOURCE, TARGET = "encoder_layer_1.mlp_in", "encoder_layer_1.mlp_out"
-
-
-@torch.no_grad()
-def collect(run_dir: str, instances: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    hooked = HookedPolicy(load_policy(run_dir).model)
-    xs, ys = [], []
-    for start in range(0, instances, 1024):
-        locs = generate(min(1024, instances - start), 20, seed=seed + start)
-        cache = hooked.run_with_cache(locs, [SOURCE, TARGET])
-        xs.append(cache[SOURCE].flatten(0, 1))
-        ys.append(cache[TARGET].flatten(0, 1))
-    return torch.cat(xs), torch.cat(ys)
 
 
 class DenseTopK(nn.Module):
@@ -89,8 +72,9 @@ def timed(fn, repeats: int) -> float:
 def main(run_dir, tokens, train_instances, val_instances, batch_size, lr, threads, scaling):
     """Print JSON: training tokens/s and validation FVU, clt vs plain dense TopK transcoder."""
     torch.set_num_threads(threads)
-    x, y = collect(run_dir, train_instances, seed=1)
-    x_val, y_val = collect(run_dir, val_instances, seed=10**6)
+    xs, ys = collect_layers(run_dir, train_instances, seed=1)
+    xs_val, ys_val = collect_layers(run_dir, val_instances, seed=10**6)
+    x, y, x_val, y_val = xs[1], ys[1], xs_val[1], ys_val[1]  # encoder_layer_1.mlp_in -> .mlp_out
     torch.manual_seed(0)
     cfg = TranscoderConfig(128, 128, expansion_factor=8, k=16, normalize_source="standard", normalize_target="center")
     ours = CrossLayerTranscoder(cfg)

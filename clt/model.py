@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from clt.datasets import NORMALIZATIONS, denormalize, normalize, store_statistics
 from clt.jumprelu import jump_relu, step
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
-from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode
+from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode, update_threshold_
 from sae.model import normalize_rows_, read_model_files, remove_parallel_gradient_, resolve_k, save_model
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
@@ -227,18 +227,10 @@ class CrossLayerTranscoder(nn.Module):
             values, indices = torch.topk(pre, self.cfg.active, dim=-1, sorted=False)
             return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
         if self.training:  # batchtopk: k * batch over the whole batch
-            flat = F.relu(pre).flatten()
-            values, indices = torch.topk(flat, min(self.cfg.active * pre.shape[0], flat.numel()), sorted=False)
-            self._update_batchtopk_threshold(values.detach())
-            return torch.zeros_like(flat).scatter(0, indices, values).view_as(pre)
+            codes = select_batchtopk(pre, self.cfg.active)
+            update_threshold_(self.batchtopk_threshold, codes.values.detach())
+            return codes.dense(self.cfg.n_features)
         return pre * (pre > self.batchtopk_threshold)
-
-    @torch.no_grad()
-    def _update_batchtopk_threshold(self, kept: torch.Tensor) -> None:
-        """Running mean of the smallest value batchtopk kept: the inference threshold."""
-        kept = kept[kept > 0]
-        if kept.numel():
-            self.batchtopk_threshold.lerp_(kept.min(), 0.01 if self.batchtopk_threshold > 0 else 1.0)
 
     def forward_normalized(self, x: torch.Tensor) -> TranscoderOutput:
         """The map in normalised spaces: x is a normalised source."""
@@ -272,7 +264,7 @@ class CrossLayerTranscoder(nn.Module):
                 )
             else:
                 codes = select_batchtopk(self.pre_activations(x), self.cfg.active)
-                self._update_batchtopk_threshold(codes.values)
+                update_threshold_(self.batchtopk_threshold, codes.values)
         y = sparse_decode(x, self.W_enc, self.b_enc, self.decoder, codes) + self.b_dec
         if self.W_skip is not None:
             y = y + x @ self.W_skip

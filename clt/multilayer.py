@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from clt.datasets import NORMALIZATIONS, denormalize, normalize, store_statistics
 from clt.jumprelu import jump_relu
-from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode
+from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode, update_threshold_
 from sae.model import normalize_rows_, remove_parallel_gradient_, resolve_k, save_model
 
 MULTILAYER_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
@@ -146,8 +146,9 @@ class MultiLayerTranscoder(nn.Module):
         """Per-layer statistics [layer, d]; b_dec starts at the (normalised) target means."""
         store_statistics(self, src_mean, src_std, tgt_mean, tgt_std)
 
-    def normalize_source(self, xs: torch.Tensor) -> torch.Tensor:  # [layer, batch, d]
-        return normalize(xs, self.src_mean[:, None], self.src_std[:, None], self.cfg.normalize_source)
+    def normalize_source(self, xs: torch.Tensor) -> torch.Tensor:  # [layer, batch, d], the first len(xs) layers
+        n = len(xs)
+        return normalize(xs, self.src_mean[:n, None], self.src_std[:n, None], self.cfg.normalize_source)
 
     def normalize_target(self, ys: torch.Tensor) -> torch.Tensor:
         return normalize(ys, self.tgt_mean[:, None], self.tgt_std[:, None], self.cfg.normalize_target)
@@ -204,20 +205,17 @@ class MultiLayerTranscoder(nn.Module):
 
     @torch.no_grad()
     def encode_normalized(self, xs: torch.Tensor) -> list[SparseCodes]:
-        """Normalised sources [layer, batch, d] -> each layer's active entries."""
-        n, k = self.cfg.n_layers, self.cfg.active
-        pres = [torch.addmm(self.b_enc[i], xs[i], self.W_enc[i].T) for i in range(n)]  # [batch, features] each
+        """Normalised sources of the first len(xs) layers [layer, batch, d] -> each layer's active entries."""
+        k = self.cfg.active
+        pres = [torch.addmm(self.b_enc[i], x, self.W_enc[i].T) for i, x in enumerate(xs)]  # [batch, features] each
         if self.cfg.activation == "topk":
             return [select_topk(pre, k) for pre in pres]
         if self.cfg.activation == "jumprelu":
-            return [threshold_codes(pre, theta) for pre, theta in zip(pres, self.log_threshold.exp(), strict=True)]
+            return [threshold_codes(pre, theta) for pre, theta in zip(pres, self.log_threshold.exp(), strict=False)]
         if self.training:  # batchtopk
             codes = [select_batchtopk(pre, k) for pre in pres]
-            for i, c in enumerate(codes):
-                kept = c.values[c.values > 0]
-                if kept.numel():
-                    rate = 0.01 if self.batchtopk_threshold[i] > 0 else 1.0
-                    self.batchtopk_threshold[i].lerp_(kept.min(), rate)
+            for threshold, c in zip(self.batchtopk_threshold, codes, strict=False):
+                update_threshold_(threshold, c.values)
             return codes
         return [threshold_codes(pre, self.batchtopk_threshold[i]) for i, pre in enumerate(pres)]
 
@@ -249,9 +247,8 @@ class MultiLayerTranscoder(nn.Module):
     @torch.no_grad()
     def predict_layer(self, xs_raw: list[torch.Tensor], m: int) -> torch.Tensor:
         """Raw mlp_out of layer m [rows, d] from the raw mlp_in of layers 0..m (a list of [rows, d])."""
-        n, rows = self.cfg.n_layers, xs_raw[0].shape[0]
-        xs = torch.stack([*xs_raw, *(xs_raw[0].new_zeros(rows, self.cfg.d) for _ in range(n - len(xs_raw)))])
-        codes = self.encode_normalized(self.normalize_source(xs))  # later layers' (zero) inputs do not reach layer m
+        rows = xs_raw[0].shape[0]
+        codes = self.encode_normalized(self.normalize_source(torch.stack(xs_raw[: m + 1])))
         y = self.b_dec[m].expand(rows, self.cfg.d)
         for i in range(m + 1):
             y = y + codes[i].dense(self.cfg.n_features) @ self.W_dec[i][:, m - i]

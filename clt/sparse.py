@@ -76,6 +76,14 @@ def select_batchtopk(pre: torch.Tensor, k: int) -> SparseCodes:
     return SparseCodes(F.relu(values[order]), flat % n_features, offsets)
 
 
+@torch.no_grad()
+def update_threshold_(threshold: torch.Tensor, kept: torch.Tensor) -> None:
+    """batchtopk's inference threshold: a running mean (rate 0.01) of the smallest positive value it kept."""
+    kept = kept[kept > 0]
+    if kept.numel():
+        threshold.lerp_(kept.min(), 0.01 if threshold > 0 else 1.0)
+
+
 def _index_dtype(size: int) -> torch.dtype:
     """The narrowest index type for values below `size` (int32 indices make CPU sparse products faster)."""
     return torch.int32 if size < 2**31 else torch.int64

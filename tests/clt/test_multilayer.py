@@ -75,6 +75,8 @@ def test_save_and_load_round_trip(tmp_path):
     assert isinstance(loaded, MultiLayerTranscoder) and loaded.cfg == model.cfg
     xs = torch.randn(3, 4, 6)
     torch.testing.assert_close(loaded(xs)[0], model(xs)[0])
+    for m in range(3):  # splicing predicts layer m from the mlp_in of layers 0..m only
+        torch.testing.assert_close(model.predict_layer(list(xs[: m + 1]), m), model(xs)[0][m])
 
 
 @pytest.fixture(scope="module")
