@@ -27,6 +27,8 @@ from policy.io import read_json
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _LAYER = re.compile(r"^encoder_layer_(\d+)(\..+)?$")
+_SHORT = re.compile(r"^L(\d+)(\.[a-z_]+)?$")
+_PAIR_NAME = re.compile(r"^clt_(.+)_to_(.+)$")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,14 @@ class LayerPair:
     @property
     def name(self) -> str:
         return f"clt_{short_name(self.source)}_to_{short_name(self.target)}"
+
+    @classmethod
+    def from_name(cls, name: str) -> LayerPair:
+        """The hooks of a pair name: `clt_L0.mlp_in_to_L0.mlp_out` -> encoder_layer_0.mlp_in, encoder_layer_0.mlp_out."""
+        match = _PAIR_NAME.match(name)
+        if not match:
+            raise ValueError(f"{name!r} is not a pair name (clt_<source>_to_<target>, e.g. clt_L0_to_L2)")
+        return cls(long_name(match.group(1)), long_name(match.group(2)))
 
     @property
     def source_tensor(self) -> str:
@@ -56,6 +66,16 @@ def short_name(hook: str) -> str:
     if not match:
         raise ValueError(f"{hook!r} cannot be part of a pair: only encoder points (one row per node) can")
     return f"L{match.group(1)}{match.group(2) or ''}"
+
+
+def long_name(short: str) -> str:
+    """The inverse of short_name: `L1.mlp_in` -> `encoder_layer_1.mlp_in`."""
+    if short in ("embed", "out"):
+        return {"embed": "init_embedding", "out": "encoder_output"}[short]
+    match = _SHORT.match(short)
+    if not match:
+        raise ValueError(f"{short!r} is not a short hook name (embed, out, L<i> or L<i>.<point>)")
+    return f"encoder_layer_{match.group(1)}{match.group(2) or ''}"
 
 
 def parse_pairs(spec: str | list[str], hook_names: list[str]) -> list[LayerPair]:

@@ -56,3 +56,34 @@ def tiny_run(tmp_path_factory) -> Path:
     result = CliRunner().invoke(train.main, args)
     assert result.exit_code == 0, result.output
     return runs / "tiny"
+
+
+@pytest.fixture(scope="session")
+def analysed_run(tiny_run, tmp_path_factory) -> Path:
+    """A copy of the tiny run with what the docs site shows: an SAE on encoder_layer_0, mlp transcoders for
+    both layers (evaluated, with splicing), and a multi-layer CLT. Every step goes through its CLI."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from clt import collect_pairs, train_transcoder
+    from clt import eval as clt_eval
+    from sae import collect_activations, train_topk
+
+    run_dir = tmp_path_factory.mktemp("analysed") / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    small = ["--expansion_factor", "2", "--k", "3", "--batch_size", "64", "--num_epochs", "2", "--wandb_mode", "disabled"]
+    pairs = "encoder_layer_0.mlp_in:encoder_layer_0.mlp_out,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
+    steps = [
+        (collect_activations.main, ["--hooks", "encoder_layer_0", "--num_instances", "60", "--batch_size", "32"]),
+        (train_topk.main, ["--hook", "encoder_layer_0", *small]),
+        (collect_pairs.main, ["--layer_pairs", pairs, "--num_instances_per_pair", "60", "--batch_size", "32"]),
+        (train_transcoder.main, ["--pair", "clt_L0.mlp_in_to_L0.mlp_out", *small]),
+        (train_transcoder.main, ["--pair", "clt_L1.mlp_in_to_L1.mlp_out", *small]),
+        (train_transcoder.main, ["--multilayer", *small]),
+        (clt_eval.main, ["--pair", "clt_L0.mlp_in_to_L0.mlp_out", "--num_instances", "8"]),
+    ]
+    for cli, args in steps:
+        result = CliRunner().invoke(cli, ["--run_dir", str(run_dir), *args])
+        assert result.exit_code == 0, f"{cli.name} {args}: {result.output}"
+    return run_dir

@@ -1,14 +1,18 @@
-"""Shared by the clt tests: a copy of the tiny run with the layer-0 mlp pair collected; a Ctrl-C during training."""
+"""Shared by the clt tests: a copy of the tiny run with the layer-0 mlp pair collected; a Ctrl-C during training;
+the docs site with the analysed tiny run exported."""
 
 import os
 import shutil
+from pathlib import Path
 import signal
 
 import pytest
 from click.testing import CliRunner
 
 from clt import collect_pairs as collect_cli
+from clt import export_docs
 from clt.train_transcoder import TranscoderTrainer
+from clt.viewer import DOCS_DIR
 
 PAIR = "clt_L0.mlp_in_to_L0.mlp_out"
 
@@ -40,3 +44,22 @@ def ctrl_c_at_step(monkeypatch):
         monkeypatch.setattr(TranscoderTrainer, "train_step", interrupt)
 
     return arm
+
+
+SITE_FILES = ("index.html", "app.js", "style.css")
+
+
+@pytest.fixture(scope="session")
+def site_dir(analysed_run, tmp_path_factory) -> Path:
+    """The repository's site (index.html, app.js, style.css) with the analysed tiny run exported into its data/:
+    5 features per dictionary, 3 maps per feature, at most 40 edges per graph."""
+    docs = tmp_path_factory.mktemp("site") / "docs"
+    docs.mkdir()
+    for name in SITE_FILES:
+        shutil.copy(DOCS_DIR / name, docs / name)
+    args = ["--run_dir", str(analysed_run), "--out", str(docs / "data"), "--num_instances", "24", "--features", "5",
+            "--top_instances", "3", "--edges", "40"]  # fmt: skip
+    result = CliRunner().invoke(export_docs.main, args)
+    assert result.exit_code == 0, result.output
+    assert "site data written to" in result.output
+    return docs

@@ -1,0 +1,259 @@
+"""Export what a run has produced into the docs site's data: `python -m clt.export_docs --run_dir R`.
+
+Gathers the policy (size, gap to the reference solver), every SAE run and transcoder run (the
+newest finished one per hook or pair, with its summary.json and clt.eval's eval/metrics.json),
+and, on fresh instances run through the policy, for each dictionary's most active features:
+- their top-activating instances (coordinates, the greedy tour, the feature's activation at each node);
+- their activation histogram, strongest decoder channels, and up- and downstream features by
+  direct-path virtual weight (clt.dictionaries), SAE features upstream of transcoder features included;
+- the layer-to-layer graphs the site draws: `sae` (the SAEs), `mlp` (per-layer mlp_in -> mlp_out
+  transcoders), `residual` (the other pairwise transcoders), `multilayer` (the multi-layer CLT's layers).
+
+Writes `<out>/site.json` and `<out>/site.js` (the same object as `window.SITE_DATA = ...;`, so that
+docs/index.html also works from the file system, where browsers refuse fetch). Schema `tsp-interp.site/1`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from clt.dictionaries import Dictionary, load_sae_dictionary, load_transcoder_dictionaries, norm_scales, stream_position
+from clt.dictionaries import virtual_weights
+from clt.summarize import newest_runs
+from policy.cli import command
+from policy.env import generate, tour_length
+from policy.io import atomic_write, read_json
+from sae.hooks import HookedPolicy
+from sae.runs import load_policy, resolve_run_dir
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "tsp-interp.site/1"
+VIEWS = {"sae": "SAE features", "mlp": "MLP transcoders (per layer)", "residual": "Residual-stream transcoders",
+         "multilayer": "Multi-layer CLT"}  # fmt: skip
+NEIGHBOURS = 6  # up- and downstream features listed on a feature page
+
+
+@dataclass
+class ExportConfig:
+    run_dir: str
+    """Run folder, or a run name under runs/."""
+    out: str = "docs/data"
+    """Folder for site.json and site.js (docs/index.html reads docs/data/site.js)."""
+    num_instances: int = 256
+    """Fresh instances on which features are measured and their top instances chosen."""
+    seed: int = 4321
+    """Seed of those instances (collection, training and splicing use others)."""
+    features: int = 24
+    """Features shown per dictionary: the most active ones (by mean activation)."""
+    top_instances: int = 4
+    """Maps per feature page: the instances where the feature peaks highest."""
+    edges: int = 300
+    """Edges kept per graph, by |attribution|."""
+    checkpoint: int | None = None
+    """Policy checkpoint epoch [default: the latest]."""
+    device: str = "cpu"
+    """torch device."""
+
+    def __post_init__(self):
+        if min(self.num_instances, self.features, self.top_instances, self.edges) < 1:
+            raise ValueError("num_instances, features, top_instances and edges must be positive")
+        if self.top_instances > self.num_instances:
+            raise ValueError("top_instances cannot exceed num_instances")
+
+
+def find_dictionaries(run_dir: Path) -> list[Dictionary]:
+    """The newest finished SAE of every hook, then the newest finished transcoder of every pair."""
+    found = []
+    sae_root = run_dir / "sae" / "sae_runs"
+    for hook_dir in sorted(p for p in sae_root.iterdir() if p.is_dir()) if sae_root.is_dir() else []:
+        folders = [f for f in hook_dir.iterdir() if (f / "model.safetensors").is_file()]
+        if folders:
+            found.append(load_sae_dictionary(max(folders), hook_dir.name))
+    for folder in newest_runs(run_dir):
+        found += load_transcoder_dictionaries(folder, folder.parent.name)
+    if not found:
+        raise FileNotFoundError(
+            f"nothing to export in {run_dir}: train an SAE (sae.train_topk) or a transcoder (clt.train_transcoder)"
+        )
+    return found
+
+
+def view_of(d: Dictionary) -> str:
+    if d.kind == "sae":
+        return "sae"
+    if d.kind == "clt_layer":
+        return "multilayer"
+    (target,) = d.writes
+    same_layer = d.read_hook.split(".")[0] == target.split(".")[0]
+    return "mlp" if same_layer and d.read_hook.endswith(".mlp_in") and target.endswith(".mlp_out") else "residual"
+
+
+def r4(values) -> list:
+    """Floats to 4 significant digits (the JSON stays small)."""
+    return [float(f"{v:.4g}") for v in np.asarray(values, dtype=np.float64).ravel()]
+
+
+@torch.no_grad()
+def measure(d: Dictionary, cache: dict[str, torch.Tensor], cfg: ExportConfig, n_nodes: int) -> dict:
+    """Frequency and mean activation of every feature, and the shown features' activations [n, node]."""
+    z = d.codes(cache).float().cpu()  # [instances * node, features]
+    frequency, mean = (z > 0).float().mean(0).numpy(), z.mean(0).numpy()
+    alive = np.flatnonzero(frequency > 0)
+    shown = alive[np.argsort(-mean[alive], kind="stable")][: cfg.features]
+    acts = z[:, shown].T.reshape(len(shown), -1, n_nodes).numpy()  # [shown, instances, node]
+    return {"frequency": frequency, "mean": mean, "shown": shown, "acts": acts}
+
+
+def feature_page(d: Dictionary, j: int, acts: np.ndarray, stats: dict, cfg: ExportConfig) -> dict:
+    """One feature: statistics, histogram, top instances with per-node activations, decoder channels."""
+    peak = acts.max(1)  # [instances]
+    top = np.argsort(-peak, kind="stable")[: cfg.top_instances]
+    nonzero = acts[acts > 0]
+    counts, edges = np.histogram(nonzero, bins=20) if nonzero.size else (np.zeros(0), np.zeros(0))
+    (hook, decoder), *_ = d.writes.items()
+    row = decoder[j].cpu().numpy()
+    channels = np.argsort(-np.abs(row), kind="stable")[:8]
+    return {"index": int(j), "frequency": float(f"{stats['frequency'][j]:.4g}"), "mean": float(f"{stats['mean'][j]:.4g}"),
+            "max": float(f"{acts.max():.4g}"), "histogram": {"counts": counts.astype(int).tolist(), "edges": r4(edges)},
+            "top_instances": [{"instance": int(i), "activations": r4(acts[i])} for i in top],
+            "channels": {"hook": hook, "top": [[int(c), *r4([row[c]])] for c in channels]},
+            "upstream": [], "downstream": [], "upstream_sae": []}  # fmt: skip
+
+
+def link(pages: dict, stats: dict, dicts: list[Dictionary], scales, cfg: ExportConfig) -> dict[str, list]:
+    """Graph edges per view (between shown features), and each page's up/downstream lists."""
+    graphs: dict[str, list] = {view: [] for view in VIEWS}
+    for up in dicts:
+        for down in dicts:
+            v = virtual_weights(up, down, scales)
+            if v is None:
+                continue
+            attr = v.cpu().numpy() * stats[up.id]["mean"][:, None]  # weight x the upstream mean activation
+            same_view = view_of(up) == view_of(down)
+            if down.kind != "sae" and up.kind == "sae":
+                for j in stats[down.id]["shown"]:
+                    best = np.argsort(-np.abs(attr[:, j]), kind="stable")[:NEIGHBOURS]
+                    pages[down.id][int(j)]["upstream_sae"] += [[up.id, int(i), *r4([attr[i, j]])] for i in best]
+            if not same_view:
+                continue
+            src, dst = stats[up.id]["shown"], stats[down.id]["shown"]
+            sub = attr[np.ix_(src, dst)]
+            for a, i in enumerate(src):
+                best = np.argsort(-np.abs(sub[a]), kind="stable")[:NEIGHBOURS]
+                pages[up.id][int(i)]["downstream"] += [[down.id, int(dst[b]), *r4([sub[a, b]])] for b in best]
+            for b, j in enumerate(dst):
+                best = np.argsort(-np.abs(sub[:, b]), kind="stable")[:NEIGHBOURS]
+                pages[down.id][int(j)]["upstream"] += [[up.id, int(src[a]), *r4([sub[a, b]])] for a in best]
+            graphs[view_of(up)] += [[up.id, int(src[a]), down.id, int(dst[b]), float(f"{sub[a, b]:.4g}")]
+                                    for a, b in zip(*np.nonzero(sub), strict=True)]  # fmt: skip
+    for page_set in pages.values():
+        for page in page_set.values():
+            for key in ("upstream", "downstream", "upstream_sae"):
+                page[key] = sorted(page[key], key=lambda e: -abs(e[2]))[:NEIGHBOURS]
+    return {view: sorted(edges, key=lambda e: -abs(e[4]))[: cfg.edges] for view, edges in graphs.items()}
+
+
+def overview(run_dir: Path, policy, dicts: list[Dictionary]) -> dict:
+    """The policy, and a table row per SAE and transcoder run."""
+    config = policy.config.raw
+    evaluation = read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
+    rows = []
+    for folder in sorted({d.folder for d in dicts}):
+        kind = "sae" if folder.parts[-3] == "sae_runs" else "transcoder"
+        row = {"kind": kind, "name": folder.parent.name, "folder": str(folder.relative_to(run_dir)),
+               **_summary(folder)}  # fmt: skip
+        if (folder / "eval" / "metrics.json").is_file():
+            splice = read_json(folder / "eval" / "metrics.json").get("splice", {})
+            row["splice"] = {k: v for k, v in splice.items() if isinstance(v, dict) and k != "original"}
+        rows.append(row)
+    return {"run": run_dir.name, "policy": {**config.get("policy", {}), "parameters": sum(p.numel() for p in
+            policy.model.parameters()), "checkpoint_epoch": policy.epoch}, "env": config.get("env", {}),
+            "evaluation": evaluation, "dictionaries": rows}  # fmt: skip
+
+
+def _summary(folder: Path) -> dict:
+    """summary.json (transcoders) or the last validation line of metrics.jsonl (SAEs)."""
+    if (folder / "summary.json").is_file():
+        return {"summary": read_json(folder / "summary.json")}
+    last = {}
+    if (folder / "metrics.jsonl").is_file():
+        for line in (folder / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if "val/fvu" in record:
+                last = record
+    cfg = read_json(folder / "cfg.json")
+    return {"summary": {**last, "features": cfg["d_in"] * cfg["expansion_factor"], "k": cfg.get("k")}}
+
+
+def run(cfg: ExportConfig) -> Path:
+    """Export; returns the path of site.json."""
+    run_dir = resolve_run_dir(cfg.run_dir)
+    policy = load_policy(run_dir, cfg.checkpoint, cfg.device)
+    dicts = find_dictionaries(run_dir)
+    n_layers = policy.config.policy.num_encoder_layers
+    for d in dicts:
+        if stream_position(d.read_hook, n_layers, write=False) is None:
+            raise ValueError(f"{d.id} reads {d.read_hook}, which is not on the residual stream; it cannot be exported")
+    dicts.sort(key=lambda d: (stream_position(d.read_hook, n_layers, write=False),
+                              max(stream_position(h, n_layers, write=True) or 0 for h in d.writes)))  # fmt: skip
+    n_nodes = policy.config.num_loc
+    locs = generate(cfg.num_instances, n_nodes, policy.config.distribution, seed=cfg.seed).to(cfg.device)
+    with torch.no_grad():
+        tours = policy.model(locs).actions[:, 0]  # [instances, node] greedy
+    hooks = sorted({h for d in dicts for h in d.hooks})
+    cache = {h: a.reshape(-1, a.shape[-1]) for h, a in HookedPolicy(policy.model).run_with_cache(locs, hooks).items()}
+    stats, pages = {}, {}
+    for d in tqdm(dicts, desc="features"):
+        stats[d.id] = measure(d, cache, cfg, n_nodes)
+        pages[d.id] = {int(j): feature_page(d, j, a, stats[d.id], cfg)
+                       for j, a in zip(stats[d.id]["shown"], stats[d.id]["acts"], strict=True)}  # fmt: skip
+    scales = [s.cpu() for s in norm_scales(policy.model, locs)]
+    graphs = link(pages, stats, dicts, scales, cfg)
+    used = sorted({i["instance"] for p in pages.values() for f in p.values() for i in f["top_instances"]})
+    lengths = tour_length(locs, tours).cpu().numpy()
+    site = {
+        "schema": SCHEMA,
+        "overview": overview(run_dir, policy, dicts),
+        "views": [{"id": v, "title": t, "dictionaries": [d.id for d in dicts if view_of(d) == v], "edges": graphs[v]}
+                  for v, t in VIEWS.items() if any(view_of(d) == v for d in dicts)],  # fmt: skip
+        "dictionaries": {d.id: {"kind": d.kind, "label": d.label, "read_hook": d.read_hook, "writes": list(d.writes),
+                                "features": d.n_features, "alive_fraction": float((stats[d.id]["frequency"] > 0).mean()),
+                                "feature_pages": list(pages[d.id].values())} for d in dicts},  # fmt: skip
+        "instances": {str(i): {"locs": r4(locs[i].cpu()), "tour": tours[i].tolist(), "length": float(f"{lengths[i]:.4g}")}
+                      for i in used},  # fmt: skip
+        "export": asdict(cfg),
+    }
+    text = json.dumps(site, separators=(",", ":"))
+    out = Path(cfg.out)
+    atomic_write(out / "site.js", lambda tmp: tmp.write_text(f"window.SITE_DATA = {text};\n"))
+    return atomic_write(out / "site.json", lambda tmp: tmp.write_text(text + "\n"))
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/.")
+@click.option("--out", default="docs/data", help="Folder for site.json and site.js (the site reads docs/data).")
+@click.option("--num_instances", default=256, help="Fresh instances on which features are measured.")
+@click.option("--seed", default=4321, help="Seed of those instances.")
+@click.option("--features", default=24, help="Features shown per SAE / transcoder (layer): the most active ones.")
+@click.option("--top_instances", default=4, help="Maps per feature page: the instances where it peaks highest.")
+@click.option("--edges", default=300, help="Edges kept per graph, by |attribution|.")
+@click.option("--checkpoint", default=None, type=int, help="Policy checkpoint epoch [default: the latest].")
+@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+def main(**options):
+    """Export a run's SAEs, transcoders, metrics, graphs and feature pages as the docs site's data."""
+    with command():
+        path = run(ExportConfig(**options))
+    click.echo(f"site data written to {path} ({path.stat().st_size / 1e6:.1f} MB); view with python -m clt.viewer")
+
+
+if __name__ == "__main__":
+    main()

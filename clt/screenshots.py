@@ -1,0 +1,106 @@
+"""Headless Chromium for the docs site: the browser the tests drive, and the README's screenshots.
+
+    python -m clt.screenshots [--out docs/img]     # overview.png, clt_graph.png, feature.png of docs/
+
+Uses Selenium with the system's Chromium and ChromeDriver (Debian: `apt-get install chromium
+chromium-driver`); nothing is downloaded. The site is served by clt.viewer on a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from clt.viewer import DOCS_DIR, make_server
+from policy.cli import command
+
+CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
+# Flags for a machine with no display and no network: no sandbox (root in containers), no background traffic.
+FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic")  # fmt: skip
+
+
+def find_browser() -> tuple[str, str] | None:
+    """(chromium, chromedriver) paths from $CHROMIUM / $CHROMEDRIVER or the PATH; None when either is missing."""
+    browser = os.environ.get("CHROMIUM") or next(filter(None, map(shutil.which, CHROMIUM)), None)
+    driver = os.environ.get("CHROMEDRIVER") or shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@contextmanager
+def chromium(width: int = 1400, height: int = 1000) -> Iterator:
+    """A headless Chromium WebDriver that records the console (driver.get_log('browser')); quit on exit."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError as err:
+        raise ValueError("the browser needs selenium: pip install -e '.[docs]'") from err
+    found = find_browser()
+    if found is None:
+        raise FileNotFoundError("no chromium + chromedriver found; on Debian: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = found[0]
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--window-size={width},{height}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=found[1]), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@contextmanager
+def serve(docs_dir: str | Path = DOCS_DIR) -> Iterator[str]:
+    """clt.viewer's server for docs_dir on a free port, in a thread; yields its base URL."""
+    server = make_server(docs_dir, port=0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def first_feature(driver) -> None:
+    """Open the page of the first node of the graph on screen (the CLT or SAE tab must be showing)."""
+    driver.find_element("css selector", "#graph circle.node").click()
+
+
+def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
+    """overview.png, clt_graph.png and feature.png of the site in docs_dir."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shots = []
+    with serve(docs_dir) as url, chromium() as driver:
+        for name, hash_ in (("overview", "#/overview"), ("clt_graph", "#/clt"), ("feature", None)):
+            if hash_ is None:
+                first_feature(driver)
+            else:
+                driver.get(url + hash_)
+            path = out / f"{name}.png"
+            driver.find_element("tag name", "body").screenshot(str(path))
+            shots.append(path)
+    return shots
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--docs_dir", default=str(DOCS_DIR), help="The site folder (with data/site.js from clt.export_docs).")
+@click.option("--out", default=str(DOCS_DIR / "img"), help="Where to write the PNGs.")
+def main(docs_dir, out):
+    """Screenshot the overview, the CLT graph and a feature page in headless Chromium."""
+    with command():
+        shots = take_screenshots(docs_dir, out)
+    click.echo("\n".join(str(p) for p in shots))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The docs site in a real browser: headless Chromium driven by Selenium (system chromium + chromedriver).
+
+Skipped where no browser is installed, unless REQUIRE_BROWSER=1 (CI sets it): then a missing browser fails.
+"""
+
+import json
+import os
+
+import pytest
+
+from clt.screenshots import chromium, find_browser, first_feature, serve
+
+if find_browser() is None:
+    if os.environ.get("REQUIRE_BROWSER") == "1":
+        raise RuntimeError("REQUIRE_BROWSER=1 but no chromium + chromedriver: apt-get install chromium chromium-driver")
+    pytest.skip("no chromium + chromedriver (apt-get install chromium chromium-driver)", allow_module_level=True)
+
+pytest.importorskip("selenium")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def site(site_dir):
+    data = json.loads((site_dir / "data" / "site.json").read_text())
+    with serve(site_dir) as url:
+        yield url, data
+
+
+def console_errors(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def open_page(driver, url: str, wait_for: str):
+    driver.get(url)
+    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, wait_for))
+
+
+def test_every_tab_loads_without_console_errors(browser, site):
+    url, data = site
+    for hash_, wait_for in (("#/overview", "table"), ("#/sae", "#graph"), ("#/clt", "#graph"),
+                            ("#/clt/multilayer", "#graph")):  # fmt: skip
+        open_page(browser, url + hash_, wait_for)
+        assert console_errors(browser) == [], hash_
+    open_page(browser, url + "#/overview", "table")
+    text = browser.find_element(By.ID, "content").text
+    assert "clt_L0.mlp_in_to_L0.mlp_out" in text and "ridge FVU" in text and "recovered" in text
+
+
+@pytest.mark.parametrize("view", ["mlp", "multilayer", "sae"])
+def test_graph_shows_one_node_per_exported_feature(browser, site, view):
+    url, data = site
+    (spec,) = [v for v in data["views"] if v["id"] == view]
+    open_page(browser, url + ("#/sae" if view == "sae" else f"#/clt/{view}"), "#graph circle.node")
+    expected = sum(len(data["dictionaries"][d]["feature_pages"]) for d in spec["dictionaries"])
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#graph circle.node")) == expected
+    drawn = browser.find_elements(By.CSS_SELECTOR, "#graph path.edge")
+    assert len(drawn) == len(spec["edges"])
+    assert console_errors(browser) == []
+
+
+def test_threshold_slider_hides_weak_edges(browser, site):
+    url, data = site
+    open_page(browser, url + "#/clt/mlp", "#graph path.edge")
+    total = len(data["views"][1]["edges"])
+    browser.execute_script("const s = document.getElementById('threshold'); s.value = 100; s.dispatchEvent(new Event('input'));")
+    visible = [e for e in browser.find_elements(By.CSS_SELECTOR, "#graph path.edge") if e.is_displayed()]
+    assert 1 <= len(visible) < total
+    assert browser.find_element(By.ID, "edge-count").text == f"{len(visible)} of {total} edges"
+
+
+def test_clicking_a_node_opens_its_feature_page_with_one_map_per_top_instance(browser, site, tmp_path):
+    url, data = site
+    open_page(browser, url + "#/clt/mlp", "#graph circle.node")
+    node = browser.find_element(By.CSS_SELECTOR, "#graph circle.node")
+    dict_id, index = node.get_attribute("data-dict"), int(node.get_attribute("data-index"))
+    first_feature(browser)
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg.tsp-map"))
+    assert "#/feature/" in browser.current_url and f"feature #{index}" in browser.find_element(By.TAG_NAME, "h2").text
+    (page,) = [p for p in data["dictionaries"][dict_id]["feature_pages"] if p["index"] == index]
+    maps = browser.find_elements(By.CSS_SELECTOR, "svg.tsp-map")
+    assert len(maps) == len(page["top_instances"]) == 3
+    assert len(maps[0].find_elements(By.CSS_SELECTOR, "circle, rect")) == 10  # one mark per city
+    assert browser.find_elements(By.CSS_SELECTOR, "svg.histogram rect")
+    links = browser.find_elements(By.PARTIAL_LINK_TEXT, "L1.mlp_in_to_L1.mlp_out #")
+    assert links, "downstream features link to their pages"
+    links[0].click()
+    WebDriverWait(browser, 10).until(lambda d: "L1.mlp_in_to_L1.mlp_out feature" in d.find_element(By.TAG_NAME, "h2").text)
+    assert console_errors(browser) == []
+    shot = tmp_path / "feature.png"
+    assert browser.find_element(By.TAG_NAME, "body").screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_site_opens_from_the_file_system(browser, site_dir):
+    open_page(browser, (site_dir / "index.html").as_uri() + "#/clt", "#graph circle.node")
+    assert console_errors(browser) == []
+
+
+def test_a_site_without_data_says_how_to_export(browser, site_dir, tmp_path):
+    for name in ("index.html", "app.js", "style.css"):
+        (tmp_path / name).write_bytes((site_dir / name).read_bytes())
+    browser.get((tmp_path / "index.html").as_uri())
+    assert "python -m clt.export_docs" in browser.find_element(By.CLASS_NAME, "empty").text

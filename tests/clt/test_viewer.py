@@ -1,0 +1,54 @@
+"""clt.viewer: the docs site over HTTP on localhost."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from click.testing import CliRunner
+
+from clt import viewer
+from clt.screenshots import serve
+
+
+def test_serves_the_site_and_its_data(site_dir):
+    with serve(site_dir) as url:
+        page = urllib.request.urlopen(url).read().decode()
+        data = urllib.request.urlopen(url + "data/site.js").read().decode()
+        assert '<script src="data/site.js">' in page and data.startswith("window.SITE_DATA = ")
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(url + "../../etc/passwd")  # the handler drops "..": nothing outside is served
+
+
+def test_cli_prints_the_address_and_serves_until_stopped(site_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "clt.viewer", "--port", str(port), "--docs_dir", str(site_dir)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in line
+        deadline = time.time() + 10
+        while True:
+            try:
+                assert b"app.js" in urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html").read()
+                break
+            except urllib.error.URLError:
+                assert time.time() < deadline
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_clear_errors_for_a_missing_site_and_a_busy_port(site_dir, tmp_path):
+    result = CliRunner().invoke(viewer.main, ["--docs_dir", str(tmp_path)])
+    assert result.exit_code == 1 and "has no index.html" in result.output
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        result = CliRunner().invoke(viewer.main, ["--docs_dir", str(site_dir), "--port", str(s.getsockname()[1])])
+    assert result.exit_code == 1 and "try another --port" in result.output
