@@ -34,6 +34,7 @@ from clt.graph import raw_decoder, raw_encoder
 from clt.model import load_transcoder
 from clt.multilayer import MultiLayerTranscoder
 from clt.pairs import LayerPair
+from clt.summarize import newest_runs
 from policy.model import AttentionModel
 from sae.model import load_sae
 
@@ -122,6 +123,23 @@ def _clt_layer(model: MultiLayerTranscoder, folder: Path, pair: str, i: int) -> 
         return model.encode(torch.stack([cache[h] for h in mlp_in]))[i]
 
     return Dictionary(f"clt/{pair}/L{i}", "clt_layer", f"CLT L{i}", folder, mlp_in[-1], encoder, writes, codes)
+
+
+def find_dictionaries(run_dir: Path) -> list[Dictionary]:
+    """The newest finished SAE of every hook, then the newest finished transcoder of every pair."""
+    found = []
+    sae_root = run_dir / "sae" / "sae_runs"
+    for hook_dir in sorted(p for p in sae_root.iterdir() if p.is_dir()) if sae_root.is_dir() else []:
+        folders = [f for f in hook_dir.iterdir() if (f / "model.safetensors").is_file()]
+        if folders:
+            found.append(load_sae_dictionary(max(folders), hook_dir.name))
+    for folder in newest_runs(run_dir):
+        found += load_transcoder_dictionaries(folder, folder.parent.name)
+    if not found:
+        raise FileNotFoundError(
+            f"no trained SAE or transcoder in {run_dir}: train one (sae.train_topk, clt.train_transcoder)"
+        )
+    return found
 
 
 @torch.no_grad()

@@ -25,9 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clt.dictionaries import Dictionary, load_sae_dictionary, load_transcoder_dictionaries, norm_scales, stream_position
-from clt.dictionaries import virtual_weights
-from clt.summarize import newest_runs
+from clt.dictionaries import Dictionary, find_dictionaries, norm_scales, stream_position, virtual_weights
 from policy.cli import command
 from policy.env import generate, tour_length
 from policy.io import atomic_write, read_json
@@ -68,23 +66,6 @@ class ExportConfig:
             raise ValueError("num_instances, features, top_instances and edges must be positive")
         if self.top_instances > self.num_instances:
             raise ValueError("top_instances cannot exceed num_instances")
-
-
-def find_dictionaries(run_dir: Path) -> list[Dictionary]:
-    """The newest finished SAE of every hook, then the newest finished transcoder of every pair."""
-    found = []
-    sae_root = run_dir / "sae" / "sae_runs"
-    for hook_dir in sorted(p for p in sae_root.iterdir() if p.is_dir()) if sae_root.is_dir() else []:
-        folders = [f for f in hook_dir.iterdir() if (f / "model.safetensors").is_file()]
-        if folders:
-            found.append(load_sae_dictionary(max(folders), hook_dir.name))
-    for folder in newest_runs(run_dir):
-        found += load_transcoder_dictionaries(folder, folder.parent.name)
-    if not found:
-        raise FileNotFoundError(
-            f"nothing to export in {run_dir}: train an SAE (sae.train_topk) or a transcoder (clt.train_transcoder)"
-        )
-    return found
 
 
 def view_of(d: Dictionary) -> str:
@@ -223,13 +204,27 @@ def run(cfg: ExportConfig) -> Path:
     site = {
         "schema": SCHEMA,
         "overview": overview(run_dir, policy, dicts),
-        "views": [{"id": v, "title": t, "dictionaries": [d.id for d in dicts if view_of(d) == v], "edges": graphs[v]}
-                  for v, t in VIEWS.items() if any(view_of(d) == v for d in dicts)],  # fmt: skip
-        "dictionaries": {d.id: {"kind": d.kind, "label": d.label, "read_hook": d.read_hook, "writes": list(d.writes),
-                                "features": d.n_features, "alive_fraction": float((stats[d.id]["frequency"] > 0).mean()),
-                                "feature_pages": list(pages[d.id].values())} for d in dicts},  # fmt: skip
-        "instances": {str(i): {"locs": r4(locs[i].cpu()), "tour": tours[i].tolist(), "length": float(f"{lengths[i]:.4g}")}
-                      for i in used},  # fmt: skip
+        "views": [
+            {"id": v, "title": t, "dictionaries": [d.id for d in dicts if view_of(d) == v], "edges": graphs[v]}
+            for v, t in VIEWS.items()
+            if any(view_of(d) == v for d in dicts)
+        ],  # fmt: skip
+        "dictionaries": {
+            d.id: {
+                "kind": d.kind,
+                "label": d.label,
+                "read_hook": d.read_hook,
+                "writes": list(d.writes),
+                "features": d.n_features,
+                "alive_fraction": float((stats[d.id]["frequency"] > 0).mean()),
+                "feature_pages": list(pages[d.id].values()),
+            }
+            for d in dicts
+        },  # fmt: skip
+        "instances": {
+            str(i): {"locs": r4(locs[i].cpu()), "tour": tours[i].tolist(), "length": float(f"{lengths[i]:.4g}")}
+            for i in used
+        },  # fmt: skip
         "export": asdict(cfg),
     }
     text = json.dumps(site, separators=(",", ":"))

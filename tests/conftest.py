@@ -72,7 +72,18 @@ def analysed_run(tiny_run, tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("analysed") / "tiny"
     shutil.copytree(tiny_run, run_dir)
-    small = ["--expansion_factor", "2", "--k", "3", "--batch_size", "64", "--num_epochs", "2", "--wandb_mode", "disabled"]
+    small = [
+        "--expansion_factor",
+        "2",
+        "--k",
+        "3",
+        "--batch_size",
+        "64",
+        "--num_epochs",
+        "2",
+        "--wandb_mode",
+        "disabled",
+    ]
     pairs = "encoder_layer_0.mlp_in:encoder_layer_0.mlp_out,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
     steps = [
         (collect_activations.main, ["--hooks", "encoder_layer_0", "--num_instances", "60", "--batch_size", "32"]),

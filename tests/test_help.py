@@ -19,6 +19,9 @@ CLIS = [
     "clt.summarize",
     "clt.pairs",
     "clt.eval",
+    "clt.export_docs",
+    "clt.viewer",
+    "clt.screenshots",
     "bench.train",
     "bench.train_scaling",
 ]

@@ -3,8 +3,8 @@ the docs site with the analysed tiny run exported."""
 
 import os
 import shutil
-from pathlib import Path
 import signal
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner

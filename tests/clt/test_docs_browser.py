@@ -37,6 +37,11 @@ def console_errors(driver) -> list[str]:
     return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
 
 
+def heading(driver) -> str:
+    """The page's h2, read in one script call (the page may be re-rendering between two WebDriver calls)."""
+    return driver.execute_script("return document.querySelector('h2')?.textContent || ''")
+
+
 def open_page(driver, url: str, wait_for: str):
     driver.get(url)
     WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, wait_for))
@@ -69,7 +74,9 @@ def test_threshold_slider_hides_weak_edges(browser, site):
     url, data = site
     open_page(browser, url + "#/clt/mlp", "#graph path.edge")
     total = len(data["views"][1]["edges"])
-    browser.execute_script("const s = document.getElementById('threshold'); s.value = 100; s.dispatchEvent(new Event('input'));")
+    browser.execute_script(
+        "const s = document.getElementById('threshold'); s.value = 100; s.dispatchEvent(new Event('input'));"
+    )
     visible = [e for e in browser.find_elements(By.CSS_SELECTOR, "#graph path.edge") if e.is_displayed()]
     assert 1 <= len(visible) < total
     assert browser.find_element(By.ID, "edge-count").text == f"{len(visible)} of {total} edges"
@@ -82,7 +89,7 @@ def test_clicking_a_node_opens_its_feature_page_with_one_map_per_top_instance(br
     dict_id, index = node.get_attribute("data-dict"), int(node.get_attribute("data-index"))
     first_feature(browser)
     WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg.tsp-map"))
-    assert "#/feature/" in browser.current_url and f"feature #{index}" in browser.find_element(By.TAG_NAME, "h2").text
+    assert "#/feature/" in browser.current_url and f"feature #{index}" in heading(browser)
     (page,) = [p for p in data["dictionaries"][dict_id]["feature_pages"] if p["index"] == index]
     maps = browser.find_elements(By.CSS_SELECTOR, "svg.tsp-map")
     assert len(maps) == len(page["top_instances"]) == 3
@@ -91,7 +98,7 @@ def test_clicking_a_node_opens_its_feature_page_with_one_map_per_top_instance(br
     links = browser.find_elements(By.PARTIAL_LINK_TEXT, "L1.mlp_in_to_L1.mlp_out #")
     assert links, "downstream features link to their pages"
     links[0].click()
-    WebDriverWait(browser, 10).until(lambda d: "L1.mlp_in_to_L1.mlp_out feature" in d.find_element(By.TAG_NAME, "h2").text)
+    WebDriverWait(browser, 10).until(lambda d: "L1.mlp_in_to_L1.mlp_out feature" in heading(d))
     assert console_errors(browser) == []
     shot = tmp_path / "feature.png"
     assert browser.find_element(By.TAG_NAME, "body").screenshot(str(shot))

@@ -16,7 +16,10 @@ from sae.hooks import HookedPolicy
 def site(site_dir):
     js = (site_dir / "data" / "site.js").read_text()
     data = json.loads((site_dir / "data" / "site.json").read_text())
-    assert js.startswith("window.SITE_DATA = ") and json.loads(js.removeprefix("window.SITE_DATA = ").rstrip(";\n")) == data
+    assert (
+        js.startswith("window.SITE_DATA = ")
+        and json.loads(js.removeprefix("window.SITE_DATA = ").rstrip(";\n")) == data
+    )
     return data
 
 
@@ -56,7 +59,8 @@ def test_graph_edges_join_shown_features_of_a_view_and_pages_list_neighbours(sit
     for view in site["views"]:
         assert len(view["edges"]) <= 40
         for up, i, down, j, attr in view["edges"]:
-            assert (up, i) in shown and (down, j) in shown and up in view["dictionaries"] and down in view["dictionaries"]
+            assert (up, i) in shown and (down, j) in shown
+            assert up in view["dictionaries"] and down in view["dictionaries"] and 0 < abs(attr) < float("inf")
     mlp = site["views"][1]
     assert mlp["id"] == "mlp" and mlp["edges"], "layer 0's mlp_out reaches layer 1's mlp_in"
     assert all(e[0].endswith("L0.mlp_out") for e in mlp["edges"])
@@ -70,7 +74,7 @@ def test_graph_edges_join_shown_features_of_a_view_and_pages_list_neighbours(sit
 
 def test_export_without_dictionaries_is_a_clear_error(tiny_run, tmp_path):
     result = CliRunner().invoke(export_docs.main, ["--run_dir", str(tiny_run), "--out", str(tmp_path)])
-    assert result.exit_code == 1 and "nothing to export" in result.output
+    assert result.exit_code == 1 and "no trained SAE or transcoder" in result.output
     assert not (tmp_path / "site.json").exists()
 
 
