@@ -30,6 +30,7 @@ from policy.cli import command
 from policy.env import generate, tour_length
 from policy.io import atomic_write, read_json
 from sae.hooks import HookedPolicy
+from sae.model import SAEConfig
 from sae.runs import load_policy, resolve_run_dir
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,13 @@ def view_of(d: Dictionary) -> str:
     return "mlp" if same_layer and d.read_hook.endswith(".mlp_in") and target.endswith(".mlp_out") else "residual"
 
 
-def r4(values) -> list:
-    """Floats to 4 significant digits (the JSON stays small)."""
-    return [float(f"{v:.4g}") for v in np.asarray(values, dtype=np.float64).ravel()]
+def sig4(x) -> float:
+    """A float to 4 significant digits (the JSON stays small)."""
+    return float(f"{float(x):.4g}")
+
+
+def r4(values) -> list[float]:
+    return [sig4(v) for v in np.asarray(values, dtype=np.float64).ravel()]
 
 
 @torch.no_grad()
@@ -103,10 +108,10 @@ def feature_page(d: Dictionary, j: int, acts: np.ndarray, stats: dict, cfg: Expo
     (hook, decoder), *_ = d.writes.items()
     row = decoder[j].cpu().numpy()
     channels = np.argsort(-np.abs(row), kind="stable")[:8]
-    return {"index": int(j), "frequency": float(f"{stats['frequency'][j]:.4g}"), "mean": float(f"{stats['mean'][j]:.4g}"),
-            "max": float(f"{acts.max():.4g}"), "histogram": {"counts": counts.astype(int).tolist(), "edges": r4(edges)},
+    return {"index": int(j), "frequency": sig4(stats["frequency"][j]), "mean": sig4(stats["mean"][j]),
+            "max": sig4(acts.max()), "histogram": {"counts": counts.astype(int).tolist(), "edges": r4(edges)},
             "top_instances": [{"instance": int(i), "activations": r4(acts[i])} for i in top],
-            "channels": {"hook": hook, "top": [[int(c), *r4([row[c]])] for c in channels]},
+            "channels": {"hook": hook, "top": [[int(c), sig4(row[c])] for c in channels]},
             "upstream": [], "downstream": [], "upstream_sae": []}  # fmt: skip
 
 
@@ -123,18 +128,18 @@ def link(pages: dict, stats: dict, dicts: list[Dictionary], scales, cfg: ExportC
             if down.kind != "sae" and up.kind == "sae":
                 for j in stats[down.id]["shown"]:
                     best = np.argsort(-np.abs(attr[:, j]), kind="stable")[:NEIGHBOURS]
-                    pages[down.id][int(j)]["upstream_sae"] += [[up.id, int(i), *r4([attr[i, j]])] for i in best]
+                    pages[down.id][int(j)]["upstream_sae"] += [[up.id, int(i), sig4(attr[i, j])] for i in best]
             if not same_view:
                 continue
             src, dst = stats[up.id]["shown"], stats[down.id]["shown"]
             sub = attr[np.ix_(src, dst)]
             for a, i in enumerate(src):
                 best = np.argsort(-np.abs(sub[a]), kind="stable")[:NEIGHBOURS]
-                pages[up.id][int(i)]["downstream"] += [[down.id, int(dst[b]), *r4([sub[a, b]])] for b in best]
+                pages[up.id][int(i)]["downstream"] += [[down.id, int(dst[b]), sig4(sub[a, b])] for b in best]
             for b, j in enumerate(dst):
                 best = np.argsort(-np.abs(sub[:, b]), kind="stable")[:NEIGHBOURS]
-                pages[down.id][int(j)]["upstream"] += [[up.id, int(src[a]), *r4([sub[a, b]])] for a in best]
-            graphs[view_of(up)] += [[up.id, int(src[a]), down.id, int(dst[b]), float(f"{sub[a, b]:.4g}")]
+                pages[down.id][int(j)]["upstream"] += [[up.id, int(src[a]), sig4(sub[a, b])] for a in best]
+            graphs[view_of(up)] += [[up.id, int(src[a]), down.id, int(dst[b]), sig4(sub[a, b])]
                                     for a, b in zip(*np.nonzero(sub), strict=True)]  # fmt: skip
     for page_set in pages.values():
         for page in page_set.values():
@@ -147,9 +152,8 @@ def overview(run_dir: Path, policy, dicts: list[Dictionary]) -> dict:
     """The policy, and a table row per SAE and transcoder run."""
     config = policy.config.raw
     evaluation = read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
-    rows = []
-    for folder in sorted({d.folder for d in dicts}):
-        kind = "sae" if folder.parts[-3] == "sae_runs" else "transcoder"
+    rows, kinds = [], {d.folder: "sae" if d.kind == "sae" else "transcoder" for d in dicts}
+    for folder, kind in sorted(kinds.items()):
         row = {"kind": kind, "name": folder.parent.name, "folder": str(folder.relative_to(run_dir)),
                **_summary(folder)}  # fmt: skip
         if (folder / "eval" / "metrics.json").is_file():
@@ -171,8 +175,8 @@ def _summary(folder: Path) -> dict:
             record = json.loads(line)
             if "val/fvu" in record:
                 last = record
-    cfg = read_json(folder / "cfg.json")
-    return {"summary": {**last, "features": cfg["d_in"] * cfg["expansion_factor"], "k": cfg.get("k")}}
+    cfg = SAEConfig(**read_json(folder / "cfg.json"))
+    return {"summary": {**last, "features": cfg.n_latents, "k": cfg.active}}
 
 
 def run(cfg: ExportConfig) -> Path:
@@ -222,8 +226,7 @@ def run(cfg: ExportConfig) -> Path:
             for d in dicts
         },  # fmt: skip
         "instances": {
-            str(i): {"locs": r4(locs[i].cpu()), "tour": tours[i].tolist(), "length": float(f"{lengths[i]:.4g}")}
-            for i in used
+            str(i): {"locs": r4(locs[i].cpu()), "tour": tours[i].tolist(), "length": sig4(lengths[i])} for i in used
         },  # fmt: skip
         "export": asdict(cfg),
     }

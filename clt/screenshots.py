@@ -70,9 +70,16 @@ def serve(docs_dir: str | Path = DOCS_DIR) -> Iterator[str]:
         server.server_close()
 
 
-def first_feature(driver) -> None:
-    """Open the page of the first node of the graph on screen (the CLT or SAE tab must be showing)."""
-    driver.find_element("css selector", "#graph circle.node").click()
+def open_feature(driver, column: int = 0) -> tuple[str, int]:
+    """Click the first feature of a graph column (clamped to the last one) on the CLT or SAE tab on screen;
+    returns its (dictionary, index)."""
+    nodes = driver.find_elements("css selector", "#graph circle.node")
+    columns = list(dict.fromkeys(n.get_attribute("data-dict") for n in nodes))
+    wanted = columns[min(column, len(columns) - 1)]
+    node = next(n for n in nodes if n.get_attribute("data-dict") == wanted)
+    found = wanted, int(node.get_attribute("data-index"))
+    node.click()
+    return found
 
 
 def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
@@ -82,8 +89,8 @@ def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
     shots = []
     with serve(docs_dir) as url, chromium() as driver:
         for name, hash_ in (("overview", "#/overview"), ("clt_graph", "#/clt"), ("feature", None)):
-            if hash_ is None:
-                first_feature(driver)
+            if hash_ is None:  # a feature of the second column: it has up- and downstream features
+                open_feature(driver, column=1)
             else:
                 driver.get(url + hash_)
             path = out / f"{name}.png"

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from clt.screenshots import chromium, find_browser, first_feature, serve
+from clt.screenshots import chromium, find_browser, open_feature, serve
 
 if find_browser() is None:
     if os.environ.get("REQUIRE_BROWSER") == "1":
@@ -85,9 +85,7 @@ def test_threshold_slider_hides_weak_edges(browser, site):
 def test_clicking_a_node_opens_its_feature_page_with_one_map_per_top_instance(browser, site, tmp_path):
     url, data = site
     open_page(browser, url + "#/clt/mlp", "#graph circle.node")
-    node = browser.find_element(By.CSS_SELECTOR, "#graph circle.node")
-    dict_id, index = node.get_attribute("data-dict"), int(node.get_attribute("data-index"))
-    first_feature(browser)
+    dict_id, index = open_feature(browser, column=0)
     WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg.tsp-map"))
     assert "#/feature/" in browser.current_url and f"feature #{index}" in heading(browser)
     (page,) = [p for p in data["dictionaries"][dict_id]["feature_pages"] if p["index"] == index]

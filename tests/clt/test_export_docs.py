@@ -31,7 +31,8 @@ def test_site_holds_the_policy_every_dictionary_and_their_views(site):
     assert set(names) == {"encoder_layer_0", "clt_L0.mlp_in_to_L0.mlp_out", "clt_L1.mlp_in_to_L1.mlp_out",
                           "clt_multilayer"}  # fmt: skip
     assert names["clt_L0.mlp_in_to_L0.mlp_out"]["splice"]["transcoder"]["action_agreement"] > 0
-    assert 0 <= names["encoder_layer_0"]["summary"]["val/fvu"] < 2
+    sae = names["encoder_layer_0"]["summary"]
+    assert 0 <= sae["val/fvu"] < 2 and sae["features"] == 32 and sae["k"] == 3
     views = {v["id"]: v["dictionaries"] for v in site["views"]}
     assert views == {"sae": ["sae/encoder_layer_0"],
                      "mlp": ["clt/clt_L0.mlp_in_to_L0.mlp_out", "clt/clt_L1.mlp_in_to_L1.mlp_out"],
