@@ -82,17 +82,30 @@ def open_feature(driver, column: int = 0) -> tuple[str, int]:
     return found
 
 
+def hover_feature(driver, column: int = 0) -> None:
+    """Move the mouse onto the first feature of a graph column (clamped to the last one)."""
+    from selenium.webdriver import ActionChains
+
+    nodes = driver.find_elements("css selector", "#graph circle.node")
+    columns = list(dict.fromkeys(n.get_attribute("data-dict") for n in nodes))
+    wanted = columns[min(column, len(columns) - 1)]
+    ActionChains(driver).move_to_element(next(n for n in nodes if n.get_attribute("data-dict") == wanted)).perform()
+
+
 def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
     """overview.png, clt_graph.png and feature.png of the site in docs_dir."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shots = []
-    with serve(docs_dir) as url, chromium() as driver:
+    with serve(docs_dir) as url, chromium(height=1250) as driver:
         for name, hash_ in (("overview", "#/overview"), ("clt_graph", "#/clt"), ("feature", None)):
             if hash_ is None:  # a feature of the second column: it has up- and downstream features
                 open_feature(driver, column=1)
             else:
                 driver.get(url + hash_)
+            if name == "clt_graph":  # each pair of columns on its own scale; a hovered middle feature's edges stand out
+                driver.find_element("id", "per-pair").click()
+                hover_feature(driver, column=1)
             path = out / f"{name}.png"
             driver.find_element("tag name", "body").screenshot(str(path))
             shots.append(path)

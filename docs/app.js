@@ -85,24 +85,33 @@ function renderGraphTab(tab, viewId) {
   if (views.length > 1) {
     for (const v of views) controls.append(el("button", { class: v.id === view.id ? "active" : "", text: v.title, onclick: () => { location.hash = `#/clt/${v.id}`; } }));
   }
-  const slider = el("input", { type: "range", id: "threshold", min: "0", max: "100", value: "10" });
+  const slider = el("input", { type: "range", id: "threshold", min: "0", max: "100", value: "25" });
+  const perPair = el("input", { type: "checkbox", id: "per-pair" });
   const count = el("span", { id: "edge-count" });
-  controls.append(el("label", { text: "edge threshold " }, slider), count);
+  controls.append(el("label", { text: "edge threshold " }, slider), el("label", {}, perPair, " scale each pair of columns on its own"), count);
   const details = el("div", { id: "details" }, el("p", { class: "note", text: "Hover a feature for its details; click it to open its page." }));
   const svg = drawGraph(view, details);
   content.append(el("h2", { text: view.title }), controls, el("div", { class: "graph-wrap" }, svg, details),
-    el("p", { class: "note", text: "Columns are dictionaries in stream order; each shows its most active features (circle area ~ firing frequency). Edges are direct-path virtual weights (decoder -> residual normalisations -> encoder) times the upstream feature's mean activation; blue excites, red inhibits. The slider hides edges below that percentage of the strongest." }));
+    el("p", { class: "note", text: "Columns are dictionaries in stream order; each shows its most active features (circle area ~ firing frequency). Edges are direct-path virtual weights (decoder -> residual normalisations -> encoder) times the upstream feature's mean activation; blue excites, red inhibits. The slider hides edges below that percentage of the strongest edge (of all, or of their own pair of columns)." }));
+  const strongest = { all: 1e-12 };
+  for (const [up, , down, , attr] of view.edges) {
+    strongest[`${up}>${down}`] = Math.max(strongest[`${up}>${down}`] || 1e-12, Math.abs(attr));
+    strongest.all = Math.max(strongest.all, Math.abs(attr));
+  }
   const update = () => {
-    const max = Math.max(1e-12, ...view.edges.map((e) => Math.abs(e[4])));
     let shown = 0;
-    for (const line of svg.querySelectorAll(".edge")) {
-      const visible = Math.abs(Number(line.dataset.attr)) >= (slider.value / 100) * max;
-      line.style.display = visible ? "" : "none";
+    for (const path of svg.querySelectorAll(".edge")) {
+      const strength = Math.abs(Number(path.dataset.attr)) / strongest[perPair.checked ? path.dataset.pair : "all"];
+      const visible = strength >= slider.value / 100;
+      path.style.display = visible ? "" : "none";
+      path.setAttribute("stroke-width", 0.5 + 4 * strength);
+      path.setAttribute("stroke-opacity", 0.25 + 0.6 * strength);
       shown += visible;
     }
     count.textContent = `${shown} of ${view.edges.length} edges`;
   };
   slider.addEventListener("input", update);
+  perPair.addEventListener("change", update);
   update();
 }
 
@@ -119,14 +128,12 @@ function drawGraph(view, details) {
     pages.forEach((page, r) => { position[`${id}#${page.index}`] = [x, 45 + ((height - 60) * (r + 0.5)) / Math.max(pages.length, 1)]; });
   });
   const edgeLayer = el("svg:g"), nodeLayer = el("svg:g");
-  const max = Math.max(1e-12, ...view.edges.map((e) => Math.abs(e[4])));
   for (const [up, i, down, j, attr] of view.edges) {
     const a = position[`${up}#${i}`], b = position[`${down}#${j}`];
     if (!a || !b) continue;
     const mid = (a[0] + b[0]) / 2;
     const path = el("svg:path", { class: "edge", d: `M${a[0]},${a[1]} C${mid},${a[1]} ${mid},${b[1]} ${b[0]},${b[1]}`,
-      stroke: attr >= 0 ? "#2563eb" : "#dc2626", "stroke-width": 0.5 + 4 * Math.abs(attr) / max, "stroke-opacity": 0.25 + 0.6 * Math.abs(attr) / max,
-      "data-attr": attr, "data-up": `${up}#${i}`, "data-down": `${down}#${j}` });
+      stroke: attr >= 0 ? "#2563eb" : "#dc2626", "data-attr": attr, "data-pair": `${up}>${down}`, "data-up": `${up}#${i}`, "data-down": `${down}#${j}` });
     path.addEventListener("mousemove", (event) => showTooltip(event, `${labelOf(up)} #${i} -> ${labelOf(down)} #${j}: ${fmt(attr, 3)}`));
     path.addEventListener("mouseleave", () => { tooltip.hidden = true; });
     edgeLayer.append(path);

@@ -80,6 +80,10 @@ def test_threshold_slider_hides_weak_edges(browser, site):
     visible = [e for e in browser.find_elements(By.CSS_SELECTOR, "#graph path.edge") if e.is_displayed()]
     assert 1 <= len(visible) < total
     assert browser.find_element(By.ID, "edge-count").text == f"{len(visible)} of {total} edges"
+    browser.find_element(By.ID, "per-pair").click()  # at 100%: the strongest edge of every pair of columns
+    visible = [e for e in browser.find_elements(By.CSS_SELECTOR, "#graph path.edge") if e.is_displayed()]
+    pairs = {(e[0], e[2]) for e in data["views"][1]["edges"]}
+    assert len(visible) == len(pairs) == 1  # the tiny run's mlp graph: layer 0 -> layer 1
 
 
 def test_clicking_a_node_opens_its_feature_page_with_one_map_per_top_instance(browser, site, tmp_path):
