@@ -117,3 +117,22 @@ def test_a_site_without_data_says_how_to_export(browser, site_dir, tmp_path):
         (tmp_path / name).write_bytes((site_dir / name).read_bytes())
     browser.get((tmp_path / "index.html").as_uri())
     assert "python -m clt.export_docs" in browser.find_element(By.CLASS_NAME, "empty").text
+    errors = console_errors(browser)  # read, so that they do not leak into the next test
+    assert errors and all("site.js" in e for e in errors)
+
+
+def test_the_committed_demo_site_loads(browser):
+    """docs/ as committed (the export of runs/tsp20_demo): app.js and the data agree."""
+    from clt.viewer import DOCS_DIR
+
+    data = json.loads((DOCS_DIR / "data" / "site.json").read_text())
+    with serve(DOCS_DIR) as url:
+        open_page(browser, url + "#/overview", "table")
+        assert "tsp20_demo" in browser.find_element(By.ID, "run-name").text
+        for view in data["views"]:
+            open_page(browser, url + ("#/sae" if view["id"] == "sae" else f"#/clt/{view['id']}"), "#graph circle.node")
+            expected = sum(len(data["dictionaries"][d]["feature_pages"]) for d in view["dictionaries"])
+            assert len(browser.find_elements(By.CSS_SELECTOR, "#graph circle.node")) == expected
+        open_feature(browser, column=1)
+        WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg.tsp-map"))
+        assert console_errors(browser) == []
