@@ -70,26 +70,27 @@ def serve(docs_dir: str | Path = DOCS_DIR) -> Iterator[str]:
         server.server_close()
 
 
-def open_feature(driver, column: int = 0) -> tuple[str, int]:
-    """Click the first feature of a graph column (clamped to the last one) on the CLT or SAE tab on screen;
-    returns its (dictionary, index)."""
+def column_node(driver, column: int):
+    """The first feature of a graph column (clamped to the last column) on the CLT or SAE tab on screen."""
     nodes = driver.find_elements("css selector", "#graph circle.node")
     columns = list(dict.fromkeys(n.get_attribute("data-dict") for n in nodes))
     wanted = columns[min(column, len(columns) - 1)]
-    node = next(n for n in nodes if n.get_attribute("data-dict") == wanted)
-    found = wanted, int(node.get_attribute("data-index"))
+    return next(n for n in nodes if n.get_attribute("data-dict") == wanted)
+
+
+def open_feature(driver, column: int = 0) -> tuple[str, int]:
+    """Click the first feature of a graph column; returns its (dictionary, index)."""
+    node = column_node(driver, column)
+    found = node.get_attribute("data-dict"), int(node.get_attribute("data-index"))
     node.click()
     return found
 
 
 def hover_feature(driver, column: int = 0) -> None:
-    """Move the mouse onto the first feature of a graph column (clamped to the last one)."""
+    """Move the mouse onto the first feature of a graph column."""
     from selenium.webdriver import ActionChains
 
-    nodes = driver.find_elements("css selector", "#graph circle.node")
-    columns = list(dict.fromkeys(n.get_attribute("data-dict") for n in nodes))
-    wanted = columns[min(column, len(columns) - 1)]
-    ActionChains(driver).move_to_element(next(n for n in nodes if n.get_attribute("data-dict") == wanted)).perform()
+    ActionChains(driver).move_to_element(column_node(driver, column)).perform()
 
 
 def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
