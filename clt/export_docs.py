@@ -218,6 +218,7 @@ def run(cfg: ExportConfig) -> Path:
                 "kind": d.kind,
                 "label": d.label,
                 "read_hook": d.read_hook,
+                "position": stream_position(d.read_hook, n_layers, write=False),
                 "writes": list(d.writes),
                 "features": d.n_features,
                 "alive_fraction": float((stats[d.id]["frequency"] > 0).mean()),

@@ -115,17 +115,30 @@ function renderGraphTab(tab, viewId) {
   update();
 }
 
+// Columns are stream positions (layers): dictionaries that read the same point stack in one column.
 function drawGraph(view, details) {
-  const columns = view.dictionaries;
-  const tallest = Math.max(...columns.map((id) => SITE.dictionaries[id].feature_pages.length));
-  const width = Math.max(520, 240 * columns.length), height = Math.max(300, 22 * tallest + 60);
+  const columns = [];
+  for (const id of view.dictionaries) {
+    const at = SITE.dictionaries[id].position;
+    const column = columns.find((c) => c.at === at) || columns[columns.push({ at, ids: [] }) - 1];
+    column.ids.push(id);
+  }
+  const rowsOf = (column) => column.ids.reduce((rows, id) => rows + 1 + SITE.dictionaries[id].feature_pages.length, 0);
+  const row = 22, tallest = Math.max(...columns.map(rowsOf));
+  const width = Math.max(520, 240 * columns.length), height = Math.max(300, row * tallest + 20);
   const svg = el("svg:svg", { id: "graph", width, height, viewBox: `0 0 ${width} ${height}` });
   const position = {};
-  columns.forEach((id, c) => {
-    const pages = SITE.dictionaries[id].feature_pages;
+  columns.forEach((column, c) => {
     const x = (width * (c + 0.5)) / columns.length;
-    svg.append(el("svg:text", { x, y: 20, "text-anchor": "middle", text: labelOf(id) }));
-    pages.forEach((page, r) => { position[`${id}#${page.index}`] = [x, 45 + ((height - 60) * (r + 0.5)) / Math.max(pages.length, 1)]; });
+    let y = 20;
+    for (const id of column.ids) {
+      svg.append(el("svg:text", { x, y, "text-anchor": "middle", text: labelOf(id) }));
+      y += row;
+      for (const page of SITE.dictionaries[id].feature_pages) {
+        position[`${id}#${page.index}`] = [x, y];
+        y += row;
+      }
+    }
   });
   const edgeLayer = el("svg:g"), nodeLayer = el("svg:g");
   for (const [up, i, down, j, attr] of view.edges) {
@@ -138,7 +151,7 @@ function drawGraph(view, details) {
     path.addEventListener("mouseleave", () => { tooltip.hidden = true; });
     edgeLayer.append(path);
   }
-  for (const id of columns) {
+  for (const id of view.dictionaries) {
     for (const page of SITE.dictionaries[id].feature_pages) {
       const key = `${id}#${page.index}`;
       const [x, y] = position[key];
@@ -179,7 +192,7 @@ function renderFeature(dictId, index) {
       el("div", {}, el("h3", { text: "Activation histogram (nodes where it fires)" }), drawHistogram(page.histogram)),
       el("div", {}, el("h3", { text: `Strongest decoder channels (${page.channels.hook})` }), table(["channel", "weight"], page.channels.top.map(([c, w]) => [String(c), fmt(w, 3)]))),
       neighbourList("Downstream features", page.downstream), neighbourList("Upstream features", page.upstream),
-      neighbourList("Upstream SAE features", page.upstream_sae)));
+      ...(dict.kind === "sae" ? [] : [neighbourList("Upstream SAE features", page.upstream_sae)])));
 }
 
 function neighbourList(title, entries) {

@@ -107,6 +107,27 @@ def test_clicking_a_node_opens_its_feature_page_with_one_map_per_top_instance(br
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_dictionaries_reading_the_same_point_share_a_column(browser, site_dir, tmp_path):
+    data = json.loads((site_dir / "data" / "site.json").read_text())
+    moves = (({}, 2), ({"clt/clt_L1.mlp_in_to_L1.mlp_out": 1}, 1))  # as exported; then L1 put in L0's column
+    for n, (positions, expected_columns) in enumerate(moves):
+        for dict_id, at in positions.items():
+            data["dictionaries"][dict_id]["position"] = at
+        folder = tmp_path / str(n)
+        (folder / "data").mkdir(parents=True)
+        for name in ("index.html", "app.js", "style.css"):
+            (folder / name).write_bytes((site_dir / name).read_bytes())
+        (folder / "data" / "site.js").write_text(f"window.SITE_DATA = {json.dumps(data)};")
+        open_page(browser, (folder / "index.html").as_uri() + "#/clt/mlp", "#graph circle.node")
+        places = [
+            (c.get_attribute("cx"), c.get_attribute("cy"))
+            for c in browser.find_elements(By.CSS_SELECTOR, "#graph circle.node")
+        ]
+        assert len({x for x, _ in places}) == expected_columns
+        assert len(set(places)) == len(places)  # stacked, not on top of each other
+    assert console_errors(browser) == []
+
+
 def test_the_site_opens_from_the_file_system(browser, site_dir):
     open_page(browser, (site_dir / "index.html").as_uri() + "#/clt", "#graph circle.node")
     assert console_errors(browser) == []
