@@ -92,7 +92,7 @@ function renderGraphTab(tab, viewId) {
   const details = el("div", { id: "details" }, el("p", { class: "note", text: "Hover a feature for its details; click it to open its page." }));
   const svg = drawGraph(view, details);
   content.append(el("h2", { text: view.title }), controls, el("div", { class: "graph-wrap" }, svg, details),
-    el("p", { class: "note", text: "Columns are dictionaries in stream order; each shows its most active features (circle area ~ firing frequency). Edges are direct-path virtual weights (decoder -> residual normalisations -> encoder) times the upstream feature's mean activation; blue excites, red inhibits. The slider hides edges below that percentage of the strongest edge (of all, or of their own pair of columns)." }));
+    el("p", { class: "note", text: "Columns are the points of the residual stream the dictionaries read, in order (dictionaries reading the same point stack in one column); each shows its most active features (circle area ~ firing frequency). Edges are direct-path virtual weights (decoder -> residual normalisations -> encoder) times the upstream feature's mean activation; blue excites, red inhibits. The slider hides edges below that percentage of the strongest edge (of all, or of their own pair of columns)." }));
   const strongest = { all: 1e-12 };
   for (const [up, , down, , attr] of view.edges) {
     strongest[`${up}>${down}`] = Math.max(strongest[`${up}>${down}`] || 1e-12, Math.abs(attr));
