@@ -150,7 +150,6 @@ def link(pages: dict, stats: dict, dicts: list[Dictionary], scales, cfg: ExportC
 
 def overview(run_dir: Path, policy, dicts: list[Dictionary]) -> dict:
     """The policy, and a table row per SAE and transcoder run."""
-    config = policy.config.raw
     evaluation = read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
     rows, kinds = [], {d.folder: "sae" if d.kind == "sae" else "transcoder" for d in dicts}
     for folder, kind in sorted(kinds.items()):
@@ -160,8 +159,9 @@ def overview(run_dir: Path, policy, dicts: list[Dictionary]) -> dict:
             splice = read_json(folder / "eval" / "metrics.json").get("splice", {})
             row["splice"] = {k: v for k, v in splice.items() if isinstance(v, dict) and k != "original"}
         rows.append(row)
-    return {"run": run_dir.name, "policy": {**config.get("policy", {}), "parameters": sum(p.numel() for p in
-            policy.model.parameters()), "checkpoint_epoch": policy.epoch}, "env": config.get("env", {}),
+    size = {**asdict(policy.config.policy), "parameters": sum(p.numel() for p in policy.model.parameters())}
+    return {"run": run_dir.name, "policy": {**size, "checkpoint_epoch": policy.epoch},
+            "env": {"num_loc": policy.config.num_loc, "distribution": policy.config.distribution},
             "evaluation": evaluation, "dictionaries": rows}  # fmt: skip
 
 
