@@ -185,17 +185,20 @@ def run(cfg: ExportConfig) -> Path:
     policy = load_policy(run_dir, cfg.checkpoint, cfg.device)
     dicts = find_dictionaries(run_dir)
     n_layers = policy.config.policy.num_encoder_layers
+    position = {d.id: stream_position(d.read_hook, n_layers, write=False) for d in dicts}
     for d in dicts:
-        if stream_position(d.read_hook, n_layers, write=False) is None:
+        if position[d.id] is None:
             raise ValueError(f"{d.id} reads {d.read_hook}, which is not on the residual stream; it cannot be exported")
-    dicts.sort(key=lambda d: (stream_position(d.read_hook, n_layers, write=False),
-                              max(stream_position(h, n_layers, write=True) or 0 for h in d.writes)))  # fmt: skip
+    dicts.sort(key=lambda d: (position[d.id], max(stream_position(h, n_layers, write=True) or 0 for h in d.writes)))
     n_nodes = policy.config.num_loc
     locs = generate(cfg.num_instances, n_nodes, policy.config.distribution, seed=cfg.seed).to(cfg.device)
-    with torch.no_grad():
+    cache = {}  # hook -> [instances * node, d], recorded during the greedy rollout (the encoder runs once)
+
+    def record(x: torch.Tensor, name: str) -> None:
+        cache[name] = x.reshape(-1, x.shape[-1])
+
+    with torch.no_grad(), HookedPolicy(policy.model).hooks({h: record for d in dicts for h in d.hooks}):
         tours = policy.model(locs).actions[:, 0]  # [instances, node] greedy
-    hooks = sorted({h for d in dicts for h in d.hooks})
-    cache = {h: a.reshape(-1, a.shape[-1]) for h, a in HookedPolicy(policy.model).run_with_cache(locs, hooks).items()}
     stats, pages = {}, {}
     for d in tqdm(dicts, desc="features"):
         stats[d.id] = measure(d, cache, cfg, n_nodes)
@@ -218,7 +221,7 @@ def run(cfg: ExportConfig) -> Path:
                 "kind": d.kind,
                 "label": d.label,
                 "read_hook": d.read_hook,
-                "position": stream_position(d.read_hook, n_layers, write=False),
+                "position": position[d.id],
                 "writes": list(d.writes),
                 "features": d.n_features,
                 "alive_fraction": float((stats[d.id]["frequency"] > 0).mean()),

@@ -14,7 +14,9 @@ from policy.cli import command
 log = logging.getLogger(__name__)
 
 DOCS_DIR = Path(__file__).resolve().parents[1] / "docs"
-"""The repository's docs/ (index.html, app.js, style.css, data/)."""
+"""The repository's docs/: SITE_FILES, data/ (clt.export_docs) and img/ (clt.screenshots)."""
+SITE_FILES = ("index.html", "app.js", "style.css")
+"""The site itself: everything but its data."""
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

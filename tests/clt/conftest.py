@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from clt import collect_pairs as collect_cli
 from clt import export_docs
 from clt.train_transcoder import TranscoderTrainer
-from clt.viewer import DOCS_DIR
+from clt.viewer import DOCS_DIR, SITE_FILES
 
 PAIR = "clt_L0.mlp_in_to_L0.mlp_out"
 
@@ -44,9 +44,6 @@ def ctrl_c_at_step(monkeypatch):
         monkeypatch.setattr(TranscoderTrainer, "train_step", interrupt)
 
     return arm
-
-
-SITE_FILES = ("index.html", "app.js", "style.css")
 
 
 @pytest.fixture(scope="session")

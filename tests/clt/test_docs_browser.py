@@ -9,6 +9,7 @@ import os
 import pytest
 
 from clt.screenshots import chromium, find_browser, open_feature, serve
+from clt.viewer import DOCS_DIR, SITE_FILES
 
 if find_browser() is None:
     if os.environ.get("REQUIRE_BROWSER") == "1":
@@ -115,7 +116,7 @@ def test_dictionaries_reading_the_same_point_share_a_column(browser, site_dir, t
             data["dictionaries"][dict_id]["position"] = at
         folder = tmp_path / str(n)
         (folder / "data").mkdir(parents=True)
-        for name in ("index.html", "app.js", "style.css"):
+        for name in SITE_FILES:
             (folder / name).write_bytes((site_dir / name).read_bytes())
         (folder / "data" / "site.js").write_text(f"window.SITE_DATA = {json.dumps(data)};")
         open_page(browser, (folder / "index.html").as_uri() + "#/clt/mlp", "#graph circle.node")
@@ -134,7 +135,7 @@ def test_the_site_opens_from_the_file_system(browser, site_dir):
 
 
 def test_a_site_without_data_says_how_to_export(browser, site_dir, tmp_path):
-    for name in ("index.html", "app.js", "style.css"):
+    for name in SITE_FILES:
         (tmp_path / name).write_bytes((site_dir / name).read_bytes())
     browser.get((tmp_path / "index.html").as_uri())
     assert "python -m clt.export_docs" in browser.find_element(By.CLASS_NAME, "empty").text
@@ -144,7 +145,6 @@ def test_a_site_without_data_says_how_to_export(browser, site_dir, tmp_path):
 
 def test_the_committed_demo_site_loads(browser):
     """docs/ as committed (the export of runs/tsp20_demo): app.js and the data agree."""
-    from clt.viewer import DOCS_DIR
 
     data = json.loads((DOCS_DIR / "data" / "site.json").read_text())
     with serve(DOCS_DIR) as url:
