@@ -2,9 +2,10 @@
 
 An RL4CO Lightning checkpoint (`.ckpt`) pickles RL4CO objects (the env, the
 policy) next to its `state_dict`, so `torch.load(weights_only=True)` refuses it.
-`read_lightning_checkpoint` unpickles it with `RestrictedUnpickler`: tensors and
-plain containers are rebuilt, and every other class becomes an inert `Stub` that
-only stores the data it was given. Nothing is imported, nothing is called.
+`read_lightning_checkpoint` reads it through `policy.torch_files.load_torch_file`:
+TorchScript and other non-tensor files are refused before torch sees them, tensors
+and plain containers are rebuilt, and every other class becomes an inert `Stub`
+that only stores the data it was given. Nothing is imported, nothing is called.
 
 `convert_state_dict` renames RL4CO's `AttentionModelPolicy` keys to this
 package's `AttentionModel` keys.
@@ -12,84 +13,18 @@ package's `AttentionModel` keys.
 
 from __future__ import annotations
 
-import collections
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from policy.model import AttentionModel, PolicyConfig
-
-# Everything a checkpoint may resolve by name: the functions torch uses to rebuild
-# tensors, and plain data types. Anything else becomes a Stub.
-_ALLOWED = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch", "Size"): torch.Size,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "slice"): slice,
-    **{("torch", str(dt).removeprefix("torch.")): dt for dt in (
-        torch.float64, torch.float32, torch.float16, torch.bfloat16,
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    )},
-}  # fmt: skip
-
-
-class Stub:
-    """Stands in for a class the checkpoint names but we refuse to import.
-
-    Calling it, constructing it or restoring its state only records the data.
-    """
-
-    stub_of = "?"
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-        self.state = None
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __call__(self, *args, **kwargs):
-        return type(self)(*args, **kwargs)
-
-    def __repr__(self):
-        return f"<stub of {self.stub_of}>"
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler that never imports: allow-listed names or an inert Stub subclass."""
-
-    def find_class(self, module: str, name: str):
-        allowed = _ALLOWED.get((module, name))
-        if allowed is not None:
-            return allowed
-        return type(name, (Stub,), {"stub_of": f"{module}.{name}"})
-
-
-class _RestrictedPickleModule:
-    """The `pickle_module` handed to torch.load: its Unpickler is the restricted one."""
-
-    Unpickler = RestrictedUnpickler
-    __name__ = "restricted_pickle"
-
-    @staticmethod
-    def load(file, **kwargs):
-        return RestrictedUnpickler(file, **kwargs).load()
+from policy.torch_files import Stub, load_torch_file
 
 
 def read_lightning_checkpoint(path: str | Path) -> dict:
     """Read a Lightning `.ckpt` safely; other objects in it come back as Stubs."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, TypeError) as err:
-        raise ValueError(f"{path}: not a readable PyTorch/Lightning checkpoint ({err})") from err
+    return load_torch_file(path, stub_objects=True)
 
 
 def policy_tensors(ckpt: dict, source: str) -> dict[str, torch.Tensor]:
@@ -100,7 +35,15 @@ def policy_tensors(ckpt: dict, source: str) -> dict[str, torch.Tensor]:
     policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
     if not policy:
         raise ValueError(f"{source}: the state_dict holds no 'policy.*' tensors")
-    return policy
+    return only_tensors(policy, source)
+
+
+def only_tensors(state: dict, source: str) -> dict[str, torch.Tensor]:
+    """`state` if every value is a tensor; else a one-line error naming the first that is not."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{source}: {key!r} is {value!r} ({type(value).__name__}), not a tensor")
+    return state
 
 
 def read_policy_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -108,13 +51,10 @@ def read_policy_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".ckpt":
         return policy_tensors(read_lightning_checkpoint(path), str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a state dict that loads with weights_only=True ({err})") from err
+    state = load_torch_file(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    return {k.removeprefix("policy."): v for k, v in state.items()}
+    return only_tensors({str(k).removeprefix("policy."): v for k, v in state.items()}, str(path))
 
 
 _RENAMES = [
@@ -153,8 +93,14 @@ def settings_from_checkpoint(ckpt: dict) -> dict:
     return {k: v for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def infer_config(state: dict[str, torch.Tensor], num_heads: int = 8, **settings) -> PolicyConfig:
+def infer_config(state: dict[str, torch.Tensor], num_heads: int = 8, source: str = "weights", **settings) -> PolicyConfig:
     """A PolicyConfig that fits converted weights; heads cannot be read off the weights."""
+    if "init_embed.weight" not in state:
+        sample = ", ".join(sorted(state)[:3]) or "no tensors"
+        raise ValueError(
+            f"{source}: the weights fit no known format: expected RL4CO AttentionModelPolicy keys "
+            f"(encoder.init_embedding.init_embed.weight, ...), found {sample}"
+        )
     layers = {int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))}
     return PolicyConfig(
         embed_dim=state["init_embed.weight"].shape[0],
@@ -180,5 +126,5 @@ def load_checkpoint(path: str | Path, num_heads: int | None = None) -> Attention
         weights, settings = convert_state_dict(read_policy_state_dict(path)), {}
     if num_heads is not None:
         settings["num_heads"] = num_heads
-    cfg = infer_config(weights, **{"num_heads": 8, **settings})
+    cfg = infer_config(weights, source=str(path), **{"num_heads": 8, **settings})
     return AttentionModel.from_weights(cfg, weights, source=str(path))

@@ -31,6 +31,7 @@ from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.io import read_json, save_npy, save_tensors, save_torch, write_json
 from policy.model import NORMALIZATIONS, AttentionModel, PolicyConfig
 from policy.signals import GracefulStop, Interrupted
+from policy.torch_files import load_torch_file
 from sae.logger import WANDB_MODES, RunLogger, truncate_metrics
 from sae.runs import check_name
 
@@ -192,7 +193,7 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None) -> 
     generator = torch.Generator(device=device)
     start_epoch, start_step, global_step, wandb_id = 0, 0, 0, None
     if resume:
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        state = load_torch_file(state_path, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if new_lr:

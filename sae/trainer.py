@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from policy.io import save_tensors, save_torch
 from policy.signals import GracefulStop, Interrupted
+from policy.torch_files import load_torch_file
 from sae.logger import RunLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class EpochTrainer:
         """Load train_state.pt and drop metrics logged after it (they are logged again)."""
         if not self.state_path.is_file():
             raise FileNotFoundError(f"nothing to resume: no {self.state_path}")
-        state = torch.load(self.state_path, map_location=device, weights_only=True)
+        state = load_torch_file(self.state_path, map_location=device)
         self.load_state_dict(state)
         self.position = Position(**state["position"])
         self.wandb_run_id = state["wandb_run_id"] or None

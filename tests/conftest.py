@@ -8,12 +8,48 @@ FIXTURE_DIR = Path(__file__).parent / "fixtures" / "rl4co_am_tsp10_d32"
 """RL4CO 0.7's own output for a tiny TSP10 Attention Model (see its README)."""
 
 
+class _WritesOnLoad(torch.nn.Module):
+    """A hostile checkpoint: torch.jit.load runs its scripted `__setstate__`, and torch.from_file(path, True, n)
+    creates `path`. Saved as TorchScript, it is what `torch.load(weights_only=False)` dispatches to jit.load."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+        self.written = torch.zeros(1)
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, bool]:
+        return (self.marker, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, bool]) -> None:
+        self.marker = state[0]
+        self.training = state[1]
+        self.written = torch.from_file(self.marker, True, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _write_torchscript_payload(path: Path, marker: Path) -> Path:
+    """Save the archive at `path`; loading it with torch.jit.load would create `marker`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(_WritesOnLoad(str(marker))), str(path))
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _no_wandb(monkeypatch):
     """Tests never reach W&B: offline at most."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+@pytest.fixture
+def torchscript_payload():
+    """torchscript_payload(path, marker): a TorchScript archive at `path` whose loading would create `marker`."""
+    return _write_torchscript_payload
 
 
 @pytest.fixture

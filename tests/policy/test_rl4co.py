@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from policy.rl4co import RestrictedUnpickler, Stub, load_checkpoint, read_lightning_checkpoint
+from policy.rl4co import load_checkpoint, read_lightning_checkpoint
+from policy.torch_files import RestrictedUnpickler, Stub
 from sae.runs import load_policy
 
 TOL = 1e-5
@@ -120,7 +121,24 @@ def test_malicious_ckpt_file_is_inert(tmp_path):
 def test_garbage_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "bad.ckpt"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable"):
+    with pytest.raises(ValueError, match="no known format"):
+        load_checkpoint(path)
+
+
+def test_a_pickled_object_where_a_tensor_belongs_is_a_clear_error(tmp_path):
+    marker = tmp_path / "marker"
+    marker.mkdir()
+    path = tmp_path / "stub.ckpt"
+    torch.save({"state_dict": {"policy.encoder.init_embedding.init_embed.weight": RemoveWhenUnpickled(marker)}}, path)
+    with pytest.raises(ValueError, match="init_embed.weight' is <stub of shutil.rmtree>.*not a tensor"):
+        load_checkpoint(path)
+    assert marker.exists()
+
+
+def test_weights_of_no_known_layout_are_a_clear_error(tmp_path):
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"policy.net.0.weight": torch.zeros(2, 2)}}, path)
+    with pytest.raises(ValueError, match="fit no known format.*found net.0.weight"):
         load_checkpoint(path)
 
 
