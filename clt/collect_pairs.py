@@ -8,7 +8,9 @@ row i means the same (instance, node) in every pair, so the targets of
 L0 -> L1 equal the sources of L1 -> L2 row for row. Each pair is written with
 sae's DumpWriter to `runs/<run>/clt/activations/<pair>/{sources.npy,
 targets.npy, locs.npy, metadata.json}` (or under the external activations root)
-and registered in `runs/<run>/sae/activation_store.json`.
+and registered in `runs/<run>/sae/activation_store.json`. Collectors of the same
+dumps take turns (sae.store.dump_lock); the pairs one collection writes are
+published together and carry one collection id, which readers check.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from policy.env import DISTRIBUTIONS
 from sae.collect_activations import INSTANCE_CHUNK, collect, hook_dims, instance_batches
 from sae.hooks import HookedPolicy
 from sae.runs import activations_root, clt_activations_dir, load_policy
-from sae.store import DTYPES, DumpWriter, open_dump, register_dataset
+from sae.store import (
+    DTYPES,
+    DumpWriter,
+    check_registry_writable,
+    dump_lock,
+    new_collection_id,
+    open_dump,
+    register_datasets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,29 +113,34 @@ def run(cfg: CollectPairsConfig) -> dict[str, Path]:
         "dtype": cfg.dtype,
         "checkpoint_sha256": loaded.checkpoint_sha256,
     }
-    paths, todo = {}, []
-    for pair in pairs:
-        path = paths[pair.name] = clt_activations_dir(loaded.run_dir, pair.name, root)
-        request = {**common, "hooks": [pair.source, pair.target]}
-        if path.exists() and not cfg.overwrite:
-            existing = open_dump(path).metadata
-            if any(existing.get(k) != v for k, v in request.items()):
-                raise FileExistsError(f"{path} holds a pair dump made with other arguments; pass --overwrite")
-            log.info("reusing the complete pair dump %s", path)
-        else:
-            todo.append(pair)
-    if todo:
-        _collect_pairs(cfg, loaded, hooked, todo, paths, common)
-    for pair in pairs:
-        register_dataset(loaded.run_dir, pair.name, paths[pair.name], {"kind": "clt_pair"})
+    paths = {pair.name: clt_activations_dir(loaded.run_dir, pair.name, root) for pair in pairs}
+    check_registry_writable(loaded.run_dir)
+    with ExitStack() as locks:
+        for path in sorted(paths.values()):  # one order for every collector, so two never deadlock
+            locks.enter_context(dump_lock(path))  # a second collector of these dumps waits here
+        todo = []
+        for pair in pairs:
+            path, request = paths[pair.name], {**common, "hooks": [pair.source, pair.target]}
+            if path.exists() and not cfg.overwrite:
+                existing = open_dump(path).metadata
+                if any(existing.get(k) != v for k, v in request.items()):
+                    raise FileExistsError(f"{path} holds a pair dump made with other arguments; pass --overwrite")
+                log.info("reusing the complete pair dump %s", path)
+            else:
+                todo.append(pair)
+        if todo:
+            _collect_pairs(cfg, loaded, hooked, todo, paths, common)
+        register_datasets(loaded.run_dir, {p.name: (paths[p.name], {"kind": "clt_pair"}) for p in pairs})
     return paths
 
 
 def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str, Path], common: dict) -> None:
+    """Write every pair, then publish them together under one collection id (see sae.store.registered_dump)."""
     n, num_instances = common["nodes_per_instance"], common["num_instances"]
     dims = hook_dims(hooked, sorted({h for p in pairs for h in (p.source, p.target)}), n)
     rows = num_instances * n
     batches = instance_batches(num_instances, n, common["distribution"], common["seed"], cfg.batch_size)
+    collection_id = new_collection_id()
     with ExitStack() as stack:
         writers = {
             p.name: stack.enter_context(
@@ -146,6 +161,7 @@ def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str,
             writers[pair.name].finish({
                 **common,
                 "kind": "clt_pair",
+                "collection_id": collection_id,
                 "pair": pair.name,
                 "hooks": [pair.source, pair.target],
                 "source_hook": pair.source,
@@ -156,7 +172,9 @@ def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str,
                 "run_dir": str(loaded.run_dir.resolve()),
                 "checkpoint_epoch": loaded.epoch,
                 "config": asdict(cfg),
-            })  # fmt: skip
+            }, publish=False)  # fmt: skip
+        for writer in writers.values():
+            writer.publish()
 
 
 @click.command(context_settings={"show_default": True})

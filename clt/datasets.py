@@ -18,7 +18,7 @@ import torch
 
 from sae.data import RowStream, split_instances
 from sae.runs import clt_activations_dir
-from sae.store import Dump, open_dump, read_registry
+from sae.store import Dump, open_dump, read_registry, registered_dump
 
 NORMALIZATIONS = ("none", "center", "standard")
 
@@ -77,9 +77,12 @@ class Normalizer:
 
 
 def find_pair(run_dir: Path, pair: str, root: Path | None = None) -> Path:
-    """A pair dump's folder: from the run's registry, else the default location."""
+    """A pair dump's folder: from the run's registry (checked: not dangling, not half-replaced), else the
+    default location."""
     entry = read_registry(run_dir).get(pair)
-    return Path(entry["path"]) if entry else clt_activations_dir(run_dir, pair, root)
+    if entry is None:
+        return clt_activations_dir(run_dir, pair, root)
+    return registered_dump(run_dir, pair, entry).path
 
 
 def open_pair(path: str | Path, verify: bool = False) -> Dump:

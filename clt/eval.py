@@ -94,6 +94,15 @@ def find_transcoder(cfg: EvalConfig) -> Path:
     return max(folders)
 
 
+def owning_run(folder: Path, train_cfg: dict) -> Path:
+    """The run a transcoder folder belongs to: the one it sits in (runs/<run>/clt/clt_runs/<pair>/<timestamp>),
+    so that a copied or moved run uses its own policy and dumps; else the run its train_cfg.json names."""
+    run = folder.resolve().parents[3] if len(folder.resolve().parents) > 3 else None
+    if run is not None and (run / "config.json").is_file() and folder.resolve().parents[1].name == "clt_runs":
+        return run
+    return resolve_run_dir(train_cfg["run_dir"])
+
+
 def sae_mean_activations(sae: TopKSAE, data: PairDataset) -> np.ndarray:
     """Mean activation of each SAE latent over the validation sources."""
     total, rows = torch.zeros(sae.cfg.n_latents, dtype=torch.float64), 0
@@ -144,7 +153,8 @@ def run(cfg: EvalConfig) -> dict:
     model = load_transcoder(folder).to(cfg.device)
     if isinstance(model, MultiLayerTranscoder):
         return run_multilayer(cfg, folder, train_cfg, model)
-    dump = open_pair(train_cfg["dataset_path"])
+    run_dir = owning_run(folder, train_cfg)
+    dump = open_pair(run_dir / train_cfg["dataset_path"])
     data = PairDataset(dump.path, 4096, train_cfg["val_ratio"], train_cfg["seed"])
     meta = dump.metadata
     result = reconstruction(model, data.val_batches())
@@ -154,7 +164,7 @@ def run(cfg: EvalConfig) -> dict:
               "reconstruction": {**result.summary(), "r2_per_dim": result.r2_per_dim.tolist()}}  # fmt: skip
     out = folder / "eval"
     if cfg.num_instances:
-        policy = load_policy(meta["run_dir"], meta["checkpoint_epoch"], cfg.device)
+        policy = load_policy(run_dir, meta["checkpoint_epoch"], cfg.device)
         hooked = HookedPolicy(policy.model)
         locs = generate(cfg.num_instances, meta["nodes_per_instance"], meta["distribution"], seed=cfg.seed)
         target_mean = torch.from_numpy(dump.stats("targets")[0]).float()
@@ -172,7 +182,7 @@ def run(cfg: EvalConfig) -> dict:
         target_sae = (Path(cfg.target_sae).name, load_sae(cfg.target_sae).to(cfg.device))
     _check_sae_widths(model, source_sae, target_sae)
     graph = build_graph(GraphSource(
-        Path(meta["run_dir"]).name, meta["pair"], folder.name, meta["source_hook"], meta["target_hook"], model.cpu(),
+        run_dir.name, meta["pair"], folder.name, meta["source_hook"], meta["target_hook"], model.cpu(),
         result.frequency, result.mean_activation, dump.stats("sources")[1], source_sae, target_sae,
     ), cfg.top_edges)  # fmt: skip
     write_graph(graph, out)
@@ -187,7 +197,8 @@ def run(cfg: EvalConfig) -> dict:
 def run_multilayer(cfg: EvalConfig, folder: Path, train_cfg: dict, model: MultiLayerTranscoder) -> dict:
     """A multi-layer CLT: per-layer reconstruction, and splicing of every layer's mlp_out at once and of each alone."""
     n = model.cfg.n_layers
-    paths = [Path(train_cfg["dataset_path"]).parent / name for name in layer_pair_names(n)]
+    run_dir = owning_run(folder, train_cfg)
+    paths = [(run_dir / train_cfg["dataset_path"]).parent / name for name in layer_pair_names(n)]
     data = MultiLayerDataset(paths, 4096, train_cfg["val_ratio"], train_cfg["seed"])
     layers = layer_reconstructions(model, data.val_batches())
     meta = data.dump.metadata
@@ -195,7 +206,7 @@ def run_multilayer(cfg: EvalConfig, folder: Path, train_cfg: dict, model: MultiL
               "k": model.cfg.active, "activation": model.cfg.activation, "validation_rows": layers[0].rows,
               "reconstruction": {f"L{i}": r.summary() for i, r in enumerate(layers)}}  # fmt: skip
     if cfg.num_instances:
-        hooked = HookedPolicy(load_policy(meta["run_dir"], meta["checkpoint_epoch"], cfg.device).model)
+        hooked = HookedPolicy(load_policy(run_dir, meta["checkpoint_epoch"], cfg.device).model)
         locs = generate(cfg.num_instances, meta["nodes_per_instance"], meta["distribution"], seed=cfg.seed)
         means = data.statistics()[2]
         fns = {kind: partial(multilayer_hooks, model, kind, means) for kind in REPLACEMENTS}

@@ -99,6 +99,11 @@ def inspect_pair(dump: Dump, val_ratio: float = 0.1, seed: int = 0) -> dict:
         stop = min(start + BLOCK_ROWS, dump.rows)
         x = src_reader.read(start, stop).astype(np.float64)
         y = tgt_reader.read(start, stop).astype(np.float64)
+        for side, values in (("sources", x), ("targets", y)):
+            if not np.isfinite(values).all():
+                bad = start + int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
+                raise ValueError(f"{dump.path}: NaN or Inf in {side} (first at row {bad}): the dump is corrupt; "
+                                 "collect it again")  # fmt: skip
         val_rows = is_val[np.arange(start, start + len(x)) // n]
         train_m.update(x[~val_rows], y[~val_rows])
         val_m.update(x[val_rows], y[val_rows])

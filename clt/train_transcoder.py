@@ -16,8 +16,8 @@ of clt.sparse) and writes
 Validation FVU is measured on raw targets against the validation rows' own mean,
 as clt.inspect_pairs measures the ridge baseline, and the two are printed side by side.
 Ctrl-C or SIGTERM saves the exact position; `--resume` continues the newest run
-of the pair (also after kill -9, from the last saved state) and ends with the
-weights an uninterrupted run ends with.
+of the pair (also after kill -9, from the last saved state) with the settings it
+was started with, and ends with the weights an uninterrupted run ends with.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from clt.metrics import layer_reconstructions
 from clt.model import ACTIVATIONS, CrossLayerTranscoder, Penalty, TranscoderConfig
 from clt.multilayer import MULTILAYER_ACTIVATIONS, MultiLayerConfig, MultiLayerTranscoder
 from clt.pairs import parse_pairs
-from policy.cli import command
+from policy.cli import command, explicit_options
 from policy.io import read_json, write_json
 from policy.model import AttentionModel
 from sae.distributed import (
@@ -54,9 +54,17 @@ from sae.distributed import (
 )
 from sae.hooks import HookedPolicy
 from sae.logger import WANDB_MODES, RunLogger
-from sae.runs import check_name, clt_runs_dir, read_config, resolve_run_dir
+from sae.runs import (
+    check_name,
+    clt_runs_dir,
+    new_run_folder,
+    read_config,
+    resolve_run_dir,
+    resume_folder,
+    resumed_settings,
+    stored_path,
+)
 from sae.store import read_registry
-from sae.train_topk import latest_run, new_run_folder
 from sae.trainer import DictionaryTrainer
 
 log = logging.getLogger(__name__)
@@ -346,30 +354,42 @@ def train_step(
     return stats
 
 
-def run(cfg: TranscoderTrainConfig, resume: bool = False) -> Path:
-    """Train (or resume) a transcoder on one pair; returns its run folder. Under torchrun, one rank of DDP."""
+RESUMABLE = ("num_epochs", "num_tokens", "save_freq", "state_every", "log_weights", "device", "wandb_project",
+             "wandb_run_name", "wandb_mode")  # fmt: skip
+"""What a resumed transcoder run may change; everything else is read from its train_cfg.json."""
+
+
+def run(cfg: TranscoderTrainConfig, resume: bool = False, explicit: tuple[str, ...] = ()) -> Path:
+    """Train (or resume) a transcoder on one pair; returns its run folder. Under torchrun, one rank of DDP.
+
+    With `resume`, the newest run of the pair continues with its saved settings; the fields of `cfg` named in
+    `explicit` (only those in RESUMABLE) replace them. A finished run continues only to a longer budget.
+    """
     info, cfg.device = init_distributed(cfg.device)
     try:
-        out_dir = _run(cfg, resume, info)
+        out_dir = _run(cfg, resume, info, explicit)
         synchronize(info)  # rank 0 writes its files after training; the others wait for it before leaving
         return out_dir
     finally:
         shutdown(info)
 
 
-def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo) -> Path:
+def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tuple[str, ...]) -> Path:
     run_dir = resolve_run_dir(cfg.run_dir)
     cfg.pair = pair_name(run_dir, cfg.pair)
     pair_dir = clt_runs_dir(run_dir, cfg.pair)
     if resume:
-        out_dir = latest_run(pair_dir)
+        out_dir = resume_folder(pair_dir)
         saved = read_json(out_dir / "train_cfg.json")
         saved.pop("dataset_path", None)
-        keep = {"num_epochs": cfg.num_epochs, "num_tokens": cfg.num_tokens, "device": cfg.device,
-                "wandb_mode": cfg.wandb_mode, "penalties": cfg.penalties}  # fmt: skip
-        cfg = TranscoderTrainConfig(**{**saved, **keep})
+        settings = resumed_settings(saved, cfg.to_json(), explicit, RESUMABLE)
+        cfg = TranscoderTrainConfig(**settings, penalties=cfg.penalties)
+        longer = (cfg.num_tokens or 0) > (saved.get("num_tokens") or 0) or cfg.num_epochs > saved["num_epochs"]
+        if (out_dir / "model.safetensors").is_file() and not longer:
+            raise ValueError(f"{out_dir} is finished: pass a larger --num_epochs or --num_tokens to train it further")
+        log.info("resuming %s", out_dir)
     else:
-        out_dir = broadcast_from_main(new_run_folder(pair_dir), info)
+        out_dir = broadcast_from_main(new_run_folder(pair_dir) if info.is_main else None, info)
     root = Path(cfg.activations_root) if cfg.activations_root else None
     split = (cfg.batch_size, cfg.val_ratio, cfg.seed)
     if cfg.pair == MULTILAYER:
@@ -393,8 +413,8 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo) -> Path:
     trainer = TranscoderTrainer(cfg, out_dir, model, data, val_data, info)
     if resume:
         trainer.resume(cfg.device)
-    elif info.is_main:
-        write_json(out_dir / "train_cfg.json", {**cfg.to_json(), "dataset_path": str(data.dump.path)})
+    if info.is_main:
+        write_json(out_dir / "train_cfg.json", {**cfg.to_json(), "dataset_path": stored_path(run_dir, data.dump.path)})
     logger = None
     if info.is_main:
         run_name = cfg.wandb_run_name or f"{run_dir.name}/{cfg.pair}/{out_dir.name}"
@@ -441,7 +461,9 @@ def format_summary(summary: dict) -> str:
 @click.option("--skip", is_flag=True, help="Add a linear skip path (skip transcoder).")
 @click.option("--lr", default=4e-3, help="Adam learning rate.")
 @click.option("--batch_size", default=4096, help="Rows per step.")
-@click.option("--num_epochs", default=10, help="Passes over the training split (with --resume: the new total).")
+@click.option(
+    "--num_epochs", default=10, help="Passes over the training split (with --resume: the new total; default: saved)."
+)
 @click.option("--num_tokens", default=None, type=int, help="Train on this many rows instead of --num_epochs.")
 @click.option("--l1_coef", default=0.0, help="L1 penalty on codes x decoder norms [relu: 3e-3 when 0].")
 @click.option(
@@ -462,7 +484,12 @@ def format_summary(summary: dict) -> str:
 @click.option("--seed", default=0, help="Seed for weights, split and batch order.")
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
 @click.option("--activations_root", default=None, envvar="ACTIVATIONS_ROOT", help="Where pair dumps live.")
-@click.option("--resume", is_flag=True, help="Continue the newest run of --pair from its saved state.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the newest run of --pair with its saved settings (flags given explicitly override, e.g. "
+    "--num_epochs; a finished run continues only to a larger --num_epochs or --num_tokens).",
+)
 @click.option("--wandb_project", default="tsp-clt", help="W&B project.")
 @click.option("--wandb_run_name", default=None, help="W&B run name [default: <run>/<pair>/<timestamp>].")
 @click.option(
@@ -476,7 +503,8 @@ def main(resume, multilayer, **options):
             raise click.UsageError("give --pair, or --multilayer")
         weights = options["layer_weights"]
         options["layer_weights"] = [float(w) for w in weights.split(",")] if weights else None
-        out_dir = run(TranscoderTrainConfig(**{**options, "pair": options["pair"] or MULTILAYER}), resume=resume)
+        cfg = TranscoderTrainConfig(**{**options, "pair": options["pair"] or MULTILAYER})
+        out_dir = run(cfg, resume=resume, explicit=tuple(explicit_options() - {"multilayer"}))
     if is_main_process():
         click.echo(format_summary(read_json(out_dir / "summary.json")))
         click.echo(f"transcoder saved in {out_dir}")

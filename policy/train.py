@@ -26,14 +26,14 @@ import click
 import torch
 from tqdm import tqdm
 
-from policy.cli import command
+from policy.cli import command, explicit_options
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.io import read_json, save_npy, save_tensors, save_torch, write_json
 from policy.model import NORMALIZATIONS, AttentionModel, PolicyConfig
 from policy.signals import GracefulStop, Interrupted
 from policy.torch_files import load_torch_file
 from sae.logger import WANDB_MODES, RunLogger, truncate_metrics
-from sae.runs import check_name
+from sae.runs import check_name, resumed_settings
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,16 @@ def _state(model, optimizer, epoch, step, generator, global_step, wandb_id) -> d
     }
 
 
-def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None) -> Path:
+RESUMABLE = ("epochs", "device", "wandb_project", "wandb_mode")
+"""What a resumed run may change (besides `new_lr`); everything else is read from its config.json."""
+
+
+def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None, explicit: tuple[str, ...] = ()) -> Path:
     """Train (or resume) the run `cfg.run_dir`; returns the run folder.
 
-    A resumed run keeps its saved settings except epochs, device, W&B mode and,
-    when `new_lr` is given, the learning rate (e.g. to anneal a long run).
+    A resumed run keeps its saved settings; the fields of `cfg` named in `explicit` (only those in RESUMABLE)
+    replace them, and `new_lr` the learning rate (e.g. to anneal a long run). A finished run continues only to
+    a larger `epochs`.
     """
     run_dir = cfg.run_dir
     state_path = run_dir / "checkpoints" / "train_state.pt"
@@ -171,20 +176,21 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None) -> 
             raise FileNotFoundError(f"nothing to resume: {state_path} does not exist")
         run_config = read_json(run_dir / "config.json")
         saved = {**run_config["train"], "policy": run_config["policy"]}
-        cfg = TrainConfig(
-            **{
-                **saved,
-                "epochs": cfg.epochs,
-                "device": cfg.device,
-                "wandb_mode": cfg.wandb_mode,
-                "runs_dir": cfg.runs_dir,
-                "lr": new_lr or saved["lr"],
-            }
-        )
-    elif (run_dir / "checkpoints").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints: pass --resume to continue it, or pick another --run_name"
-        )
+        settings = resumed_settings(saved, asdict(cfg), explicit, RESUMABLE, where=("runs_dir", "run_name"))
+        cfg = TrainConfig(**{**settings, "lr": new_lr or saved["lr"]})
+        log.info("resuming %s", run_dir)
+    else:
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True)  # exclusive: two runs of one name cannot both start
+        except FileExistsError:
+            if not state_path.is_file():
+                raise FileExistsError(
+                    f"{run_dir} was started but holds no saved state (another process is training it, or it was "
+                    f"stopped before its first save): remove {run_dir} to start it over"
+                ) from None
+            raise FileExistsError(
+                f"{run_dir} already holds checkpoints: pass --resume to continue it, or pick another --run_name"
+            ) from None
 
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -194,13 +200,16 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None) -> 
     start_epoch, start_step, global_step, wandb_id = 0, 0, 0, None
     if resume:
         state = load_torch_file(state_path, map_location=device)
+        if state["epoch"] >= cfg.epochs:
+            raise ValueError(f"{run_dir} is finished ({state['epoch']} epochs): pass --epochs larger than that "
+                             "to train it further")  # fmt: skip
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if new_lr:
             for group in optimizer.param_groups:
                 group["lr"] = new_lr
-            write_json(run_dir / "config.json", cfg.run_config())
             log.info("learning rate set to %g from epoch %d on", new_lr, state["epoch"] + 1)
+        write_json(run_dir / "config.json", cfg.run_config())  # the new total of epochs (and lr), for the next resume
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         wandb_id = state["wandb_run_id"] or None
         truncate_metrics(run_dir / "metrics.jsonl", global_step)
@@ -286,7 +295,7 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None) -> 
 @click.option("--num_heads", default=8, help="Attention heads (must divide embed_dim).")
 @click.option("--normalization", default="batch", type=click.Choice(NORMALIZATIONS), help="Encoder normalization.")
 @click.option("--batch_size", default=64, help="Instances per gradient step.")
-@click.option("--epochs", default=100, help="Epochs to train (with --resume: the new total).")
+@click.option("--epochs", default=100, help="Epochs to train (with --resume: the new total; default: saved).")
 @click.option("--instances_per_epoch", default=100_000, help="Fresh instances per epoch.")
 @click.option(
     "--lr", default=None, type=float, help="Adam learning rate [default: 1e-4; with --resume: the saved one]."
@@ -299,7 +308,12 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None) -> 
 @click.option(
     "--wandb_mode", default="auto", type=click.Choice(WANDB_MODES), help="auto = offline without credentials."
 )
-@click.option("--resume", is_flag=True, help="Continue the run --run_name from its last saved state.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the run --run_name with its saved settings (--epochs, --device, --lr given explicitly override; "
+    "a finished run continues only to a larger --epochs).",
+)
 def main(resume, embed_dim, num_encoder_layers, num_heads, normalization, lr, **options):
     """Train a TSP Attention Model with REINFORCE and the POMO multi-start baseline."""
     with command():
@@ -308,7 +322,10 @@ def main(resume, embed_dim, num_encoder_layers, num_heads, normalization, lr, **
         )
         if not resume:
             options["lr"] = lr or TrainConfig.lr
-        run_dir = run(TrainConfig(policy=policy, **options), resume=resume, new_lr=lr if resume else None)
+        if resume:
+            click.echo(f"resuming {Path(options['runs_dir']) / options['run_name']} with its saved settings")
+        run_dir = run(TrainConfig(policy=policy, **options), resume=resume, new_lr=lr if resume else None,
+                      explicit=tuple(explicit_options() - {"lr"}))  # fmt: skip
     click.echo(f"trained policy in {run_dir}")
 
 

@@ -27,7 +27,15 @@ from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from sae.hooks import HookedPolicy
 from sae.runs import activations_root, load_policy, sae_activations_dir
-from sae.store import DTYPES, DumpWriter, open_dump, register_dataset
+from sae.store import (
+    DTYPES,
+    DumpWriter,
+    check_registry_writable,
+    dump_lock,
+    new_collection_id,
+    open_dump,
+    register_dataset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,32 +170,39 @@ def run(cfg: CollectConfig) -> Path:
         "dtype": cfg.dtype,
         "checkpoint_sha256": loaded.checkpoint_sha256,
     }
-    if path.exists() and not cfg.overwrite:
-        existing = open_dump(path).metadata
-        if all(existing.get(k) == v for k, v in request.items()):
+    check_registry_writable(loaded.run_dir)
+    with dump_lock(path):  # a second collector of this dump waits here, then reuses or replaces it
+        if path.exists() and not cfg.overwrite:
+            existing = open_dump(path).metadata
+            if not all(existing.get(k) == v for k, v in request.items()):
+                raise FileExistsError(
+                    f"{path} holds a dump made with other arguments; pass --overwrite or another --name"
+                )
             log.info("reusing the complete dump at %s (pass --overwrite to collect again)", path)
-            register_dataset(loaded.run_dir, name, path, {"kind": "sae"})
-            return path
-        raise FileExistsError(f"{path} holds a dump made with other arguments; pass --overwrite or another --name")
+        else:
+            _collect(cfg, loaded, hooked, path, request)
+        register_dataset(loaded.run_dir, name, path, {"kind": "sae"})
+    return path
 
+
+def _collect(cfg: CollectConfig, loaded, hooked: HookedPolicy, path: Path, request: dict) -> None:
+    names, num_loc = request["hooks"], request["nodes_per_instance"]
     rows = cfg.num_instances * num_loc
     dims = hook_dims(hooked, names, num_loc)
-    batches = instance_batches(cfg.num_instances, num_loc, distribution, cfg.seed, cfg.batch_size)
+    batches = instance_batches(cfg.num_instances, num_loc, request["distribution"], cfg.seed, cfg.batch_size)
     with DumpWriter(path, dims, rows, cfg.dtype, overwrite=cfg.overwrite) as writer:
         locs = collect(hooked, batches, [(writer, {n: n for n in names})], cfg.num_instances)
         writer.add_file("locs", locs)
-        metadata = {
+        writer.finish({
             **request,
             "kind": "sae",
+            "collection_id": new_collection_id(),
             "shapes": {n: [rows, d] for n, d in dims.items()},
             "instance_ids": {"first": 0, "count": cfg.num_instances, "seed": cfg.seed, "chunk": INSTANCE_CHUNK},
             "run_dir": str(loaded.run_dir.resolve()),
             "checkpoint_epoch": loaded.epoch,
             "config": asdict(cfg),
-        }
-        writer.finish(metadata)
-    register_dataset(loaded.run_dir, name, path, {"kind": "sae"})
-    return path
+        })  # fmt: skip
 
 
 @click.command(context_settings={"show_default": True})

@@ -26,8 +26,11 @@ Outputs (see the path functions at the end):
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -40,19 +43,21 @@ from policy.io import file_sha256, read_json
 from policy.model import AttentionModel, PolicyConfig
 from policy.rl4co import convert_state_dict, read_policy_state_dict
 
+log = logging.getLogger(__name__)
+
 RUNS_DIR = Path("runs")
 """Where run names are looked up first (relative to the working directory)."""
 PACKAGED_RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
 """Where the shipped demo run lives (the repository's, or the installed package's, runs/)."""
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 _NATIVE_CKPT = re.compile(r"^epoch_(\d+)\.safetensors$")
 _RL4CO_CKPT = re.compile(r"^checkpoint_epoch_(\d+)\.ckpt$")
 
 
 def check_name(name: str, what: str = "run name") -> str:
     """A name that stays inside its parent folder: letters, digits, `_`, `-`, `.`; no `..`."""
-    if not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise ValueError(
             f"invalid {what} {name!r}: use letters, digits, '_', '-' and '.', "
             "start with a letter or digit, and do not use '..' or path separators"
@@ -191,3 +196,65 @@ def sae_runs_dir(run_dir: Path, hook: str) -> Path:
 
 def clt_runs_dir(run_dir: Path, pair: str) -> Path:
     return run_dir / "clt" / "clt_runs" / check_name(pair, "pair name")
+
+
+def stored_path(run_dir: Path, path: Path) -> str:
+    """How a config or registry records `path`: relative to the run folder when inside it (a copied or moved run
+    finds its own files), else absolute. Read back with `run_dir / stored` (an absolute stored path wins)."""
+    path, run = Path(path).absolute(), Path(run_dir).absolute()
+    return str(path.relative_to(run)) if path.is_relative_to(run) else str(path.resolve())
+
+
+def new_run_folder(folder: Path) -> Path:
+    """folder/<timestamp>, created here and now: when another process took the name, a suffix (_001, ...)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for i in range(1000):
+        out_dir = folder / (stamp if i == 0 else f"{stamp}_{i:03d}")
+        try:
+            out_dir.mkdir()  # exclusive: exactly one process creates each name
+            return out_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a new run folder under {folder}")
+
+
+def resume_folder(folder: Path) -> Path:
+    """The run `--resume` continues: the newest folder under `folder`, which must hold a saved training state.
+
+    Never an older run: a newest run killed before its first save is an error, not a reason to continue another.
+    """
+    runs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not runs:
+        raise FileNotFoundError(f"nothing to resume under {folder}")
+    newest = runs[-1]
+    if not (newest / "checkpoints" / "train_state.pt").is_file():
+        raise FileNotFoundError(
+            f"the newest run {newest} has no saved training state (stopped before its first save): start it again "
+            "without --resume; older runs are left as they are"
+        )
+    return newest
+
+
+def resumed_settings(
+    saved: dict, given: dict, explicit: Iterable[str], may_change: Iterable[str], where: Iterable[str] = ("run_dir",)
+) -> dict:
+    """The settings a resumed run continues with: `saved`, with the explicitly `given` ones on top.
+
+    Only fields in `may_change` (how long, on which device, how it logs) may differ from the saved run; changing
+    any other (what is trained) is a ValueError. Every change is logged. The `where` fields (how the run was
+    found, e.g. a moved run's new path) always come from `given`.
+    """
+    settings, may_change = dict(saved), set(may_change)
+    settings.update({name: given[name] for name in where if name in given})
+    for name in set(explicit) - set(where):
+        if name not in given or given[name] == saved.get(name):
+            continue
+        if name not in may_change:
+            raise ValueError(
+                f"--{name} {given[name]} differs from the run being resumed ({saved.get(name)}); a resumed run "
+                f"keeps what it trains (may change: {', '.join(sorted(may_change))})"
+            )
+        log.info("resume: %s %s -> %s (given on the command line)", name, saved.get(name), given[name])
+        settings[name] = given[name]
+    return settings

@@ -9,20 +9,35 @@ A dump is a folder of `.npy` arrays, one per hook (or per side of a pair):
 `DumpWriter` streams rows into `<dump>.partial/` with bounded memory (a memory
 map over just the rows being written) and renames the folder into place only
 when every row and metadata.json are written, so an interrupted collection
-never leaves a dump that looks complete. `open_dump` reads one back through
-memory maps (`mmap_mode='r'`, no pickle) and says exactly what is wrong with a
-truncated or corrupted dump. `register_dataset` records a dump in the run's
-`sae/activation_store.json` under a file lock, so concurrent collectors lose nothing.
+never leaves a dump that looks complete. A writer owns its dump: it holds
+`dump_lock` (an flock on `.<dump>.lock` beside it) from before it looks at the
+dump until it has published it, so a second collector of the same dump waits
+instead of writing into the first one's files. The space the arrays need is
+allocated up front, so a full disk is a one-line error before any row is
+computed, never a SIGBUS in the middle.
+
+`open_dump` reads a dump back through memory maps (`mmap_mode='r'`, no pickle)
+and says exactly what is wrong with a truncated or corrupted dump.
+`register_datasets` records dumps in the run's `sae/activation_store.json` under
+a file lock, so concurrent collectors lose nothing; a dump inside the run is
+recorded by its path relative to the run (a copied or moved run finds its own),
+one under an external root by its absolute path. Every entry carries the
+`collection_id` of the collection that wrote it: `registered_dump` refuses a
+dump whose id differs (an `--overwrite` killed half-way through publishing
+several dumps) and names an entry whose folder is gone.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -32,7 +47,9 @@ import torch
 from numpy.lib.format import open_memmap
 
 from policy.io import file_sha256, read_json, write_json
-from sae.runs import registry_path
+from sae.runs import registry_path, stored_path
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16")
 METADATA = "metadata.json"
@@ -71,10 +88,57 @@ def package_version() -> str:
         return "unknown"
 
 
+_HELD: dict[Path, list] = {}
+"""The dump locks this process holds: lock file -> [open file, depth] (dump_lock is re-entrant)."""
+
+
+def dump_path(path: str | Path) -> Path:
+    """The folder a dump really lives in: a symlinked dump is written where its link points."""
+    path = Path(path).absolute()
+    return path.resolve() if path.is_symlink() else path
+
+
+@contextmanager
+def dump_lock(path: str | Path) -> Iterator[None]:
+    """Own the dump at `path` (an exclusive flock on `.<name>.lock` beside it); waits while another process does.
+
+    Re-entrant within a process. The kernel drops the lock when its holder dies, even by kill -9.
+    """
+    path = dump_path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    held = _HELD.get(lock)
+    if held is not None:
+        held[1] += 1
+    else:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another collection is writing %s; waiting for it to finish", path)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        held = _HELD[lock] = [f, 1]
+    try:
+        yield
+    finally:
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[lock]
+            held[0].close()  # closing the file releases the flock
+
+
+def _check_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"not enough disk space for the dump: it needs {needed / 2**20:.1f} MiB, "
+                                    f"{free / 2**20:.1f} MiB are free", str(folder))  # fmt: skip
+
+
 class DumpWriter:
     """Writes arrays of a known row count into `<path>.partial/`, then moves them to `path`.
 
-    Use as a context manager: an exception (Ctrl-C included) removes the partial folder.
+    Holds the dump's `dump_lock` from construction to `finish`/`abort`. Use as a context manager: an exception
+    (Ctrl-C, a full disk included) removes the partial folder.
     """
 
     def __init__(self, path: Path, dims: dict[str, int], rows: int, dtype: str = "float32", overwrite: bool = False):
@@ -82,20 +146,40 @@ class DumpWriter:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if rows < 1:
             raise ValueError("a dump needs at least one row")
-        self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} already exists; pass --overwrite to replace it")
+        self.path = dump_path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        shutil.rmtree(self.partial, ignore_errors=True)  # left by an earlier interrupted run
-        self.partial.mkdir(parents=True)
         self.dims, self.rows, self.dtype = dict(dims), rows, np.dtype(dtype)
-        self.offsets = {}
-        for name, dim in self.dims.items():
-            mm = open_memmap(self.partial / f"{name}.npy", mode="w+", dtype=self.dtype, shape=(rows, dim))
-            self.offsets[name] = mm.offset
-            del mm
+        self._lock = ExitStack()
+        self._lock.enter_context(dump_lock(self.path))
+        try:
+            if self.path.exists() and not overwrite:
+                raise FileExistsError(f"{self.path} already exists; pass --overwrite to replace it")
+            shutil.rmtree(self.partial, ignore_errors=True)  # left by an interrupted run (we hold the lock)
+            self.partial.mkdir(parents=True)
+            _check_space(self.partial, sum(rows * d * self.dtype.itemsize for d in self.dims.values()))
+            self.offsets = {name: self._allocate(name, dim) for name, dim in self.dims.items()}
+        except BaseException:
+            self.abort()
+            raise
         self.stats = {name: RunningStats(dim) for name, dim in self.dims.items()}
         self.cursor = 0
+
+    def _allocate(self, name: str, dim: int) -> int:
+        """Create `<name>.npy` with its blocks reserved on disk (a sparse file would SIGBUS on a full disk)."""
+        mm = open_memmap(self.partial / f"{name}.npy", mode="w+", dtype=self.dtype, shape=(self.rows, dim))
+        offset = mm.offset
+        del mm
+        file = self.partial / f"{name}.npy"
+        if hasattr(os, "posix_fallocate"):
+            with open(file, "r+b") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, file.stat().st_size)
+                except OSError as err:
+                    if err.errno == errno.ENOSPC:
+                        raise OSError(errno.ENOSPC, "disk full while reserving the dump's space", str(file)) from err
+                    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot preallocate
+                        raise
+        return offset
 
     def __enter__(self) -> DumpWriter:
         return self
@@ -128,7 +212,7 @@ class DumpWriter:
                 offset=self.offsets[name] + self.cursor * self.dims[name] * self.dtype.itemsize,
                 shape=(n, self.dims[name]),
             )  # only these rows are mapped, so memory stays bounded
-            window[:] = values
+            window[:] = values  # the blocks were reserved by _allocate, so this cannot hit a full disk
             window.flush()
             del window
         self.cursor += n
@@ -137,8 +221,8 @@ class DumpWriter:
         """A small extra array saved whole (e.g. the instances)."""
         np.save(self.partial / f"{name}.npy", array, allow_pickle=False)
 
-    def finish(self, metadata: dict) -> Path:
-        """Checksum, write metadata.json, and move the dump into place."""
+    def finish(self, metadata: dict, publish: bool = True) -> Path:
+        """Checksum and write metadata.json; then (unless `publish=False`, see `publish`) move the dump into place."""
         if self.cursor != self.rows:
             raise ValueError(f"dump incomplete: {self.cursor} of {self.rows} rows written")
         arrays = {
@@ -161,16 +245,25 @@ class DumpWriter:
             "package_version": package_version(),
         }
         write_json(self.partial / METADATA, meta)
+        self.metadata = meta
+        if publish:
+            self.publish()
+        return self.path
+
+    def publish(self) -> Path:
+        """Move the finished dump into place (replacing an old one) and release the lock."""
         if self.path.exists():
             old = self.path.with_name(self.path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(self.path, old)
             shutil.rmtree(old)
         os.replace(self.partial, self.path)
+        self._lock.close()
         return self.path
 
     def abort(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
+        self._lock.close()
 
 
 @dataclass
@@ -220,7 +313,9 @@ def open_dump(path: str | Path, verify: bool = False) -> Dump:
         header = _npy_header(file)
         if header is None:
             raise ValueError(f"{file} is corrupted: not a .npy file")
-        shape, file_dtype, offset = header
+        shape, fortran, file_dtype, offset = header
+        if fortran:
+            raise ValueError(f"{file} is stored in Fortran (column-major) order; dumps are row-major: collect again")
         if list(shape) != [rows, dim] or file_dtype != dtype:
             raise ValueError(f"{file} holds {file_dtype} {list(shape)}, metadata.json says {dtype} [{rows}, {dim}]")
         expected = offset + rows * dim * dtype.itemsize
@@ -242,13 +337,13 @@ def open_dump(path: str | Path, verify: bool = False) -> Dump:
 
 
 def _npy_header(file: Path):
-    """(shape, dtype, data offset) from a .npy header, or None if it is not one."""
+    """(shape, fortran order, dtype, data offset) from a .npy header, or None if it is not one."""
     try:
         with open(file, "rb") as f:
             major, _ = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(f)
-            return shape, dtype, f.tell()
+            return shape, fortran, dtype, f.tell()
     except (ValueError, OSError):
         return None
 
@@ -264,17 +359,70 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _registry_lock(run_dir: Path) -> Path:
+    registry = registry_path(run_dir)
+    return registry.with_name(registry.name + ".lock")
+
+
+def check_registry_writable(run_dir: Path) -> None:
+    """Fail before collecting, not after: a dump the registry cannot record would be complete but unfindable."""
+    lock = _registry_lock(run_dir)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a"):
+            pass
+    except OSError as err:
+        raise OSError(err.errno, f"cannot record dumps in {registry_path(run_dir)} ({err.strerror}); "
+                                 "the run folder must be writable", str(lock.parent)) from err  # fmt: skip
+
+
+def new_collection_id() -> str:
+    """One id for every dump one collection writes (in their metadata and their registry entries)."""
+    return uuid.uuid4().hex
+
+
 def read_registry(run_dir: Path) -> dict:
+    """Name -> entry; each entry's `path` resolved (relative paths are relative to the run folder)."""
     path = registry_path(run_dir)
     if not path.is_file():
         return {}
-    return read_json(path)
+    entries = read_json(path)
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) and "path" in e for e in entries.values()):
+        raise ValueError(f"{path} is not an activation registry (expected name -> {{'path': ...}})")
+    return {name: {**entry, "path": str(run_dir / entry["path"])} for name, entry in entries.items()}
+
+
+def register_datasets(run_dir: Path, entries: dict[str, tuple[Path, dict]]) -> None:
+    """Record `name -> (path, info)` for several dumps in one atomic write of activation_store.json (file-locked),
+    each with the collection_id its metadata.json holds."""
+    registry = registry_path(run_dir)
+    with _locked(_registry_lock(run_dir)):
+        stored = read_json(registry) if registry.is_file() else {}
+        for name, (path, info) in entries.items():
+            meta = Path(path) / METADATA
+            collection = read_json(meta).get("collection_id") if meta.is_file() else None
+            stored[name] = {"path": stored_path(run_dir, path), **info, "collection_id": collection}
+        write_json(registry, stored)
 
 
 def register_dataset(run_dir: Path, name: str, path: Path, info: dict | None = None) -> None:
-    """Record `name -> path` in the run's activation_store.json (atomic, under a file lock)."""
-    registry = registry_path(run_dir)
-    with _locked(registry.with_name(registry.name + ".lock")):
-        entries = read_registry(run_dir)
-        entries[name] = {"path": str(Path(path).resolve()), **(info or {})}
-        write_json(registry, entries)
+    """Record one dump; see `register_datasets`."""
+    register_datasets(run_dir, {name: (path, info or {})})
+
+
+def registered_dump(run_dir: Path, name: str, entry: dict, verify: bool = False) -> Dump:
+    """Open a registry entry's dump: a clear error for a dangling entry or one another collection half-replaced."""
+    path = Path(entry["path"])
+    if not path.exists() and not path.with_name(path.name + ".partial").exists():
+        raise FileNotFoundError(
+            f"the registry of {run_dir} lists {name!r} at {path}, which no longer exists (a deleted activations "
+            "root?); collect it again (the new collection replaces the entry)"
+        )
+    dump = open_dump(path, verify)
+    expected, found = entry.get("collection_id"), dump.metadata.get("collection_id")
+    if expected is not None and found != expected:
+        raise ValueError(
+            f"{path} was written by another collection ({found}) than the registry records ({expected}): "
+            "an --overwrite was interrupted while publishing its dumps; collect again"
+        )
+    return dump

@@ -11,11 +11,13 @@ it by instance into train and validation, and writes
         metrics.jsonl                    train and validation MSE, FVU, L0, dead fraction (also W&B)
         checkpoints/epoch_<N>.safetensors, checkpoints/train_state.pt
 
-Ctrl-C or SIGTERM saves the exact position; `--resume` continues the newest run of the hook.
+Ctrl-C or SIGTERM saves the exact position; `--resume` continues the newest run of the hook
+(sae.runs.resume_folder) with the settings it was started with.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,14 +25,16 @@ from pathlib import Path
 import click
 import torch
 
-from policy.cli import command
+from policy.cli import command, explicit_options
 from policy.io import read_json, write_json
 from sae.data import RowStream, split_instances
 from sae.logger import WANDB_MODES, RunLogger
 from sae.model import SAEConfig, TopKSAE
-from sae.runs import resolve_run_dir, sae_runs_dir
-from sae.store import Dump, open_dump, read_registry
+from sae.runs import new_run_folder, resolve_run_dir, resume_folder, resumed_settings, sae_runs_dir, stored_path
+from sae.store import Dump, read_registry, registered_dump
 from sae.trainer import DictionaryTrainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,7 +97,10 @@ def find_dump(run_dir: Path, hook: str, dataset: str | None) -> tuple[str, Dump]
         candidates = [n for n, e in registry.items() if e.get("kind") == "sae"]
     found = []
     for name in candidates:
-        dump = open_dump(registry[name]["path"])
+        if dataset is None and not Path(registry[name]["path"]).exists():
+            log.warning("skipping the registry entry %r: its dump %s no longer exists", name, registry[name]["path"])
+            continue
+        dump = registered_dump(run_dir, name, registry[name])
         if hook in dump.arrays:
             found.append((dump.metadata["created"], name, dump))
     if not found:
@@ -172,37 +179,27 @@ class SAETrainer(DictionaryTrainer):
         return evaluate(self.model, self.val, self.cfg.hook, self.mean) if self.val else {}
 
 
-def latest_run(folder: Path) -> Path:
-    """The newest run folder under `folder` that has a saved training state."""
-    runs = (
-        sorted(p for p in folder.glob("*") if (p / "checkpoints" / "train_state.pt").is_file())
-        if folder.is_dir()
-        else []
-    )
-    if not runs:
-        raise FileNotFoundError(f"nothing to resume under {folder}")
-    return runs[-1]
+RESUMABLE = ("num_epochs", "save_freq", "device", "wandb_project", "wandb_run_name", "wandb_mode")
+"""What a resumed SAE run may change; everything else is read from its train_cfg.json."""
 
 
-def new_run_folder(folder: Path) -> Path:
-    """folder/<timestamp>, made unique."""
-    out_dir = folder / time.strftime("%Y%m%d-%H%M%S")
-    while out_dir.exists():
-        out_dir = out_dir.with_name(out_dir.name + "_")
-    return out_dir
+def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = ()) -> Path:
+    """Train (or resume) an SAE; returns its run folder.
 
-
-def run(cfg: SAETrainConfig, resume: bool = False) -> Path:
-    """Train (or resume) an SAE; returns its run folder."""
+    With `resume`, the newest run of the hook continues with its saved settings; the fields of `cfg` named in
+    `explicit` (only those in RESUMABLE) replace them. A finished run continues only to a larger num_epochs.
+    """
     run_dir = resolve_run_dir(cfg.run_dir)
     hook_dir = sae_runs_dir(run_dir, cfg.hook)
     if resume:
-        out_dir = latest_run(hook_dir)
+        out_dir = resume_folder(hook_dir)
         saved = read_json(out_dir / "train_cfg.json")
         saved.pop("dataset_path", None)
-        cfg = SAETrainConfig(
-            **{**saved, "num_epochs": cfg.num_epochs, "device": cfg.device, "wandb_mode": cfg.wandb_mode}
-        )
+        cfg = SAETrainConfig(**resumed_settings(saved, asdict(cfg), explicit, RESUMABLE))
+        if (out_dir / "model.safetensors").is_file() and cfg.num_epochs <= saved["num_epochs"]:
+            raise ValueError(f"{out_dir} is finished ({saved['num_epochs']} epochs): pass --num_epochs larger "
+                             "than that to train it further")  # fmt: skip
+        log.info("resuming %s", out_dir)
     else:
         out_dir = new_run_folder(hook_dir)
     name, dump = find_dump(run_dir, cfg.hook, cfg.dataset)
@@ -218,8 +215,7 @@ def run(cfg: SAETrainConfig, resume: bool = False) -> Path:
     trainer = SAETrainer(cfg, out_dir, model, train, val, mean)
     if resume:
         trainer.resume(cfg.device)
-    else:
-        write_json(out_dir / "train_cfg.json", {**asdict(cfg), "dataset_path": str(dump.path)})
+    write_json(out_dir / "train_cfg.json", {**asdict(cfg), "dataset_path": stored_path(run_dir, dump.path)})
     run_name = cfg.wandb_run_name or f"{run_dir.name}/{cfg.hook}/{out_dir.name}"
     logger = RunLogger(out_dir, cfg.wandb_project, run_name, asdict(cfg), cfg.wandb_mode, run_id=trainer.wandb_run_id)
     try:
@@ -239,13 +235,20 @@ def run(cfg: SAETrainConfig, resume: bool = False) -> Path:
 @click.option("--k_ratio", default=None, type=float, help="Fraction of latents active per row (instead of --k).")
 @click.option("--lr", default=1e-3, help="Adam learning rate.")
 @click.option("--batch_size", default=1024, help="Rows per step.")
-@click.option("--num_epochs", default=10, help="Passes over the training split (with --resume: the new total).")
+@click.option(
+    "--num_epochs", default=10, help="Passes over the training split (with --resume: the new total; default: saved)."
+)
 @click.option("--val_ratio", default=0.1, help="Fraction of instances held out for validation.")
 @click.option("--dead_tokens", default=100_000, help="Rows without firing after which a latent is dead.")
 @click.option("--save_freq", default=1, help="Checkpoint every N epochs.")
 @click.option("--seed", default=0, help="Seed for weights, split and batch order.")
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
-@click.option("--resume", is_flag=True, help="Continue the newest run of --hook from its saved state.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the newest run of --hook with its saved settings (flags given explicitly override, e.g. "
+    "--num_epochs; a finished run continues only to a larger --num_epochs).",
+)
 @click.option("--wandb_project", default="tsp-sae", help="W&B project.")
 @click.option("--wandb_run_name", default=None, help="W&B run name [default: <run>/<hook>/<timestamp>].")
 @click.option(
@@ -254,7 +257,9 @@ def run(cfg: SAETrainConfig, resume: bool = False) -> Path:
 def main(resume, **options):
     """Train a TopK sparse autoencoder on a hook's activations."""
     with command():
-        out_dir = run(SAETrainConfig(**options), resume=resume)
+        if resume:
+            click.echo(f"resuming the newest run of {options['hook']} with its saved settings")
+        out_dir = run(SAETrainConfig(**options), resume=resume, explicit=tuple(explicit_options()))
     click.echo(f"SAE saved in {out_dir}")
 
 

@@ -50,5 +50,5 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(pair_run):
 def test_resume_on_a_different_number_of_ranks(pair_run):
     single = run(_cfg(pair_run))
     _torchrun(pair_run, "--num_epochs", "1")  # two ranks train the first epoch ...
-    resumed = run(_cfg(pair_run), resume=True)  # ... one process finishes the second
+    resumed = run(_cfg(pair_run), resume=True, explicit=("num_epochs",))  # ... one process finishes the second
     _close(single, resumed)

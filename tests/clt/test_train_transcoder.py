@@ -98,7 +98,8 @@ def test_kill_9_then_resume_matches_uninterrupted(pair_run):
         process.wait()
     killed = (set(_runs(pair_run)) - before).pop()
     assert not (killed / "model.safetensors").exists(), "the run ended before it could be killed"
-    result = CliRunner().invoke(train_cli.main, [*_args(pair_run, "--num_epochs", 40), "--resume"])
+    resume = ["--run_dir", str(pair_run), "--pair", PAIR, "--resume"]  # every setting comes from the run itself
+    result = CliRunner().invoke(train_cli.main, resume)
     assert result.exit_code == 0, result.output
     _assert_same_weights(full, killed)
 

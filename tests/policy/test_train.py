@@ -47,7 +47,7 @@ def test_run_layout_and_metrics(tmp_path):
 def test_resume_after_a_kill_between_epochs_matches_uninterrupted(tmp_path):
     full = run(_cfg(tmp_path, "full"))
     run(_cfg(tmp_path, "killed", epochs=1))  # as if killed right after epoch 1
-    resumed = run(_cfg(tmp_path, "killed", epochs=2), resume=True)
+    resumed = run(_cfg(tmp_path, "killed", epochs=2), resume=True, explicit=("epochs",))
     _assert_same(_weights(full, 2), _weights(resumed, 2))
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps), "a resumed run does not log a step twice"
@@ -138,7 +138,7 @@ def test_ctrl_c_on_the_cli_saves_then_resume_finishes(tmp_path):
 
 def test_resume_can_lower_the_learning_rate(tmp_path):
     run(_cfg(tmp_path, "anneal", epochs=1))
-    run_dir = run(_cfg(tmp_path, "anneal", epochs=2), resume=True, new_lr=5e-5)
+    run_dir = run(_cfg(tmp_path, "anneal", epochs=2), resume=True, new_lr=5e-5, explicit=("epochs",))
     assert json.loads((run_dir / "config.json").read_text())["train"]["lr"] == 5e-5
     lrs = [r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     assert lrs == [1e-4, 5e-5]
