@@ -53,6 +53,29 @@ def torchscript_payload():
 
 
 @pytest.fixture
+def tmpfs(tmp_path):
+    """tmpfs(size): a fresh tmpfs of `size` (e.g. "256k") mounted in tmp_path, unmounted afterwards; skips the test
+    where mounting is not allowed (not root, or a sandbox without mount). For disk-full and read-only tests:
+    `subprocess.run(["mount", "-o", "remount,ro", path])` makes it read-only."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"tmpfs{len(mounts)}"
+        path.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode != 0:  # fmt: skip
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
 def fixture_dir() -> Path:
     return FIXTURE_DIR
 

@@ -1,0 +1,90 @@
+"""Stress: two collectors of the same dumps at once, as two processes, with the same and with different arguments.
+Each ends with a correct dump or a clear failure; a complete dump always holds the rows its metadata describes."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sae.collect_activations import instance_batches
+from sae.hooks import HookedPolicy
+from sae.runs import load_policy
+from sae.store import open_dump, read_registry
+
+INSTANCES = 3000  # enough rows that the two collections overlap in time
+PAIRS = "encoder_layer_0:encoder_layer_1,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
+
+
+def _start(module, run_dir, *args):
+    command = [sys.executable, "-m", module, "--run_dir", str(run_dir), "--batch_size", "500", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _both(*processes):
+    return [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in processes]
+
+
+def _assert_matches_its_metadata(run_dir, path, arrays):
+    """Every file checksums, and the rows are the policy's activations on the instances the metadata names."""
+    path = Path(path)
+    dump = open_dump(path, verify=True)
+    meta = dump.metadata
+    locs = torch.cat(list(instance_batches(meta["num_instances"], meta["nodes_per_instance"], meta["distribution"],
+                                           meta["seed"], 1024)))  # fmt: skip
+    np.testing.assert_array_equal(np.load(path / "locs.npy"), locs.numpy())
+    picked = [0, meta["num_instances"] // 2, meta["num_instances"] - 1]
+    cache = HookedPolicy(load_policy(run_dir).model).run_with_cache(locs[picked], list(arrays.values()))
+    n = meta["nodes_per_instance"]
+    for array, hook in arrays.items():
+        rows = np.concatenate([dump.arrays[array][i * n : (i + 1) * n] for i in picked])
+        np.testing.assert_allclose(rows, cache[hook].reshape(len(picked) * n, -1).numpy(), atol=1e-5)
+    return meta
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "tiny", ignore=shutil.ignore_patterns("sae", "clt"))
+    return tmp_path / "tiny"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_two_pair_collections_with_different_seeds(run_copy, overwrite):
+    extra = ["--overwrite"] if overwrite else []
+    common = ["--layer_pairs", PAIRS, "--num_instances_per_pair", INSTANCES, *extra]
+    results = _both(*(_start("clt.collect_pairs", run_copy, *common, "--seed", seed) for seed in (1, 2)))
+    codes = sorted(code for code, _, _ in results)
+    if overwrite:
+        assert codes == [0, 0], results  # they took turns; the second replaced the first
+    else:
+        assert codes == [0, 1], results  # the second found the first one's dump and said so
+        failed = next(err for code, _, err in results if code == 1)
+        assert "made with other arguments" in failed and "Traceback" not in failed
+    seeds = set()
+    for pair, (src, tgt) in {"clt_L0_to_L1": ("encoder_layer_0", "encoder_layer_1"),
+                             "clt_L1.mlp_in_to_L1.mlp_out": ("encoder_layer_1.mlp_in", "encoder_layer_1.mlp_out")}.items():  # fmt: skip
+        path = read_registry(run_copy)[pair]["path"]
+        seeds.add(_assert_matches_its_metadata(run_copy, path, {"sources": src, "targets": tgt})["seed"])
+    assert len(seeds) == 1, "both pairs come from one collection"
+
+
+def test_two_pair_collections_with_the_same_arguments_both_succeed(run_copy):
+    common = ["--layer_pairs", PAIRS, "--num_instances_per_pair", INSTANCES, "--seed", 3]
+    results = _both(_start("clt.collect_pairs", run_copy, *common), _start("clt.collect_pairs", run_copy, *common))
+    assert [code for code, _, _ in results] == [0, 0], results
+    path = read_registry(run_copy)["clt_L0_to_L1"]["path"]
+    assert _assert_matches_its_metadata(run_copy, path, {"sources": "encoder_layer_0", "targets": "encoder_layer_1"})
+
+
+@pytest.mark.parametrize("seeds", [(1, 1), (1, 2)])
+def test_two_activation_collections_of_one_name(run_copy, seeds):
+    common = ["--hooks", "encoder_layer_0,encoder_output", "--num_instances", INSTANCES, "--name", "shared",
+              "--overwrite"]  # fmt: skip
+    results = _both(*(_start("sae.collect_activations", run_copy, *common, "--seed", s) for s in seeds))
+    assert [code for code, _, _ in results] == [0, 0], results
+    path = read_registry(run_copy)["shared"]["path"]
+    meta = _assert_matches_its_metadata(run_copy, path, {h: h for h in ("encoder_layer_0", "encoder_output")})
+    assert meta["seed"] in seeds
