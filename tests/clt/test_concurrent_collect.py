@@ -1,5 +1,6 @@
 """Stress: two collectors of the same dumps at once, as two processes, with the same and with different arguments.
-Each ends with a correct dump or a clear failure; a complete dump always holds the rows its metadata describes."""
+Each ends with a correct dump or a clear failure; a complete dump always holds the rows its metadata describes.
+And an --overwrite of several pairs killed half-way through publishing is never read as one set."""
 
 import shutil
 import subprocess
@@ -88,3 +89,37 @@ def test_two_activation_collections_of_one_name(run_copy, seeds):
     path = read_registry(run_copy)["shared"]["path"]
     meta = _assert_matches_its_metadata(run_copy, path, {h: h for h in ("encoder_layer_0", "encoder_output")})
     assert meta["seed"] in seeds
+
+
+def test_an_overwrite_killed_while_publishing_is_never_read_as_one_set(run_copy, monkeypatch):
+    """--overwrite of two pairs stops after the first is published: that pair is refused by name, the untouched
+    one still reads, and collecting again mends both."""
+    from click.testing import CliRunner
+
+    from clt import collect_pairs, train_transcoder
+    from sae.store import DumpWriter
+
+    args = ["--run_dir", str(run_copy), "--layer_pairs", PAIRS, "--num_instances_per_pair", "40"]
+    assert CliRunner().invoke(collect_pairs.main, [*args, "--seed", "1"]).exit_code == 0
+    real, published = DumpWriter.publish, []
+
+    def killed_after_one(self):
+        if published:
+            raise KeyboardInterrupt
+        published.append(real(self))
+        return published[-1]
+
+    monkeypatch.setattr(DumpWriter, "publish", killed_after_one)
+    result = CliRunner().invoke(collect_pairs.main, [*args, "--seed", "2", "--overwrite"])
+    assert result.exit_code != 0
+    monkeypatch.setattr(DumpWriter, "publish", real)
+    assert not list(run_copy.glob("clt/activations/*.partial"))
+    new, old = published[0].name, ({"clt_L0_to_L1", "clt_L1.mlp_in_to_L1.mlp_out"} - {published[0].name}).pop()
+    train = ["--run_dir", str(run_copy), "--k", "2", "--expansion_factor", "2", "--num_epochs", "1",
+             "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
+    refused = CliRunner().invoke(train_transcoder.main, [*train, "--pair", new])
+    assert refused.exit_code == 1 and "an --overwrite was interrupted" in refused.output, refused.output
+    assert CliRunner().invoke(train_transcoder.main, [*train, "--pair", old]).exit_code == 0
+    assert CliRunner().invoke(collect_pairs.main, [*args, "--seed", "2", "--overwrite"]).exit_code == 0
+    for pair in (new, old):
+        assert CliRunner().invoke(train_transcoder.main, [*train, "--pair", pair]).exit_code == 0

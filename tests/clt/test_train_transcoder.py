@@ -148,3 +148,15 @@ def test_train_clt_sh_sweeps_a_grid_and_prints_the_table(pair_run):
     assert "--expansion" in usage and "--no_collect" in usage
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+
+
+def test_resume_of_a_finished_run_needs_a_longer_budget(pair_run):
+    out = run(_cfg(pair_run, num_epochs=1))
+    weights = (out / "model.safetensors").read_bytes()
+    resume = ["--run_dir", str(pair_run), "--pair", PAIR, "--resume"]
+    result = CliRunner().invoke(train_cli.main, resume)
+    assert result.exit_code == 1 and "is finished" in result.output, result.output
+    assert (out / "model.safetensors").read_bytes() == weights
+    result = CliRunner().invoke(train_cli.main, [*resume, "--num_epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert _runs(pair_run)[-1] == out and json.loads((out / "summary.json").read_text())["steps"] == 2 * 9

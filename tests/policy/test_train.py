@@ -142,3 +142,18 @@ def test_resume_can_lower_the_learning_rate(tmp_path):
     assert json.loads((run_dir / "config.json").read_text())["train"]["lr"] == 5e-5
     lrs = [r["lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     assert lrs == [1e-4, 5e-5]
+
+
+def test_resume_keeps_the_saved_epochs_and_refuses_a_finished_run(tmp_path):
+    from click.testing import CliRunner
+
+    run(_cfg(tmp_path, "done", epochs=1))
+    weights = (tmp_path / "done" / "checkpoints" / "epoch_1.safetensors").read_bytes()
+    args = ["--run_name", "done", "--runs_dir", str(tmp_path), "--resume"]
+    result = CliRunner().invoke(train_mod.main, args)  # no --epochs: the saved 1, not the CLI default 100
+    assert result.exit_code == 1 and "is finished (1 epochs)" in result.output, result.output
+    assert (tmp_path / "done" / "checkpoints" / "epoch_1.safetensors").read_bytes() == weights
+    result = CliRunner().invoke(train_mod.main, [*args, "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "done" / "config.json").read_text())["train"]["epochs"] == 2
+    _assert_same(_weights(run(_cfg(tmp_path, "straight")), 2), _weights(tmp_path / "done", 2))

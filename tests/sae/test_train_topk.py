@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -70,3 +71,51 @@ def test_resume_after_interrupt_matches_uninterrupted(dumped_run, monkeypatch):
 def test_missing_dump_says_how_to_collect(tiny_run):
     with pytest.raises(FileNotFoundError, match="sae.collect_activations"):
         run(_cfg(tiny_run, hook="encoder_layer_0.attn_out", dataset=None))
+
+
+def _cli(run_dir, *extra):
+    args = ["--run_dir", str(run_dir), "--hook", "encoder_layer_1", "--dataset", "sae_data", *map(str, extra)]
+    return CliRunner().invoke(trainer.main, args)
+
+
+def _hook_runs(run_dir):
+    return sorted((run_dir / "sae" / "sae_runs" / "encoder_layer_1").iterdir())
+
+
+def _epochs_logged(out):
+    return [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "epoch" in r]
+
+
+def test_resume_reads_the_saved_settings_and_refuses_a_finished_run(dumped_run):
+    result = _cli(dumped_run, "--k", 4, "--expansion_factor", 2, "--batch_size", 64, "--num_epochs", 2,
+                  "--wandb_mode", "disabled")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = _hook_runs(dumped_run)[-1]
+    weights = (out / "model.safetensors").read_bytes()
+    finished = _cli(dumped_run, "--resume")  # no --num_epochs: the saved 2, not the CLI default 10
+    assert finished.exit_code == 1 and "is finished (2 epochs)" in finished.output, finished.output
+    assert (out / "model.safetensors").read_bytes() == weights
+    changed = _cli(dumped_run, "--resume", "--num_epochs", 3, "--k", 8)
+    assert changed.exit_code == 1 and "--k 8 differs from the run being resumed (4)" in changed.output
+    longer = _cli(dumped_run, "--resume", "--num_epochs", 3)
+    assert longer.exit_code == 0, longer.output
+    assert _hook_runs(dumped_run)[-1] == out and _epochs_logged(out) == [1, 2, 3]
+    assert json.loads((out / "train_cfg.json").read_text())["num_epochs"] == 3  # the next resume's total
+    assert load_sae(out).cfg.k == 4
+
+
+def test_resume_after_a_kill_before_the_first_save_leaves_older_runs_alone(dumped_run):
+    result = _cli(dumped_run, "--k", 4, "--expansion_factor", 2, "--num_epochs", 1, "--wandb_mode", "disabled")
+    assert result.exit_code == 0, result.output
+    older = _hook_runs(dumped_run)[-1]
+    weights = (older / "model.safetensors").read_bytes()
+    killed = older.with_name(older.name + "_999")  # a newer run killed before it saved anything
+    killed.mkdir()
+    (killed / "train_cfg.json").write_text((older / "train_cfg.json").read_text())
+    try:
+        result = _cli(dumped_run, "--resume", "--num_epochs", 5)
+        assert result.exit_code == 1 and "has no saved training state" in result.output, result.output
+        assert str(killed) in result.output
+        assert (older / "model.safetensors").read_bytes() == weights and _epochs_logged(older) == [1]
+    finally:
+        shutil.rmtree(killed)
