@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from clt.pairs import LayerPair, PairsConfig, default_config_path, parse_pairs, read_pairs_config
+from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS
 from sae.collect_activations import INSTANCE_CHUNK, collect, hook_dims, instance_batches
@@ -69,6 +70,8 @@ class CollectPairsConfig:
     """torch device."""
 
     def __post_init__(self):
+        check_types(self)
+        check_device(self.device)
         if self.batch_size < 1:
             raise ValueError("batch_size must be positive")
         if self.num_instances_per_pair is not None and self.num_instances_per_pair < 1:

@@ -36,6 +36,7 @@ from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.multilayer import MultiLayerTranscoder
 from clt.splice import REPLACEMENTS, multilayer_hooks, pair_hooks, replacement, splice_metrics
 from clt.train_transcoder import pair_name
+from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import generate
 from policy.io import atomic_write, read_json, write_json
@@ -70,6 +71,8 @@ class EvalConfig:
     """torch device."""
 
     def __post_init__(self):
+        check_types(self)
+        check_device(self.device)
         if (self.clt_dir is None) == (self.run_dir is None):
             raise ValueError("give --clt_dir, or --run_dir with --pair")
         if self.run_dir is not None and self.pair is None:

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from clt.dictionaries import Dictionary, find_dictionaries, norm_scales, stream_position, virtual_weights
+from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import generate, tour_length
 from policy.io import atomic_write, read_json
@@ -63,6 +64,8 @@ class ExportConfig:
     """torch device."""
 
     def __post_init__(self):
+        check_types(self)
+        check_device(self.device)
         if min(self.num_instances, self.features, self.top_instances, self.edges) < 1:
             raise ValueError("num_instances, features, top_instances and edges must be positive")
         if self.top_instances > self.num_instances:

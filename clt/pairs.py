@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from policy.checks import check_types
 from policy.cli import command
 from policy.io import read_json
 
@@ -121,22 +122,34 @@ class PairsConfig:
     seed: int = 0
     """Seed of the instances."""
 
+    def __post_init__(self):
+        check_types(self)
+        for name in ("layer_pairs", "expansion_factors", "k", "k_ratio"):
+            if not isinstance(getattr(self, name), list):
+                raise ValueError(f"{name} must be a list, got {getattr(self, name)!r}")
+
 
 def read_pairs_config(path: str | Path) -> PairsConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no pairs config {path}")
     raw = read_json(path)
-    sparsity, sampling = raw.get("sparsity", {}), raw.get("sampling", {})
-    return PairsConfig(
-        layer_pairs=list(raw.get("layer_pairs", [])),
-        expansion_factors=list(sparsity.get("expansion_factors", [8])),
-        k=list(sparsity.get("k", [])),
-        k_ratio=list(sparsity.get("k_ratio", [])),
-        num_instances_per_pair=int(sampling.get("num_instances_per_pair", 10_000)),
-        distribution=sampling.get("distribution"),
-        seed=int(sampling.get("seed", 0)),
-    )
+    sparsity = raw.get("sparsity", {}) if isinstance(raw, dict) else None
+    sampling = raw.get("sampling", {}) if isinstance(raw, dict) else None
+    if not (isinstance(sparsity, dict) and isinstance(sampling, dict)):
+        raise ValueError(f"{path}: expected an object with 'layer_pairs', 'sparsity' and 'sampling'")
+    try:
+        return PairsConfig(
+            layer_pairs=raw.get("layer_pairs", []),
+            expansion_factors=sparsity.get("expansion_factors", [8]),
+            k=sparsity.get("k", []),
+            k_ratio=sparsity.get("k_ratio", []),
+            num_instances_per_pair=sampling.get("num_instances_per_pair", 10_000),
+            distribution=sampling.get("distribution"),
+            seed=sampling.get("seed", 0),
+        )
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def default_config_path(run_name: str) -> Path:

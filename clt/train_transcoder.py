@@ -39,6 +39,7 @@ from clt.metrics import layer_reconstructions
 from clt.model import ACTIVATIONS, CrossLayerTranscoder, Penalty, TranscoderConfig
 from clt.multilayer import MULTILAYER_ACTIVATIONS, MultiLayerConfig, MultiLayerTranscoder
 from clt.pairs import parse_pairs
+from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
 from policy.io import read_json, write_json
 from policy.model import AttentionModel
@@ -145,6 +146,8 @@ class TranscoderTrainConfig:
     """Extra loss terms penalty(model, output) (orthogonality, energy, ...); not saved, library use only."""
 
     def __post_init__(self):
+        check_types(self)
+        check_device(self.device)
         if self.lr <= 0 or self.batch_size < 1 or self.num_epochs < 1 or self.save_freq < 1 or self.state_every < 0:
             raise ValueError("lr, batch_size, num_epochs and save_freq must be positive, state_every >= 0")
         if self.num_tokens is not None and self.num_tokens < 1:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import click
 import torch
 
+from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.inference import solve
@@ -54,6 +55,8 @@ class EvalConfig:
     """torch device."""
 
     def __post_init__(self):
+        check_types(self)
+        check_device(self.device)
         if self.num_instances < 1:
             raise ValueError("num_instances must be positive")
         if self.num_loc is not None and self.num_loc < 3:

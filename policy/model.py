@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from policy.checks import check_types
+
 NORMALIZATIONS = ("batch", "instance")
 DECODE_TYPES = ("greedy", "sample")
 
@@ -50,6 +52,7 @@ class PolicyConfig:
     """Clipped logits are divided by this before the softmax."""
 
     def __post_init__(self):
+        check_types(self)
         for name in ("embed_dim", "num_encoder_layers", "num_heads", "ff_hidden"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")

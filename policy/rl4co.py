@@ -93,7 +93,9 @@ def settings_from_checkpoint(ckpt: dict) -> dict:
     return {k: v for k, v in found.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def infer_config(state: dict[str, torch.Tensor], num_heads: int = 8, source: str = "weights", **settings) -> PolicyConfig:
+def infer_config(
+    state: dict[str, torch.Tensor], num_heads: int = 8, source: str = "weights", **settings
+) -> PolicyConfig:
     """A PolicyConfig that fits converted weights; heads cannot be read off the weights."""
     if "init_embed.weight" not in state:
         sample = ", ".join(sorted(state)[:3]) or "no tensors"

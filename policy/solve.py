@@ -19,6 +19,7 @@ import click
 import numpy as np
 import torch
 
+from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import check_locs, scale_to_unit_square
 from policy.inference import AUGMENTS, DECODE_MODES, solve
@@ -53,6 +54,8 @@ class SolveConfig:
     """torch device."""
 
     def __post_init__(self):
+        check_types(self)
+        check_device(self.device)
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}")
         if self.augment not in AUGMENTS:

@@ -26,6 +26,7 @@ import click
 import torch
 from tqdm import tqdm
 
+from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.io import read_json, save_npy, save_tensors, save_torch, write_json
@@ -76,6 +77,8 @@ class TrainConfig:
     """auto | online | offline | disabled."""
 
     def __post_init__(self):
+        check_types(self)
+        check_device(self.device)
         check_name(self.run_name)
         if isinstance(self.policy, dict):
             self.policy = PolicyConfig.from_dict(self.policy)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from sae.hooks import HookedPolicy
@@ -79,6 +80,8 @@ class CollectConfig:
     """torch device."""
 
     def __post_init__(self):
+        check_types(self)
+        check_device(self.device)
         self.hooks = tuple(self.hooks)
         if self.num_instances < 1 or self.batch_size < 1:
             raise ValueError("num_instances and batch_size must be positive")

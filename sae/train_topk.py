@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 import torch
 
+from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
 from policy.io import read_json, write_json
 from sae.data import RowStream, split_instances
@@ -75,6 +76,8 @@ class SAETrainConfig:
     """auto | online | offline | disabled."""
 
     def __post_init__(self):
+        check_types(self)
+        check_device(self.device)
         if self.lr <= 0 or self.batch_size < 1 or self.num_epochs < 1 or self.save_freq < 1:
             raise ValueError("lr, batch_size, num_epochs and save_freq must be positive")
         if self.wandb_mode not in WANDB_MODES:

@@ -88,7 +88,7 @@ def test_resume_refuses_a_torchscript_train_state(analysed_run, tmp_path, torchs
     else:
         pair = "clt_L0.mlp_in_to_L0.mlp_out"
         cli, args, folder = train_transcoder.main, ["--pair", pair], run / "clt" / "clt_runs" / pair
-    state = sorted(folder.glob("*/checkpoints/train_state.pt"))[-1]
+    state = max(folder.glob("*/checkpoints/train_state.pt"))
     state.unlink()
     torchscript_payload(state, marker)
     result = CliRunner().invoke(cli, ["--run_dir", str(run), *args, "--resume", "--num_epochs", "5"])

@@ -19,7 +19,6 @@ from sae import store as store_mod
 from sae.runs import new_run_folder, resume_folder
 from sae.store import (
     DumpWriter,
-    dump_lock,
     open_dump,
     read_registry,
     register_dataset,
@@ -120,7 +119,7 @@ def test_in_run_dumps_are_registered_relative_and_external_ones_absolute(tmp_pat
 
 def test_a_copied_run_reads_its_own_dumps_and_a_moved_one_finds_them(tiny_run, tmp_path):
     original = tmp_path / "original"
-    shutil.copytree(tiny_run, original)
+    shutil.copytree(tiny_run, original, ignore=shutil.ignore_patterns("sae", "clt"))
     collect = ["--hooks", "encoder_layer_0", "--num_instances", "20", "--name", "mine"]
     assert CliRunner().invoke(collect_activations.main, ["--run_dir", str(original), *collect]).exit_code == 0
     copy = tmp_path / "copy"
@@ -139,7 +138,7 @@ def test_a_copied_run_reads_its_own_dumps_and_a_moved_one_finds_them(tiny_run, t
 
 def test_dangling_entries_are_named_skipped_and_replaced(tiny_run, tmp_path):
     run, root = tmp_path / "run", tmp_path / "gone"
-    shutil.copytree(tiny_run, run)
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("sae", "clt"))  # no dumps of other tests
     collect = ["--run_dir", str(run), "--hooks", "encoder_layer_0", "--num_instances", "20", "--name", "ext"]
     assert CliRunner().invoke(collect_activations.main, [*collect, "--activations_root", str(root)]).exit_code == 0
     shutil.rmtree(root)
