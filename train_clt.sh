@@ -54,6 +54,12 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+# --epochs and --eval reach bash arithmetic ([[ -gt ]] evaluates expressions, $(...) included): digits only.
+for name in EPOCHS EVAL; do
+  [[ ${!name} =~ ^[0-9]+$ ]] || { echo "train_clt.sh: --${name,,} must be a whole number, got '${!name}'" >&2; exit 2; }
+done
+set -o noglob  # the grid lists are split on spaces, never expanded as file patterns
+
 DEFAULT_CONFIG="$(dirname "$0")/clt/configs/$(basename "$RUN_DIR").json"
 if [[ -z "$CONFIG" && -f "$DEFAULT_CONFIG" ]]; then
   CONFIG=$DEFAULT_CONFIG

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import logging
+import urllib.parse
 from pathlib import Path
 
 import click
@@ -20,7 +21,18 @@ SITE_FILES = ("index.html", "app.js", "style.css")
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files; request lines go to the logger instead of stderr."""
+    """Static files only: no directory listings, a 400 for a path with a NUL byte (which would make the base
+    class raise), and request lines go to the logger instead of stderr."""
+
+    def send_head(self):
+        if "\x00" in urllib.parse.unquote(self.path):
+            self.send_error(400, "Bad request path")
+            return None
+        return super().send_head()
+
+    def list_directory(self, path):
+        self.send_error(404, "No directory listings")
+        return None
 
     def log_message(self, format, *args):  # noqa: A002 (the base class names it so)
         log.debug("%s - %s", self.address_string(), format % args)

@@ -17,7 +17,7 @@ _SIMPLE = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 def check_types(cfg) -> None:
     """Each field annotated int / float / str / bool (optionally `| None`) holds a value of that type."""
     for f in dataclasses.fields(cfg):
-        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", None) or str(f.type)
         parts = [p.strip() for p in annotation.split("|")]
         optional = "None" in parts
         kinds = [p for p in parts if p != "None"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from tqdm import tqdm
 
@@ -10,6 +12,33 @@ from policy.model import AttentionModel
 
 DECODE_MODES = ("greedy", "sample", "multistart")
 AUGMENTS = (1, 8)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give (CUDA: free memory; CPU: MemAvailable), or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+
+
+def check_memory(model: AttentionModel, rows: int, n: int, device: torch.device, num_samples: int | None) -> None:
+    """Refuse, before allocating, a forward of `rows` trajectories of `n` nodes that cannot fit in memory.
+
+    The estimate counts the encoder's activations (embeddings, feed-forward hidden, attention scores) and the
+    decoder's cached keys, all float32, per trajectory: 4 * n * (8 d + ff_hidden + heads * n) bytes.
+    """
+    cfg = model.cfg
+    needed = 4 * rows * n * (8 * cfg.embed_dim + cfg.ff_hidden + cfg.num_heads * n)
+    free = free_memory(device)
+    if free is not None and needed > free:
+        lower = "--batch_size" + (" or --num_samples" if num_samples else "")
+        raise ValueError(f"{rows} trajectories per forward pass (batch x augment x samples) need about "
+                         f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free: lower {lower}")  # fmt: skip
 
 
 @torch.no_grad()
@@ -38,6 +67,9 @@ def solve(
         raise ValueError("num_samples and batch_size must be positive")
     locs = check_locs(locs)
     device = next(model.parameters()).device
+    rows = min(batch_size, locs.shape[0]) * augment * (num_samples if decode == "sample" else 1)
+    rows *= locs.shape[1] if decode == "multistart" else 1
+    check_memory(model, rows, locs.shape[1], device, num_samples if decode == "sample" else None)
     model.eval()
     tours, lengths = [], []
     for chunk in tqdm(locs.split(batch_size), desc=f"solving ({decode}, x{augment})", disable=not progress):

@@ -1,6 +1,8 @@
 """Atomic file writes: a temp file in the same folder, fsync, then rename over the target.
 
-A crash leaves either the old file or the new one, never half of one.
+A crash leaves either the old file or the new one, never half of one. Files get
+the usual permissions (0666 less the umask), and a target that is not a regular
+file (a folder, a FIFO, a device node) is never replaced.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ os.umask(_UMASK)
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)`, then move the finished file to `path`."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} exists and is not a regular file (a folder, FIFO or device); refusing to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # after `write`: mkstemp makes 0600, and writers that recreate the file too
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,8 +1,9 @@
 """Metrics logging: W&B when it can be had, always mirrored to a local metrics.jsonl.
 
 `wandb_mode`:
-- `auto` (default): online when W&B credentials exist (WANDB_API_KEY or a netrc
-  entry for the W&B host), otherwise offline (sync later with `wandb sync`).
+- `auto` (default): $WANDB_MODE when it is set (online, offline, disabled, ...);
+  otherwise online when W&B credentials exist (WANDB_API_KEY or a netrc entry
+  for the W&B host), else offline (sync later with `wandb sync`).
 - `online`, `offline`: passed to wandb.init as they are.
 - `disabled`: W&B is not even imported.
 
@@ -40,6 +41,9 @@ def resolve_wandb_mode(mode: str) -> str:
     if mode not in WANDB_MODES:
         raise ValueError(f"wandb mode must be one of {WANDB_MODES}, got {mode!r}")
     if mode == "auto":
+        env = os.environ.get("WANDB_MODE", "").strip().lower()
+        if env in ("online", "offline", "disabled", "dryrun"):
+            return "offline" if env == "dryrun" else env
         return "online" if _has_wandb_credentials() else "offline"
     return mode
 
@@ -59,7 +63,9 @@ class RunLogger:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.mode = resolve_wandb_mode(mode)
-        if mode == "auto" and self.mode == "offline":
+        if mode == "auto" and os.environ.get("WANDB_MODE"):
+            log.info("W&B: %s (from $WANDB_MODE)", self.mode)
+        elif mode == "auto" and self.mode == "offline":
             log.info("W&B: no credentials found, logging offline (upload later with `wandb sync`)")
         self.wandb_run = None
         if self.mode != "disabled":

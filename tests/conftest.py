@@ -6,6 +6,32 @@ import torch
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "rl4co_am_tsp10_d32"
 """RL4CO 0.7's own output for a tiny TSP10 Attention Model (see its README)."""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _repository_state() -> tuple[list, str | None]:
+    """Every file under runs/ (path, size, mtime: outputs there are git-ignored) and `git status` (None outside git)."""
+    runs = sorted((str(p.relative_to(REPO)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in (REPO / "runs").rglob("*") if p.is_file())  # fmt: skip
+    import subprocess
+
+    try:
+        status = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
+    except OSError:
+        return runs, None
+    return runs, status.stdout if status.returncode == 0 else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _repository_untouched():
+    """The suite works on copies: after it, `git status` is what it was and nothing under runs/ was written."""
+    runs_before, status_before = _repository_state()
+    yield
+    runs_after, status_after = _repository_state()
+    assert runs_after == runs_before, f"the tests wrote under {REPO / 'runs'}: " + ", ".join(
+        sorted({r[0] for r in set(runs_after) ^ set(runs_before)})[:5]
+    )
+    assert status_after == status_before, f"the tests changed the repository:\n{status_after}"
 
 
 class _WritesOnLoad(torch.nn.Module):

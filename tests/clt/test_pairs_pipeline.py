@@ -179,3 +179,15 @@ def test_generated_locs_are_in_every_pair(pairs_run):
     a = np.load(_dir(pairs_run, "clt_L0_to_L1") / "locs.npy")
     assert a.shape == (40, 10, 2)
     assert np.array_equal(a[:3], generate(40, 10, "uniform", seed=0 * 1_000_003).numpy()[:3])
+
+
+def test_inspect_pairs_names_nan_rows(pairs_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "tiny"
+    shutil.copytree(pairs_run, broken)
+    targets = np.load(broken / "clt" / "activations" / "clt_L0_to_L1" / "targets.npy", mmap_mode="r+")
+    targets[13, 0] = np.nan  # the stored statistics stay finite: only reading the rows finds it
+    targets.flush()
+    result = CliRunner().invoke(inspect_cli.main, ["--run_dir", str(broken), "--pair", "clt_L0_to_L1"])
+    assert result.exit_code == 1 and "NaN or Inf in targets (first at row 13)" in result.output, result.output

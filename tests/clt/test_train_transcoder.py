@@ -160,3 +160,13 @@ def test_resume_of_a_finished_run_needs_a_longer_budget(pair_run):
     result = CliRunner().invoke(train_cli.main, [*resume, "--num_epochs", "2"])
     assert result.exit_code == 0, result.output
     assert _runs(pair_run)[-1] == out and json.loads((out / "summary.json").read_text())["steps"] == 2 * 9
+
+
+@pytest.mark.parametrize("option", ["--eval", "--epochs"])
+def test_train_clt_sh_never_evaluates_an_option_as_code(tmp_path, option):
+    script = Path(__file__).resolve().parents[2] / "train_clt.sh"
+    marker = tmp_path / "MARKER"
+    command = ["bash", str(script), "--no_collect", "--pairs", PAIR, option, f"K[$(touch {marker})]"]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 2 and "must be a whole number" in result.stderr, result.stderr
+    assert not marker.exists()

@@ -52,3 +52,12 @@ def test_clear_errors_for_a_missing_site_and_a_busy_port(site_dir, tmp_path):
         s.listen()
         result = CliRunner().invoke(viewer.main, ["--docs_dir", str(site_dir), "--port", str(s.getsockname()[1])])
     assert result.exit_code == 1 and "try another --port" in result.output
+
+
+def test_nul_bytes_and_folders_get_plain_http_errors(site_dir):
+    with serve(site_dir) as url:
+        for path, code in (("%00", 400), ("data/%00x", 400), ("data/", 404)):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(url + path)
+            assert err.value.code == code, path
+        assert b"app.js" in urllib.request.urlopen(url).read()  # the site's own index still opens

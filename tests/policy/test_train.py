@@ -104,6 +104,7 @@ def test_a_broken_wandb_never_fails_the_run(tmp_path, monkeypatch):
 def test_auto_mode_is_offline_without_credentials(monkeypatch, tmp_path):
     from sae.logger import resolve_wandb_mode
 
+    monkeypatch.delenv("WANDB_MODE")  # set by the suite's fixture, and auto defers to it
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     assert resolve_wandb_mode("auto") == "offline"
