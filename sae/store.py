@@ -245,7 +245,6 @@ class DumpWriter:
             "package_version": package_version(),
         }
         write_json(self.partial / METADATA, meta)
-        self.metadata = meta
         if publish:
             self.publish()
         return self.path
