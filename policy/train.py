@@ -326,6 +326,9 @@ def main(resume, embed_dim, num_encoder_layers, num_heads, normalization, lr, **
         if not resume:
             options["lr"] = lr or TrainConfig.lr
         if resume:
+            fixed = sorted(explicit_options() & {"embed_dim", "num_encoder_layers", "num_heads", "normalization"})
+            if fixed:
+                raise click.UsageError(f"--{', --'.join(fixed)}: the policy's shape is fixed by the run being resumed")
             click.echo(f"resuming {Path(options['runs_dir']) / options['run_name']} with its saved settings")
         run_dir = run(TrainConfig(policy=policy, **options), resume=resume, new_lr=lr if resume else None,
                       explicit=tuple(explicit_options() - {"lr"}))  # fmt: skip

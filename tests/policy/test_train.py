@@ -154,6 +154,8 @@ def test_resume_keeps_the_saved_epochs_and_refuses_a_finished_run(tmp_path):
     result = CliRunner().invoke(train_mod.main, args)  # no --epochs: the saved 1, not the CLI default 100
     assert result.exit_code == 1 and "is finished (1 epochs)" in result.output, result.output
     assert (tmp_path / "done" / "checkpoints" / "epoch_1.safetensors").read_bytes() == weights
+    result = CliRunner().invoke(train_mod.main, [*args, "--epochs", "2", "--embed_dim", "32"])
+    assert result.exit_code == 2 and "shape is fixed by the run" in result.output, result.output
     result = CliRunner().invoke(train_mod.main, [*args, "--epochs", "2"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "done" / "config.json").read_text())["train"]["epochs"] == 2
