@@ -85,6 +85,7 @@ def _looks_like_safetensors(head: bytes) -> bool:
 # tensors, and plain data types. Anything else becomes a Stub.
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,  # legacy (pre-1.6) files
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
     ("torch", "Size"): torch.Size,

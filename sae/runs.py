@@ -15,6 +15,12 @@ A run laid out as RL4CO users have it loads the same way:
                                                  optional "normalization", "temperature"}
     runs/<run>/checkpoints/checkpoint_epoch_<N>.ckpt
 
+and so does one of Kool et al.'s attention-learn-to-route (see policy.kool):
+
+    <run>/args.json                             {"embedding_dim", "n_encode_layers", "graph_size", ...;
+                                                 optional "num_heads" (default 8)}
+    <run>/epoch-<N>.pt
+
 Outputs (see the path functions at the end):
 
     runs/<run>/sae/activation_store.json        dataset name -> resolved path
@@ -41,6 +47,8 @@ from safetensors.torch import load_file
 
 from policy.io import file_sha256, read_json
 from policy.model import AttentionModel, PolicyConfig
+from policy.kool import convert_state_dict as convert_kool
+from policy.kool import kool_config, read_kool_checkpoint
 from policy.rl4co import convert_state_dict, read_policy_state_dict
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,7 @@ PACKAGED_RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 _NATIVE_CKPT = re.compile(r"^epoch_(\d+)\.safetensors$")
 _RL4CO_CKPT = re.compile(r"^checkpoint_epoch_(\d+)\.ckpt$")
+_KOOL_CKPT = re.compile(r"^epoch-(\d+)\.pt$")
 
 
 def check_name(name: str, what: str = "run name") -> str:
@@ -95,9 +104,16 @@ class RunConfig:
 
 def read_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.json"
+    if not path.is_file() and (run_dir / "args.json").is_file():  # attention-learn-to-route
+        raw = read_json(run_dir / "args.json")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{run_dir / 'args.json'}: expected a JSON object")
+        return RunConfig(*kool_config(raw, str(run_dir / "args.json")), raw)
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.json: is it a run directory?")
+        raise FileNotFoundError(f"{run_dir} has no config.json (nor a Kool args.json): is it a run directory?")
     raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object")
     if "policy" in raw:  # native
         policy = PolicyConfig.from_dict(raw["policy"])
         env = raw.get("env", {})
@@ -116,18 +132,26 @@ def read_config(run_dir: Path) -> RunConfig:
 
 
 def list_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """Epoch -> checkpoint file, for native `epoch_<N>.safetensors` and RL4CO `checkpoint_epoch_<N>.ckpt`."""
+    """Epoch -> checkpoint file: native `checkpoints/epoch_<N>.safetensors`, RL4CO
+    `checkpoints/checkpoint_epoch_<N>.ckpt`, Kool `epoch-<N>.pt` (in the run folder itself)."""
     found = {}
     folder = run_dir / "checkpoints"
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         match = _NATIVE_CKPT.match(path.name) or _RL4CO_CKPT.match(path.name)
         if match:
             found[int(match.group(1))] = path
+    if (run_dir / "args.json").is_file():
+        for path in sorted(run_dir.glob("epoch-*.pt")):
+            match = _KOOL_CKPT.match(path.name)
+            if match:
+                found[int(match.group(1))] = path
     return dict(sorted(found.items()))
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Native or RL4CO weights, with native key names."""
+    """Native, RL4CO or Kool weights, with native key names."""
+    if _KOOL_CKPT.match(path.name) and (path.parent / "args.json").is_file():
+        return convert_kool(read_kool_checkpoint(path))
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))

@@ -371,8 +371,10 @@ def check_registry_writable(run_dir: Path) -> None:
         with open(lock, "a"):
             pass
     except OSError as err:
-        raise OSError(err.errno, f"cannot record dumps in {registry_path(run_dir)} ({err.strerror}); "
-                                 "the run folder must be writable", str(lock.parent)) from err  # fmt: skip
+        raise OSError(err.errno, f"cannot record dumps in {registry_path(run_dir)} ({err.strerror}): the run "
+                                 "folder must be writable; to analyse a folder you cannot write, import it with "
+                                 f"python -m policy.import_run --from {run_dir} --run_name NAME",
+                      str(lock.parent)) from err  # fmt: skip
 
 
 def new_collection_id() -> str:

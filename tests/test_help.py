@@ -11,6 +11,7 @@ CLIS = [
     "policy.train",
     "policy.solve",
     "policy.eval",
+    "policy.import_run",
     "sae.collect_activations",
     "sae.train_topk",
     "clt.collect_pairs",

@@ -86,7 +86,8 @@ def test_a_corrupt_train_state_is_a_one_line_error(tmp_path):
     assert CliRunner().invoke(train_cli.main, args).exit_code == 0
     state = tmp_path / "r" / "checkpoints" / "train_state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    result = CliRunner().invoke(train_cli.main, [*args, "--resume", "--epochs", "2"])
+    resume = ["--run_name", "r", "--runs_dir", str(tmp_path), "--resume", "--epochs", "2"]
+    result = CliRunner().invoke(train_cli.main, resume)
     assert result.exit_code == 1 and "train_state.pt" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) <= 2, result.output  # "resuming ..." and the error
 
@@ -108,6 +109,7 @@ def test_read_only_and_file_roots_are_one_line_errors(tiny_run, tmp_path, tmpfs)
     root = tmp_path / "writable_root"  # the dump could be written, the registry could not: nothing is written
     result = CliRunner().invoke(collect_activations.main, [*args, "--activations_root", str(root)])
     assert result.exit_code == 1 and "cannot record dumps" in result.output, result.output
+    assert "python -m policy.import_run --from" in result.output
     assert not root.exists() or not any(root.rglob("metadata.json"))
     (tmp_path / "a_file").write_text("")
     result = CliRunner().invoke(collect_activations.main, ["--run_dir", str(tiny_run), "--num_instances", "4",

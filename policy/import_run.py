@@ -1,0 +1,138 @@
+"""Turn an RL4CO or Kool et al. checkpoint into a native run, so that its outputs live in `runs/<name>/`.
+
+    python -m policy.import_run --from ~/attention-learn-to-route/pretrained/tsp_20 --run_name kool_tsp20
+    python -m policy.import_run --from lightning_logs/version_0 --run_name my_rl4co_run --checkpoint 99
+    python -m policy.import_run --from epoch=99.ckpt --run_name my_rl4co_run --num_loc 50
+
+`--from` is a run folder (RL4CO: config.json + checkpoints/checkpoint_epoch_<N>.ckpt; Kool: args.json +
+epoch-<N>.pt) or one checkpoint file (an RL4CO `.ckpt` or policy state dict; give `--num_loc`). Writes
+
+    runs/<name>/config.json                      {"policy", "env", "imported": provenance}
+    runs/<name>/checkpoints/epoch_<N>.safetensors
+
+and checks that the new run decodes the same tours as the original on a probe batch. Nothing of the original
+folder is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import torch
+
+from policy.checks import check_types
+from policy.cli import command
+from policy.env import DISTRIBUTIONS, generate
+from policy.io import file_sha256, save_tensors, write_json
+from policy.model import AttentionModel, PolicyConfig
+from policy.rl4co import load_checkpoint
+from sae.runs import check_name, list_checkpoints, load_policy, read_config, read_weights
+from sae.store import package_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImportConfig:
+    source: str
+    """A Kool or RL4CO run folder, or one RL4CO checkpoint / policy state dict file."""
+    run_name: str
+    """Name of the new run folder under runs_dir."""
+    runs_dir: str = "runs"
+    """Where the new run is created."""
+    checkpoint: int | None = None
+    """Epoch to import from a run folder; the latest when None."""
+    num_heads: int | None = None
+    """Attention heads, where the source does not record them (Kool's args.json, state dicts; default 8)."""
+    num_loc: int | None = None
+    """Training size, for a single checkpoint file (a run folder records it)."""
+    distribution: str = "uniform"
+    """Training distribution, for a single checkpoint file."""
+
+    def __post_init__(self):
+        check_types(self)
+        check_name(self.run_name)
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}")
+        if self.num_loc is not None and self.num_loc < 3:
+            raise ValueError("num_loc must be at least 3")
+
+
+def _from_folder(cfg: ImportConfig, folder: Path) -> tuple[AttentionModel, int, str, int, Path]:
+    run = read_config(folder)
+    checkpoints = list_checkpoints(folder)
+    if not checkpoints:
+        raise FileNotFoundError(f"{folder} holds no checkpoint (checkpoint_epoch_<N>.ckpt, epoch-<N>.pt)")
+    epoch = max(checkpoints) if cfg.checkpoint is None else cfg.checkpoint
+    if epoch not in checkpoints:
+        raise FileNotFoundError(f"{folder} has no checkpoint for epoch {epoch}; available: {list(checkpoints)}")
+    policy = run.policy
+    if cfg.num_heads is not None:
+        policy = PolicyConfig(**{**policy.to_dict(), "num_heads": cfg.num_heads})
+    model = AttentionModel.from_weights(policy, read_weights(checkpoints[epoch]), source=str(checkpoints[epoch]))
+    return model, run.num_loc, run.distribution, epoch, checkpoints[epoch]
+
+
+def run(cfg: ImportConfig) -> Path:
+    """Import; returns the new run folder."""
+    source = Path(cfg.source).expanduser()
+    if source.is_dir():
+        model, num_loc, distribution, epoch, checkpoint = _from_folder(cfg, source)
+    elif source.is_file():
+        if cfg.num_loc is None:
+            raise ValueError("a single checkpoint file does not record its training size: pass --num_loc")
+        model, num_loc, distribution, epoch, checkpoint = (
+            load_checkpoint(source, cfg.num_heads), cfg.num_loc, cfg.distribution, 0, source
+        )
+    else:
+        raise FileNotFoundError(f"no such run folder or checkpoint: {source}")
+    out = Path(cfg.runs_dir) / cfg.run_name
+    try:
+        (out / "checkpoints").mkdir(parents=True)
+    except FileExistsError:
+        raise FileExistsError(f"{out} already exists; pick another --run_name") from None
+    try:
+        provenance = {"from": str(source.resolve()), "checkpoint": str(checkpoint.resolve()),
+                      "checkpoint_sha256": file_sha256(checkpoint), "epoch": epoch,
+                      "package_version": package_version()}  # fmt: skip
+        save_tensors(out / "checkpoints" / f"epoch_{epoch}.safetensors", model.state_dict())
+        write_json(out / "config.json", {"policy": model.cfg.to_dict(),
+                                         "env": {"num_loc": num_loc, "distribution": distribution},
+                                         "imported": provenance})  # fmt: skip
+        _check_same_tours(model, out, num_loc)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
+@torch.no_grad()
+def _check_same_tours(original: AttentionModel, out: Path, num_loc: int) -> None:
+    locs = generate(32, num_loc, seed=0)
+    imported = load_policy(out).model
+    if not torch.equal(original(locs).actions, imported(locs).actions):
+        raise ValueError(f"{out}: the imported weights decode other tours than the original (please report this)")
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--from", "source", required=True, help="Kool or RL4CO run folder, or one RL4CO checkpoint file.")
+@click.option("--run_name", required=True, help="Name of the new run under --runs_dir.")
+@click.option("--runs_dir", default="runs", type=click.Path(file_okay=False), help="Parent folder of runs.")
+@click.option("--checkpoint", default=None, type=int, help="Epoch to import from a run folder [default: latest].")
+@click.option("--num_heads", default=None, type=int, help="Attention heads where the source does not say [8].")
+@click.option("--num_loc", default=None, type=int, help="Training size (needed for a single checkpoint file).")
+@click.option("--distribution", default="uniform", type=click.Choice(DISTRIBUTIONS), help="Training distribution "
+              "(for a single checkpoint file).")  # fmt: skip
+def main(**options):
+    """Import an RL4CO or Kool et al. checkpoint as a native run (config.json + safetensors + provenance)."""
+    with command():
+        out = run(ImportConfig(**options))
+    click.echo(f"imported into {out}")
+
+
+if __name__ == "__main__":
+    main()
