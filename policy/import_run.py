@@ -86,7 +86,11 @@ def run(cfg: ImportConfig) -> Path:
         if cfg.num_loc is None:
             raise ValueError("a single checkpoint file does not record its training size: pass --num_loc")
         model, num_loc, distribution, epoch, checkpoint = (
-            load_checkpoint(source, cfg.num_heads), cfg.num_loc, cfg.distribution, 0, source
+            load_checkpoint(source, cfg.num_heads),
+            cfg.num_loc,
+            cfg.distribution,
+            0,
+            source,
         )
     else:
         raise FileNotFoundError(f"no such run folder or checkpoint: {source}")

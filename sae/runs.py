@@ -46,9 +46,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from policy.io import file_sha256, read_json
-from policy.model import AttentionModel, PolicyConfig
 from policy.kool import convert_state_dict as convert_kool
 from policy.kool import kool_config, read_kool_checkpoint
+from policy.model import AttentionModel, PolicyConfig
 from policy.rl4co import convert_state_dict, read_policy_state_dict
 
 log = logging.getLogger(__name__)

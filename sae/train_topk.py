@@ -18,7 +18,6 @@ Ctrl-C or SIGTERM saves the exact position; `--resume` continues the newest run 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -100,13 +100,17 @@ def test_commands_run_on_a_kool_folder(kool_run, tmp_path):
 
 def test_import_kool_and_rl4co_as_native_runs(kool_run, reference, tmp_path):
     runs = tmp_path / "runs"
-    result = CliRunner().invoke(import_run.main, ["--from", str(kool_run), "--run_name", "kool", "--runs_dir", str(runs)])
+    result = CliRunner().invoke(
+        import_run.main, ["--from", str(kool_run), "--run_name", "kool", "--runs_dir", str(runs)]
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (runs / "kool" / "checkpoints").iterdir()) == ["epoch_99.safetensors"]
     imported = json.loads((runs / "kool" / "config.json").read_text())["imported"]
     assert imported["epoch"] == 99 and len(imported["checkpoint_sha256"]) == 64
     _check_against_kool(load_policy(runs / "kool").model, reference)
-    again = CliRunner().invoke(import_run.main, ["--from", str(kool_run), "--run_name", "kool", "--runs_dir", str(runs)])
+    again = CliRunner().invoke(
+        import_run.main, ["--from", str(kool_run), "--run_name", "kool", "--runs_dir", str(runs)]
+    )
     assert again.exit_code == 1 and "already exists" in again.output
     ckpt = ["--from", str(RL4CO / "am_tiny.ckpt"), "--run_name", "rl4co", "--runs_dir", str(runs)]
     no_size = CliRunner().invoke(import_run.main, ckpt)
