@@ -139,3 +139,33 @@ def test_types_of_optional_fields():
     for bad in (C(a="1"), C(b="x"), C(a=True), C(c=1)):
         with pytest.raises(ValueError):
             check_types(bad)
+
+
+def test_names_too_long_for_the_file_system_are_one_line_errors(tiny_run, tmp_path):
+    from sae import collect_activations
+
+    root = tmp_path / ("a" * 300)  # one path component longer than any file system allows
+    args = ["--run_dir", str(tiny_run), "--num_instances", "4", "--activations_root", str(root)]
+    result = CliRunner().invoke(collect_activations.main, args)
+    assert result.exit_code == 1 and "File name too long" in result.output and "Traceback" not in result.output
+
+
+def test_disk_full_while_saving_weights_is_one_line_and_leaves_no_temp_file(analysed_run, tmp_path, monkeypatch):
+    import errno
+    import shutil
+
+    import policy.io
+    from sae import train_topk
+
+    run = tmp_path / "run"
+    shutil.copytree(analysed_run, run)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(policy.io, "save_file", full)
+    args = ["--run_dir", str(run), "--hook", "encoder_layer_0", "--k", "2", "--expansion_factor", "2",
+            "--num_epochs", "1", "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
+    result = CliRunner().invoke(train_topk.main, args)
+    assert result.exit_code == 1 and result.output.strip().endswith("No space left on device"), result.output
+    assert not list(run.rglob("*.tmp"))
