@@ -412,6 +412,9 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
         model.set_statistics(*data.dump.stats("sources"), *data.dump.stats("targets"))
         if cfg.init == "data" and not resume:
             model.init_encoder_from(next(val_data.train_batches(0))[0], torch.Generator().manual_seed(cfg.seed))
+    if info.is_main:
+        for dump in val_data.dumps if isinstance(val_data, MultiLayerDataset) else [val_data.dump]:
+            log.info("training on %s", dump.describe())
     model.to(cfg.device)
     trainer = TranscoderTrainer(cfg, out_dir, model, data, val_data, info)
     if resume:

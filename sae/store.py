@@ -273,6 +273,13 @@ class Dump:
     metadata: dict
     arrays: dict[str, np.ndarray]
 
+    def describe(self) -> str:
+        """Where the dump is and what it was collected from, for a trainer's log."""
+        m = self.metadata
+        return (f"{self.path} ({m.get('num_instances')} {m.get('distribution')} instances of "
+                f"{m.get('nodes_per_instance')} nodes, seed {m.get('seed')}, checkpoint epoch "
+                f"{m.get('checkpoint_epoch')}, collected {m.get('created')})")  # fmt: skip
+
     @property
     def rows(self) -> int:
         return self.metadata["rows"]

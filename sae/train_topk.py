@@ -205,6 +205,7 @@ def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = (
     else:
         out_dir = new_run_folder(hook_dir)
     name, dump = find_dump(run_dir, cfg.hook, cfg.dataset)
+    log.info("training on %s", dump.describe())
     cfg.dataset = name
     train_ids, val_ids = split_instances(dump.num_instances, cfg.val_ratio, cfg.seed)
     arrays = {cfg.hook: dump.arrays[cfg.hook]}
