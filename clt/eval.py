@@ -12,6 +12,10 @@ writes `<clt_dir>/eval/`:
     feature_frequency.png   histogram of log10 feature frequencies
     edges.json, edges.csv   the strongest edges and SAE paths (schema: clt.graph)
 
+With `--policy_run`, `--checkpoint`, `--distribution` or `--num_loc`, a pairwise transcoder is evaluated on
+that other condition instead (clt.transfer: reconstruction beside the condition's own ridge baseline, splice
+drift), written to `<clt_dir>/eval/transfer/<run>_e<epoch>_<distribution>_n<nodes>.json`.
+
 With `--source_sae` (an SAE run folder on the source hook) and optionally `--target_sae`,
 SAE features are projected through the transcoder (clt.graph) and the strongest
 SAE feature -> transcoder feature -> target paths are exported.
@@ -36,9 +40,10 @@ from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.multilayer import MultiLayerTranscoder
 from clt.splice import REPLACEMENTS, multilayer_hooks, pair_hooks, replacement, splice_metrics
 from clt.train_transcoder import pair_name
+from clt.transfer import Condition, evaluate_on
 from policy.checks import check_device, check_types
 from policy.cli import command
-from policy.env import generate
+from policy.env import DISTRIBUTIONS, generate
 from policy.io import atomic_write, read_json, write_json
 from sae.hooks import HookedPolicy
 from sae.model import TopKSAE, load_sae
@@ -67,8 +72,20 @@ class EvalConfig:
     """SAE run folder on the target hook (needs source_sae): export full SAE -> CLT -> SAE paths."""
     top_edges: int = 2000
     """Edges kept per kind, by |attribution|."""
+    policy_run: str | None = None
+    """Evaluate on another condition (clt.transfer): this policy run [default: the transcoder's own]."""
+    checkpoint: int | None = None
+    """With another condition: the policy's epoch [default: the one the transcoder was trained on, else the latest]."""
+    distribution: str | None = None
+    """With another condition: the instance distribution [default: the training dump's]."""
+    num_loc: int | None = None
+    """With another condition: nodes per instance [default: the training dump's]."""
     device: str = "cpu"
     """torch device."""
+
+    @property
+    def other_condition(self) -> bool:
+        return any(v is not None for v in (self.policy_run, self.checkpoint, self.distribution, self.num_loc))
 
     def __post_init__(self):
         check_types(self)
@@ -81,6 +98,12 @@ class EvalConfig:
             raise ValueError("num_instances must be >= 0, batch_size and top_edges positive")
         if self.target_sae and not self.source_sae:
             raise ValueError("--target_sae needs --source_sae (paths run source SAE -> transcoder -> target SAE)")
+        if self.distribution is not None and self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {DISTRIBUTIONS}")
+        if self.num_loc is not None and self.num_loc < 3:
+            raise ValueError("num_loc must be at least 3")
+        if self.other_condition and (self.num_instances < 2 or self.source_sae):
+            raise ValueError("another condition needs --num_instances >= 2, and takes no SAEs")
 
 
 def find_transcoder(cfg: EvalConfig) -> Path:
@@ -155,7 +178,11 @@ def run(cfg: EvalConfig) -> dict:
     train_cfg = read_json(folder / "train_cfg.json")
     model = load_transcoder(folder).to(cfg.device)
     if isinstance(model, MultiLayerTranscoder):
+        if cfg.other_condition:
+            raise ValueError("another condition (--policy_run, --checkpoint, ...) is for pairwise transcoders")
         return run_multilayer(cfg, folder, train_cfg, model)
+    if cfg.other_condition:
+        return run_other_condition(cfg, folder, train_cfg, model)
     run_dir = owning_run(folder, train_cfg)
     dump = open_pair(run_dir / train_cfg["dataset_path"])
     data = PairDataset(dump.path, 4096, train_cfg["val_ratio"], train_cfg["seed"])
@@ -194,6 +221,23 @@ def run(cfg: EvalConfig) -> dict:
     plot(model, result, out)
     report["config"] = asdict(cfg)
     write_json(out / "metrics.json", report)
+    return report
+
+
+def run_other_condition(cfg: EvalConfig, folder: Path, train_cfg: dict, model: CrossLayerTranscoder) -> dict:
+    """Writes <clt_dir>/eval/transfer/<condition>.json (clt.transfer) and returns it."""
+    own_run = owning_run(folder, train_cfg)
+    meta = open_pair(own_run / train_cfg["dataset_path"]).metadata
+    policy_run = resolve_run_dir(cfg.policy_run) if cfg.policy_run else own_run
+    epoch = cfg.checkpoint if cfg.checkpoint is not None or cfg.policy_run else meta["checkpoint_epoch"]
+    condition = Condition(load_policy(policy_run, epoch, cfg.device), cfg.distribution or meta["distribution"],
+                          cfg.num_loc or meta["nodes_per_instance"])  # fmt: skip
+    report = {"transcoder": str(folder), "pair": meta["pair"], "trained_on": {
+        "policy_run": str(own_run), "checkpoint_epoch": meta["checkpoint_epoch"],
+        "distribution": meta["distribution"], "num_loc": meta["nodes_per_instance"]},
+        **evaluate_on(model.to(cfg.device), meta["source_hook"], meta["target_hook"], condition, cfg.num_instances,
+                      cfg.seed, cfg.batch_size)}  # fmt: skip
+    write_json(folder / "eval" / "transfer" / f"{condition.name}.json", {**report, "config": asdict(cfg)})
     return report
 
 
@@ -237,6 +281,14 @@ def _check_sae_widths(model: CrossLayerTranscoder, source_sae, target_sae) -> No
 
 
 def format_report(report: dict) -> str:
+    if "condition" in report:
+        c, r, s = report["condition"], report["reconstruction"], report["splice"]
+        return (
+            f"{report['pair']} on {c['name']} ({c['instances']} instances): FVU {r['fvu']:.4f} vs that "
+            f"condition's ridge {report['ridge_val_fvu']:.4f}, L0 {r['l0']:.1f}; splice gap "
+            f"{s['transcoder']['gap']:.2%}, agreement {s['transcoder']['action_agreement']:.2%}, KL "
+            f"{s['transcoder']['mean_kl']:.4f}, recovered {s['transcoder'].get('recovered', float('nan')):.1%}"
+        )
     if report["pair"] == MULTILAYER:
         lines = [
             f"multi-layer CLT ({report['layers']} layers, {report['features']} features, k={report['k']} per layer):"
@@ -281,6 +333,11 @@ def format_report(report: dict) -> str:
 @click.option("--source_sae", default=None, help="SAE run folder on the source hook (SAE -> CLT edges).")
 @click.option("--target_sae", default=None, help="SAE run folder on the target hook (with --source_sae: paths).")
 @click.option("--top_edges", default=2000, help="Edges kept per kind, by |attribution|.")
+@click.option("--policy_run", default=None, help="Evaluate on another condition: this policy run [the transcoder's].")
+@click.option("--checkpoint", default=None, type=int, help="Another condition: the policy's epoch [the trained one].")
+@click.option("--distribution", default=None, type=click.Choice(DISTRIBUTIONS),
+              help="Another condition: instance distribution [the training dump's].")  # fmt: skip
+@click.option("--num_loc", default=None, type=int, help="Another condition: nodes per instance [the training dump's].")
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the summary.")
 def main(as_json, **options):

@@ -156,3 +156,24 @@ def test_edges_round_trip_and_bad_files_are_refused(tmp_path):
 def test_bad_arguments_are_clear_errors(args, message):
     result = CliRunner().invoke(eval_cli.main, args)
     assert result.exit_code == 1 and message in result.output
+
+
+def test_another_condition_reports_its_own_ridge_and_the_splice_drift(analysed_run, tmp_path):
+    run = tmp_path / "tiny"
+    shutil.copytree(analysed_run, run)
+    clt_dir = max((run / "clt" / "clt_runs" / PAIR).iterdir())
+    own = json.loads((clt_dir / "eval" / "metrics.json").read_text())  # the fixture's clt.eval on 8 instances
+    same = CliRunner().invoke(eval_cli.main, ["--clt_dir", str(clt_dir), "--num_instances", "8", "--num_loc", "10"])
+    assert same.exit_code == 0, same.output
+    report = json.loads((clt_dir / "eval" / "transfer" / "tiny_e1_uniform_n10.json").read_text())
+    for key in ("mean_length", "gap", "action_agreement", "mean_kl"):  # the same instances and code as clt.eval
+        assert report["splice"]["transcoder"][key] == own["splice"]["transcoder"][key]
+    other = ["--clt_dir", str(clt_dir), "--num_instances", "8", "--num_loc", "13", "--distribution", "clustered"]
+    result = CliRunner().invoke(eval_cli.main, other)
+    assert result.exit_code == 0 and "on tiny_e1_clustered_n13 (8 instances)" in result.output, result.output
+    report = json.loads((clt_dir / "eval" / "transfer" / "tiny_e1_clustered_n13.json").read_text())
+    assert report["trained_on"]["num_loc"] == 10 and report["condition"]["num_loc"] == 13
+    assert 0 < report["ridge_val_fvu"] and 0 < report["reconstruction"]["fvu"]
+    assert report["reconstruction"]["l0"] <= 3 and "recovered" in report["splice"]["transcoder"]
+    missing = CliRunner().invoke(eval_cli.main, ["--clt_dir", str(clt_dir), "--checkpoint", "7"])
+    assert missing.exit_code == 1 and "no checkpoint for epoch 7" in missing.output
