@@ -409,7 +409,12 @@ def register_datasets(run_dir: Path, entries: dict[str, tuple[Path, dict]]) -> N
         for name, (path, info) in entries.items():
             meta = Path(path) / METADATA
             collection = read_json(meta).get("collection_id") if meta.is_file() else None
-            stored[name] = {"path": stored_path(run_dir, path), **info, "collection_id": collection}
+            new = stored_path(run_dir, path)
+            old = stored.get(name, {}).get("path")
+            if old is not None and (run_dir / old).absolute() != (run_dir / new).absolute():
+                log.warning("the registry entry %r now points to %s (was %s): trainers read the new dump", name,
+                            run_dir / new, run_dir / old)  # fmt: skip
+            stored[name] = {"path": new, **info, "collection_id": collection}
         write_json(registry, stored)
 
 

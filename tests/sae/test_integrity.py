@@ -189,3 +189,13 @@ def test_resume_never_continues_an_older_run(tmp_path):
         resume_folder(tmp_path)
     os.rmdir(newest)
     assert resume_folder(tmp_path) == older
+
+
+def test_re_pointing_an_entry_to_another_root_is_said(tmp_path, caplog):
+    run = tmp_path / "run"
+    register_dataset(run, "d", tmp_path / "root_a" / "d")
+    with caplog.at_level("WARNING"):
+        register_dataset(run, "d", tmp_path / "root_a" / "d")  # the same place: nothing to say
+        assert not caplog.records
+        register_dataset(run, "d", tmp_path / "root_b" / "d")
+    assert "now points to" in caplog.text and "root_b" in caplog.text and "root_a" in caplog.text
