@@ -232,11 +232,11 @@ def run_other_condition(cfg: EvalConfig, folder: Path, train_cfg: dict, model: C
     epoch = cfg.checkpoint if cfg.checkpoint is not None or cfg.policy_run else meta["checkpoint_epoch"]
     condition = Condition(load_policy(policy_run, epoch, cfg.device), cfg.distribution or meta["distribution"],
                           cfg.num_loc or meta["nodes_per_instance"])  # fmt: skip
-    report = {"transcoder": str(folder), "pair": meta["pair"], "trained_on": {
-        "policy_run": str(own_run), "checkpoint_epoch": meta["checkpoint_epoch"],
-        "distribution": meta["distribution"], "num_loc": meta["nodes_per_instance"]},
-        **evaluate_on(model.to(cfg.device), meta["source_hook"], meta["target_hook"], condition, cfg.num_instances,
-                      cfg.seed, cfg.batch_size)}  # fmt: skip
+    trained_on = {"policy_run": str(own_run), "checkpoint_epoch": meta["checkpoint_epoch"],
+                  "distribution": meta["distribution"], "num_loc": meta["nodes_per_instance"]}  # fmt: skip
+    result = evaluate_on(model.to(cfg.device), meta["source_hook"], meta["target_hook"], condition,
+                         cfg.num_instances, cfg.seed, cfg.batch_size)  # fmt: skip
+    report = {"transcoder": str(folder), "pair": meta["pair"], "trained_on": trained_on, **result}
     write_json(folder / "eval" / "transfer" / f"{condition.name}.json", {**report, "config": asdict(cfg)})
     return report
 

@@ -77,7 +77,7 @@ def evaluate_on(model: CrossLayerTranscoder, source: str, target: str, condition
             "num_loc": condition.num_loc,
             "instances": num_instances,
             "seed": seed,
-        },  # fmt: skip
+        },
         "reconstruction": result.summary(),
         "ridge_val_fvu": ridge["fvu"],
         "splice": {**splice, "instances": num_instances},
