@@ -15,7 +15,6 @@ published together and carry one collection id, which readers check.
 
 from __future__ import annotations
 
-import logging
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,11 +34,9 @@ from sae.store import (
     check_registry_writable,
     dump_lock,
     new_collection_id,
-    open_dump,
     register_datasets,
+    reusable,
 )
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,16 +118,8 @@ def run(cfg: CollectPairsConfig) -> dict[str, Path]:
     with ExitStack() as locks:
         for path in sorted(paths.values()):  # one order for every collector, so two never deadlock
             locks.enter_context(dump_lock(path))  # a second collector of these dumps waits here
-        todo = []
-        for pair in pairs:
-            path, request = paths[pair.name], {**common, "hooks": [pair.source, pair.target]}
-            if path.exists() and not cfg.overwrite:
-                existing = open_dump(path).metadata
-                if any(existing.get(k) != v for k, v in request.items()):
-                    raise FileExistsError(f"{path} holds a pair dump made with other arguments; pass --overwrite")
-                log.info("reusing the complete pair dump %s", path)
-            else:
-                todo.append(pair)
+        request = {pair.name: {**common, "hooks": [pair.source, pair.target]} for pair in pairs}
+        todo = [pair for pair in pairs if not reusable(paths[pair.name], request[pair.name], cfg.overwrite)]
         if todo:
             _collect_pairs(cfg, loaded, hooked, todo, paths, common)
         register_datasets(loaded.run_dir, {p.name: (paths[p.name], {"kind": "clt_pair"}) for p in pairs})

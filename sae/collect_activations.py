@@ -13,7 +13,6 @@ dump unless `--overwrite`.
 from __future__ import annotations
 
 import ctypes
-import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,11 +33,9 @@ from sae.store import (
     check_registry_writable,
     dump_lock,
     new_collection_id,
-    open_dump,
     register_dataset,
+    reusable,
 )
-
-log = logging.getLogger(__name__)
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
@@ -175,14 +172,7 @@ def run(cfg: CollectConfig) -> Path:
     }
     check_registry_writable(loaded.run_dir)
     with dump_lock(path):  # a second collector of this dump waits here, then reuses or replaces it
-        if path.exists() and not cfg.overwrite:
-            existing = open_dump(path).metadata
-            if not all(existing.get(k) == v for k, v in request.items()):
-                raise FileExistsError(
-                    f"{path} holds a dump made with other arguments; pass --overwrite or another --name"
-                )
-            log.info("reusing the complete dump at %s (pass --overwrite to collect again)", path)
-        else:
+        if not reusable(path, request, cfg.overwrite, "pass --overwrite or another --name"):
             _collect(cfg, loaded, hooked, path, request)
         register_dataset(loaded.run_dir, name, path, {"kind": "sae"})
     return path

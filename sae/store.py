@@ -34,6 +34,7 @@ import fcntl
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -88,8 +89,8 @@ def package_version() -> str:
         return "unknown"
 
 
-_HELD: dict[Path, list] = {}
-"""The dump locks this process holds: lock file -> [open file, depth] (dump_lock is re-entrant)."""
+_HELD = threading.local()
+"""The locks this thread holds, `_HELD.locks`: lock file -> [open file, depth] (`_locked` is re-entrant)."""
 
 
 def dump_path(path: str | Path) -> Path:
@@ -99,32 +100,39 @@ def dump_path(path: str | Path) -> Path:
 
 
 @contextmanager
-def dump_lock(path: str | Path) -> Iterator[None]:
-    """Own the dump at `path` (an exclusive flock on `.<name>.lock` beside it); waits while another process does.
+def _locked(lock_path: Path, busy: str | None = None) -> Iterator[None]:
+    """An exclusive flock on `lock_path`, waiting while another process holds it (logging `busy` if given).
 
-    Re-entrant within a process. The kernel drops the lock when its holder dies, even by kill -9.
+    Re-entrant within a thread; other threads and processes wait. The kernel drops the lock when its holder
+    dies, even by kill -9.
     """
-    path = dump_path(path)
-    lock = path.with_name(f".{path.name}.lock")
-    held = _HELD.get(lock)
+    locks = _HELD.__dict__.setdefault("locks", {})
+    held = locks.get(lock_path)
     if held is not None:
         held[1] += 1
     else:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock, "a")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.warning("another collection is writing %s; waiting for it to finish", path)
+            if busy:
+                log.warning(busy)
             fcntl.flock(f, fcntl.LOCK_EX)
-        held = _HELD[lock] = [f, 1]
+        held = locks[lock_path] = [f, 1]
     try:
         yield
     finally:
         held[1] -= 1
         if held[1] == 0:
-            del _HELD[lock]
+            del locks[lock_path]
             held[0].close()  # closing the file releases the flock
+
+
+def dump_lock(path: str | Path):
+    """Own the dump at `path` (an flock on `.<name>.lock` beside it); waits while another process does."""
+    path = dump_path(path)
+    return _locked(path.with_name(f".{path.name}.lock"), f"another collection is writing {path}; waiting for it")
 
 
 def _check_space(folder: Path, needed: int) -> None:
@@ -166,10 +174,10 @@ class DumpWriter:
 
     def _allocate(self, name: str, dim: int) -> int:
         """Create `<name>.npy` with its blocks reserved on disk (a sparse file would SIGBUS on a full disk)."""
-        mm = open_memmap(self.partial / f"{name}.npy", mode="w+", dtype=self.dtype, shape=(self.rows, dim))
+        file = self.partial / f"{name}.npy"
+        mm = open_memmap(file, mode="w+", dtype=self.dtype, shape=(self.rows, dim))
         offset = mm.offset
         del mm
-        file = self.partial / f"{name}.npy"
         if hasattr(os, "posix_fallocate"):
             with open(file, "r+b") as f:
                 try:
@@ -342,6 +350,21 @@ def open_dump(path: str | Path, verify: bool = False) -> Dump:
     return Dump(path, meta, arrays)
 
 
+def reusable(path: Path, request: dict, overwrite: bool, hint: str = "pass --overwrite") -> bool:
+    """Whether the complete dump at `path` can serve `request` (call it under `dump_lock`).
+
+    False when there is none or `overwrite` replaces it; a FileExistsError (with `hint`) when it was made with
+    other arguments: a metadata value differs from the request's.
+    """
+    if overwrite or not path.exists():
+        return False
+    existing = open_dump(path).metadata
+    if any(existing.get(k) != v for k, v in request.items()):
+        raise FileExistsError(f"{path} holds a dump made with other arguments; {hint}")
+    log.info("reusing the complete dump %s (pass --overwrite to collect again)", path)
+    return True
+
+
 def _npy_header(file: Path):
     """(shape, fortran order, dtype, data offset) from a .npy header, or None if it is not one."""
     try:
@@ -352,17 +375,6 @@ def _npy_header(file: Path):
             return shape, fortran, dtype, f.tell()
     except (ValueError, OSError):
         return None
-
-
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _registry_lock(run_dir: Path) -> Path:
