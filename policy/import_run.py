@@ -16,7 +16,6 @@ folder is written.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,10 @@ from policy.checks import check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from policy.io import file_sha256, save_tensors, write_json
-from policy.model import AttentionModel, PolicyConfig
+from policy.model import AttentionModel
 from policy.rl4co import load_checkpoint
-from sae.runs import check_name, list_checkpoints, load_policy, read_config, read_weights
+from sae.runs import check_name, load_policy
 from sae.store import package_version
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,36 +59,18 @@ class ImportConfig:
             raise ValueError("num_loc must be at least 3")
 
 
-def _from_folder(cfg: ImportConfig, folder: Path) -> tuple[AttentionModel, int, str, int, Path]:
-    run = read_config(folder)
-    checkpoints = list_checkpoints(folder)
-    if not checkpoints:
-        raise FileNotFoundError(f"{folder} holds no checkpoint (checkpoint_epoch_<N>.ckpt, epoch-<N>.pt)")
-    epoch = max(checkpoints) if cfg.checkpoint is None else cfg.checkpoint
-    if epoch not in checkpoints:
-        raise FileNotFoundError(f"{folder} has no checkpoint for epoch {epoch}; available: {list(checkpoints)}")
-    policy = run.policy
-    if cfg.num_heads is not None:
-        policy = PolicyConfig(**{**policy.to_dict(), "num_heads": cfg.num_heads})
-    model = AttentionModel.from_weights(policy, read_weights(checkpoints[epoch]), source=str(checkpoints[epoch]))
-    return model, run.num_loc, run.distribution, epoch, checkpoints[epoch]
-
-
 def run(cfg: ImportConfig) -> Path:
     """Import; returns the new run folder."""
     source = Path(cfg.source).expanduser()
     if source.is_dir():
-        model, num_loc, distribution, epoch, checkpoint = _from_folder(cfg, source)
+        loaded = load_policy(source, cfg.checkpoint, num_heads=cfg.num_heads)
+        model, num_loc, distribution = loaded.model, loaded.config.num_loc, loaded.config.distribution
+        epoch, checkpoint = loaded.epoch, loaded.checkpoint
     elif source.is_file():
         if cfg.num_loc is None:
             raise ValueError("a single checkpoint file does not record its training size: pass --num_loc")
-        model, num_loc, distribution, epoch, checkpoint = (
-            load_checkpoint(source, cfg.num_heads),
-            cfg.num_loc,
-            cfg.distribution,
-            0,
-            source,
-        )
+        model, num_loc, distribution = load_checkpoint(source, cfg.num_heads), cfg.num_loc, cfg.distribution
+        epoch, checkpoint = 0, source
     else:
         raise FileNotFoundError(f"no such run folder or checkpoint: {source}")
     out = Path(cfg.runs_dir) / cfg.run_name

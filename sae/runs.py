@@ -173,13 +173,23 @@ class LoadedPolicy:
         return file_sha256(self.checkpoint)
 
 
-def load_policy(run_dir: str | Path, checkpoint: int | None = None, device: str | torch.device = "cpu") -> LoadedPolicy:
-    """The policy of a run in eval mode, from epoch `checkpoint` or the latest one."""
+def load_policy(
+    run_dir: str | Path, checkpoint: int | None = None, device: str | torch.device = "cpu", num_heads: int | None = None
+) -> LoadedPolicy:
+    """The policy of a run in eval mode, from epoch `checkpoint` or the latest one.
+
+    `num_heads` overrides the heads the run's config names (Kool's args.json does not record them: 8).
+    """
     run = resolve_run_dir(run_dir)
     config = read_config(run)
+    if num_heads is not None:
+        config.policy = PolicyConfig(**{**config.policy.to_dict(), "num_heads": num_heads})
     checkpoints = list_checkpoints(run)
     if not checkpoints:
-        raise FileNotFoundError(f"{run}/checkpoints holds no epoch_<N>.safetensors or checkpoint_epoch_<N>.ckpt")
+        raise FileNotFoundError(
+            f"{run} holds no checkpoint (checkpoints/epoch_<N>.safetensors, checkpoints/checkpoint_epoch_<N>.ckpt, "
+            "or a Kool epoch-<N>.pt)"
+        )
     epoch = max(checkpoints) if checkpoint is None else checkpoint
     if epoch not in checkpoints:
         raise FileNotFoundError(f"{run} has no checkpoint for epoch {epoch}; available: {list(checkpoints)}")
