@@ -48,6 +48,7 @@ from policy.io import atomic_write, read_json, write_json
 from sae.hooks import HookedPolicy
 from sae.model import TopKSAE, load_sae
 from sae.runs import clt_runs_dir, load_policy, resolve_run_dir
+from sae.store import Dump
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,12 @@ def find_transcoder(cfg: EvalConfig) -> Path:
     return max(folders)
 
 
+def training_dump(folder: Path, train_cfg: dict) -> tuple[Path, Dump]:
+    """The run a transcoder belongs to (`owning_run`) and the pair dump it was trained on."""
+    run_dir = owning_run(folder, train_cfg)
+    return run_dir, open_pair(run_dir / train_cfg["dataset_path"])
+
+
 def owning_run(folder: Path, train_cfg: dict) -> Path:
     """The run a transcoder folder belongs to: the one it sits in (runs/<run>/clt/clt_runs/<pair>/<timestamp>),
     so that a copied or moved run uses its own policy and dumps; else the run its train_cfg.json names."""
@@ -183,8 +190,7 @@ def run(cfg: EvalConfig) -> dict:
         return run_multilayer(cfg, folder, train_cfg, model)
     if cfg.other_condition:
         return run_other_condition(cfg, folder, train_cfg, model)
-    run_dir = owning_run(folder, train_cfg)
-    dump = open_pair(run_dir / train_cfg["dataset_path"])
+    run_dir, dump = training_dump(folder, train_cfg)
     data = PairDataset(dump.path, 4096, train_cfg["val_ratio"], train_cfg["seed"])
     meta = dump.metadata
     result = reconstruction(model, data.val_batches())
@@ -226,8 +232,8 @@ def run(cfg: EvalConfig) -> dict:
 
 def run_other_condition(cfg: EvalConfig, folder: Path, train_cfg: dict, model: CrossLayerTranscoder) -> dict:
     """Writes <clt_dir>/eval/transfer/<condition>.json (clt.transfer) and returns it."""
-    own_run = owning_run(folder, train_cfg)
-    meta = open_pair(own_run / train_cfg["dataset_path"]).metadata
+    own_run, dump = training_dump(folder, train_cfg)
+    meta = dump.metadata
     policy_run = resolve_run_dir(cfg.policy_run) if cfg.policy_run else own_run
     epoch = cfg.checkpoint if cfg.checkpoint is not None or cfg.policy_run else meta["checkpoint_epoch"]
     condition = Condition(load_policy(policy_run, epoch, cfg.device), cfg.distribution or meta["distribution"],

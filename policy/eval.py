@@ -21,7 +21,7 @@ import torch
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate, tour_length
-from policy.inference import check_memory, solve
+from policy.inference import check_memory, solve, trajectories_per_instance
 from policy.reference import SOLVERS, reference_tours
 from sae.runs import load_policy
 
@@ -72,8 +72,8 @@ def run(cfg: EvalConfig) -> dict:
     loaded = load_policy(cfg.run_dir, cfg.checkpoint, cfg.device)
     num_loc = cfg.num_loc or loaded.config.num_loc
     distribution = cfg.distribution or loaded.config.distribution
-    per_instance = {"greedy": 1, "sample": cfg.num_samples, "multistart": num_loc}
-    rows = min(cfg.batch_size, cfg.num_instances) * max(a * per_instance[d] for d, a in MODES)
+    per_instance = max(trajectories_per_instance(d, a, cfg.num_samples, num_loc) for d, a in MODES)
+    rows = min(cfg.batch_size, cfg.num_instances) * per_instance
     check_memory(loaded.model, rows, num_loc, next(loaded.model.parameters()).device, cfg.num_samples)  # fail first
     locs = generate(cfg.num_instances, num_loc, distribution, seed=cfg.seed + EVAL_SEED_OFFSET)
     tic = time.perf_counter()

@@ -26,6 +26,11 @@ def free_memory(device: torch.device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
 
 
+def trajectories_per_instance(decode: str, augment: int, num_samples: int, num_loc: int) -> int:
+    """How many tours one instance costs a forward pass: augmentations x samples (sample) x starts (multistart)."""
+    return augment * {"greedy": 1, "sample": num_samples, "multistart": num_loc}[decode]
+
+
 def check_memory(model: AttentionModel, rows: int, n: int, device: torch.device, num_samples: int | None) -> None:
     """Refuse, before allocating, a forward of `rows` trajectories of `n` nodes that cannot fit in memory.
 
@@ -67,8 +72,7 @@ def solve(
         raise ValueError("num_samples and batch_size must be positive")
     locs = check_locs(locs)
     device = next(model.parameters()).device
-    rows = min(batch_size, locs.shape[0]) * augment * (num_samples if decode == "sample" else 1)
-    rows *= locs.shape[1] if decode == "multistart" else 1
+    rows = min(batch_size, locs.shape[0]) * trajectories_per_instance(decode, augment, num_samples, locs.shape[1])
     check_memory(model, rows, locs.shape[1], device, num_samples if decode == "sample" else None)
     model.eval()
     tours, lengths = [], []
