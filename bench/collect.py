@@ -24,9 +24,9 @@ import click
 import numpy as np
 import torch
 
-from sae.collect_activations import collect, instance_batches
+from sae.collect import collect, instance_batches
 from sae.hooks import HookedPolicy
-from sae.runs import load_policy
+from policy.runs import load_policy
 from sae.store import DumpWriter
 
 

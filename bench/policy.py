@@ -20,7 +20,7 @@ import torch
 from policy.env import generate
 from policy.model import AttentionModel
 from policy.train import train_step
-from sae.runs import load_policy
+from policy.runs import load_policy
 
 
 def _median_seconds(fn, repeats: int) -> float:

@@ -26,9 +26,9 @@ from clt.model import CrossLayerTranscoder, TranscoderConfig
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.train_transcoder import TrainingForward, train_step
 from policy.env import generate
-from sae.distributed import init_distributed, shutdown, synchronize
+from policy.distributed import init_distributed, shutdown, synchronize
 from sae.hooks import HookedPolicy
-from sae.runs import load_policy
+from policy.runs import load_policy
 
 BATCH = 4096
 

@@ -4,77 +4,24 @@ Built on sae.data.RowStream: bounded-memory window shuffle, deterministic for a
 seed, able to start at any step (so a resumed run sees the batches it would
 have seen), sharded by rank and world size, and split by instance into train
 and validation. Each side can be normalised from the dump's stored statistics
-(`none`, `center`, `standard`); `Normalizer.inverse` brings predictions back to raw units.
+(`none`, `center`, `standard`; see clt.normalization).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from clt.normalization import Normalizer
+from clt.pairs import parse_pairs
+from policy.runs import check_name, read_config
 from sae.data import RowStream, split_instances
-from sae.runs import clt_activations_dir
+from sae.hooks import hook_names
+from sae.runs import clt_activations_dir, owning_run
 from sae.store import Dump, open_dump, read_registry, registered_dump
-
-NORMALIZATIONS = ("none", "center", "standard")
-
-
-def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, mode: str) -> torch.Tensor:
-    """(x - mean) / std for `standard`, x - mean for `center`, x for `none`."""
-    if mode == "none":
-        return x
-    x = x - mean.to(x.device)
-    return x / std.to(x.device) if mode == "standard" else x
-
-
-def denormalize(y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, mode: str) -> torch.Tensor:
-    """The inverse of `normalize`."""
-    if mode == "none":
-        return y
-    y = y * std.to(y.device) if mode == "standard" else y
-    return y + mean.to(y.device)
-
-
-@torch.no_grad()
-def store_statistics(model: torch.nn.Module, src_mean, src_std, tgt_mean, tgt_std) -> None:
-    """Copy a pair's statistics into a transcoder's buffers (stds floored at 1e-6) and start its b_dec at the
-    target mean in the space it predicts in (the mean itself with normalize_target none, zero otherwise)."""
-    for name, value in (("src_mean", src_mean), ("src_std", src_std), ("tgt_mean", tgt_mean), ("tgt_std", tgt_std)):
-        getattr(model, name).copy_(torch.as_tensor(value, dtype=torch.float32))
-    model.src_std.clamp_(min=1e-6)
-    model.tgt_std.clamp_(min=1e-6)
-    none = model.cfg.normalize_target == "none"
-    model.b_dec.copy_(model.tgt_mean if none else torch.zeros_like(model.tgt_mean))
-
-
-@dataclass
-class Normalizer:
-    """x -> (x - mean) / std (standard), x - mean (center) or x (none); and back."""
-
-    mode: str
-    mean: torch.Tensor  # [d]
-    std: torch.Tensor  # [d]
-
-    def __post_init__(self):
-        if self.mode not in NORMALIZATIONS:
-            raise ValueError(f"normalisation must be one of {NORMALIZATIONS}, got {self.mode!r}")
-        self.std = self.std.clamp_min(1e-6)
-
-    @classmethod
-    def from_dump(cls, dump: Dump, array: str, mode: str) -> Normalizer:
-        mean, std = dump.stats(array)
-        return cls(mode, torch.from_numpy(mean), torch.from_numpy(std))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, self.mean, self.std, self.mode)
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return denormalize(y, self.mean, self.std, self.mode)
-
 
 def find_pair(run_dir: Path, pair: str, root: Path | None = None) -> Path:
     """A pair dump's folder: from the run's registry (checked: not dangling, not half-replaced), else the
@@ -83,6 +30,31 @@ def find_pair(run_dir: Path, pair: str, root: Path | None = None) -> Path:
     if entry is None:
         return clt_activations_dir(run_dir, pair, root)
     return registered_dump(run_dir, pair, entry).path
+
+
+def training_dump(folder: Path, train_cfg: dict) -> tuple[Path, Dump]:
+    """The run a transcoder folder belongs to (sae.runs.owning_run) and the pair dump it was trained on."""
+    run_dir = owning_run(folder, train_cfg)
+    return run_dir, open_pair(run_dir / train_cfg["dataset_path"])
+
+
+def pair_name(run_dir: Path, pair: str) -> str:
+    """A pair name from a name or a `source:target` spec (checked against the run's hook names)."""
+    if ":" not in pair:  # a name, or clt_multilayer for a multi-layer transcoder over every layer's mlp pair
+        return check_name(pair, "pair name")
+    return parse_pairs(pair, hook_names(read_config(run_dir).policy.num_encoder_layers))[0].name
+
+
+def pair_path(run_dir: Path, pair: str, root: Path | None) -> Path:
+    """The pair's dump folder; a clear error naming the collected pairs when it has none."""
+    path = find_pair(run_dir, pair, root)
+    if not path.exists():
+        collected = sorted(n for n, e in read_registry(run_dir).items() if e.get("kind") == "clt_pair")
+        raise FileNotFoundError(
+            f"no data for pair {pair!r} (looked in {path}); pairs collected for {run_dir.name}: "
+            f"{', '.join(collected) or 'none'}; collect with python -m clt.collect_pairs --run_dir {run_dir}"
+        )
+    return path
 
 
 def open_pair(path: str | Path, verify: bool = False) -> Dump:

@@ -1,4 +1,4 @@
-"""Evaluate a trained transcoder: reconstruction, causal splicing into the policy, SAE paths, edge export.
+"""Evaluate a trained transcoder: reconstruction and causal splicing into the policy.
 
     python -m clt.eval --clt_dir runs/tsp20_demo/clt/clt_runs/<pair>/<timestamp> [--num_instances 1000] [--json]
     python -m clt.eval --run_dir tsp20_demo --pair clt_L1.mlp_in_to_L1.mlp_out     # the pair's newest run
@@ -10,15 +10,12 @@ writes `<clt_dir>/eval/`:
     features.json           per feature: activation frequency and mean activation (the attribution scores)
     decoder_heatmap.png     raw decoder weights, features (by frequency) x target channels
     feature_frequency.png   histogram of log10 feature frequencies
-    edges.json, edges.csv   the strongest edges and SAE paths (schema: clt.graph)
 
 With `--policy_run`, `--checkpoint`, `--distribution` or `--num_loc`, a pairwise transcoder is evaluated on
 that other condition instead (clt.transfer: reconstruction beside the condition's own ridge baseline, splice
 drift), written to `<clt_dir>/eval/transfer/<run>_e<epoch>_<distribution>_n<nodes>.json`.
 
-With `--source_sae` (an SAE run folder on the source hook) and optionally `--target_sae`,
-SAE features are projected through the transcoder (clt.graph) and the strongest
-SAE feature -> transcoder feature -> target paths are exported.
+Edges and SAE paths from features.json: `python -m clt.graph.edges --clt_dir D` (the graph layer).
 """
 
 from __future__ import annotations
@@ -33,22 +30,19 @@ import click
 import numpy as np
 import torch
 
-from clt.datasets import MULTILAYER, MultiLayerDataset, PairDataset, layer_pair_names, open_pair
-from clt.graph import GraphSource, build_graph, write_graph
+from clt.datasets import MULTILAYER, MultiLayerDataset, PairDataset, layer_pair_names, pair_name, training_dump
 from clt.metrics import Reconstruction, layer_reconstructions, reconstruction
 from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.multilayer import MultiLayerTranscoder
 from clt.splice import REPLACEMENTS, multilayer_hooks, pair_hooks, replacement, splice_metrics
-from clt.train_transcoder import pair_name
 from clt.transfer import Condition, evaluate_on
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from policy.io import atomic_write, read_json, write_json
 from sae.hooks import HookedPolicy
-from sae.model import TopKSAE, load_sae
-from sae.runs import clt_runs_dir, load_policy, resolve_run_dir
-from sae.store import Dump
+from policy.runs import load_policy, resolve_run_dir
+from sae.runs import newest_finished, owning_run
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +61,6 @@ class EvalConfig:
     """Seed of the splicing instances (collection and training use other seeds)."""
     batch_size: int = 256
     """Instances per forward pass when splicing."""
-    source_sae: str | None = None
-    """SAE run folder on the source hook: export SAE feature -> transcoder feature edges."""
-    target_sae: str | None = None
-    """SAE run folder on the target hook (needs source_sae): export full SAE -> CLT -> SAE paths."""
-    top_edges: int = 2000
-    """Edges kept per kind, by |attribution|."""
     policy_run: str | None = None
     """Evaluate on another condition (clt.transfer): this policy run [default: the transcoder's own]."""
     checkpoint: int | None = None
@@ -95,16 +83,14 @@ class EvalConfig:
             raise ValueError("give --clt_dir, or --run_dir with --pair")
         if self.run_dir is not None and self.pair is None:
             raise ValueError("--run_dir needs --pair")
-        if self.num_instances < 0 or self.batch_size < 1 or self.top_edges < 1:
-            raise ValueError("num_instances must be >= 0, batch_size and top_edges positive")
-        if self.target_sae and not self.source_sae:
-            raise ValueError("--target_sae needs --source_sae (paths run source SAE -> transcoder -> target SAE)")
+        if self.num_instances < 0 or self.batch_size < 1:
+            raise ValueError("num_instances must be >= 0 and batch_size positive")
         if self.distribution is not None and self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}")
         if self.num_loc is not None and self.num_loc < 3:
             raise ValueError("num_loc must be at least 3")
-        if self.other_condition and (self.num_instances < 2 or self.source_sae):
-            raise ValueError("another condition needs --num_instances >= 2, and takes no SAEs")
+        if self.other_condition and self.num_instances < 2:
+            raise ValueError("another condition needs --num_instances >= 2")
 
 
 def find_transcoder(cfg: EvalConfig) -> Path:
@@ -114,37 +100,7 @@ def find_transcoder(cfg: EvalConfig) -> Path:
             raise FileNotFoundError(f"{folder} is not a transcoder run folder (no train_cfg.json)")
         return folder
     run_dir = resolve_run_dir(cfg.run_dir)
-    pair = pair_name(run_dir, cfg.pair)
-    folders = [p for p in clt_runs_dir(run_dir, pair).glob("*") if (p / "model.safetensors").is_file()]
-    if not folders:
-        raise FileNotFoundError(f"no trained transcoder for {pair} in {run_dir}; train one with clt.train_transcoder")
-    return max(folders)
-
-
-def training_dump(folder: Path, train_cfg: dict) -> tuple[Path, Dump]:
-    """The run a transcoder belongs to (`owning_run`) and the pair dump it was trained on."""
-    run_dir = owning_run(folder, train_cfg)
-    return run_dir, open_pair(run_dir / train_cfg["dataset_path"])
-
-
-def owning_run(folder: Path, train_cfg: dict) -> Path:
-    """The run a transcoder folder belongs to: the one it sits in (runs/<run>/clt/clt_runs/<pair>/<timestamp>),
-    so that a copied or moved run uses its own policy and dumps; else the run its train_cfg.json names."""
-    run = folder.resolve().parents[3] if len(folder.resolve().parents) > 3 else None
-    if run is not None and (run / "config.json").is_file() and folder.resolve().parents[1].name == "clt_runs":
-        return run
-    return resolve_run_dir(train_cfg["run_dir"])
-
-
-def sae_mean_activations(sae: TopKSAE, data: PairDataset) -> np.ndarray:
-    """Mean activation of each SAE latent over the validation sources."""
-    total, rows = torch.zeros(sae.cfg.n_latents, dtype=torch.float64), 0
-    with torch.no_grad():
-        for x, _ in data.val_batches():
-            out = sae(x.to(sae.b_dec.device))
-            total.index_add_(0, out.indices.flatten().cpu(), out.values.flatten().double().cpu())
-            rows += x.shape[0]
-    return (total / max(rows, 1)).numpy()
+    return newest_finished(run_dir, "clt", pair_name(run_dir, cfg.pair))
 
 
 def plot(model: CrossLayerTranscoder, result: Reconstruction, folder: Path) -> None:
@@ -154,10 +110,8 @@ def plot(model: CrossLayerTranscoder, result: Reconstruction, folder: Path) -> N
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from clt.graph import raw_decoder
-
     order = np.argsort(-result.frequency, kind="stable")
-    weights = raw_decoder(model).cpu().numpy()[order]
+    weights = model.raw_decoder().cpu().numpy()[order]
     limit = float(np.abs(weights).max()) or 1.0
     fig, ax = plt.subplots(figsize=(8, 6))
     image = ax.imshow(weights, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest")
@@ -210,18 +164,6 @@ def run(cfg: EvalConfig) -> dict:
         }
         report["splice"] = splice_metrics(hooked, locs.to(cfg.device), fns, cfg.batch_size)
         report["splice"]["instances"] = cfg.num_instances
-    source_sae = target_sae = None
-    if cfg.source_sae:
-        sae = load_sae(cfg.source_sae).to(cfg.device)
-        source_sae = (Path(cfg.source_sae).name, sae, sae_mean_activations(sae, data))
-    if cfg.target_sae:
-        target_sae = (Path(cfg.target_sae).name, load_sae(cfg.target_sae).to(cfg.device))
-    _check_sae_widths(model, source_sae, target_sae)
-    graph = build_graph(GraphSource(
-        run_dir.name, meta["pair"], folder.name, meta["source_hook"], meta["target_hook"], model.cpu(),
-        result.frequency, result.mean_activation, dump.stats("sources")[1], source_sae, target_sae,
-    ), cfg.top_edges)  # fmt: skip
-    write_graph(graph, out)
     write_json(out / "features.json", {"frequency": result.frequency.tolist(),
                                        "mean_activation": result.mean_activation.tolist()})  # fmt: skip
     plot(model, result, out)
@@ -277,15 +219,6 @@ def run_multilayer(cfg: EvalConfig, folder: Path, train_cfg: dict, model: MultiL
     return report
 
 
-def _check_sae_widths(model: CrossLayerTranscoder, source_sae, target_sae) -> None:
-    if source_sae and source_sae[1].cfg.d_in != model.cfg.d_in:
-        raise ValueError(f"the source SAE reads width {source_sae[1].cfg.d_in}, the transcoder {model.cfg.d_in}")
-    if target_sae and target_sae[1].cfg.d_in != model.cfg.d_out:
-        raise ValueError(
-            f"the target SAE reads width {target_sae[1].cfg.d_in}, the transcoder writes {model.cfg.d_out}"
-        )
-
-
 def format_report(report: dict) -> str:
     if "condition" in report:
         c, r, s = report["condition"], report["reconstruction"], report["splice"]
@@ -336,9 +269,6 @@ def format_report(report: dict) -> str:
 @click.option("--num_instances", default=1000, help="Fresh instances for splicing (0 skips splicing).")
 @click.option("--seed", default=2024, help="Seed of the splicing instances.")
 @click.option("--batch_size", default=256, help="Instances per forward pass when splicing.")
-@click.option("--source_sae", default=None, help="SAE run folder on the source hook (SAE -> CLT edges).")
-@click.option("--target_sae", default=None, help="SAE run folder on the target hook (with --source_sae: paths).")
-@click.option("--top_edges", default=2000, help="Edges kept per kind, by |attribution|.")
 @click.option("--policy_run", default=None, help="Evaluate on another condition: this policy run [the transcoder's].")
 @click.option("--checkpoint", default=None, type=int, help="Another condition: the policy's epoch [the trained one].")
 @click.option("--distribution", default=None, type=click.Choice(DISTRIBUTIONS),
@@ -347,7 +277,7 @@ def format_report(report: dict) -> str:
 @click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the summary.")
 def main(as_json, **options):
-    """Evaluate a transcoder: reconstruction, splicing into the policy, SAE paths, and edge export."""
+    """Evaluate a transcoder: reconstruction on its validation split and splicing into the policy."""
     with command():
         report = run(EvalConfig(**options))
     click.echo(json.dumps(report, indent=1) if as_json else format_report(report))

@@ -2,136 +2,20 @@
 
     python -m clt.inspect_pairs --run_dir tsp20_demo [--pair clt_L0_to_L2] [--json]
 
-Per pair, in one streamed pass over the dump (float64 moments, bounded memory):
-rows and instances; row norms of each side (mean, median, p99); ranges of the
-per-dimension means and stds; the fraction of near-zero entries (|x| < 1% of the
-side's RMS); the effective rank (participation ratio of the covariance
-eigenvalues); the mean |correlation| between source and target dimensions; and
-the validation R^2 and FVU of the best ridge map source -> target (fitted on the
-train instances, lambda chosen on the validation instances). That FVU is the
-baseline every transcoder must beat.
+What is measured, and how, is clt.pair_stats'.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 
 import click
-import numpy as np
 
 from clt.datasets import find_pair, open_pair
+from clt.pair_stats import inspect_pair
 from policy.cli import command
-from sae.data import RowReader, split_instances
-from sae.runs import resolve_run_dir
-from sae.store import Dump, read_registry
-
-log = logging.getLogger(__name__)
-
-RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-"""Ridge strengths, as fractions of the mean eigenvalue of the source covariance."""
-BLOCK_ROWS = 65_536
-
-
-class Moments:
-    """Sums for [x, 1] and y: G = X~'X~, H = X~'Y, Y'Y (diagonal), sum of y, count."""
-
-    def __init__(self, d_src: int, d_tgt: int):
-        self.G = np.zeros((d_src + 1, d_src + 1))
-        self.H = np.zeros((d_src + 1, d_tgt))
-        self.yy = np.zeros(d_tgt)
-        self.y_sum = np.zeros(d_tgt)
-        self.n = 0
-
-    def update(self, x: np.ndarray, y: np.ndarray) -> None:
-        xa = np.hstack([x, np.ones((len(x), 1))])
-        self.G += xa.T @ xa
-        self.H += xa.T @ y
-        self.yy += (y * y).sum(0)
-        self.y_sum += y.sum(0)
-        self.n += len(x)
-
-    def per_dim_sse(self, W: np.ndarray) -> np.ndarray:
-        """Sum of squared errors of y_hat = [x, 1] W, per target dimension."""
-        return self.yy - 2 * (W * self.H).sum(0) + (W * (self.G @ W)).sum(0)
-
-    def per_dim_sst(self) -> np.ndarray:
-        return self.yy - self.y_sum**2 / max(self.n, 1)
-
-
-def ridge_baseline(train: Moments, val: Moments) -> dict:
-    d = train.G.shape[0] - 1
-    mean_x = train.G[:d, d] / train.n
-    cov = train.G[:d, :d] / train.n - np.outer(mean_x, mean_x)
-    scale = max(np.trace(cov) / d, 1e-12) * train.n
-    penalty = np.eye(d + 1)
-    penalty[d, d] = 0  # the bias is not penalised
-    best = None
-    sst = val.per_dim_sst()
-    for lam in RIDGE_GRID:
-        W = np.linalg.solve(train.G + lam * scale * penalty, train.H)
-        sse = val.per_dim_sse(W)
-        fvu = sse.sum() / max(sst.sum(), 1e-12)
-        if best is None or fvu < best["fvu"]:
-            r2_dims = 1 - sse / np.maximum(sst, 1e-12)
-            best = {"fvu": float(fvu), "r2": float(1 - fvu), "mean_r2_per_dim": float(r2_dims.mean()), "lambda": lam}
-    return best
-
-
-def _norm_summary(norms: np.ndarray) -> dict:
-    return {"mean": float(norms.mean()), "median": float(np.median(norms)), "p99": float(np.percentile(norms, 99))}
-
-
-def inspect_pair(dump: Dump, val_ratio: float = 0.1, seed: int = 0) -> dict:
-    src, tgt = dump.arrays["sources"], dump.arrays["targets"]
-    n = dump.nodes_per_instance
-    _, val_ids = split_instances(dump.num_instances, val_ratio, seed)
-    is_val = np.zeros(dump.num_instances, dtype=bool)
-    is_val[val_ids] = True
-    train_m, val_m = Moments(src.shape[1], tgt.shape[1]), Moments(src.shape[1], tgt.shape[1])
-    rms = {side: float(np.sqrt((np.asarray(dump.stats(side)[0], np.float64) ** 2 + np.asarray(dump.stats(side)[1], np.float64) ** 2).mean())) for side in ("sources", "targets")}  # fmt: skip
-    norms = {"sources": [], "targets": []}
-    near_zero = {"sources": 0, "targets": 0}
-    cross = np.zeros((src.shape[1], tgt.shape[1]))
-    ss = {"sources": np.zeros((src.shape[1], src.shape[1])), "targets": np.zeros((tgt.shape[1], tgt.shape[1]))}
-    src_reader, tgt_reader = RowReader(src), RowReader(tgt)
-    for start in range(0, dump.rows, BLOCK_ROWS):
-        stop = min(start + BLOCK_ROWS, dump.rows)
-        x = src_reader.read(start, stop).astype(np.float64)
-        y = tgt_reader.read(start, stop).astype(np.float64)
-        for side, values in (("sources", x), ("targets", y)):
-            if not np.isfinite(values).all():
-                bad = start + int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
-                raise ValueError(f"{dump.path}: NaN or Inf in {side} (first at row {bad}): the dump is corrupt; "
-                                 "collect it again")  # fmt: skip
-        val_rows = is_val[np.arange(start, start + len(x)) // n]
-        train_m.update(x[~val_rows], y[~val_rows])
-        val_m.update(x[val_rows], y[val_rows])
-        cross += x.T @ y
-        for side, values in (("sources", x), ("targets", y)):
-            norms[side].append(np.linalg.norm(values, axis=1))
-            near_zero[side] += int((np.abs(values) < 0.01 * rms[side]).sum())
-            ss[side] += values.T @ values
-    report = {"pair": dump.metadata.get("pair", dump.path.name), "hooks": dump.metadata.get("hooks"),
-              "rows": dump.rows, "instances": dump.num_instances, "nodes_per_instance": n}  # fmt: skip
-    for side, array in (("sources", src), ("targets", tgt)):
-        mean, std = (np.asarray(v, np.float64) for v in dump.stats(side))
-        cov = ss[side] / dump.rows - np.outer(mean, mean)
-        eig = np.clip(np.linalg.eigvalsh(cov), 0, None)
-        report[side] = {
-            "dim": array.shape[1],
-            "norm": _norm_summary(np.concatenate(norms[side])),
-            "dim_mean_range": [float(mean.min()), float(mean.max())],
-            "dim_std_range": [float(std.min()), float(std.max())],
-            "near_zero_fraction": near_zero[side] / (dump.rows * array.shape[1]),
-            "effective_rank": float(eig.sum() ** 2 / max((eig**2).sum(), 1e-30)),
-        }
-    mx, sx = (np.asarray(v, np.float64) for v in dump.stats("sources"))
-    my, sy = (np.asarray(v, np.float64) for v in dump.stats("targets"))
-    corr = (cross / dump.rows - np.outer(mx, my)) / np.maximum(np.outer(sx, sy), 1e-12)
-    report["mean_abs_correlation"] = float(np.abs(corr).mean())
-    report["ridge"] = ridge_baseline(train_m, val_m) if val_m.n else None
-    return report
+from policy.runs import resolve_run_dir
+from sae.store import read_registry
 
 
 def run(

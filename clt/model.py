@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clt.datasets import NORMALIZATIONS, denormalize, normalize, store_statistics
+from clt.normalization import NORMALIZATIONS, denormalize, normalize, raw_decoder, raw_encoder, store_statistics
 from clt.jumprelu import jump_relu, step
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode, update_threshold_
@@ -189,6 +189,12 @@ class CrossLayerTranscoder(nn.Module):
     @property
     def decoder(self) -> torch.Tensor:  # [features, d_out]
         return self.W_enc if self.cfg.tied else self.W_dec
+
+    def raw_encoder(self) -> torch.Tensor:  # [features, d_in], reads raw sources
+        return raw_encoder(self.W_enc, self.src_std, self.cfg.normalize_source)
+
+    def raw_decoder(self) -> torch.Tensor:  # [features, d_out], writes raw targets
+        return raw_decoder(self.decoder, self.tgt_std, self.cfg.normalize_target)
 
     @property
     def feature_count(self) -> int:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clt.datasets import NORMALIZATIONS, denormalize, normalize, store_statistics
+from clt.normalization import NORMALIZATIONS, denormalize, normalize, raw_decoder, raw_encoder, store_statistics
 from clt.jumprelu import jump_relu
 from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode, update_threshold_
 from sae.model import normalize_rows_, remove_parallel_gradient_, resolve_k, save_model
@@ -184,6 +184,14 @@ class MultiLayerTranscoder(nn.Module):
 
     def decoder(self, layer: int) -> torch.Tensor:  # [features, (n_layers - layer) * d]
         return self.W_dec[layer].flatten(1)
+
+    def raw_encoder(self, layer: int) -> torch.Tensor:  # [features, d], reads raw mlp_in of `layer`
+        return raw_encoder(self.W_enc[layer], self.src_std[layer], self.cfg.normalize_source)
+
+    def raw_decoder(self, layer: int, target: int) -> torch.Tensor:  # [features, d], raw mlp_out of `target`
+        """The decoder rows of `layer`'s features into layer `target` (>= layer), in raw units."""
+        w = self.W_dec[layer][:, target - layer]
+        return raw_decoder(w, self.tgt_std[target], self.cfg.normalize_target)
 
     def normalize_decoder(self) -> None:
         """Each feature's decoder rows into all the layers it writes to, together at unit norm."""

@@ -25,9 +25,9 @@ import click
 from policy.checks import check_types
 from policy.cli import command
 from policy.io import read_json
+from sae.hooks import parse_layer_hook
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-_LAYER = re.compile(r"^encoder_layer_(\d+)(\..+)?$")
 _SHORT = re.compile(r"^L(\d+)(\.[a-z_]+)?$")
 _PAIR_NAME = re.compile(r"^clt_(.+)_to_(.+)$")
 
@@ -63,10 +63,10 @@ def short_name(hook: str) -> str:
         return "embed"
     if hook == "encoder_output":
         return "out"
-    match = _LAYER.match(hook)
-    if not match:
+    parsed = parse_layer_hook(hook)
+    if parsed is None:
         raise ValueError(f"{hook!r} cannot be part of a pair: only encoder points (one row per node) can")
-    return f"L{match.group(1)}{match.group(2) or ''}"
+    return f"L{parsed.layer}" + (f".{parsed.point}" if parsed.point else "")
 
 
 def long_name(short: str) -> str:

@@ -27,7 +27,7 @@ import torch
 from clt.model import CrossLayerTranscoder
 from clt.multilayer import MultiLayerTranscoder
 from policy.env import tour_length
-from sae.hooks import HookedPolicy, HookFn
+from sae.hooks import HookedPolicy, HookFn, parse_layer_hook
 
 REPLACEMENTS = ("transcoder", "transcoder+error", "mean", "zero")
 
@@ -79,10 +79,10 @@ def multilayer_hooks(
     n = model.cfg.n_layers
 
     def record(x: torch.Tensor, name: str) -> None:
-        live[int(name.split(".")[0].rsplit("_", 1)[1])] = x
+        live[parse_layer_hook(name).layer] = x
 
     def swap(y: torch.Tensor, name: str) -> torch.Tensor | None:
-        m = int(name.split(".")[0].rsplit("_", 1)[1])
+        m = parse_layer_hook(name).layer
         if layers is not None and m not in layers:
             return None
         if kind == "mean":

@@ -12,7 +12,8 @@ import click
 
 from policy.cli import command
 from policy.io import read_json
-from sae.runs import resolve_run_dir
+from policy.runs import resolve_run_dir
+from sae.runs import finished_runs
 
 COLUMNS = (
     "pair",
@@ -45,13 +46,6 @@ def read_summaries(folders: list[Path]) -> list[dict]:
     return rows
 
 
-def newest_runs(run_dir: Path) -> list[Path]:
-    root = run_dir / "clt" / "clt_runs"
-    pairs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    newest = [max((r for r in p.iterdir() if (r / "summary.json").is_file()), default=None) for p in pairs]
-    return [r for r in newest if r is not None]
-
-
 def format_table(rows: list[dict]) -> str:
     lines = [f"{COLUMNS[0]:<32}{COLUMNS[1]:>10}" + "".join(f"{c:>10}" for c in COLUMNS[2:])]
     for r in rows:
@@ -77,7 +71,7 @@ def main(folders, run_dir):
     """Print validation FVU, L0, dead features and the ridge baseline for transcoder run FOLDERS."""
     with command():
         if run_dir:
-            folders = [*folders, *newest_runs(resolve_run_dir(run_dir))]
+            folders = [*folders, *(runs[-1] for runs in finished_runs(resolve_run_dir(run_dir), "clt").values())]
         if not folders:
             raise ValueError("give run folders or --run_dir")
         click.echo(format_table(read_summaries(list(folders))))

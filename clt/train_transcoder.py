@@ -33,17 +33,16 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from clt.datasets import MULTILAYER, NORMALIZATIONS, MultiLayerDataset, PairDataset, find_pair, layer_pair_names
-from clt.inspect_pairs import inspect_pair
+from clt.datasets import MULTILAYER, MultiLayerDataset, PairDataset, layer_pair_names, pair_name, pair_path
+from clt.normalization import NORMALIZATIONS
+from clt.pair_stats import inspect_pair
 from clt.metrics import layer_reconstructions
 from clt.model import ACTIVATIONS, CrossLayerTranscoder, Penalty, TranscoderConfig
 from clt.multilayer import MULTILAYER_ACTIVATIONS, MultiLayerConfig, MultiLayerTranscoder
-from clt.pairs import parse_pairs
 from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
 from policy.io import read_json, write_json
-from policy.model import AttentionModel
-from sae.distributed import (
+from policy.distributed import (
     SINGLE_PROCESS,
     DistInfo,
     all_reduce_sum,
@@ -53,19 +52,9 @@ from sae.distributed import (
     shutdown,
     synchronize,
 )
-from sae.hooks import HookedPolicy
-from sae.logger import WANDB_MODES, RunLogger
-from sae.runs import (
-    check_name,
-    clt_runs_dir,
-    new_run_folder,
-    read_config,
-    resolve_run_dir,
-    resume_folder,
-    resumed_settings,
-    stored_path,
-)
-from sae.store import read_registry
+from policy.logger import WANDB_MODES, RunLogger
+from policy.runs import new_run_folder, read_config, resolve_run_dir, resume_folder, resumed_settings, stored_path
+from sae.runs import clt_runs_dir
 from sae.trainer import DictionaryTrainer
 
 log = logging.getLogger(__name__)
@@ -187,26 +176,6 @@ class TranscoderTrainConfig:
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "penalties"}
-
-
-def pair_name(run_dir: Path, pair: str) -> str:
-    """A pair name from a name or a `source:target` spec (checked against the policy's hooks)."""
-    if ":" not in pair:  # a name, or clt_multilayer for a multi-layer transcoder over every layer's mlp pair
-        return check_name(pair, "pair name")
-    hooks = HookedPolicy(AttentionModel(read_config(run_dir).policy)).hook_names()
-    return parse_pairs(pair, hooks)[0].name
-
-
-def pair_path(run_dir: Path, pair: str, root: Path | None) -> Path:
-    """The pair's dump folder; a clear error naming the collected pairs when it has none."""
-    path = find_pair(run_dir, pair, root)
-    if not path.exists():
-        collected = sorted(n for n, e in read_registry(run_dir).items() if e.get("kind") == "clt_pair")
-        raise FileNotFoundError(
-            f"no data for pair {pair!r} (looked in {path}); pairs collected for {run_dir.name}: "
-            f"{', '.join(collected) or 'none'}; collect with python -m clt.collect_pairs --run_dir {run_dir}"
-        )
-    return path
 
 
 def evaluate(model: Transcoder, data: PairDataset | MultiLayerDataset) -> tuple[dict, np.ndarray]:
@@ -433,7 +402,6 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
         if logger is not None:
             logger.finish()
     if info.is_main:
-        model.save(out_dir)
         metrics, _ = evaluate(model, val_data)
         dumps = val_data.dumps if isinstance(val_data, MultiLayerDataset) else [val_data.dump]
         ridges = [(inspect_pair(d, cfg.val_ratio, cfg.seed)["ridge"] or {}).get("fvu") for d in dumps]
@@ -443,6 +411,7 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
         if len(ridges) > 1:
             summary.update({f"ridge_val_fvu_L{i}": r for i, r in enumerate(ridges)})
         write_json(out_dir / "summary.json", summary)
+        model.save(out_dir)  # last: model.safetensors marks a finished run (sae.runs.is_finished)
     return out_dir
 
 

@@ -1,4 +1,4 @@
-// The docs site: reads window.SITE_DATA (docs/data/site.js, written by `python -m clt.export_docs`)
+// The docs site: reads window.SITE_DATA (docs/data/site.js, written by `python -m clt.site.export`)
 // and draws the overview, the layer-to-layer feature graphs and the feature pages. No library, no network.
 "use strict";
 
@@ -241,7 +241,7 @@ function route() {
   content.replaceChildren();
   tooltip.hidden = true;
   if (!SITE) {
-    content.append(el("div", { class: "empty", text: "No data yet: run `python -m clt.export_docs --run_dir <run>` to write docs/data/site.js, then reload." }));
+    content.append(el("div", { class: "empty", text: "No data yet: run `python -m clt.site.export --run_dir <run>` to write docs/data/site.js, then reload." }));
     return;
   }
   document.getElementById("run-name").textContent = `run ${SITE.overview.run}`;

@@ -19,11 +19,11 @@ import click
 import numpy as np
 import torch
 
-from clt.dictionaries import Dictionary, find_dictionaries, norm_scales, virtual_weights
+from clt.graph.weights import Dictionary, find_dictionaries, norm_scales, virtual_weights
 from clt.splice import pair_hooks, splice_metrics
 from policy.env import generate
 from sae.hooks import HookedPolicy
-from sae.runs import load_policy, resolve_run_dir
+from policy.runs import load_policy, resolve_run_dir
 
 
 def node_properties(locs: torch.Tensor, tours: torch.Tensor) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@
 
 Needs an SAE on a hook upstream of the transcoder's source (sae.train_topk) and the transcoder.
 1. By weights: path i -> j -> target scores mean_act(SAE i) x v(i, j) x |decoder row of j|, where
-   v is the direct-path virtual weight (clt.dictionaries: SAE decoder row -> residual
+   v is the direct-path virtual weight (clt.graph.weights: SAE decoder row -> residual
    normalisations -> transcoder encoder row). The strongest paths are listed.
 2. By intervention: for each listed SAE feature, the policy runs with that feature's contribution
    (activation x decoder row) removed at the SAE's hook; the transcoder's features are re-read
@@ -18,10 +18,10 @@ import click
 import numpy as np
 import torch
 
-from clt.dictionaries import find_dictionaries, norm_scales, virtual_weights
+from clt.graph.weights import find_dictionaries, norm_scales, virtual_weights
 from policy.env import generate
 from sae.hooks import HookedPolicy
-from sae.runs import load_policy, resolve_run_dir
+from policy.runs import load_policy, resolve_run_dir
 
 
 @click.command(context_settings={"show_default": True})

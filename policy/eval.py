@@ -23,7 +23,7 @@ from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.inference import check_memory, solve, trajectories_per_instance
 from policy.reference import SOLVERS, reference_tours
-from sae.runs import load_policy
+from policy.runs import load_policy
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,14 @@ from pathlib import Path
 import click
 import torch
 
+from policy import __version__
 from policy.checks import check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from policy.io import file_sha256, save_tensors, write_json
 from policy.model import AttentionModel
 from policy.rl4co import load_checkpoint
-from sae.runs import check_name, load_policy
-from sae.store import package_version
+from policy.runs import check_name, load_policy
 
 
 @dataclass
@@ -81,7 +81,7 @@ def run(cfg: ImportConfig) -> Path:
     try:
         provenance = {"from": str(source.resolve()), "checkpoint": str(checkpoint.resolve()),
                       "checkpoint_sha256": file_sha256(checkpoint), "epoch": epoch,
-                      "package_version": package_version()}  # fmt: skip
+                      "package_version": __version__}  # fmt: skip
         save_tensors(out / "checkpoints" / f"epoch_{epoch}.safetensors", model.state_dict())
         write_json(out / "config.json", {"policy": model.cfg.to_dict(),
                                          "env": {"num_loc": num_loc, "distribution": distribution},

@@ -25,7 +25,7 @@ from policy.env import check_locs, scale_to_unit_square
 from policy.inference import AUGMENTS, DECODE_MODES, solve
 from policy.io import save_npy
 from policy.tsplib import TsplibInstance, read_tsplib
-from sae.runs import load_policy
+from policy.runs import load_policy
 
 log = logging.getLogger(__name__)
 

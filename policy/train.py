@@ -9,7 +9,7 @@ of a tour is the mean reward of the instance's tours. Writes:
     runs/<run>/val_locs.npy                      the fixed validation instances
     runs/<run>/checkpoints/epoch_<N>.safetensors weights after epoch N
     runs/<run>/checkpoints/train_state.pt        what --resume needs (weights_only-safe)
-    runs/<run>/metrics.jsonl                     (and W&B, see sae.logger)
+    runs/<run>/metrics.jsonl                     (and W&B, see policy.logger)
 
 Ctrl-C or SIGTERM saves the exact place in the epoch and exits; `--resume`
 continues from it, batch for batch, as if nothing had happened.
@@ -33,8 +33,8 @@ from policy.io import read_json, save_npy, save_tensors, save_torch, write_json
 from policy.model import NORMALIZATIONS, AttentionModel, PolicyConfig
 from policy.signals import GracefulStop, Interrupted
 from policy.torch_files import load_torch_file
-from sae.logger import WANDB_MODES, RunLogger, truncate_metrics
-from sae.runs import check_name, resumed_settings
+from policy.logger import WANDB_MODES, RunLogger, truncate_metrics
+from policy.runs import check_name, resumed_settings
 
 log = logging.getLogger(__name__)
 

@@ -12,21 +12,18 @@ dump unless `--overwrite`.
 
 from __future__ import annotations
 
-import ctypes
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
-import numpy as np
-import torch
-from tqdm import tqdm
 
 from policy.checks import check_device, check_types
 from policy.cli import command
-from policy.env import DISTRIBUTIONS, generate
+from policy.env import DISTRIBUTIONS
+from sae.collect import INSTANCE_CHUNK, collect, hook_dims, instance_batches
 from sae.hooks import HookedPolicy
-from sae.runs import activations_root, load_policy, sae_activations_dir
+from policy.runs import load_policy
+from sae.runs import activations_root, sae_activations_dir
 from sae.store import (
     DTYPES,
     DumpWriter,
@@ -36,16 +33,6 @@ from sae.store import (
     register_dataset,
     reusable,
 )
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.malloc_trim  # noqa: B018 (glibc only)
-except (OSError, AttributeError):
-    _LIBC = None
-
-INSTANCE_CHUNK = 1024
-"""Instances are drawn in fixed chunks (seeded by seed and chunk index), so ids do not depend on batch size."""
-
 
 @dataclass
 class CollectConfig:
@@ -88,67 +75,6 @@ class CollectConfig:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}")
-
-
-def instance_batches(
-    num_instances: int, num_loc: int, distribution: str, seed: int, batch_size: int
-) -> Iterator[torch.Tensor]:
-    """Instances 0..num_instances-1 in order, `batch_size` at a time, the same for any batch size."""
-    buffer = torch.empty(0, num_loc, 2)
-    for start in range(0, num_instances, INSTANCE_CHUNK):
-        count = min(INSTANCE_CHUNK, num_instances - start)
-        chunk = generate(count, num_loc, distribution, seed=seed * 1_000_003 + start // INSTANCE_CHUNK)
-        buffer = torch.cat([buffer, chunk])
-        while buffer.shape[0] >= batch_size:
-            yield buffer[:batch_size]
-            buffer = buffer[batch_size:]
-    if buffer.shape[0]:
-        yield buffer
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-    Each batch allocates and frees tens of MB of activations; glibc keeps such freed
-    blocks in its heap once its dynamic mmap threshold has grown, so without a trim
-    the resident size creeps up with the size of the dump.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-Route = tuple[DumpWriter, dict[str, str]]
-"""A writer and the hooks it takes: {hook name: array name in that dump}."""
-
-
-def collect(hooked: HookedPolicy, batches: Iterator[torch.Tensor], routes: list[Route], total: int) -> np.ndarray:
-    """One forward per batch serves every route; returns all instances [N, n, 2].
-
-    Non-finite activations stop the collection with a ValueError (the writers then discard their dumps).
-    """
-    device = next(hooked.model.parameters()).device
-    names = sorted({hook for _, mapping in routes for hook in mapping})
-    locs_seen, done = [], 0
-    with tqdm(total=total, desc="collecting", unit="inst") as bar:
-        for locs in batches:
-            cache = hooked.run_with_cache(locs.to(device), names)
-            for name, value in cache.items():
-                if not torch.isfinite(value).all():
-                    raise ValueError(f"NaN or Inf in {name} activations of instances {done}..{done + len(locs) - 1}")
-            for writer, mapping in routes:
-                writer.write({array: cache[hook].reshape(-1, cache[hook].shape[-1]) for hook, array in mapping.items()})
-            locs_seen.append(locs.numpy())
-            done += len(locs)
-            release_free_memory()
-            bar.update(len(locs))
-    return np.concatenate(locs_seen)
-
-
-def hook_dims(hooked: HookedPolicy, names: list[str], num_loc: int) -> dict[str, int]:
-    """Width of each hook's rows (d, or the node count for decoder.logits), from one tiny forward."""
-    device = next(hooked.model.parameters()).device
-    probe = hooked.run_with_cache(generate(1, num_loc, seed=0).to(device), names)
-    return {name: probe[name].shape[-1] for name in names}
 
 
 def run(cfg: CollectConfig) -> Path:

@@ -19,8 +19,10 @@ the activation downstream, returning None leaves it as it is.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -31,6 +33,29 @@ HookFn = Callable[[torch.Tensor, str], "torch.Tensor | None"]
 
 DECODER_POINTS = ("decoder.context", "decoder.glimpse", "decoder.logits")
 LAYER_POINTS = {"input": "hook_input", "attn_out": "hook_attn_out", "mlp_in": "hook_mlp_in", "mlp_out": "hook_mlp_out"}
+
+_LAYER_HOOK = re.compile(r"^encoder_layer_(\d+)(?:\.([a-z_]+))?$")
+
+
+class LayerHook(NamedTuple):
+    """An encoder-layer hook name, parsed: `encoder_layer_1.mlp_in` -> (1, "mlp_in"); `encoder_layer_2` -> (2, None)."""
+
+    layer: int
+    point: str | None
+
+
+def parse_layer_hook(name: str) -> LayerHook | None:
+    """The layer and point of an `encoder_layer_<i>[.<point>]` name; None for any other name."""
+    match = _LAYER_HOOK.match(name)
+    if not match or (match.group(2) is not None and match.group(2) not in LAYER_POINTS):
+        return None
+    return LayerHook(int(match.group(1)), match.group(2))
+
+
+def hook_names(n_layers: int) -> list[str]:
+    """Every hook name of a policy with `n_layers` encoder layers, in forward order (no model needed)."""
+    layers = [f"encoder_layer_{i}{suffix}" for i in range(n_layers) for suffix in (*(f".{p}" for p in LAYER_POINTS), "")]
+    return ["init_embedding", *layers, "encoder_output", *DECODER_POINTS]
 
 
 class HookedPolicy:
@@ -53,7 +78,7 @@ class HookedPolicy:
         )
 
     def hook_names(self) -> list[str]:
-        return list(self._points)
+        return list(self._points)  # the same list as hook_names(len(model.layers))
 
     def check_names(self, names) -> list[str]:
         names = [names] if isinstance(names, str) else list(names)

@@ -40,15 +40,16 @@ import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from policy import __version__
 from policy.io import file_sha256, read_json, write_json
-from sae.runs import registry_path, stored_path
+from policy.runs import stored_path
+from sae.runs import registry_path
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,6 @@ class RunningStats:
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.m2 / max(self.count, 1))
-
-
-def package_version() -> str:
-    try:
-        return version("tsp-interp")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 _HELD = threading.local()
@@ -250,7 +244,7 @@ class DumpWriter:
             "arrays": arrays,
             "sha256": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "package_version": package_version(),
+            "package_version": __version__,
         }
         write_json(self.partial / METADATA, meta)
         if publish:

@@ -20,9 +20,10 @@ CLIS = [
     "clt.summarize",
     "clt.pairs",
     "clt.eval",
-    "clt.export_docs",
-    "clt.viewer",
-    "clt.screenshots",
+    "clt.graph.edges",
+    "clt.site.export",
+    "clt.site.viewer",
+    "clt.site.screenshots",
     "bench.train",
     "bench.train_scaling",
 ]

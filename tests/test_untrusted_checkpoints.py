@@ -10,13 +10,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from clt import collect_pairs, export_docs, train_transcoder
+from clt import collect_pairs, train_transcoder
+from clt.site import export as export_docs
 from policy import eval as policy_eval
 from policy import solve
 from policy.rl4co import load_checkpoint
 from policy.torch_files import UnsafeFileError, identify, load_torch_file
 from sae import collect_activations, train_topk
-from sae.runs import load_policy
+from policy.runs import load_policy
 
 
 @pytest.fixture

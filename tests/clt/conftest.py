@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from clt import collect_pairs as collect_cli
-from clt import export_docs
+from clt.site import export as export_docs
 from clt.train_transcoder import TranscoderTrainer
-from clt.viewer import DOCS_DIR, SITE_FILES
+from clt.site.viewer import DOCS_DIR, SITE_FILES
 
 PAIR = "clt_L0.mlp_in_to_L0.mlp_out"
 

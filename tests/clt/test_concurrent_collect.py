@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from sae.collect_activations import instance_batches
+from sae.collect import instance_batches
 from sae.hooks import HookedPolicy
-from sae.runs import load_policy
+from policy.runs import load_policy
 from sae.store import open_dump, read_registry
 
 INSTANCES = 3000  # enough rows that the two collections overlap in time

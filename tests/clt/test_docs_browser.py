@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from clt.screenshots import chromium, find_browser, open_feature, serve
-from clt.viewer import DOCS_DIR, SITE_FILES
+from clt.site.screenshots import chromium, find_browser, open_feature, serve
+from clt.site.viewer import DOCS_DIR, SITE_FILES
 
 if find_browser() is None:
     if os.environ.get("REQUIRE_BROWSER") == "1":
@@ -138,7 +138,7 @@ def test_a_site_without_data_says_how_to_export(browser, site_dir, tmp_path):
     for name in SITE_FILES:
         (tmp_path / name).write_bytes((site_dir / name).read_bytes())
     browser.get((tmp_path / "index.html").as_uri())
-    assert "python -m clt.export_docs" in browser.find_element(By.CLASS_NAME, "empty").text
+    assert "python -m clt.site.export" in browser.find_element(By.CLASS_NAME, "empty").text
     errors = console_errors(browser)  # read, so that they do not leak into the next test
     assert errors and all("site.js" in e for e in errors)
 

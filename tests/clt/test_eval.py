@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from clt import collect_pairs as collect_cli
 from clt import eval as eval_cli
-from clt.graph import GraphSource, build_graph, read_edges_csv, read_graph, write_graph
+from clt.graph import edges as edges_cli
+from clt.graph.edges import GraphSource, build_graph, read_edges_csv, read_graph, write_graph
 from clt.model import CrossLayerTranscoder, TranscoderConfig
 from clt.splice import pair_hooks, replacement, splice_metrics
 from clt.train_transcoder import TranscoderTrainConfig
@@ -20,7 +21,7 @@ from policy.env import generate
 from sae import collect_activations
 from sae.hooks import HookedPolicy
 from sae.model import SAEConfig, TopKSAE
-from sae.runs import load_policy
+from policy.runs import load_policy
 from sae.train_topk import SAETrainConfig
 from sae.train_topk import run as train_sae
 
@@ -92,11 +93,19 @@ def test_perfect_transcoder_recovers_everything_and_a_useless_one_nothing(traine
 
 def test_cli_writes_metrics_plots_and_edges_with_sae_paths(trained):
     run_dir, clt_dir, (source_sae, target_sae) = trained
-    args = ["--clt_dir", str(clt_dir), "--num_instances", "16", "--batch_size", "8", "--source_sae", str(source_sae),
-            "--target_sae", str(target_sae), "--top_edges", "50", "--json"]  # fmt: skip
+    edges = ["--clt_dir", str(clt_dir), "--source_sae", str(source_sae), "--target_sae", str(target_sae),
+             "--top_edges", "50"]  # fmt: skip
+    fresh = clt_dir.parent / "not_evaluated"
+    shutil.copytree(clt_dir, fresh)
+    before_eval = CliRunner().invoke(edges_cli.main, ["--clt_dir", str(fresh)])
+    assert before_eval.exit_code == 1 and "run python -m clt.eval --clt_dir" in before_eval.output
+    shutil.rmtree(fresh)
+    args = ["--clt_dir", str(clt_dir), "--num_instances", "16", "--batch_size", "8", "--json"]
     result = CliRunner().invoke(eval_cli.main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{") :])
+    made = CliRunner().invoke(edges_cli.main, edges)
+    assert made.exit_code == 0 and "edges" in made.output, made.output
     out = clt_dir / "eval"
     assert {"metrics.json", "features.json", "decoder_heatmap.png", "feature_frequency.png", "edges.json",
             "edges.csv"} <= {p.name for p in out.iterdir()}  # fmt: skip

@@ -1,4 +1,4 @@
-"""clt.export_docs and clt.dictionaries: the site's data, and the direct-path virtual weights behind its graphs."""
+"""clt.site.export and clt.graph.weights: the site's data, and the direct-path virtual weights behind its graphs."""
 
 import json
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from clt import export_docs
-from clt.dictionaries import norm_scales, path_scale, stream_position, virtual_weights
+from clt.site import export as export_docs
+from clt.graph.weights import norm_scales, path_scale, stream_position, virtual_weights
 from policy.env import generate, is_valid_tour
 from sae.hooks import HookedPolicy
 
@@ -129,10 +129,10 @@ def test_path_scale_is_the_exact_residual_path_when_attention_is_silenced(normal
 
 
 def test_virtual_weights_sum_over_every_layer_a_clt_feature_writes(analysed_run):
-    from clt.dictionaries import load_transcoder_dictionaries
-    from clt.summarize import newest_runs
+    from clt.graph.weights import load_transcoder_dictionaries
+    from sae.runs import finished_runs
 
-    folder = next(f for f in newest_runs(analysed_run) if f.parent.name == "clt_multilayer")
+    folder = finished_runs(analysed_run, "clt")["clt_multilayer"][-1]
     layer0, layer1 = load_transcoder_dictionaries(folder, "clt_multilayer")
     assert list(layer0.writes) == ["encoder_layer_0.mlp_out", "encoder_layer_1.mlp_out"]
     scales = [torch.rand(16) + 0.5 for _ in range(4)]

@@ -9,11 +9,12 @@ from click.testing import CliRunner
 
 from clt import collect_pairs as collect_cli
 from clt import inspect_pairs as inspect_cli
-from clt.datasets import Normalizer, PairDataset, open_pair
+from clt.datasets import PairDataset, open_pair
+from clt.normalization import Normalizer
 from clt.pairs import LayerPair, parse_pairs, read_pairs_config
 from policy.env import generate
 from sae.hooks import HookedPolicy
-from sae.runs import load_policy
+from policy.runs import load_policy
 from sae.store import DumpWriter, read_registry
 
 PAIRS = "encoder_layer_0:encoder_layer_1,encoder_layer_1:encoder_output,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
@@ -162,7 +163,7 @@ def test_inspect_pairs_table_json_and_a_ridge_baseline(pairs_run):
 
 
 def test_ridge_recovers_an_exact_linear_map(tmp_path):
-    from clt.inspect_pairs import inspect_pair
+    from clt.pair_stats import inspect_pair
     from sae.store import open_dump
 
     rng = np.random.default_rng(0)

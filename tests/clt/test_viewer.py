@@ -1,4 +1,4 @@
-"""clt.viewer: the docs site over HTTP on localhost."""
+"""clt.site.viewer: the docs site over HTTP on localhost."""
 
 import socket
 import subprocess
@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 from click.testing import CliRunner
 
-from clt import viewer
-from clt.screenshots import serve
+from clt.site import viewer
+from clt.site.screenshots import serve
 
 
 def test_serves_the_site_and_its_data(site_dir):
@@ -26,7 +26,7 @@ def test_cli_prints_the_address_and_serves_until_stopped(site_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "clt.viewer", "--port", str(port), "--docs_dir", str(site_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "clt.site.viewer", "--port", str(port), "--docs_dir", str(site_dir)],
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         line = proc.stdout.readline()

@@ -7,7 +7,7 @@ import torch
 from policy.env import generate, is_valid_tour
 from policy.inference import solve
 from policy.reference import reference_lengths
-from sae.runs import PACKAGED_RUNS_DIR, load_policy
+from policy.runs import PACKAGED_RUNS_DIR, load_policy
 
 DEMO = PACKAGED_RUNS_DIR / "tsp20_demo"
 

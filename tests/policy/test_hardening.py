@@ -13,8 +13,8 @@ from policy import train as train_cli
 from policy.checks import check_device, check_types
 from policy.io import save_tensors, write_json
 from policy.model import PolicyConfig
-from sae.logger import resolve_wandb_mode
-from sae.runs import check_name, load_policy
+from policy.logger import resolve_wandb_mode
+from policy.runs import check_name, load_policy
 
 
 def test_names_with_a_trailing_newline_are_refused():

@@ -11,7 +11,7 @@ import torch
 
 from policy.rl4co import load_checkpoint, read_lightning_checkpoint
 from policy.torch_files import RestrictedUnpickler, Stub
-from sae.runs import load_policy
+from policy.runs import load_policy
 
 TOL = 1e-5
 

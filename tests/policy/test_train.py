@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import policy.train as train_mod
 from policy.model import PolicyConfig
 from policy.train import Interrupted, TrainConfig, run
-from sae.logger import RunLogger
+from policy.logger import RunLogger
 
 
 def _cfg(tmp_path, name, **kw):
@@ -102,7 +102,7 @@ def test_a_broken_wandb_never_fails_the_run(tmp_path, monkeypatch):
 
 
 def test_auto_mode_is_offline_without_credentials(monkeypatch, tmp_path):
-    from sae.logger import resolve_wandb_mode
+    from policy.logger import resolve_wandb_mode
 
     monkeypatch.delenv("WANDB_MODE")  # set by the suite's fixture, and auto defers to it
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from sae import collect_activations as collect_cli
 from sae.hooks import HookedPolicy
-from sae.runs import load_policy
+from policy.runs import load_policy
 from sae.store import open_dump, read_registry
 
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from sae import collect_activations, train_topk
 from sae import store as store_mod
-from sae.runs import new_run_folder, resume_folder
+from policy.runs import new_run_folder, resume_folder
 from sae.store import (
     DumpWriter,
     open_dump,

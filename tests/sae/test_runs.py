@@ -4,15 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae.runs import (
-    activations_root,
-    clt_activations_dir,
-    list_checkpoints,
-    load_policy,
-    resolve_run_dir,
-    sae_activations_dir,
-    sae_runs_dir,
-)
+from policy.runs import list_checkpoints, load_policy, resolve_run_dir
+from sae.runs import activations_root, clt_activations_dir, sae_activations_dir, sae_runs_dir
 
 
 @pytest.mark.parametrize("name", ["../outside", "..", "a/../../b"])

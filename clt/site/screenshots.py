@@ -1,9 +1,9 @@
 """Headless Chromium for the docs site: the browser the tests drive, and the README's screenshots.
 
-    python -m clt.screenshots [--out docs/img]     # overview.png, clt_graph.png, feature.png of docs/
+    python -m clt.site.screenshots [--out docs/img]     # overview.png, clt_graph.png, feature.png of docs/
 
 Uses Selenium with the system's Chromium and ChromeDriver (Debian: `apt-get install chromium
-chromium-driver`); nothing is downloaded. The site is served by clt.viewer on a free port.
+chromium-driver`); nothing is downloaded. The site is served by clt.site.viewer on a free port.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from clt.viewer import DOCS_DIR, make_server
+from clt.site.viewer import DOCS_DIR, make_server
 from policy.cli import command
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
@@ -59,7 +59,7 @@ def chromium(width: int = 1400, height: int = 1000) -> Iterator:
 
 @contextmanager
 def serve(docs_dir: str | Path = DOCS_DIR) -> Iterator[str]:
-    """clt.viewer's server for docs_dir on a free port, in a thread; yields its base URL."""
+    """clt.site.viewer's server for docs_dir on a free port, in a thread; yields its base URL."""
     server = make_server(docs_dir, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -114,7 +114,7 @@ def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--docs_dir", default=str(DOCS_DIR), help="The site folder (with data/site.js from clt.export_docs).")
+@click.option("--docs_dir", default=str(DOCS_DIR), help="The site folder (with data/site.js from clt.site.export).")
 @click.option("--out", default=str(DOCS_DIR / "img"), help="Where to write the PNGs.")
 def main(docs_dir, out):
     """Screenshot the overview, the CLT graph and a feature page in headless Chromium."""

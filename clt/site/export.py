@@ -1,11 +1,11 @@
-"""Export what a run has produced into the docs site's data: `python -m clt.export_docs --run_dir R`.
+"""Export what a run has produced into the docs site's data: `python -m clt.site.export --run_dir R`.
 
 Gathers the policy (size, gap to the reference solver), every SAE run and transcoder run (the
 newest finished one per hook or pair, with its summary.json and clt.eval's eval/metrics.json),
 and, on fresh instances run through the policy, for each dictionary's most active features:
 - their top-activating instances (coordinates, the greedy tour, the feature's activation at each node);
 - their activation histogram, strongest decoder channels, and up- and downstream features by
-  direct-path virtual weight (clt.dictionaries), SAE features upstream of transcoder features included;
+  direct-path virtual weight (clt.graph.weights), SAE features upstream of transcoder features included;
 - the layer-to-layer graphs the site draws: `sae` (the SAEs), `mlp` (per-layer mlp_in -> mlp_out
   transcoders), `residual` (the other pairwise transcoders), `multilayer` (the multi-layer CLT's layers).
 
@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clt.dictionaries import Dictionary, find_dictionaries, norm_scales, stream_position, virtual_weights
+from clt.graph.weights import Dictionary, find_dictionaries, norm_scales, stream_position, virtual_weights
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import generate, tour_length
 from policy.io import atomic_write, read_json
-from sae.hooks import HookedPolicy
+from sae.hooks import HookedPolicy, parse_layer_hook
 from sae.model import SAEConfig
-from sae.runs import load_policy, resolve_run_dir
+from policy.runs import load_policy, resolve_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,15 @@ class ExportConfig:
     """Edges kept per graph, by |attribution|."""
     checkpoint: int | None = None
     """Policy checkpoint epoch [default: the latest]."""
+    dictionaries: tuple[str, ...] = ()
+    """SAE / transcoder run folders to show [default: the newest finished one of every hook and pair]."""
     device: str = "cpu"
     """torch device."""
 
     def __post_init__(self):
         check_types(self)
         check_device(self.device)
+        self.dictionaries = tuple(self.dictionaries)
         if min(self.num_instances, self.features, self.top_instances, self.edges) < 1:
             raise ValueError("num_instances, features, top_instances and edges must be positive")
         if self.top_instances > self.num_instances:
@@ -78,8 +81,9 @@ def view_of(d: Dictionary) -> str:
     if d.kind == "clt_layer":
         return "multilayer"
     (target,) = d.writes
-    same_layer = d.read_hook.split(".")[0] == target.split(".")[0]
-    return "mlp" if same_layer and d.read_hook.endswith(".mlp_in") and target.endswith(".mlp_out") else "residual"
+    read, write = parse_layer_hook(d.read_hook), parse_layer_hook(target)
+    mlp = read and write and read.layer == write.layer and (read.point, write.point) == ("mlp_in", "mlp_out")
+    return "mlp" if mlp else "residual"
 
 
 def sig4(x) -> float:
@@ -186,12 +190,17 @@ def run(cfg: ExportConfig) -> Path:
     """Export; returns the path of site.json."""
     run_dir = resolve_run_dir(cfg.run_dir)
     policy = load_policy(run_dir, cfg.checkpoint, cfg.device)
-    dicts = find_dictionaries(run_dir)
     n_layers = policy.config.policy.num_encoder_layers
-    position = {d.id: stream_position(d.read_hook, n_layers, write=False) for d in dicts}
-    for d in dicts:
+    dicts, position = [], {}
+    for d in find_dictionaries(run_dir, cfg.dictionaries):
+        position[d.id] = stream_position(d.read_hook, n_layers, write=False)
         if position[d.id] is None:
-            raise ValueError(f"{d.id} reads {d.read_hook}, which is not on the residual stream; it cannot be exported")
+            log.warning("skipping %s: it reads %s, which is not on the residual stream the site draws", d.id,
+                        d.read_hook)  # fmt: skip
+        else:
+            dicts.append(d)
+    if not dicts:
+        raise ValueError("none of the dictionaries reads the residual stream; nothing to export")
     dicts.sort(key=lambda d: (position[d.id], max(stream_position(h, n_layers, write=True) or 0 for h in d.writes)))
     n_nodes = policy.config.num_loc
     locs = generate(cfg.num_instances, n_nodes, policy.config.distribution, seed=cfg.seed).to(cfg.device)
@@ -257,7 +266,7 @@ def main(**options):
     """Export a run's SAEs, transcoders, metrics, graphs and feature pages as the docs site's data."""
     with command():
         path = run(ExportConfig(**options))
-    click.echo(f"site data written to {path} ({path.stat().st_size / 1e6:.1f} MB); view with python -m clt.viewer")
+    click.echo(f"site data written to {path} ({path.stat().st_size / 1e6:.1f} MB); view with python -m clt.site.viewer")
 
 
 if __name__ == "__main__":

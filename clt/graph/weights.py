@@ -23,22 +23,20 @@ Stream positions in the post-norm layer i (h = Norm1(x + MHA(x)); out = Norm2(h 
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from clt.graph import raw_decoder, raw_encoder
-from clt.model import load_transcoder
+from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.multilayer import MultiLayerTranscoder
 from clt.pairs import LayerPair
-from clt.summarize import newest_runs
 from policy.model import AttentionModel
-from sae.model import load_sae
+from sae.hooks import parse_layer_hook
+from sae.model import TopKSAE, load_sae
+from sae.runs import finished_runs, is_finished
 
-_HOOK = re.compile(r"^encoder_layer_(\d+)(?:\.(input|attn_out|mlp_in|mlp_out))?$")
 _READ = {"input": 0.0, "mlp_in": 1.0, None: 2.0}  # points a dictionary can read (attn_out, mlp_out are not streams)
 _WRITE = {"input": 0.0, "attn_out": 0.5, "mlp_in": 1.0, "mlp_out": 1.5, None: 2.0}
 
@@ -51,11 +49,11 @@ def stream_position(hook: str, n_layers: int, write: bool) -> float | None:
         return 0.0
     if hook == "encoder_output":
         return 2.0 * n_layers
-    match = _HOOK.match(hook)
-    if not match:
+    parsed = parse_layer_hook(hook)
+    if parsed is None:
         return None
-    offset = (_WRITE if write else _READ).get(match.group(2))
-    return None if offset is None else 2 * int(match.group(1)) + offset
+    offset = (_WRITE if write else _READ).get(parsed.point)
+    return None if offset is None else 2 * parsed.layer + offset
 
 
 @dataclass
@@ -84,17 +82,31 @@ class Dictionary:
     def hooks(self) -> list[str]:
         """Every hook `codes` reads from the cache."""
         if self.kind == "clt_layer":
-            layer = int(self.read_hook.split(".")[0].rsplit("_", 1)[1])
-            return [f"encoder_layer_{i}.mlp_in" for i in range(layer + 1)]
+            return [f"encoder_layer_{i}.mlp_in" for i in range(parse_layer_hook(self.read_hook).layer + 1)]
         return [self.read_hook]
 
 
-def load_sae_dictionary(folder: str | Path, hook: str) -> Dictionary:
-    sae = load_sae(folder)
+def sae_dictionary(sae: TopKSAE, hook: str, folder: str | Path = "") -> Dictionary:
+    """A TopK SAE on `hook`: reads it, writes its reconstruction back to it."""
     return Dictionary(
         f"sae/{hook}", "sae", f"SAE {hook}", Path(folder), hook, sae.W_enc.detach().T, {hook: sae.W_dec.detach()},
         lambda cache: sae.encode(cache[hook]),
     )  # fmt: skip
+
+
+def transcoder_dictionary(
+    model: CrossLayerTranscoder, pair: str, folder: str | Path = "", hooks: LayerPair | None = None
+) -> Dictionary:
+    """A pairwise transcoder: reads its source hook, writes its target hook (`hooks`, default: the pair's name's)."""
+    hooks = hooks or LayerPair.from_name(pair)
+    return Dictionary(
+        f"clt/{pair}", "transcoder", pair.removeprefix("clt_"), Path(folder), hooks.source,
+        model.raw_encoder(), {hooks.target: model.raw_decoder()}, lambda cache: model.encode(cache[hooks.source]),
+    )  # fmt: skip
+
+
+def load_sae_dictionary(folder: str | Path, hook: str) -> Dictionary:
+    return sae_dictionary(load_sae(folder), hook, folder)
 
 
 def load_transcoder_dictionaries(folder: str | Path, pair: str) -> list[Dictionary]:
@@ -102,39 +114,34 @@ def load_transcoder_dictionaries(folder: str | Path, pair: str) -> list[Dictiona
     model = load_transcoder(folder)
     if isinstance(model, MultiLayerTranscoder):
         return [_clt_layer(model, Path(folder), pair, i) for i in range(model.cfg.n_layers)]
-    hooks = LayerPair.from_name(pair)
-    return [Dictionary(
-        f"clt/{pair}", "transcoder", pair.removeprefix("clt_"), Path(folder), hooks.source,
-        raw_encoder(model), {hooks.target: raw_decoder(model)}, lambda cache: model.encode(cache[hooks.source]),
-    )]  # fmt: skip
+    return [transcoder_dictionary(model, pair, folder)]
 
 
 def _clt_layer(model: MultiLayerTranscoder, folder: Path, pair: str, i: int) -> Dictionary:
     cfg, mlp_in = model.cfg, [f"encoder_layer_{j}.mlp_in" for j in range(i + 1)]
-    encoder = model.W_enc[i].detach()
-    if cfg.normalize_source == "standard":
-        encoder = encoder / model.src_std[i]
-    writes = {}
-    for m in range(i, cfg.n_layers):
-        w = model.W_dec[i][:, m - i].detach()
-        writes[f"encoder_layer_{m}.mlp_out"] = w * model.tgt_std[m] if cfg.normalize_target == "standard" else w
+    writes = {f"encoder_layer_{m}.mlp_out": model.raw_decoder(i, m) for m in range(i, cfg.n_layers)}
 
     def codes(cache: dict[str, torch.Tensor]) -> torch.Tensor:
         return model.encode(torch.stack([cache[h] for h in mlp_in]))[i]
 
-    return Dictionary(f"clt/{pair}/L{i}", "clt_layer", f"CLT L{i}", folder, mlp_in[-1], encoder, writes, codes)
+    return Dictionary(f"clt/{pair}/L{i}", "clt_layer", f"CLT L{i}", folder, mlp_in[-1], model.raw_encoder(i), writes,
+                      codes)  # fmt: skip
 
 
-def find_dictionaries(run_dir: Path) -> list[Dictionary]:
-    """The newest finished SAE of every hook, then the newest finished transcoder of every pair."""
+def find_dictionaries(run_dir: Path, folders: Iterable[str | Path] = ()) -> list[Dictionary]:
+    """The dictionaries of the given SAE / transcoder run folders; when none are given, the newest finished SAE
+    of every hook, then the newest finished transcoder of every pair (sae.runs.finished_runs)."""
+    chosen = [Path(f) for f in folders] or [
+        runs[-1] for kind in ("sae", "clt") for runs in finished_runs(run_dir, kind).values()
+    ]
     found = []
-    sae_root = run_dir / "sae" / "sae_runs"
-    for hook_dir in sorted(p for p in sae_root.iterdir() if p.is_dir()) if sae_root.is_dir() else []:
-        folders = [f for f in hook_dir.iterdir() if (f / "model.safetensors").is_file()]
-        if folders:
-            found.append(load_sae_dictionary(max(folders), hook_dir.name))
-    for folder in newest_runs(run_dir):
-        found += load_transcoder_dictionaries(folder, folder.parent.name)
+    for folder in chosen:
+        kind = folder.resolve().parent.parent.name
+        if kind not in ("sae_runs", "clt_runs") or not is_finished(folder):
+            raise ValueError(f"{folder} is not a finished SAE or transcoder run folder (<run>/sae/sae_runs/<hook>/"
+                             "<timestamp> or <run>/clt/clt_runs/<pair>/<timestamp>, with model.safetensors)")  # fmt: skip
+        name = folder.resolve().parent.name
+        found += [load_sae_dictionary(folder, name)] if kind == "sae_runs" else load_transcoder_dictionaries(folder, name)
     if not found:
         raise FileNotFoundError(
             f"no trained SAE or transcoder in {run_dir}: train one (sae.train_topk, clt.train_transcoder)"
@@ -170,7 +177,11 @@ def norm_scales(model: AttentionModel, locs: torch.Tensor) -> list[torch.Tensor]
 
 
 def path_scale(scales: list[torch.Tensor], write_hook: str, read_hook: str) -> torch.Tensor | None:
-    """[d] channel scale from a write to a later read along the residual stream; None when there is no path."""
+    """[d] channel scale from a write to a later read along the residual stream; None when there is no path.
+
+    A read of the very hook that is written (an SAE on a transcoder's source or target) is the identity."""
+    if write_hook == read_hook:
+        return torch.ones(())
     n_layers = len(scales) // 2
     w = stream_position(write_hook, n_layers, write=True)
     r = stream_position(read_hook, n_layers, write=False)

@@ -1,4 +1,4 @@
-"""Serve the docs site on localhost: `python -m clt.viewer [--port 8000]`, then open the printed address."""
+"""Serve the docs site on localhost: `python -m clt.site.viewer [--port 8000]`, then open the printed address."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from policy.cli import command
 
 log = logging.getLogger(__name__)
 
-DOCS_DIR = Path(__file__).resolve().parents[1] / "docs"
-"""The repository's docs/: SITE_FILES, data/ (clt.export_docs) and img/ (clt.screenshots)."""
+DOCS_DIR = Path(__file__).resolve().parents[2] / "docs"
+"""The repository's docs/: SITE_FILES, data/ (clt.site.export) and img/ (clt.site.screenshots)."""
 SITE_FILES = ("index.html", "app.js", "style.css")
 """The site itself: everything but its data."""
 
@@ -44,7 +44,7 @@ def make_server(docs_dir: str | Path = DOCS_DIR, port: int = 8000, host: str = "
     if not (docs_dir / "index.html").is_file():
         raise FileNotFoundError(f"{docs_dir} has no index.html: point --docs_dir at the repository's docs/ folder")
     if not (docs_dir / "data" / "site.js").is_file():
-        log.warning("%s/data/site.js is missing: run python -m clt.export_docs --run_dir <run> first", docs_dir)
+        log.warning("%s/data/site.js is missing: run python -m clt.site.export --run_dir <run> first", docs_dir)
     handler = functools.partial(QuietHandler, directory=str(docs_dir))
     try:
         return http.server.ThreadingHTTPServer((host, port), handler)

@@ -1,0 +1,87 @@
+"""How a transcoder scales its two sides: `none`, `center` or `standard` from the pair's stored statistics.
+
+    normalize(x)   = (x - mean) / std    standard
+                   =  x - mean           center
+                   =  x                  none
+    denormalize(y) = the inverse
+
+The statistics live in the model as buffers, so a transcoder takes raw sources and returns raw
+targets. `raw_encoder` / `raw_decoder` undo the scaling of its weights: weights in raw activation
+units, for virtual weights and attribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NORMALIZATIONS = ("none", "center", "standard")
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, mode: str) -> torch.Tensor:
+    """(x - mean) / std for `standard`, x - mean for `center`, x for `none`."""
+    if mode == "none":
+        return x
+    x = x - mean.to(x.device)
+    return x / std.to(x.device) if mode == "standard" else x
+
+
+def denormalize(y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, mode: str) -> torch.Tensor:
+    """The inverse of `normalize`."""
+    if mode == "none":
+        return y
+    y = y * std.to(y.device) if mode == "standard" else y
+    return y + mean.to(y.device)
+
+
+@torch.no_grad()
+def store_statistics(model: torch.nn.Module, src_mean, src_std, tgt_mean, tgt_std) -> None:
+    """Copy a pair's statistics into a transcoder's buffers (stds floored at 1e-6) and start its b_dec at the
+    target mean in the space it predicts in (the mean itself with normalize_target none, zero otherwise)."""
+    for name, value in (("src_mean", src_mean), ("src_std", src_std), ("tgt_mean", tgt_mean), ("tgt_std", tgt_std)):
+        getattr(model, name).copy_(torch.as_tensor(value, dtype=torch.float32))
+    model.src_std.clamp_(min=1e-6)
+    model.tgt_std.clamp_(min=1e-6)
+    none = model.cfg.normalize_target == "none"
+    model.b_dec.copy_(model.tgt_mean if none else torch.zeros_like(model.tgt_mean))
+
+
+@dataclass
+class Normalizer:
+    """x -> (x - mean) / std (standard), x - mean (center) or x (none); and back."""
+
+    mode: str
+    mean: torch.Tensor  # [d]
+    std: torch.Tensor  # [d]
+
+    def __post_init__(self):
+        if self.mode not in NORMALIZATIONS:
+            raise ValueError(f"normalisation must be one of {NORMALIZATIONS}, got {self.mode!r}")
+        self.std = self.std.clamp_min(1e-6)
+
+    @classmethod
+    def from_dump(cls, dump, array: str, mode: str) -> Normalizer:
+        """From a dump's stored per-dim statistics of `array` (sae.store.Dump)."""
+        mean, std = dump.stats(array)
+        return cls(mode, torch.from_numpy(mean), torch.from_numpy(std))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, self.mean, self.std, self.mode)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return denormalize(y, self.mean, self.std, self.mode)
+
+
+def raw_encoder(w_enc: torch.Tensor, src_std: torch.Tensor, mode: str) -> torch.Tensor:
+    """Encoder rows [features, d] that read raw sources: W_enc / std when the source is standardised.
+
+    (A centred source only shifts the bias, which raw-unit weights leave out.)"""
+    w = w_enc.detach()
+    return w / src_std if mode == "standard" else w
+
+
+def raw_decoder(w_dec: torch.Tensor, tgt_std: torch.Tensor, mode: str) -> torch.Tensor:
+    """Decoder rows [features, d] in raw target units: W_dec * std when the target is standardised."""
+    w = w_dec.detach()
+    return w * tgt_std if mode == "standard" else w
