@@ -71,7 +71,7 @@ if [[ $COLLECT -eq 1 ]]; then
 fi
 if [[ -z "$PAIRS" ]]; then
   [[ -n "$CONFIG" ]] || { echo "train_clt.sh: give --pairs or --config" >&2; exit 2; }
-  PAIRS=$("$PYTHON" -m clt.pairs "$CONFIG")
+  PAIRS=$("$PYTHON" -m clt.list_pairs "$CONFIG")
 fi
 
 folders=()

@@ -24,9 +24,9 @@ import click
 import numpy as np
 import torch
 
+from policy.runs import load_policy
 from sae.collect import collect, instance_batches
 from sae.hooks import HookedPolicy
-from policy.runs import load_policy
 from sae.store import DumpWriter
 
 
@@ -37,7 +37,7 @@ def naive_collect(hooked: HookedPolicy, batches, keep: list[str]) -> dict[str, n
     def grab(x, name):
         stored[name].append(x.detach().cpu().numpy().copy())
 
-    with torch.no_grad(), hooked.hooks({name: grab for name in hooked.hook_names()}):
+    with torch.no_grad(), hooked.hooks(dict.fromkeys(hooked.hook_names(), grab)):
         for locs in batches:
             hooked.model(locs)
     return {name: np.concatenate([a.reshape(-1, a.shape[-1]) for a in stored[name]]) for name in keep}
@@ -56,7 +56,7 @@ def time_collectors(run_dir: str, num_instances: int, batch_size: int) -> dict:
     hooked.run_with_cache(next(batches()), names)  # warm-up
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
-        with DumpWriter(Path(tmp) / "dump", {k: loaded.config.policy.embed_dim for k in names}, rows) as writer:
+        with DumpWriter(Path(tmp) / "dump", dict.fromkeys(names, loaded.config.policy.embed_dim), rows) as writer:
             collect(hooked, batches(), [(writer, {k: k for k in names})], num_instances)
             writer.finish({})
         fast = time.perf_counter() - tic

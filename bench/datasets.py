@@ -103,8 +103,9 @@ def main(gb, budget_gb, batch_size, folder, child, path):
         dump = Path(tmp) / "pair"
         tic = time.perf_counter()
         rows = write_dump(dump, gb)
-        result = {"dump_gb": round(sum(p.stat().st_size for p in dump.glob("*.npy")) / 1e9, 3), "rows": rows,
-                  "batch_size": batch_size, "write_seconds": round(time.perf_counter() - tic, 1), "budget_gb": budget_gb}  # fmt: skip
+        size = sum(p.stat().st_size for p in dump.glob("*.npy"))
+        result = {"dump_gb": round(size / 1e9, 3), "rows": rows, "batch_size": batch_size,
+                  "write_seconds": round(time.perf_counter() - tic, 1), "budget_gb": budget_gb}  # fmt: skip
         drop_page_cache(dump)
         result["disk_cold"] = run_child(dump, "disk", batch_size)
         result["disk_warm"] = run_child(dump, "disk", batch_size)

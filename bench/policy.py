@@ -19,8 +19,8 @@ import torch
 
 from policy.env import generate
 from policy.model import AttentionModel
-from policy.train import train_step
 from policy.runs import load_policy
+from policy.train import train_step
 
 
 def _median_seconds(fn, repeats: int) -> float:

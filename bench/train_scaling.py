@@ -25,10 +25,10 @@ from clt.metrics import layer_reconstructions
 from clt.model import CrossLayerTranscoder, TranscoderConfig
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.train_transcoder import TrainingForward, train_step
-from policy.env import generate
 from policy.distributed import init_distributed, shutdown, synchronize
-from sae.hooks import HookedPolicy
+from policy.env import generate
 from policy.runs import load_policy
+from sae.hooks import HookedPolicy
 
 BATCH = 4096
 

@@ -25,9 +25,9 @@ from clt.pairs import LayerPair, PairsConfig, default_config_path, parse_pairs, 
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS
+from policy.runs import load_policy
 from sae.collect import INSTANCE_CHUNK, collect, hook_dims, instance_batches
 from sae.hooks import HookedPolicy
-from policy.runs import load_policy
 from sae.runs import activations_root, clt_activations_dir
 from sae.store import (
     DTYPES,

@@ -23,6 +23,7 @@ from sae.hooks import hook_names
 from sae.runs import clt_activations_dir, owning_run
 from sae.store import Dump, open_dump, read_registry, registered_dump
 
+
 def find_pair(run_dir: Path, pair: str, root: Path | None = None) -> Path:
     """A pair dump's folder: from the run's registry (checked: not dangling, not half-replaced), else the
     default location."""

@@ -40,8 +40,8 @@ from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from policy.io import atomic_write, read_json, write_json
-from sae.hooks import HookedPolicy
 from policy.runs import load_policy, resolve_run_dir
+from sae.hooks import HookedPolicy
 from sae.runs import newest_finished, owning_run
 
 log = logging.getLogger(__name__)

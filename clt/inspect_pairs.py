@@ -32,7 +32,8 @@ def run(
 
 
 def format_table(reports: list[dict]) -> str:
-    head = f"{'pair':<30}{'rows':>9}{'|src|':>8}{'|tgt|':>8}{'rank s/t':>12}{'zero%':>7}{'|corr|':>8}{'ridge R2':>10}{'ridge FVU':>10}"
+    head = f"{'pair':<30}{'rows':>9}{'|src|':>8}{'|tgt|':>8}{'rank s/t':>12}{'zero%':>7}{'|corr|':>8}"
+    head += f"{'ridge R2':>10}{'ridge FVU':>10}"
     lines = [head, "-" * len(head)]
     for r in reports:
         ridge = r["ridge"] or {"r2": float("nan"), "fvu": float("nan")}

@@ -88,7 +88,7 @@ def layer_reconstructions(model, batches: Iterable[tuple[torch.Tensor, torch.Ten
             float(t["counts"][i].sum() / rows),
             t["counts"][i] / rows,
             t["z_sum"][i] / rows,
-        )  # fmt: skip
+        )
         for i in range(len(sst))
     ]
 

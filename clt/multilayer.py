@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clt.normalization import NORMALIZATIONS, denormalize, normalize, raw_decoder, raw_encoder, store_statistics
 from clt.jumprelu import jump_relu
+from clt.normalization import NORMALIZATIONS, denormalize, normalize, raw_decoder, raw_encoder, store_statistics
 from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode, update_threshold_
 from sae.model import normalize_rows_, remove_parallel_gradient_, resolve_k, save_model
 

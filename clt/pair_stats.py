@@ -81,7 +81,10 @@ def inspect_pair(dump: Dump, val_ratio: float = 0.1, seed: int = 0) -> dict:
     is_val = np.zeros(dump.num_instances, dtype=bool)
     is_val[val_ids] = True
     train_m, val_m = Moments(src.shape[1], tgt.shape[1]), Moments(src.shape[1], tgt.shape[1])
-    rms = {side: float(np.sqrt((np.asarray(dump.stats(side)[0], np.float64) ** 2 + np.asarray(dump.stats(side)[1], np.float64) ** 2).mean())) for side in ("sources", "targets")}  # fmt: skip
+    rms = {}  # each side's root mean square entry, from the stored per-dim mean and std
+    for side in ("sources", "targets"):
+        mean, std = (np.asarray(v, np.float64) for v in dump.stats(side))
+        rms[side] = float(np.sqrt((mean**2 + std**2).mean()))
     norms = {"sources": [], "targets": []}
     near_zero = {"sources": 0, "targets": 0}
     cross = np.zeros((src.shape[1], tgt.shape[1]))

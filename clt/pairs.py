@@ -20,10 +20,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
-
 from policy.checks import check_types
-from policy.cli import command
 from policy.io import read_json
 from sae.hooks import parse_layer_hook
 
@@ -43,7 +40,7 @@ class LayerPair:
 
     @classmethod
     def from_name(cls, name: str) -> LayerPair:
-        """The hooks of a pair name: `clt_L0.mlp_in_to_L0.mlp_out` -> encoder_layer_0.mlp_in, encoder_layer_0.mlp_out."""
+        """The hooks of a pair name: `clt_L0.mlp_in_to_L0.mlp_out` -> encoder_layer_0.mlp_in, .mlp_out of layer 0."""
         match = _PAIR_NAME.match(name)
         if not match:
             raise ValueError(f"{name!r} is not a pair name (clt_<source>_to_<target>, e.g. clt_L0_to_L2)")
@@ -154,18 +151,3 @@ def read_pairs_config(path: str | Path) -> PairsConfig:
 
 def default_config_path(run_name: str) -> Path:
     return CONFIG_DIR / f"{run_name}.json"
-
-
-@click.command()
-@click.argument("config", type=click.Path(dir_okay=False))
-def main(config):
-    """Print the pair names that the pairs CONFIG file lists, one per line (used by train_clt.sh)."""
-    with command():
-        for item in read_pairs_config(config).layer_pairs:
-            if item.count(":") != 1:
-                raise ValueError(f"a layer pair is 'source:target', got {item!r}")
-            click.echo(LayerPair(*(part.strip() for part in item.split(":"))).name)
-
-
-if __name__ == "__main__":
-    main()

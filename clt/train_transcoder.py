@@ -34,14 +34,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from clt.datasets import MULTILAYER, MultiLayerDataset, PairDataset, layer_pair_names, pair_name, pair_path
-from clt.normalization import NORMALIZATIONS
-from clt.pair_stats import inspect_pair
 from clt.metrics import layer_reconstructions
 from clt.model import ACTIVATIONS, CrossLayerTranscoder, Penalty, TranscoderConfig
 from clt.multilayer import MULTILAYER_ACTIVATIONS, MultiLayerConfig, MultiLayerTranscoder
+from clt.normalization import NORMALIZATIONS
+from clt.pair_stats import inspect_pair
 from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
-from policy.io import read_json, write_json
 from policy.distributed import (
     SINGLE_PROCESS,
     DistInfo,
@@ -52,6 +51,7 @@ from policy.distributed import (
     shutdown,
     synchronize,
 )
+from policy.io import read_json, write_json
 from policy.logger import WANDB_MODES, RunLogger
 from policy.runs import new_run_folder, read_config, resolve_run_dir, resume_folder, resumed_settings, stored_path
 from sae.runs import clt_runs_dir

@@ -16,13 +16,13 @@ from functools import partial
 
 import torch
 
-from clt.pair_stats import Moments, ridge_baseline
 from clt.metrics import reconstruction
 from clt.model import CrossLayerTranscoder
+from clt.pair_stats import Moments, ridge_baseline
 from clt.splice import REPLACEMENTS, pair_hooks, replacement, splice_metrics
 from policy.env import generate
-from sae.hooks import HookedPolicy
 from policy.runs import LoadedPolicy
+from sae.hooks import HookedPolicy
 
 
 @dataclass

@@ -22,8 +22,8 @@ import torch
 from clt.graph.weights import Dictionary, find_dictionaries, norm_scales, virtual_weights
 from clt.splice import pair_hooks, splice_metrics
 from policy.env import generate
-from sae.hooks import HookedPolicy
 from policy.runs import load_policy, resolve_run_dir
+from sae.hooks import HookedPolicy
 
 
 def node_properties(locs: torch.Tensor, tours: torch.Tensor) -> dict[str, np.ndarray]:
@@ -31,7 +31,8 @@ def node_properties(locs: torch.Tensor, tours: torch.Tensor) -> dict[str, np.nda
     dist = torch.cdist(locs, locs) + torch.eye(locs.shape[1]) * 1e9
     visit = torch.empty_like(tours)
     visit.scatter_(1, tours, torch.arange(tours.shape[1]).expand_as(tours))
-    return {"x": locs[..., 0], "y": locs[..., 1], "distance to centre": (locs - locs.mean(1, keepdim=True)).norm(dim=-1),
+    centre = locs.mean(1, keepdim=True)
+    return {"x": locs[..., 0], "y": locs[..., 1], "distance to centre": (locs - centre).norm(dim=-1),
             "nearest neighbour": dist.min(-1).values, "visit step": visit.float()}  # fmt: skip
 
 

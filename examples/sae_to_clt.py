@@ -20,8 +20,8 @@ import torch
 
 from clt.graph.weights import find_dictionaries, norm_scales, virtual_weights
 from policy.env import generate
-from sae.hooks import HookedPolicy
 from policy.runs import load_policy, resolve_run_dir
+from sae.hooks import HookedPolicy
 
 
 @click.command(context_settings={"show_default": True})

@@ -98,7 +98,7 @@ def tour_length(locs: torch.Tensor, tours: torch.Tensor) -> torch.Tensor:
 
     locs: [batch, node, 2]; tours: [batch, node] -> [batch], or [batch, S, node] -> [batch, S].
     """
-    b, n, _ = locs.shape
+    b = locs.shape[0]
     flat = tours.reshape(b, -1)  # [batch, S * node]
     ordered = torch.gather(locs, 1, flat[..., None].expand(-1, -1, 2)).view(*tours.shape, 2)
     rolled = torch.roll(ordered, shifts=-1, dims=-2)

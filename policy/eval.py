@@ -118,7 +118,8 @@ def format_report(report: dict) -> str:
     lines = [
         f"{report['run_dir']} (epoch {report['checkpoint_epoch']}): {report['num_instances']} {report['distribution']} "
         f"TSP{report['num_loc']} instances",
-        f"reference: {ref['solver']}, mean length {ref['mean_length']:.4f}, {ref['seconds_per_instance'] * 1e3:.2f} ms/instance",
+        f"reference: {ref['solver']}, mean length {ref['mean_length']:.4f}, "
+        f"{ref['seconds_per_instance'] * 1e3:.2f} ms/instance",
         f"{'mode':<28}{'mean length':>12}{'gap %':>9}{'ms/inst':>10}",
     ]
     for name, m in report["modes"].items():

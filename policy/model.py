@@ -187,7 +187,7 @@ class Decoder(nn.Module):
         visited: torch.Tensor,  # [batch, S, node] bool
     ) -> torch.Tensor:
         """Raw pointer scores (before tanh clipping and masking) -> [batch, S, node]."""
-        b, s, n = visited.shape
+        b, s, _ = visited.shape
         d = cache.logit_key.size(-1)
         if first is None:
             context = self.project_context(self.W_placeholder).expand(b, s, d)

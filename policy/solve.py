@@ -24,8 +24,8 @@ from policy.cli import command
 from policy.env import check_locs, scale_to_unit_square
 from policy.inference import AUGMENTS, DECODE_MODES, solve
 from policy.io import save_npy
-from policy.tsplib import TsplibInstance, read_tsplib
 from policy.runs import load_policy
+from policy.tsplib import TsplibInstance, read_tsplib
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ def main(augment, **options):
     click.echo(f"wrote {b} tour(s) of {n} nodes to {options['out']}")
     if result.tsplib_length is not None:
         click.echo(
-            f"tour length: {result.lengths[0]:.2f} (Euclidean, file units); TSPLIB EUC_2D length: {result.tsplib_length}"
+            f"tour length: {result.lengths[0]:.2f} (Euclidean, file units); "
+            f"TSPLIB EUC_2D length: {result.tsplib_length}"
         )
     else:
         click.echo(f"mean tour length: {result.lengths.mean():.4f}")

@@ -30,11 +30,11 @@ from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.io import read_json, save_npy, save_tensors, save_torch, write_json
+from policy.logger import WANDB_MODES, RunLogger, truncate_metrics
 from policy.model import NORMALIZATIONS, AttentionModel, PolicyConfig
+from policy.runs import check_name, resumed_settings
 from policy.signals import GracefulStop, Interrupted
 from policy.torch_files import load_torch_file
-from policy.logger import WANDB_MODES, RunLogger, truncate_metrics
-from policy.runs import check_name, resumed_settings
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,7 @@ class TsplibInstance:
     def euc_2d_length(self, tour: list[int]) -> int:
         """Tour length as TSPLIB defines it for EUC_2D: each edge rounded to the nearest integer."""
         pts = self.coords.tolist()
-        return sum(
-            int(math.floor(math.dist(pts[a], pts[b]) + 0.5)) for a, b in zip(tour, tour[1:] + tour[:1], strict=True)
-        )
+        return sum(math.floor(math.dist(pts[a], pts[b]) + 0.5) for a, b in zip(tour, tour[1:] + tour[:1], strict=True))
 
 
 def read_tsplib(path: str | Path) -> TsplibInstance:

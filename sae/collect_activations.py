@@ -20,9 +20,9 @@ import click
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS
+from policy.runs import load_policy
 from sae.collect import INSTANCE_CHUNK, collect, hook_dims, instance_batches
 from sae.hooks import HookedPolicy
-from policy.runs import load_policy
 from sae.runs import activations_root, sae_activations_dir
 from sae.store import (
     DTYPES,
@@ -33,6 +33,7 @@ from sae.store import (
     register_dataset,
     reusable,
 )
+
 
 @dataclass
 class CollectConfig:

@@ -27,7 +27,7 @@ def split_instances(num_instances: int, val_ratio: float, seed: int) -> tuple[np
     if not 0 <= val_ratio < 1:
         raise ValueError(f"val_ratio must be in [0, 1), got {val_ratio}")
     order = np.random.default_rng(seed).permutation(num_instances)
-    num_val = int(round(num_instances * val_ratio))
+    num_val = round(num_instances * val_ratio)
     if val_ratio > 0 and num_val == 0 and num_instances > 1:
         num_val = 1
     if num_val >= num_instances:

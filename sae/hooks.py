@@ -54,7 +54,9 @@ def parse_layer_hook(name: str) -> LayerHook | None:
 
 def hook_names(n_layers: int) -> list[str]:
     """Every hook name of a policy with `n_layers` encoder layers, in forward order (no model needed)."""
-    layers = [f"encoder_layer_{i}{suffix}" for i in range(n_layers) for suffix in (*(f".{p}" for p in LAYER_POINTS), "")]
+    layers = [
+        f"encoder_layer_{i}{suffix}" for i in range(n_layers) for suffix in (*(f".{p}" for p in LAYER_POINTS), "")
+    ]
     return ["init_embedding", *layers, "encoder_output", *DECODER_POINTS]
 
 
@@ -121,7 +123,7 @@ class HookedPolicy:
         def record(x: torch.Tensor, name: str) -> None:
             cache[name].append(x)
 
-        with self.hooks({n: record for n in names}):
+        with self.hooks(dict.fromkeys(names, record)):
             if any(self.is_decoder_point(n) for n in names):
                 if rollout.get("multistart"):
                     raise ValueError("run_with_cache reads one trajectory per instance; multistart is not supported")

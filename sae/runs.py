@@ -63,6 +63,7 @@ def sae_runs_dir(run_dir: Path, hook: str) -> Path:
 def clt_runs_dir(run_dir: Path, pair: str) -> Path:
     return run_dir / "clt" / "clt_runs" / check_name(pair, "pair name")
 
+
 KINDS = {"sae": sae_runs_dir, "clt": clt_runs_dir}
 """Dictionary kinds: SAEs (one per hook) and transcoders (one per pair)."""
 

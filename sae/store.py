@@ -106,7 +106,7 @@ def _locked(lock_path: Path, busy: str | None = None) -> Iterator[None]:
         held[1] += 1
     else:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a")
+        f = open(lock_path, "a")  # noqa: SIM115 (held open past this block: the lock lives as long as the file)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

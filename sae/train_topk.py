@@ -27,10 +27,10 @@ import torch
 from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
 from policy.io import read_json, write_json
-from sae.data import RowStream, split_instances
 from policy.logger import WANDB_MODES, RunLogger
-from sae.model import SAEConfig, TopKSAE
 from policy.runs import new_run_folder, resolve_run_dir, resume_folder, resumed_settings, stored_path
+from sae.data import RowStream, split_instances
+from sae.model import SAEConfig, TopKSAE
 from sae.runs import sae_runs_dir
 from sae.store import Dump, read_registry, registered_dump
 from sae.trainer import DictionaryTrainer

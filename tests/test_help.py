@@ -18,7 +18,7 @@ CLIS = [
     "clt.inspect_pairs",
     "clt.train_transcoder",
     "clt.summarize",
-    "clt.pairs",
+    "clt.list_pairs",
     "clt.eval",
     "clt.graph.edges",
     "clt.site.export",

@@ -266,7 +266,9 @@ def main(**options):
     """Export a transcoder's strongest edges (and SAE paths) as edges.json and edges.csv beside its evaluation."""
     with command():
         graph = run(EdgesConfig(**options))
-    click.echo(f"{len(graph['edges'])} edges, {len(graph['paths'])} paths written to {Path(options['clt_dir']) / 'eval'}")
+    click.echo(
+        f"{len(graph['edges'])} edges, {len(graph['paths'])} paths written to {Path(options['clt_dir']) / 'eval'}"
+    )
 
 
 if __name__ == "__main__":

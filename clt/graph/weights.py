@@ -138,10 +138,14 @@ def find_dictionaries(run_dir: Path, folders: Iterable[str | Path] = ()) -> list
     for folder in chosen:
         kind = folder.resolve().parent.parent.name
         if kind not in ("sae_runs", "clt_runs") or not is_finished(folder):
-            raise ValueError(f"{folder} is not a finished SAE or transcoder run folder (<run>/sae/sae_runs/<hook>/"
-                             "<timestamp> or <run>/clt/clt_runs/<pair>/<timestamp>, with model.safetensors)")  # fmt: skip
+            raise ValueError(
+                f"{folder} is not a finished SAE or transcoder run folder (<run>/sae/sae_runs/<hook>/<timestamp> "
+                "or <run>/clt/clt_runs/<pair>/<timestamp>, with model.safetensors)"
+            )
         name = folder.resolve().parent.name
-        found += [load_sae_dictionary(folder, name)] if kind == "sae_runs" else load_transcoder_dictionaries(folder, name)
+        found += (
+            [load_sae_dictionary(folder, name)] if kind == "sae_runs" else load_transcoder_dictionaries(folder, name)
+        )
     if not found:
         raise FileNotFoundError(
             f"no trained SAE or transcoder in {run_dir}: train one (sae.train_topk, clt.train_transcoder)"

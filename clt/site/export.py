@@ -30,9 +30,9 @@ from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import generate, tour_length
 from policy.io import atomic_write, read_json
+from policy.runs import load_policy, resolve_run_dir
 from sae.hooks import HookedPolicy, parse_layer_hook
 from sae.model import SAEConfig
-from policy.runs import load_policy, resolve_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def run(cfg: ExportConfig) -> Path:
             {"id": v, "title": t, "dictionaries": [d.id for d in dicts if view_of(d) == v], "edges": graphs[v]}
             for v, t in VIEWS.items()
             if any(view_of(d) == v for d in dicts)
-        ],  # fmt: skip
+        ],
         "dictionaries": {
             d.id: {
                 "kind": d.kind,
@@ -240,10 +240,10 @@ def run(cfg: ExportConfig) -> Path:
                 "feature_pages": list(pages[d.id].values()),
             }
             for d in dicts
-        },  # fmt: skip
+        },
         "instances": {
             str(i): {"locs": r4(locs[i].cpu()), "tour": tours[i].tolist(), "length": sig4(lengths[i])} for i in used
-        },  # fmt: skip
+        },
         "export": asdict(cfg),
     }
     text = json.dumps(site, separators=(",", ":"))

@@ -3,27 +3,27 @@
     python -m clt.site.screenshots [--out docs/img]     # overview.png, clt_graph.png, feature.png of docs/
 
 Uses Selenium with the system's Chromium and ChromeDriver (Debian: `apt-get install chromium
-chromium-driver`); nothing is downloaded. The site is served by clt.site.viewer on a free port.
+chromium-driver`); nothing is downloaded. The site is served by clt.site.server on a free port.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from clt.site.viewer import DOCS_DIR, make_server
+from clt.site.server import DOCS_DIR, serve
 from policy.cli import command
 
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 # Flags for a machine with no display and no network: no sandbox (root in containers), no background traffic.
 FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-quic")  # fmt: skip
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-quic")  # fmt: skip
 
 
 def find_browser() -> tuple[str, str] | None:
@@ -55,19 +55,6 @@ def chromium(width: int = 1400, height: int = 1000) -> Iterator:
         yield driver
     finally:
         driver.quit()
-
-
-@contextmanager
-def serve(docs_dir: str | Path = DOCS_DIR) -> Iterator[str]:
-    """clt.site.viewer's server for docs_dir on a free port, in a thread; yields its base URL."""
-    server = make_server(docs_dir, port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def column_node(driver, column: int):

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from clt import collect_pairs as collect_cli
 from clt.site import export as export_docs
+from clt.site.server import DOCS_DIR, SITE_FILES
 from clt.train_transcoder import TranscoderTrainer
-from clt.site.viewer import DOCS_DIR, SITE_FILES
 
 PAIR = "clt_L0.mlp_in_to_L0.mlp_out"
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from policy.runs import load_policy
 from sae.collect import instance_batches
 from sae.hooks import HookedPolicy
-from policy.runs import load_policy
 from sae.store import open_dump, read_registry
 
 INSTANCES = 3000  # enough rows that the two collections overlap in time
@@ -65,8 +65,9 @@ def test_two_pair_collections_with_different_seeds(run_copy, overwrite):
         failed = next(err for code, _, err in results if code == 1)
         assert "made with other arguments" in failed and "Traceback" not in failed
     seeds = set()
-    for pair, (src, tgt) in {"clt_L0_to_L1": ("encoder_layer_0", "encoder_layer_1"),
-                             "clt_L1.mlp_in_to_L1.mlp_out": ("encoder_layer_1.mlp_in", "encoder_layer_1.mlp_out")}.items():  # fmt: skip
+    hooks = {"clt_L0_to_L1": ("encoder_layer_0", "encoder_layer_1"),
+             "clt_L1.mlp_in_to_L1.mlp_out": ("encoder_layer_1.mlp_in", "encoder_layer_1.mlp_out")}  # fmt: skip
+    for pair, (src, tgt) in hooks.items():
         path = read_registry(run_copy)[pair]["path"]
         seeds.add(_assert_matches_its_metadata(run_copy, path, {"sources": src, "targets": tgt})["seed"])
     assert len(seeds) == 1, "both pairs come from one collection"

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from clt.site.screenshots import chromium, find_browser, open_feature, serve
-from clt.site.viewer import DOCS_DIR, SITE_FILES
+from clt.site.screenshots import chromium, find_browser, open_feature
+from clt.site.server import DOCS_DIR, SITE_FILES, serve
 
 if find_browser() is None:
     if os.environ.get("REQUIRE_BROWSER") == "1":
@@ -17,8 +17,8 @@ if find_browser() is None:
     pytest.skip("no chromium + chromedriver (apt-get install chromium chromium-driver)", allow_module_level=True)
 
 pytest.importorskip("selenium")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def open_page(driver, url: str, wait_for: str):
 
 
 def test_every_tab_loads_without_console_errors(browser, site):
-    url, data = site
+    url, _ = site
     for hash_, wait_for in (("#/overview", "table"), ("#/sae", "#graph"), ("#/clt", "#graph"),
                             ("#/clt/multilayer", "#graph")):  # fmt: skip
         open_page(browser, url + hash_, wait_for)

@@ -18,10 +18,10 @@ from clt.splice import pair_hooks, replacement, splice_metrics
 from clt.train_transcoder import TranscoderTrainConfig
 from clt.train_transcoder import run as train
 from policy.env import generate
+from policy.runs import load_policy
 from sae import collect_activations
 from sae.hooks import HookedPolicy
 from sae.model import SAEConfig, TopKSAE
-from policy.runs import load_policy
 from sae.train_topk import SAETrainConfig
 from sae.train_topk import run as train_sae
 
@@ -182,7 +182,7 @@ def test_another_condition_reports_its_own_ridge_and_the_splice_drift(analysed_r
     assert result.exit_code == 0 and "on tiny_e1_clustered_n13 (8 instances)" in result.output, result.output
     report = json.loads((clt_dir / "eval" / "transfer" / "tiny_e1_clustered_n13.json").read_text())
     assert report["trained_on"]["num_loc"] == 10 and report["condition"]["num_loc"] == 13
-    assert 0 < report["ridge_val_fvu"] and 0 < report["reconstruction"]["fvu"]
+    assert report["ridge_val_fvu"] > 0 and report["reconstruction"]["fvu"] > 0
     assert report["reconstruction"]["l0"] <= 3 and "recovered" in report["splice"]["transcoder"]
     missing = CliRunner().invoke(eval_cli.main, ["--clt_dir", str(clt_dir), "--checkpoint", "7"])
     assert missing.exit_code == 1 and "no checkpoint for epoch 7" in missing.output

@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from clt.site import export as export_docs
 from clt.graph.weights import norm_scales, path_scale, stream_position, virtual_weights
+from clt.site import export as export_docs
 from policy.env import generate, is_valid_tour
 from sae.hooks import HookedPolicy
 

@@ -13,8 +13,8 @@ from clt.datasets import PairDataset, open_pair
 from clt.normalization import Normalizer
 from clt.pairs import LayerPair, parse_pairs, read_pairs_config
 from policy.env import generate
-from sae.hooks import HookedPolicy
 from policy.runs import load_policy
+from sae.hooks import HookedPolicy
 from sae.store import DumpWriter, read_registry
 
 PAIRS = "encoder_layer_0:encoder_layer_1,encoder_layer_1:encoder_output,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
@@ -89,8 +89,8 @@ def test_nan_activations_stop_the_collection_cleanly(tiny_run, tmp_path, monkeyp
         return {k: v.clone().fill_(float("nan")) for k, v in cache.items()}
 
     monkeypatch.setattr(collector.HookedPolicy, "run_with_cache", poisoned)
-    args = ["--run_dir", str(tiny_run), "--layer_pairs", "encoder_layer_0:encoder_output", "--num_instances_per_pair", "8",
-            "--activations_root", str(tmp_path)]  # fmt: skip
+    args = ["--run_dir", str(tiny_run), "--layer_pairs", "encoder_layer_0:encoder_output",
+            "--num_instances_per_pair", "8", "--activations_root", str(tmp_path)]  # fmt: skip
     result = CliRunner().invoke(collect_cli.main, args)
     assert result.exit_code == 1 and "NaN or Inf" in result.output
     assert not any(tmp_path.rglob("metadata.json")) and not any(tmp_path.rglob("*.partial"))

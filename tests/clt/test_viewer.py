@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from clt.site import viewer
-from clt.site.screenshots import serve
+from clt.site.server import serve
 
 
 def test_serves_the_site_and_its_data(site_dir):

@@ -12,8 +12,8 @@ from policy import eval as eval_cli
 from policy import train as train_cli
 from policy.checks import check_device, check_types
 from policy.io import save_tensors, write_json
-from policy.model import PolicyConfig
 from policy.logger import resolve_wandb_mode
+from policy.model import PolicyConfig
 from policy.runs import check_name, load_policy
 
 

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from policy import eval as eval_cli
 from policy import import_run
 from policy.env import tour_length
-from sae import collect_activations
 from policy.runs import load_policy
+from sae import collect_activations
 
 KOOL = Path(__file__).resolve().parents[1] / "fixtures" / "kool_am_tsp20"
 RL4CO = Path(__file__).resolve().parents[1] / "fixtures" / "rl4co_am_tsp10_d32"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from policy.rl4co import load_checkpoint, read_lightning_checkpoint
-from policy.torch_files import RestrictedUnpickler, Stub
 from policy.runs import load_policy
+from policy.torch_files import RestrictedUnpickler, Stub
 
 TOL = 1e-5
 
@@ -21,8 +21,9 @@ def _capture(model):
     acts, steps = {}, {"dec.step_context": [], "dec.glimpse": []}
     hooks = [model.hook_init_embedding.register_forward_hook(lambda m, i, o: acts.__setitem__("init_embed", o))]
     for i, layer in enumerate(model.layers):
-        for point, name in [("hook_input", "input"), ("hook_attn_out", "mha_out"), ("hook_mlp_in", "norm1"),
-                            ("hook_mlp_out", "ff_out"), ("hook_output", "norm2"), ("ff_in", "ff_hidden_preact")]:  # fmt: skip
+        points = [("hook_input", "input"), ("hook_attn_out", "mha_out"), ("hook_mlp_in", "norm1"),
+                  ("hook_mlp_out", "ff_out"), ("hook_output", "norm2"), ("ff_in", "ff_hidden_preact")]  # fmt: skip
+        for point, name in points:
             hooks.append(getattr(layer, point).register_forward_hook(
                 lambda m, inp, o, key=f"enc.layer{i}.{name}": acts.__setitem__(key, o)))  # fmt: skip
     hooks.append(model.decoder.hook_context.register_forward_hook(lambda m, i, o: steps["dec.step_context"].append(o)))

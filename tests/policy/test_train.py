@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import policy.train as train_mod
+from policy.logger import RunLogger
 from policy.model import PolicyConfig
 from policy.train import Interrupted, TrainConfig, run
-from policy.logger import RunLogger
 
 
 def _cfg(tmp_path, name, **kw):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from policy.runs import load_policy
 from sae import collect_activations as collect_cli
 from sae.hooks import HookedPolicy
-from policy.runs import load_policy
 from sae.store import open_dump, read_registry
 
 
@@ -23,8 +23,8 @@ def _collect(*args, env=None):
 def test_rows_are_instance_major_and_match_the_hooks(tiny_run, tmp_path):
     root = tmp_path / "external"
     hooks = "encoder_layer_0.mlp_in,encoder_layer_1,decoder.glimpse"
-    result = _collect("--run_dir", tiny_run, "--hooks", hooks, "--num_instances", 7, "--batch_size", 3, "--name", "rows",
-                      env={"ACTIVATIONS_ROOT": str(root)})  # fmt: skip
+    result = _collect("--run_dir", tiny_run, "--hooks", hooks, "--num_instances", 7, "--batch_size", 3,
+                      "--name", "rows", env={"ACTIVATIONS_ROOT": str(root)})  # fmt: skip
     assert result.exit_code == 0, result.output
     path = root / "tiny" / "sae" / "activations" / "rows"
     assert read_registry(tiny_run)["rows"]["path"] == str(path.resolve())

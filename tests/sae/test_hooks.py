@@ -63,9 +63,8 @@ def test_hooks_are_removed_after_an_exception(hooked):
     def boom(x, name):
         raise RuntimeError("inside a hook")
 
-    with pytest.raises(RuntimeError, match="inside a hook"):
-        with hooked.hooks({"encoder_layer_0": boom}):
-            hooked.model(generate(1, 5, seed=0))
+    with pytest.raises(RuntimeError, match="inside a hook"), hooked.hooks({"encoder_layer_0": boom}):
+        hooked.model(generate(1, 5, seed=0))
     assert all(not m._forward_hooks for m in hooked.model.modules())
 
 

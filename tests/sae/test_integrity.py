@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from policy.runs import new_run_folder, resume_folder
 from sae import collect_activations, train_topk
 from sae import store as store_mod
-from policy.runs import new_run_folder, resume_folder
 from sae.store import (
     DumpWriter,
     open_dump,

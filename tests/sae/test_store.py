@@ -50,10 +50,9 @@ def test_running_stats_merge_matches_numpy():
 
 def test_an_interrupted_dump_never_looks_complete(tmp_path):
     path = tmp_path / "d"
-    with pytest.raises(KeyboardInterrupt):
-        with DumpWriter(path, {"a": 2}, 10) as writer:
-            writer.write({"a": np.zeros((4, 2), np.float32)})
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), DumpWriter(path, {"a": 2}, 10) as writer:
+        writer.write({"a": np.zeros((4, 2), np.float32)})
+        raise KeyboardInterrupt
     assert not path.exists() and not (tmp_path / "d.partial").exists()
     writer = DumpWriter(path, {"a": 2}, 10)
     writer.write({"a": np.zeros((4, 2), np.float32)})  # a crash here leaves only d.partial
