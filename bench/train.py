@@ -8,7 +8,7 @@ instances. Both transcoders have 8x expansion (1024 features), k=16, batch 4096,
 the same initial weights, normalisation, Adam and learning rate, and see the same
 batches. The plain one computes everything densely and lets autograd differentiate it
 (z = scatter(topk), y = z @ W_dec); clt's `train_step` decodes from the active
-features only (clt.sparse) and also keeps unit-norm decoder rows, dead-feature
+features only (sae.sparse) and also keeps unit-norm decoder rows, dead-feature
 counters and the AuxK loss. Prints JSON: tokens/s, validation FVU after the same
 tokens, and where a step's time goes against the encoder-GEMM floor. Then (unless
 --no_scaling) bench.train_scaling's cases: the multi-layer CLT against three pairwise
@@ -26,8 +26,8 @@ from torch import nn
 
 from bench.train_scaling import collect_layers, ddp_case, multilayer_case
 from clt.model import CrossLayerTranscoder, TranscoderConfig
-from clt.sparse import select_topk
 from clt.train_transcoder import train_step
+from sae.sparse import select_topk
 
 
 class DenseTopK(nn.Module):

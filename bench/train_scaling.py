@@ -60,7 +60,7 @@ def multilayer_case(run_dir: str, tokens: int) -> dict:
     batches = _batches(xs.shape[1], tokens)
     stats = (xs.mean(1), xs.std(1), ys.mean(1), ys.std(1))
     torch.manual_seed(0)
-    ml = MultiLayerTranscoder(MultiLayerConfig(n, d, 8, k=16))
+    ml = MultiLayerTranscoder(MultiLayerConfig(n_layers=n, d=d, expansion_factor=8, k=16))
     ml.set_statistics(*stats)
     opt, counters = torch.optim.Adam(ml.parameters(), lr=4e-3), torch.zeros(ml.feature_count, dtype=torch.long)
     start = time.perf_counter()
@@ -71,7 +71,7 @@ def multilayer_case(run_dir: str, tokens: int) -> dict:
     pair_s, pair_fvu = 0.0, []
     for i in range(n):
         torch.manual_seed(0)
-        cfg = TranscoderConfig(d, d, 8, k=16, normalize_source="standard", normalize_target="center")
+        cfg = TranscoderConfig(d, d, expansion_factor=8, k=16, normalize_source="standard", normalize_target="center")
         model = CrossLayerTranscoder(cfg)
         model.set_statistics(*(s[i] for s in stats))
         opt, counters = torch.optim.Adam(model.parameters(), lr=4e-3), torch.zeros(cfg.n_features, dtype=torch.long)
@@ -111,7 +111,7 @@ def run_worker(run_dir: str, tokens: int, threads: int) -> None:
     xs, ys = collect_layers(run_dir, 4_000, seed=1)
     x, y = xs[1], ys[1]
     torch.manual_seed(0)
-    model = CrossLayerTranscoder(TranscoderConfig(128, 128, 8, k=16, normalize_source="standard"))
+    model = CrossLayerTranscoder(TranscoderConfig(128, 128, expansion_factor=8, k=16, normalize_source="standard"))
     model.set_statistics(x.mean(0), x.std(0), y.mean(0), y.std(0))
     forward = torch.nn.parallel.DistributedDataParallel(TrainingForward(model)) if info.enabled else None
     opt, counters = torch.optim.Adam(model.parameters(), lr=4e-3), torch.zeros(1024, dtype=torch.long)

@@ -25,6 +25,7 @@ from clt.pairs import LayerPair, PairsConfig, default_config_path, parse_pairs, 
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS
+from policy.options import choice, options
 from policy.runs import load_policy
 from sae.collect import INSTANCE_CHUNK, collect, hook_dims, instance_batches
 from sae.hooks import HookedPolicy
@@ -52,14 +53,14 @@ class CollectPairsConfig:
     """Instances per pair; overrides the config file (default 10000)."""
     seed: int | None = None
     """Seed of the instances; overrides the config file (default 0)."""
-    distribution: str | None = None
-    """Instance distribution; overrides the config file (default: the run's)."""
+    distribution: str | None = choice(None, DISTRIBUTIONS)
+    """Instance distribution; overrides the config file [default: the run's]."""
     batch_size: int = 256
     """Instances per forward pass."""
     checkpoint: int | None = None
     """Epoch to load; the latest when None."""
-    dtype: str = "float32"
-    """Storage dtype: float32 or float16."""
+    dtype: str = choice("float32", DTYPES)
+    """Storage dtype."""
     activations_root: str | None = None
     """Store pairs under this folder (default: $ACTIVATIONS_ROOT, else the run)."""
     overwrite: bool = False
@@ -170,36 +171,12 @@ def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str,
             writer.publish()
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/.")
-@click.option("--config", default=None, help="Pairs config JSON [default: clt/configs/<run name>.json if present].")
-@click.option(
-    "--layer_pairs",
-    default=None,
-    help="'src:tgt,src:tgt' hook pairs, e.g. encoder_layer_0:encoder_layer_2 (overrides --config).",
-)
-@click.option(
-    "--num_instances_per_pair", default=None, type=int, help="Instances per pair [default: config, else 10000]."
-)
-@click.option("--seed", default=None, type=int, help="Seed of the instances [default: config, else 0].")
-@click.option(
-    "--distribution",
-    default=None,
-    type=click.Choice(DISTRIBUTIONS),
-    help="Instance distribution [default: config, else the run's].",
-)
-@click.option("--batch_size", default=256, help="Instances per forward pass.")
-@click.option("--checkpoint", default=None, type=int, help="Epoch to load [default: the latest].")
-@click.option("--dtype", default="float32", type=click.Choice(DTYPES), help="Storage dtype.")
-@click.option(
-    "--activations_root", default=None, help="Store dumps under this folder [default: $ACTIVATIONS_ROOT, else the run]."
-)
-@click.option("--overwrite", is_flag=True, help="Replace existing pair dumps.")
-@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
-def main(**options):
+@click.command()
+@options(CollectPairsConfig)
+def main(**settings):
     """Collect row-aligned source/target activations for every layer pair."""
     with command():
-        paths = run(CollectPairsConfig(**options))
+        paths = run(CollectPairsConfig(**settings))
     for name, path in paths.items():
         click.echo(f"{name}: {path}")
 

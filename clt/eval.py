@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from clt.datasets import MULTILAYER, MultiLayerDataset, PairDataset, layer_pair_names, pair_name, training_dump
-from clt.metrics import Reconstruction, layer_reconstructions, reconstruction
+from clt.metrics import layer_reconstructions, reconstruction
 from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.multilayer import MultiLayerTranscoder
 from clt.splice import REPLACEMENTS, multilayer_hooks, pair_hooks, replacement, splice_metrics
@@ -40,8 +40,10 @@ from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from policy.io import atomic_write, read_json, write_json
+from policy.options import choice, options
 from policy.runs import load_policy, resolve_run_dir
 from sae.hooks import HookedPolicy
+from sae.metrics import Reconstruction
 from sae.runs import newest_finished, owning_run
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,7 @@ class EvalConfig:
     """Evaluate on another condition (clt.transfer): this policy run [default: the transcoder's own]."""
     checkpoint: int | None = None
     """With another condition: the policy's epoch [default: the one the transcoder was trained on, else the latest]."""
-    distribution: str | None = None
+    distribution: str | None = choice(None, DISTRIBUTIONS)
     """With another condition: the instance distribution [default: the training dump's]."""
     num_loc: int | None = None
     """With another condition: nodes per instance [default: the training dump's]."""
@@ -262,24 +264,13 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--clt_dir", default=None, help="Transcoder run folder.")
-@click.option("--run_dir", default=None, help="Instead of --clt_dir: a run (with --pair) for its newest transcoder.")
-@click.option("--pair", default=None, help="Pair name or source:target hooks (with --run_dir).")
-@click.option("--num_instances", default=1000, help="Fresh instances for splicing (0 skips splicing).")
-@click.option("--seed", default=2024, help="Seed of the splicing instances.")
-@click.option("--batch_size", default=256, help="Instances per forward pass when splicing.")
-@click.option("--policy_run", default=None, help="Evaluate on another condition: this policy run [the transcoder's].")
-@click.option("--checkpoint", default=None, type=int, help="Another condition: the policy's epoch [the trained one].")
-@click.option("--distribution", default=None, type=click.Choice(DISTRIBUTIONS),
-              help="Another condition: instance distribution [the training dump's].")  # fmt: skip
-@click.option("--num_loc", default=None, type=int, help="Another condition: nodes per instance [the training dump's].")
-@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+@click.command()
+@options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the summary.")
-def main(as_json, **options):
+def main(as_json, **settings):
     """Evaluate a transcoder: reconstruction on its validation split and splicing into the policy."""
     with command():
-        report = run(EvalConfig(**options))
+        report = run(EvalConfig(**settings))
     click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
 
 

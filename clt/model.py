@@ -19,7 +19,7 @@ by default, or tied (W_dec = W_enc, needs d_in == d_out); topk/batchtopk decoder
 are kept at unit norm by the trainer (`unit_norm_decoder`). Normalisation statistics
 are buffers of the model, so `encode` takes raw sources and `decode` returns raw
 targets. `decode_sparse` decodes from the active features only, and `forward_train`
-trains topk/batchtopk through them (clt.sparse) with the dense map's gradients.
+trains topk/batchtopk through them (sae.sparse) with the dense map's gradients.
 """
 
 from __future__ import annotations
@@ -27,83 +27,37 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from clt.config import TranscoderOptions
 from clt.jumprelu import jump_relu, step
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
-from clt.normalization import NORMALIZATIONS, denormalize, normalize, raw_decoder, raw_encoder, store_statistics
-from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode, update_threshold_
+from clt.normalization import denormalize, normalize, raw_decoder, raw_encoder, store_statistics
 from sae.model import normalize_rows_, read_model_files, remove_parallel_gradient_, resolve_k, save_model
-
-ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
-DICTIONARY_PENALTIES = ("none", "l1", "l2")
+from sae.sparse import SparseCodes, auxk_loss, select_batchtopk, select_topk, sparse_decode, update_threshold_
 
 
 @dataclass
-class TranscoderConfig:
-    """Shape, sparsity and options of a transcoder; saved as cfg.json beside model.safetensors."""
+class TranscoderConfig(TranscoderOptions):
+    """Shape, sparsity and options of a pairwise transcoder (clt.config); saved as cfg.json beside
+    model.safetensors."""
 
     d_in: int
     """Source width."""
     d_out: int
     """Target width."""
-    expansion_factor: int = 8
-    """Features = expansion_factor * d_in."""
-    k: int | None = None
-    """Active features per row for topk/batchtopk (default 16 unless k_ratio)."""
-    k_ratio: float | None = None
-    """Fraction of features active per row, instead of k."""
-    activation: str = "topk"
-    """topk | batchtopk | jumprelu | relu."""
-    tied: bool = False
-    """Use W_enc^T as the decoder (needs d_in == d_out)."""
-    skip: bool = False
-    """Add a linear skip path x @ W_skip (a skip transcoder)."""
-    l1_coef: float = 0.0
-    """L1 penalty on z * |W_dec row| (the sparsity term of `relu`; optional for the others)."""
-    l0_coef: float = 0.0
-    """L0 penalty through the straight-through step (jumprelu)."""
-    dictionary_penalty: str = "none"
-    """none | l1 | l2: a penalty on the decoder rows (sum of |w| or of w^2), e.g. for a tied decoder."""
-    dictionary_coef: float = 0.0
-    """Weight of the dictionary penalty."""
-    jumprelu_threshold: float = 1e-3
-    """Initial threshold of jumprelu features."""
-    bandwidth: float = 1e-3
-    """Width of the straight-through estimator's rectangle kernel (jumprelu)."""
-    aux_k: int | None = None
-    """Dead features used by the AuxK loss (topk/batchtopk); default d_out // 2."""
-    aux_coef: float = 1 / 32
-    """Weight of the AuxK loss."""
-    aux_rows: int = 512
-    """Rows of each batch the AuxK loss is estimated on."""
-    dead_tokens: int = 100_000
-    """Rows without firing after which a feature counts as dead."""
-    normalize_source: str = "none"
-    """none | center | standard, from the pair's stored statistics."""
-    normalize_target: str = "none"
-    """none | center | standard, from the pair's stored statistics."""
 
     def __post_init__(self):
-        if min(self.d_in, self.d_out, self.expansion_factor, self.aux_rows) < 1:
-            raise ValueError("d_in, d_out, expansion_factor and aux_rows must be positive")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        super().__post_init__()
+        if min(self.d_in, self.d_out) < 1:
+            raise ValueError("d_in and d_out must be positive")
         resolve_k(self.k, self.k_ratio, self.n_features)
         if self.tied and self.d_in != self.d_out:
             raise ValueError(f"a tied decoder needs d_in == d_out, got {self.d_in} and {self.d_out}")
-        for name in ("normalize_source", "normalize_target"):
-            if getattr(self, name) not in NORMALIZATIONS:
-                raise ValueError(f"{name} must be one of {NORMALIZATIONS}")
-        if self.dictionary_penalty not in DICTIONARY_PENALTIES:
-            raise ValueError(f"dictionary_penalty must be one of {DICTIONARY_PENALTIES}")
-        if min(self.l1_coef, self.l0_coef, self.aux_coef, self.dictionary_coef, self.dead_tokens) < 0:
-            raise ValueError("penalty coefficients and dead_tokens must be >= 0")
-        if self.bandwidth <= 0 or self.jumprelu_threshold <= 0:
-            raise ValueError("bandwidth and jumprelu_threshold must be > 0")
 
     @property
     def n_features(self) -> int:
@@ -137,6 +91,35 @@ class TranscoderOutput:
 
 Penalty = Callable[["CrossLayerTranscoder", TranscoderOutput], torch.Tensor]
 """An extra loss term (e.g. orthogonality or energy) a trainer adds: penalty(model, output) -> scalar."""
+
+
+@runtime_checkable
+class Transcoder(Protocol):
+    """What training, evaluation and splicing use of a transcoder: CrossLayerTranscoder (one source, one target)
+    and MultiLayerTranscoder (every layer's mlp_in -> that and every later mlp_out) both provide it. Sources and
+    targets are [batch, d] for the one, [layer, batch, d] for the other."""
+
+    cfg: TranscoderConfig | MultiLayerConfig
+    layer_weights: torch.Tensor | None  # weights of the per-layer FVUs in the loss (None: one target, or all 1)
+
+    @property
+    def feature_count(self) -> int: ...  # all features (over every layer)
+    @property
+    def unit_norm_decoder(self) -> bool: ...  # the trainer keeps decoder rows at unit norm
+    def set_statistics(self, src_mean, src_std, tgt_mean, tgt_std) -> None: ...
+    def normalize_source(self, x: torch.Tensor) -> torch.Tensor: ...
+    def normalize_target(self, y: torch.Tensor) -> torch.Tensor: ...
+    def denormalize_target(self, y: torch.Tensor) -> torch.Tensor: ...
+    def forward_train(self, x: torch.Tensor): ...  # normalised x -> output with y_hat, fired(), l0()
+    def aux_loss(self, x: torch.Tensor, y: torch.Tensor, out, dead: torch.Tensor) -> torch.Tensor: ...
+    def sparsity_loss(self, out) -> torch.Tensor: ...  # per row
+    def dictionary_loss(self) -> torch.Tensor: ...
+    def remove_parallel_gradient(self) -> None: ...
+    def normalize_decoder(self) -> None: ...
+    def row_norms(self) -> tuple[torch.Tensor, torch.Tensor]: ...  # [features] encoder and decoder row norms
+    def encode(self, x_raw: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...  # raw y_hat, codes
+    def save(self, folder: str | Path) -> None: ...
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -195,6 +178,10 @@ class CrossLayerTranscoder(nn.Module):
 
     def raw_decoder(self) -> torch.Tensor:  # [features, d_out], writes raw targets
         return raw_decoder(self.decoder, self.tgt_std, self.cfg.normalize_target)
+
+    def row_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[features] norms of each feature's encoder row and decoder row."""
+        return self.W_enc.detach().norm(dim=1), self.decoder.detach().norm(dim=1)
 
     @property
     def feature_count(self) -> int:
@@ -320,23 +307,12 @@ class CrossLayerTranscoder(nn.Module):
         return loss
 
     def aux_loss(self, x: torch.Tensor, y: torch.Tensor, out: TranscoderOutput, dead: torch.Tensor) -> torch.Tensor:
-        """AuxK: the top aux_k dead features reconstruct the residual y - y_hat, over y's variance (normalised spaces).
-
-        Estimated on the first `aux_rows` rows of the (shuffled) batch, from the dead features'
-        pre-activations only, and decoded sparsely (clt.sparse): the gradients are those of
-        the dense AuxK on those rows, at a fraction of a step's cost.
-        """
-        if self.cfg.activation not in ("topk", "batchtopk") or not dead.any():
+        """AuxK (sae.sparse.auxk_loss) in the normalised spaces, estimated on the first `aux_rows` rows of the
+        (shuffled) batch: the gradients of the dense AuxK on those rows, at a fraction of a step's cost."""
+        if self.cfg.activation not in ("topk", "batchtopk"):
             return y.new_zeros(())
-        ids = dead.nonzero().squeeze(1)
-        x, y, y_hat = x[: self.cfg.aux_rows], y[: self.cfg.aux_rows], out.y_hat[: self.cfg.aux_rows]
-        with torch.no_grad():
-            pre = torch.addmm(self.b_enc[ids], x, self.W_enc[ids].T)  # [rows, dead]
-            codes = select_topk(pre, min(self.cfg.aux_k or self.cfg.d_out // 2, len(ids)))
-        codes = codes._replace(features=ids[codes.features])  # back to feature ids: no gathered weight copies
-        residual_hat = sparse_decode(x, self.W_enc, self.b_enc, self.decoder, codes)
-        variance = (y - y.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-        return (residual_hat - (y - y_hat).detach()).pow(2).sum(-1).mean() / variance
+        rows, aux_k = self.cfg.aux_rows, self.cfg.aux_k or self.cfg.d_out // 2
+        return auxk_loss(x[:rows], self.W_enc, self.b_enc, self.decoder, dead, aux_k, y[:rows], out.y_hat[:rows])
 
     def save(self, folder: str | Path) -> None:
         save_model(folder, self)

@@ -10,7 +10,7 @@ for every m >= i; the prediction for layer m sums over the layers i <= m:
 
 W_dec[i] is [features, n_layers - i, d]: each feature's decoder rows into its own and every
 later layer. topk and batchtopk keep them at unit norm together and train through the active
-entries only (clt.sparse, one call per source layer); jumprelu trains densely, its penalty
+entries only (sae.sparse, one call per source layer); jumprelu trains densely, its penalty
 weighing each feature by the norm of those rows across the layers it writes to.
 """
 
@@ -22,58 +22,35 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from clt.config import MULTILAYER_ACTIVATIONS, CodeOptions
 from clt.jumprelu import jump_relu
-from clt.normalization import NORMALIZATIONS, denormalize, normalize, raw_decoder, raw_encoder, store_statistics
-from clt.sparse import SparseCodes, select_batchtopk, select_topk, sparse_decode, update_threshold_
+from clt.normalization import denormalize, normalize, raw_decoder, raw_encoder, store_statistics
 from sae.model import normalize_rows_, remove_parallel_gradient_, resolve_k, save_model
-
-MULTILAYER_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
+from sae.sparse import SparseCodes, auxk_loss, select_batchtopk, select_topk, sparse_decode, update_threshold_
 
 
 @dataclass
-class MultiLayerConfig:
-    """Shape and sparsity of a multi-layer CLT; saved as cfg.json beside model.safetensors."""
+class MultiLayerConfig(CodeOptions):
+    """Shape and sparsity of a multi-layer CLT (the shared options: clt.config); saved as cfg.json beside
+    model.safetensors. Widths, k and AuxK are per layer. One budget across layers is not offered: a layer's
+    codes would then depend on later layers' inputs, which splicing into a forward pass cannot provide."""
 
     n_layers: int
     """Encoder layers: one encoder per layer's mlp_in, decoders into that and every later mlp_out."""
     d: int
     """Width of mlp_in and mlp_out."""
-    expansion_factor: int = 8
-    """Features per layer = expansion_factor * d."""
-    k: int | None = None
-    """Active features per row and layer (default 16 unless k_ratio)."""
-    k_ratio: float | None = None
-    """Fraction of a layer's features active per row, instead of k."""
-    activation: str = "topk"
-    """topk (k per row) | batchtopk (k * batch per batch), per layer, or jumprelu (a learned threshold per feature,
-    with the paper's sparsity penalty). One budget across layers is not offered: a layer's codes would then depend
-    on later layers' inputs, which splicing into a forward pass cannot provide."""
-    sparsity_coef: float = 1e-3
-    """jumprelu: weight of sum tanh(c * |decoder row across layers| * z) per row (Anthropic's CLT penalty)."""
+    sparsity_coef: float | None = None
+    """jumprelu: weight of sum tanh(c * |decoder row across layers| * z) per row (Anthropic's CLT penalty)
+    [default: 1e-3 for jumprelu, else 0]."""
     sparsity_scale: float = 1.0
     """jumprelu: c in that penalty."""
-    jumprelu_threshold: float = 0.5
-    """jumprelu: initial threshold (normalised pre-activation units)."""
-    bandwidth: float = 0.2
-    """jumprelu: width of the straight-through window."""
     layer_weights: list[float] | None = None
     """Weights of the per-layer FVUs in the loss (default all 1)."""
-    aux_k: int | None = None
-    """Dead features per layer used by the AuxK loss; default d // 2."""
-    aux_coef: float = 1 / 32
-    """Weight of the AuxK loss."""
-    aux_rows: int = 512
-    """Rows of each batch the AuxK loss is estimated on."""
-    dead_tokens: int = 100_000
-    """Rows without firing after which a feature counts as dead."""
-    normalize_source: str = "standard"
-    """none | center | standard, per layer from the stored statistics."""
-    normalize_target: str = "center"
-    """none | center | standard, per layer from the stored statistics."""
 
     def __post_init__(self):
-        if min(self.n_layers, self.d, self.expansion_factor, self.aux_rows) < 1:
-            raise ValueError("n_layers, d, expansion_factor and aux_rows must be positive")
+        super().__post_init__()
+        if min(self.n_layers, self.d) < 1:
+            raise ValueError("n_layers and d must be positive")
         if self.activation not in MULTILAYER_ACTIVATIONS:
             raise ValueError(f"activation must be one of {MULTILAYER_ACTIVATIONS}, got {self.activation!r}")
         if self.layer_weights is not None and (
@@ -81,13 +58,10 @@ class MultiLayerConfig:
         ):
             raise ValueError(f"layer_weights needs {self.n_layers} non-negative weights, not all zero")
         resolve_k(self.k, self.k_ratio, self.n_features)
-        for name in ("normalize_source", "normalize_target"):
-            if getattr(self, name) not in NORMALIZATIONS:
-                raise ValueError(f"{name} must be one of {NORMALIZATIONS}")
-        if min(self.aux_coef, self.dead_tokens, self.sparsity_coef, self.sparsity_scale) < 0:
-            raise ValueError("aux_coef, dead_tokens and the sparsity penalty must be >= 0")
-        if self.bandwidth <= 0 or self.jumprelu_threshold <= 0:
-            raise ValueError("bandwidth and jumprelu_threshold must be > 0")
+        if self.sparsity_coef is None:
+            self.sparsity_coef = 1e-3 if self.activation == "jumprelu" else 0.0
+        if min(self.sparsity_coef, self.sparsity_scale) < 0:
+            raise ValueError("the sparsity penalty must be >= 0")
 
     @property
     def n_features(self) -> int:  # per layer
@@ -185,6 +159,11 @@ class MultiLayerTranscoder(nn.Module):
     def decoder(self, layer: int) -> torch.Tensor:  # [features, (n_layers - layer) * d]
         return self.W_dec[layer].flatten(1)
 
+    def row_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[layer * features] norms of each feature's encoder row and of its decoder rows (all layers together)."""
+        decoder = torch.cat([w.detach().norm(dim=(1, 2)) for w in self.W_dec])
+        return self.W_enc.detach().norm(dim=-1).flatten(), decoder
+
     def raw_encoder(self, layer: int) -> torch.Tensor:  # [features, d], reads raw mlp_in of `layer`
         return raw_encoder(self.W_enc[layer], self.src_std[layer], self.cfg.normalize_source)
 
@@ -269,20 +248,12 @@ class MultiLayerTranscoder(nn.Module):
         loss = ys.new_zeros(())
         if self.cfg.activation == "jumprelu":
             return loss
+        aux_k = self.cfg.aux_k or self.cfg.d // 2
         for i in range(n):
-            ids = dead[i].nonzero().squeeze(1)
-            if not len(ids):
-                continue
-            x = xs[i, :rows]
-            target = (ys[i:, :rows] - out.y_hat[i:, :rows]).detach().transpose(0, 1).flatten(1)  # [rows, (n-i)*d]
-            with torch.no_grad():
-                pre = torch.addmm(self.b_enc[i, ids], x, self.W_enc[i, ids].T)
-                codes = select_topk(pre, min(self.cfg.aux_k or self.cfg.d // 2, len(ids)))
-            codes = codes._replace(features=ids[codes.features])
-            residual_hat = sparse_decode(x, self.W_enc[i], self.b_enc[i], self.decoder(i), codes)
-            y = ys[i:, :rows].transpose(0, 1).flatten(1)
-            variance = (y - y.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-            loss = loss + (residual_hat - target).pow(2).sum(-1).mean() / variance
+            y = ys[i:, :rows].transpose(0, 1).flatten(1)  # [rows, (n - i) * d]: every layer i writes to
+            y_hat = out.y_hat[i:, :rows].transpose(0, 1).flatten(1)
+            decoder = self.decoder(i)
+            loss = loss + auxk_loss(xs[i, :rows], self.W_enc[i], self.b_enc[i], decoder, dead[i], aux_k, y, y_hat)
         return loss
 
     def save(self, folder) -> None:

@@ -4,7 +4,7 @@
 
 Streams the pair dump (train/validation split by instance), trains
 `clt.model.CrossLayerTranscoder` (topk and batchtopk through the sparse kernel
-of clt.sparse) and writes
+of sae.sparse) and writes
 
     runs/<run>/clt/clt_runs/<pair>/<timestamp>/
         cfg.json  model.safetensors     the transcoder (load with clt.model.load_transcoder)
@@ -33,11 +33,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from clt.config import MULTILAYER_ACTIVATIONS, CodeOptions, TranscoderOptions
 from clt.datasets import MULTILAYER, MultiLayerDataset, PairDataset, layer_pair_names, pair_name, pair_path
 from clt.metrics import layer_reconstructions
-from clt.model import ACTIVATIONS, CrossLayerTranscoder, Penalty, TranscoderConfig
-from clt.multilayer import MULTILAYER_ACTIVATIONS, MultiLayerConfig, MultiLayerTranscoder
-from clt.normalization import NORMALIZATIONS
+from clt.model import CrossLayerTranscoder, Penalty, Transcoder, TranscoderConfig
+from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.pair_stats import inspect_pair
 from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
@@ -53,64 +53,37 @@ from policy.distributed import (
 )
 from policy.io import read_json, write_json
 from policy.logger import WANDB_MODES, RunLogger
+from policy.options import choice, fields_of, options
 from policy.runs import new_run_folder, read_config, resolve_run_dir, resume_folder, resumed_settings, stored_path
 from sae.runs import clt_runs_dir
 from sae.trainer import DictionaryTrainer
 
 log = logging.getLogger(__name__)
 
-Transcoder = CrossLayerTranscoder | MultiLayerTranscoder
-
 INITS = ("random", "data")
 
 
 @dataclass
-class TranscoderTrainConfig:
+class TranscoderTrainConfig(TranscoderOptions):
+    """How to train a transcoder: the model's options (clt.config.TranscoderOptions) and the training's."""
+
     run_dir: str
-    """Run folder or name under runs/."""
+    """Run folder, or a run name under runs/."""
     pair: str
-    """Pair name (clt_L0_to_L1) or spec (encoder_layer_0:encoder_layer_1), collected by clt.collect_pairs;
-    `clt_multilayer` for a multi-layer CLT over every layer's clt_L<i>.mlp_in_to_L<i>.mlp_out pair."""
-    expansion_factor: int = 8
-    """Features = expansion_factor * d_src."""
-    k: int | None = None
-    """Active features per row for topk/batchtopk (default 16 unless k_ratio)."""
-    k_ratio: float | None = None
-    """Fraction of features active per row, instead of k."""
-    activation: str = "topk"
-    """topk | batchtopk | jumprelu | relu (relu needs l1_coef > 0)."""
-    tied: bool = False
-    """Tie the decoder to the encoder (needs d_src == d_tgt)."""
-    skip: bool = False
-    """Add a linear skip path (a skip transcoder)."""
+    """Pair name (clt_L0_to_L1) or source:target hooks, as collected by clt.collect_pairs; `clt_multilayer`
+    (or --multilayer) for a multi-layer CLT over every layer's mlp_in -> mlp_out pair."""
+    layer_weights: list[float] | None = None
+    """Multi-layer only: weights of the per-layer FVUs in the loss [default: all 1]."""
+    init: str = choice("random", INITS)
+    """Encoder rows random, or pointed at source rows (data: fewer dead features, higher FVU)."""
     lr: float = 4e-3
     """Adam learning rate."""
     batch_size: int = 4096
     """Rows per step."""
     num_epochs: int = 10
-    """Passes over the training split (ignored when num_tokens is set)."""
+    """Passes over the training split (with --resume: the new total); ignored when num_tokens is set."""
     num_tokens: int | None = None
     """Training rows in all: a token budget instead of num_epochs."""
-    l1_coef: float = 0.0
-    """L1 penalty on codes weighted by decoder norms (the sparsity term of relu; 3e-3 when relu and unset)."""
-    l0_coef: float = 0.0
-    """Sparsity penalty of jumprelu (L0; for the multi-layer CLT the paper's tanh penalty), 1e-3 when unset."""
-    jumprelu_threshold: float = 0.5
-    """Initial jumprelu threshold, in units of the (normalised) pre-activations."""
-    bandwidth: float = 0.2
-    """Width of jumprelu's straight-through window around each threshold."""
-    aux_coef: float = 1 / 32
-    """Weight of the AuxK loss on dead features (topk/batchtopk)."""
-    dead_tokens: int = 100_000
-    """Rows without firing after which a feature counts as dead."""
-    normalize_source: str = "standard"
-    """none | center | standard: how the model normalises sources (inside the model)."""
-    normalize_target: str = "center"
-    """none | center | standard: how the model normalises targets (the loss is measured there)."""
-    layer_weights: list[float] | None = None
-    """Multi-layer only: weights of the per-layer FVUs in the loss (default all 1)."""
-    init: str = "random"
-    """random | data: encoder rows random, or pointed at source rows (fewer dead features, higher FVU)."""
     val_ratio: float = 0.1
     """Fraction of instances held out for validation."""
     save_freq: int = 1
@@ -122,57 +95,41 @@ class TranscoderTrainConfig:
     seed: int = 0
     """Seeds the weights, the split and the batch order."""
     device: str = "cpu"
-    """torch device."""
-    activations_root: str | None = None
-    """Where pair dumps live if not in the run's registry ($ACTIVATIONS_ROOT)."""
+    """torch device (cpu, cuda, ...)."""
+    activations_root: str | None = field(default=None, metadata={"envvar": "ACTIVATIONS_ROOT"})
+    """Where pair dumps live if not in the run's registry."""
     wandb_project: str = "tsp-clt"
     """W&B project."""
     wandb_run_name: str | None = None
-    """W&B run name; default <run>/<pair>/<timestamp>."""
-    wandb_mode: str = "auto"
-    """auto | online | offline | disabled."""
-    penalties: list[Penalty] = field(default_factory=list, repr=False, compare=False)
+    """W&B run name [default: <run>/<pair>/<timestamp>]."""
+    wandb_mode: str = choice("auto", WANDB_MODES)
+    """W&B mode; auto = offline without credentials."""
+    penalties: list[Penalty] = field(default_factory=list, repr=False, compare=False, metadata={"cli": False})
     """Extra loss terms penalty(model, output) (orthogonality, energy, ...); not saved, library use only."""
 
     def __post_init__(self):
+        super().__post_init__()
         check_types(self)
         check_device(self.device)
         if self.lr <= 0 or self.batch_size < 1 or self.num_epochs < 1 or self.save_freq < 1 or self.state_every < 0:
             raise ValueError("lr, batch_size, num_epochs and save_freq must be positive, state_every >= 0")
         if self.num_tokens is not None and self.num_tokens < 1:
             raise ValueError("num_tokens must be positive")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.activation == "relu" and self.l1_coef == 0:
-            self.l1_coef = 3e-3
-        if self.activation == "jumprelu" and self.l0_coef == 0:
-            self.l0_coef = 1e-3
-        for name in ("normalize_source", "normalize_target"):
-            if getattr(self, name) not in NORMALIZATIONS:
-                raise ValueError(f"{name} must be one of {NORMALIZATIONS}")
         if self.wandb_mode not in WANDB_MODES:
             raise ValueError(f"wandb_mode must be one of {WANDB_MODES}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
 
     def model_config(self, d_in: int, d_out: int) -> TranscoderConfig:
-        return TranscoderConfig(
-            d_in, d_out, self.expansion_factor, self.k, self.k_ratio, self.activation, self.tied, self.skip,
-            self.l1_coef, self.l0_coef, jumprelu_threshold=self.jumprelu_threshold, bandwidth=self.bandwidth,
-            aux_coef=self.aux_coef, dead_tokens=self.dead_tokens,
-            normalize_source=self.normalize_source, normalize_target=self.normalize_target,
-        )  # fmt: skip
+        return TranscoderConfig(d_in, d_out, **fields_of(self, TranscoderOptions))
 
     def multilayer_config(self, n_layers: int, d: int) -> MultiLayerConfig:
-        if self.activation not in MULTILAYER_ACTIVATIONS or self.tied or self.skip or self.init != "random":
+        pairwise_only = self.tied or self.skip or self.init != "random" or self.l1_coef or self.dictionary_coef
+        if self.activation not in MULTILAYER_ACTIVATIONS or pairwise_only:
             raise ValueError(f"the multi-layer transcoder trains {' or '.join(MULTILAYER_ACTIVATIONS)} features, "
-                             "untied, without skip or --init data")  # fmt: skip
-        return MultiLayerConfig(
-            n_layers, d, self.expansion_factor, self.k, self.k_ratio, self.activation, layer_weights=self.layer_weights,
-            sparsity_coef=self.l0_coef, jumprelu_threshold=self.jumprelu_threshold, bandwidth=self.bandwidth,
-            aux_coef=self.aux_coef, dead_tokens=self.dead_tokens, normalize_source=self.normalize_source,
-            normalize_target=self.normalize_target,
-        )  # fmt: skip
+                             "untied, without skip, --init data, L1 or a dictionary penalty")  # fmt: skip
+        return MultiLayerConfig(n_layers=n_layers, d=d, layer_weights=self.layer_weights,
+                                sparsity_coef=self.l0_coef, **fields_of(self, CodeOptions))  # fmt: skip
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "penalties"}
@@ -202,7 +159,7 @@ class TranscoderTrainer(DictionaryTrainer):
         self,
         cfg: TranscoderTrainConfig,
         out_dir: Path,
-        model: CrossLayerTranscoder,
+        model: Transcoder,
         data: PairDataset,
         val_data: PairDataset | None = None,
         dist: DistInfo = SINGLE_PROCESS,
@@ -249,8 +206,9 @@ class TranscoderTrainer(DictionaryTrainer):
         if self.logger is not None and len(frequency):
             histograms = {"val/log10_feature_frequency": np.log10(frequency + 1e-7)}
             if self.cfg.log_weights:
-                histograms["weights/encoder_row_norm"] = self.model.W_enc.norm(dim=1).detach().cpu().numpy()
-                histograms["weights/decoder_row_norm"] = self.model.decoder.norm(dim=1).detach().cpu().numpy()
+                encoder, decoder = self.model.row_norms()
+                histograms["weights/encoder_row_norm"] = encoder.cpu().numpy()
+                histograms["weights/decoder_row_norm"] = decoder.cpu().numpy()
             self.logger.log_histograms(histograms, step=self.position.global_step)
         return metrics
 
@@ -258,7 +216,7 @@ class TranscoderTrainer(DictionaryTrainer):
 class TrainingForward(nn.Module):
     """The training forward pass (sparse codes, prediction, AuxK) as a module, so that DDP can wrap it."""
 
-    def __init__(self, model: CrossLayerTranscoder):
+    def __init__(self, model: Transcoder):
         super().__init__()
         self.model = model
 
@@ -269,7 +227,7 @@ class TrainingForward(nn.Module):
 
 
 def train_step(
-    model: CrossLayerTranscoder,
+    model: Transcoder,
     optimizer: torch.optim.Optimizer,
     x_raw: torch.Tensor,
     y_raw: torch.Tensor,
@@ -424,61 +382,22 @@ def format_summary(summary: dict) -> str:
     return line
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/.")
-@click.option("--pair", default=None, help="Pair name (clt_L0_to_L1) or source:target hooks, as collected.")
+@click.command()
+@options(TranscoderTrainConfig, pair={"required": False, "default": None})
 @click.option("--multilayer", is_flag=True, help="Train a multi-layer CLT on every layer's mlp_in -> mlp_out pair.")
-@click.option("--expansion_factor", default=8, help="Features = expansion_factor x d_src.")
-@click.option("--k", default=None, type=int, help="Active features per row [default: 16 unless --k_ratio].")
-@click.option("--k_ratio", default=None, type=float, help="Fraction of features active per row (instead of --k).")
-@click.option("--activation", default="topk", type=click.Choice(ACTIVATIONS), help="Sparsifier.")
-@click.option("--tied", is_flag=True, help="Tie the decoder to the encoder (d_src == d_tgt).")
-@click.option("--skip", is_flag=True, help="Add a linear skip path (skip transcoder).")
-@click.option("--lr", default=4e-3, help="Adam learning rate.")
-@click.option("--batch_size", default=4096, help="Rows per step.")
-@click.option(
-    "--num_epochs", default=10, help="Passes over the training split (with --resume: the new total; default: saved)."
-)
-@click.option("--num_tokens", default=None, type=int, help="Train on this many rows instead of --num_epochs.")
-@click.option("--l1_coef", default=0.0, help="L1 penalty on codes x decoder norms [relu: 3e-3 when 0].")
-@click.option(
-    "--l0_coef", default=0.0, help="L0 penalty through the straight-through estimator [jumprelu: 1e-3 when 0]."
-)
-@click.option("--jumprelu_threshold", default=0.5, help="Initial jumprelu threshold (normalised pre-activation units).")
-@click.option("--bandwidth", default=0.2, help="Width of jumprelu's straight-through window.")
-@click.option("--aux_coef", default=1 / 32, help="Weight of the AuxK loss for dead features.")
-@click.option("--dead_tokens", default=100_000, help="Rows without firing after which a feature is dead.")
-@click.option("--normalize_source", default="standard", type=click.Choice(NORMALIZATIONS), help="Source scaling.")
-@click.option("--normalize_target", default="center", type=click.Choice(NORMALIZATIONS), help="Target scaling.")
-@click.option("--layer_weights", default=None, help="Multi-layer: comma-separated weights of the per-layer FVUs.")
-@click.option("--init", default="random", type=click.Choice(INITS), help="Encoder rows: random, or source rows.")
-@click.option("--val_ratio", default=0.1, help="Fraction of instances held out for validation.")
-@click.option("--save_freq", default=1, help="Checkpoint the weights every N epochs.")
-@click.option("--state_every", default=50, help="Also save the resumable state every N steps (0: epoch ends).")
-@click.option("--log_weights", is_flag=True, help="Log histograms of encoder/decoder row norms each epoch.")
-@click.option("--seed", default=0, help="Seed for weights, split and batch order.")
-@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
-@click.option("--activations_root", default=None, envvar="ACTIVATIONS_ROOT", help="Where pair dumps live.")
 @click.option(
     "--resume",
     is_flag=True,
     help="Continue the newest run of --pair with its saved settings (flags given explicitly override, e.g. "
     "--num_epochs; a finished run continues only to a larger --num_epochs or --num_tokens).",
 )
-@click.option("--wandb_project", default="tsp-clt", help="W&B project.")
-@click.option("--wandb_run_name", default=None, help="W&B run name [default: <run>/<pair>/<timestamp>].")
-@click.option(
-    "--wandb_mode", default="auto", type=click.Choice(WANDB_MODES), help="auto = offline without credentials."
-)
-def main(resume, multilayer, **options):
+def main(resume, multilayer, **settings):
     """Train a sparse transcoder from a pair's source activations to its target activations,
     or (--multilayer) a cross-layer transcoder over every layer's feed-forward block."""
     with command():
-        if multilayer == (options["pair"] is not None):
+        if multilayer == (settings["pair"] is not None):
             raise click.UsageError("give --pair, or --multilayer")
-        weights = options["layer_weights"]
-        options["layer_weights"] = [float(w) for w in weights.split(",")] if weights else None
-        cfg = TranscoderTrainConfig(**{**options, "pair": options["pair"] or MULTILAYER})
+        cfg = TranscoderTrainConfig(**{**settings, "pair": settings["pair"] or MULTILAYER})
         out_dir = run(cfg, resume=resume, explicit=tuple(explicit_options() - {"multilayer"}))
     if is_main_process():
         click.echo(format_summary(read_json(out_dir / "summary.json")))

@@ -22,6 +22,7 @@ from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.inference import check_memory, solve, trajectories_per_instance
+from policy.options import choice, options
 from policy.reference import SOLVERS, reference_tours
 from policy.runs import load_policy
 
@@ -39,12 +40,12 @@ class EvalConfig:
     """Fresh instances to evaluate on."""
     num_loc: int | None = None
     """Nodes per instance; the run's training size when None."""
-    distribution: str | None = None
-    """Instance distribution; the run's training distribution when None."""
+    distribution: str | None = choice(None, DISTRIBUTIONS)
+    """Instance distribution [default: the run's training distribution]."""
     seed: int = 0
     """Seed of the evaluation instances (offset so they differ from any training epoch)."""
-    reference: str = "auto"
-    """auto (LKH-3 if elkai is installed, else 2-opt) | lkh | 2opt."""
+    reference: str = choice("auto", SOLVERS)
+    """Reference solver: auto = LKH-3 when elkai is installed, else nearest neighbour + 2-opt."""
     num_samples: int = 16
     """Trajectories per instance in `sample` mode."""
     checkpoint: int | None = None
@@ -129,29 +130,13 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/ (e.g. tsp20_demo).")
-@click.option("--num_instances", default=1000, help="Fresh instances to evaluate on.")
-@click.option("--num_loc", default=None, type=int, help="Nodes per instance [default: the run's training size].")
-@click.option(
-    "--distribution", default=None, type=click.Choice(DISTRIBUTIONS), help="Instance distribution [default: the run's]."
-)
-@click.option("--seed", default=0, help="Seed of the evaluation instances.")
-@click.option(
-    "--reference",
-    default="auto",
-    type=click.Choice(SOLVERS),
-    help="auto: LKH-3 when elkai is installed, else nearest neighbour + 2-opt.",
-)
-@click.option("--num_samples", default=16, help="Trajectories per instance for the sample mode.")
-@click.option("--checkpoint", default=None, type=int, help="Epoch to load (default: the latest).")
-@click.option("--batch_size", default=250, help="Instances per forward pass.")
-@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+@click.command()
+@options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def main(as_json, **options):
+def main(as_json, **settings):
     """Tour length, gap to a reference solver and speed, for every decoding mode."""
     with command():
-        report = run(EvalConfig(**options))
+        report = run(EvalConfig(**settings))
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 

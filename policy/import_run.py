@@ -29,6 +29,7 @@ from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from policy.io import file_sha256, save_tensors, write_json
 from policy.model import AttentionModel
+from policy.options import choice, options
 from policy.rl4co import load_checkpoint
 from policy.runs import check_name, load_policy
 
@@ -47,7 +48,7 @@ class ImportConfig:
     """Attention heads, where the source does not record them (Kool's args.json, state dicts; default 8)."""
     num_loc: int | None = None
     """Training size, for a single checkpoint file (a run folder records it)."""
-    distribution: str = "uniform"
+    distribution: str = choice("uniform", DISTRIBUTIONS)
     """Training distribution, for a single checkpoint file."""
 
     def __post_init__(self):
@@ -101,19 +102,12 @@ def _check_same_tours(original: AttentionModel, out: Path, num_loc: int) -> None
         raise ValueError(f"{out}: the imported weights decode other tours than the original (please report this)")
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--from", "source", required=True, help="Kool or RL4CO run folder, or one RL4CO checkpoint file.")
-@click.option("--run_name", required=True, help="Name of the new run under --runs_dir.")
-@click.option("--runs_dir", default="runs", type=click.Path(file_okay=False), help="Parent folder of runs.")
-@click.option("--checkpoint", default=None, type=int, help="Epoch to import from a run folder [default: latest].")
-@click.option("--num_heads", default=None, type=int, help="Attention heads where the source does not say [8].")
-@click.option("--num_loc", default=None, type=int, help="Training size (needed for a single checkpoint file).")
-@click.option("--distribution", default="uniform", type=click.Choice(DISTRIBUTIONS), help="Training distribution "
-              "(for a single checkpoint file).")  # fmt: skip
-def main(**options):
+@click.command()
+@options(ImportConfig, source={"flag": "--from"})
+def main(**settings):
     """Import an RL4CO or Kool et al. checkpoint as a native run (config.json + safetensors + provenance)."""
     with command():
-        out = run(ImportConfig(**options))
+        out = run(ImportConfig(**settings))
     click.echo(f"imported into {out}")
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policy.checks import check_types
+from policy.options import choice
 
 NORMALIZATIONS = ("batch", "instance")
 DECODE_TYPES = ("greedy", "sample")
@@ -44,8 +45,8 @@ class PolicyConfig:
     """Attention heads, in the encoder and in the decoder's glimpse; must divide embed_dim."""
     ff_hidden: int = 512
     """Hidden width of each encoder layer's feed-forward block."""
-    normalization: str = "batch"
-    """`batch` (BatchNorm1d over the [batch*node, d] view) or `instance` (InstanceNorm1d)."""
+    normalization: str = choice("batch", NORMALIZATIONS)
+    """Encoder normalisation: `batch` (BatchNorm1d over the [batch*node, d] view) or `instance` (InstanceNorm1d)."""
     tanh_clipping: float = 10.0
     """Pointer logits are squashed to C * tanh(logits)."""
     temperature: float = 1.0

@@ -24,6 +24,7 @@ from policy.cli import command
 from policy.env import check_locs, scale_to_unit_square
 from policy.inference import AUGMENTS, DECODE_MODES, solve
 from policy.io import save_npy
+from policy.options import choice, options
 from policy.runs import load_policy
 from policy.tsplib import TsplibInstance, read_tsplib
 
@@ -38,10 +39,10 @@ class SolveConfig:
     """.npy of float [B, n, 2] or [n, 2], or a TSPLIB EUC_2D .tsp file."""
     out: str = "tours.npy"
     """Where the int64 [B, n] tours are written."""
-    decode: str = "greedy"
-    """greedy | sample | multistart."""
+    decode: str = choice("greedy", DECODE_MODES)
+    """greedy: one trajectory; sample: best of num_samples; multistart: greedy from every node, best kept."""
     augment: int = 1
-    """1, or 8 for the symmetries of the unit square."""
+    """1, or 8: also solve the 8 symmetries of the unit square and keep the best."""
     num_samples: int = 16
     """Trajectories per instance with decode=sample."""
     checkpoint: int | None = None
@@ -103,38 +104,14 @@ def run(cfg: SolveConfig) -> SolveResult:
     return SolveResult(tours.numpy(), lengths.double().numpy() * factor, tsplib_length)
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/ (e.g. tsp20_demo).")
-@click.option(
-    "--instances",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help=".npy float [B, n, 2] or [n, 2], or a TSPLIB EUC_2D .tsp file.",
-)
-@click.option("--out", default="tours.npy", type=click.Path(dir_okay=False), help="Output .npy of int64 tours [B, n].")
-@click.option(
-    "--decode",
-    default="greedy",
-    type=click.Choice(DECODE_MODES),
-    help="greedy: one trajectory; sample: best of --num_samples; multistart: greedy from every node, best kept.",
-)
-@click.option(
-    "--augment",
-    default=1,
-    type=click.Choice(["1", "8"]),
-    help="8 = also solve the 8 symmetries of the square, keep the best.",
-)
-@click.option("--num_samples", default=16, help="Sampled trajectories per instance (--decode sample).")
-@click.option("--checkpoint", default=None, type=int, help="Epoch to load (default: the latest).")
-@click.option("--batch_size", default=256, help="Instances per forward pass.")
-@click.option("--seed", default=0, help="Seed for --decode sample.")
-@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
-def main(augment, **options):
+@click.command()
+@options(SolveConfig)
+def main(**settings):
     """Solve TSP instances with a trained policy and write the tours."""
     with command():
-        result = run(SolveConfig(augment=int(augment), **options))
+        result = run(SolveConfig(**settings))
     b, n = result.tours.shape
-    click.echo(f"wrote {b} tour(s) of {n} nodes to {options['out']}")
+    click.echo(f"wrote {b} tour(s) of {n} nodes to {settings['out']}")
     if result.tsplib_length is not None:
         click.echo(
             f"tour length: {result.lengths[0]:.2f} (Euclidean, file units); "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import click
@@ -31,7 +31,8 @@ from policy.cli import command, explicit_options
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.io import read_json, save_npy, save_tensors, save_torch, write_json
 from policy.logger import WANDB_MODES, RunLogger, truncate_metrics
-from policy.model import NORMALIZATIONS, AttentionModel, PolicyConfig
+from policy.model import AttentionModel, PolicyConfig
+from policy.options import choice, options, split_nested
 from policy.runs import check_name, resumed_settings
 from policy.signals import GracefulStop, Interrupted
 from policy.torch_files import load_torch_file
@@ -49,18 +50,18 @@ class TrainConfig:
     """Where run folders are created."""
     num_loc: int = 20
     """Nodes per training instance."""
-    distribution: str = "uniform"
-    """Training instance distribution (see policy.env.DISTRIBUTIONS)."""
+    distribution: str = choice("uniform", DISTRIBUTIONS)
+    """Training instance distribution."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    """Model hyper-parameters."""
+    """Model hyper-parameters (on the command line, each of PolicyConfig's fields is an option)."""
     batch_size: int = 64
     """Instances per gradient step (each decoded num_loc times)."""
     epochs: int = 100
-    """Number of epochs; resume can raise it to train longer."""
+    """Epochs to train (with --resume: the new total, to train a finished run longer)."""
     instances_per_epoch: int = 100_000
     """Fresh instances drawn per epoch."""
     lr: float = 1e-4
-    """Adam learning rate."""
+    """Adam learning rate (with --resume, given explicitly: the rate from here on)."""
     weight_decay: float = 1e-6
     """Adam weight decay."""
     grad_clip: float = 1.0
@@ -73,8 +74,8 @@ class TrainConfig:
     """torch device: cpu, cuda, cuda:1, ..."""
     wandb_project: str = "tsp-policy"
     """W&B project name."""
-    wandb_mode: str = "auto"
-    """auto | online | offline | disabled."""
+    wandb_mode: str = choice("auto", WANDB_MODES)
+    """W&B mode; auto = offline without credentials."""
 
     def __post_init__(self):
         check_types(self)
@@ -286,52 +287,26 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None, exp
     return run_dir
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--run_name", default="tsp20", help="Run folder name under --runs_dir.")
-@click.option("--runs_dir", default="runs", type=click.Path(file_okay=False), help="Parent folder of runs.")
-@click.option("--num_loc", default=20, help="Nodes per training instance.")
-@click.option(
-    "--distribution", default="uniform", type=click.Choice(DISTRIBUTIONS), help="Training instance distribution."
-)
-@click.option("--embed_dim", default=128, help="Embedding width d.")
-@click.option("--num_encoder_layers", default=3, help="Encoder layers.")
-@click.option("--num_heads", default=8, help="Attention heads (must divide embed_dim).")
-@click.option("--normalization", default="batch", type=click.Choice(NORMALIZATIONS), help="Encoder normalization.")
-@click.option("--batch_size", default=64, help="Instances per gradient step.")
-@click.option("--epochs", default=100, help="Epochs to train (with --resume: the new total; default: saved).")
-@click.option("--instances_per_epoch", default=100_000, help="Fresh instances per epoch.")
-@click.option(
-    "--lr", default=None, type=float, help="Adam learning rate [default: 1e-4; with --resume: the saved one]."
-)
-@click.option("--grad_clip", default=1.0, help="Max gradient norm.")
-@click.option("--val_size", default=1000, help="Fixed validation instances.")
-@click.option("--seed", default=1234, help="Seed for weights, instances and sampling.")
-@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
-@click.option("--wandb_project", default="tsp-policy", help="W&B project.")
-@click.option(
-    "--wandb_mode", default="auto", type=click.Choice(WANDB_MODES), help="auto = offline without credentials."
-)
+@click.command()
+@options(TrainConfig, flatten=("policy",))
 @click.option(
     "--resume",
     is_flag=True,
     help="Continue the run --run_name with its saved settings (--epochs, --device, --lr given explicitly override; "
     "a finished run continues only to a larger --epochs).",
 )
-def main(resume, embed_dim, num_encoder_layers, num_heads, normalization, lr, **options):
+def main(resume, **settings):
     """Train a TSP Attention Model with REINFORCE and the POMO multi-start baseline."""
     with command():
-        policy = PolicyConfig(
-            embed_dim=embed_dim, num_encoder_layers=num_encoder_layers, num_heads=num_heads, normalization=normalization
-        )
-        if not resume:
-            options["lr"] = lr or TrainConfig.lr
+        given = explicit_options()
         if resume:
-            fixed = sorted(explicit_options() & {"embed_dim", "num_encoder_layers", "num_heads", "normalization"})
+            fixed = sorted(given & {f.name for f in fields(PolicyConfig)})
             if fixed:
                 raise click.UsageError(f"--{', --'.join(fixed)}: the policy's shape is fixed by the run being resumed")
-            click.echo(f"resuming {Path(options['runs_dir']) / options['run_name']} with its saved settings")
-        run_dir = run(TrainConfig(policy=policy, **options), resume=resume, new_lr=lr if resume else None,
-                      explicit=tuple(explicit_options() - {"lr"}))  # fmt: skip
+            click.echo(f"resuming {Path(settings['runs_dir']) / settings['run_name']} with its saved settings")
+        cfg = TrainConfig(**split_nested(TrainConfig, settings, "policy"))
+        new_lr = cfg.lr if resume and "lr" in given else None
+        run_dir = run(cfg, resume=resume, new_lr=new_lr, explicit=tuple(given - {"lr"}))
     click.echo(f"trained policy in {run_dir}")
 
 

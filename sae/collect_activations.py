@@ -20,6 +20,7 @@ import click
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS
+from policy.options import choice, options
 from policy.runs import load_policy
 from sae.collect import INSTANCE_CHUNK, collect, hook_dims, instance_batches
 from sae.hooks import HookedPolicy
@@ -40,25 +41,25 @@ class CollectConfig:
     run_dir: str
     """Run folder or name under runs/."""
     hooks: tuple[str, ...] = ()
-    """Hook names to dump; empty = every encoder layer output."""
+    """Hook names to dump (see sae.hooks) [default: every encoder_layer_{i}]."""
     num_instances: int = 1000
     """Instances to run; rows = num_instances * num_loc."""
     num_loc: int | None = None
     """Nodes per instance; the run's training size when None."""
-    distribution: str | None = None
-    """Instance distribution; the run's when None."""
+    distribution: str | None = choice(None, DISTRIBUTIONS)
+    """Instance distribution [default: the run's]."""
     seed: int = 0
     """Seed of the instances."""
     batch_size: int = 256
     """Instances per forward pass."""
     checkpoint: int | None = None
     """Epoch to load; the latest when None."""
-    dtype: str = "float32"
-    """Storage dtype: float32 or float16."""
+    dtype: str = choice("float32", DTYPES)
+    """Storage dtype."""
     activations_root: str | None = None
     """Store the dump under this folder instead of the run (default: $ACTIVATIONS_ROOT, else the run)."""
     name: str | None = None
-    """Dataset name; derived from distribution, size, count and seed when None."""
+    """Dataset name [default: <distribution>_n<nodes>_<count>x_seed<seed>]."""
     overwrite: bool = False
     """Replace an existing dump."""
     device: str = "cpu"
@@ -125,32 +126,12 @@ def _collect(cfg: CollectConfig, loaded, hooked: HookedPolicy, path: Path, reque
         })  # fmt: skip
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/.")
-@click.option(
-    "--hooks",
-    default="",
-    help="Comma-separated hook names [default: every encoder_layer_{i}]. See HookedPolicy.hook_names().",
-)
-@click.option("--num_instances", default=1000, help="Instances to run (rows = instances x nodes).")
-@click.option("--num_loc", default=None, type=int, help="Nodes per instance [default: the run's].")
-@click.option(
-    "--distribution", default=None, type=click.Choice(DISTRIBUTIONS), help="Instance distribution [default: the run's]."
-)
-@click.option("--seed", default=0, help="Seed of the instances.")
-@click.option("--batch_size", default=256, help="Instances per forward pass.")
-@click.option("--checkpoint", default=None, type=int, help="Epoch to load [default: the latest].")
-@click.option("--dtype", default="float32", type=click.Choice(DTYPES), help="Storage dtype.")
-@click.option(
-    "--activations_root", default=None, help="Store dumps under this folder [default: $ACTIVATIONS_ROOT, else the run]."
-)
-@click.option("--name", default=None, help="Dataset name [default: <distribution>_n<nodes>_<count>x_seed<seed>].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing dump of the same name.")
-@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
-def main(hooks, **options):
+@click.command()
+@options(CollectConfig)
+def main(**settings):
     """Dump activations at named hook points to .npy files with a metadata.json."""
     with command():
-        path = run(CollectConfig(hooks=tuple(h.strip() for h in hooks.split(",") if h.strip()), **options))
+        path = run(CollectConfig(**settings))
     click.echo(f"activations in {path}")
 
 

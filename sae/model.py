@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from policy.io import read_json, save_tensors, write_json
+from sae.sparse import auxk_loss
 
 
 def resolve_k(k: int | None, k_ratio: float | None, units: int) -> int:
@@ -33,29 +34,6 @@ def resolve_k(k: int | None, k_ratio: float | None, units: int) -> int:
     if not 1 <= active <= units:
         raise ValueError(f"k must be in [1, {units}], got {active}")
     return active
-
-
-def auxk_loss(
-    pre: torch.Tensor,
-    decoder: torch.Tensor,
-    dead: torch.Tensor,
-    aux_k: int,
-    target: torch.Tensor,
-    prediction: torch.Tensor,
-) -> torch.Tensor:
-    """AuxK (Gao et al.): the top `aux_k` dead units reconstruct the residual target - prediction.
-
-    pre [batch, units], decoder [units, d], dead [units] bool; normalised by the target's variance.
-    """
-    if not dead.any():
-        return target.new_zeros(())
-    values, indices = torch.topk(
-        pre.masked_fill(~dead, float("-inf")), min(aux_k, int(dead.sum())), dim=-1, sorted=False
-    )
-    residual_hat = nn.functional.embedding_bag(indices, decoder, per_sample_weights=torch.relu(values), mode="sum")
-    residual = (target - prediction).detach()
-    variance = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
-    return (residual_hat - residual).pow(2).sum(-1).mean() / variance
 
 
 @torch.no_grad()
@@ -86,28 +64,41 @@ def read_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]
     return read_json(folder / "cfg.json"), load_file(str(folder / "model.safetensors"))
 
 
+@dataclass(kw_only=True)
+class SAEOptions:
+    """Everything about a TopK SAE but its width: what SAEConfig (cfg.json) and sae.train_topk share."""
+
+    expansion_factor: int = 8
+    """Latents = expansion_factor x the hook's width."""
+    k: int | None = None
+    """Active latents per row [default: 16 unless k_ratio]."""
+    k_ratio: float | None = None
+    """Fraction of latents active per row, instead of k."""
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss [default: half the hook's width]."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+    dead_tokens: int = 100_000
+    """A latent that has not fired for this many training rows counts as dead (and gets the AuxK loss)."""
+
+    def __post_init__(self):
+        if self.expansion_factor < 1:
+            raise ValueError("expansion_factor must be positive")
+        if min(self.aux_coef, self.dead_tokens) < 0:
+            raise ValueError("aux_coef and dead_tokens must be >= 0")
+
+
 @dataclass
-class SAEConfig:
+class SAEConfig(SAEOptions):
     """Shape and sparsity of a TopK SAE; saved as cfg.json beside model.safetensors."""
 
     d_in: int
     """Width of the hooked activation."""
-    expansion_factor: int = 8
-    """Latents = expansion_factor * d_in."""
-    k: int | None = None
-    """Active latents per row; when None, k = round(k_ratio * latents)."""
-    k_ratio: float | None = None
-    """Fraction of latents active per row, used when k is None (default 16 active when neither is set)."""
-    aux_k: int | None = None
-    """Dead latents used by the AuxK loss; default d_in // 2."""
-    aux_coef: float = 1 / 32
-    """Weight of the AuxK loss."""
-    dead_tokens: int = 100_000
-    """A latent that has not fired for this many training rows counts as dead."""
 
     def __post_init__(self):
-        if self.d_in < 1 or self.expansion_factor < 1:
-            raise ValueError("d_in and expansion_factor must be positive")
+        super().__post_init__()
+        if self.d_in < 1:
+            raise ValueError("d_in must be positive")
         resolve_k(self.k, self.k_ratio, self.n_latents)
 
     @property
@@ -160,8 +151,8 @@ class TopKSAE(nn.Module):
         return SAEOutput(self.decode_sparse(values, indices), values, indices, pre)
 
     def aux_loss(self, x: torch.Tensor, out: SAEOutput, dead: torch.Tensor) -> torch.Tensor:
-        """AuxK: the top aux_k dead latents reconstruct the residual, normalised by x's variance."""
-        return auxk_loss(out.pre, self.W_dec, dead, self.cfg.auxiliary, x, out.x_hat)
+        """AuxK (sae.sparse.auxk_loss): the top aux_k dead latents reconstruct the residual, over x's variance."""
+        return auxk_loss(x - self.b_dec, self.W_enc.T, self.b_enc, self.W_dec, dead, self.cfg.auxiliary, x, out.x_hat)
 
     def normalize_decoder(self) -> None:
         normalize_rows_(self.W_dec)

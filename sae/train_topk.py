@@ -28,9 +28,11 @@ from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
 from policy.io import read_json, write_json
 from policy.logger import WANDB_MODES, RunLogger
+from policy.options import choice, fields_of, options
 from policy.runs import new_run_folder, resolve_run_dir, resume_folder, resumed_settings, stored_path
 from sae.data import RowStream, split_instances
-from sae.model import SAEConfig, TopKSAE
+from sae.metrics import ReconstructionTotals
+from sae.model import SAEConfig, SAEOptions, TopKSAE
 from sae.runs import sae_runs_dir
 from sae.store import Dump, read_registry, registered_dump
 from sae.trainer import DictionaryTrainer
@@ -39,43 +41,38 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SAETrainConfig:
+class SAETrainConfig(SAEOptions):
+    """How to train a TopK SAE: the model's options (sae.model.SAEOptions) and the training's."""
+
     run_dir: str
-    """Run folder or name under runs/."""
+    """Run folder, or a run name under runs/."""
     hook: str
-    """Hook whose activations the SAE reconstructs."""
+    """Hook whose activations the SAE reconstructs (e.g. encoder_layer_1)."""
     dataset: str | None = None
-    """Registered dump to read; the newest one holding the hook when None."""
-    expansion_factor: int = 8
-    """Latents = expansion_factor * d."""
-    k: int | None = None
-    """Active latents per row (default 16 when neither k nor k_ratio is given)."""
-    k_ratio: float | None = None
-    """Fraction of latents active per row, instead of k."""
+    """Registered dump to read [default: the newest one holding the hook]."""
     lr: float = 1e-3
     """Adam learning rate."""
     batch_size: int = 1024
     """Rows per step."""
     num_epochs: int = 10
-    """Passes over the training split."""
+    """Passes over the training split (with --resume: the new total)."""
     val_ratio: float = 0.1
     """Fraction of instances held out for validation."""
-    dead_tokens: int = 100_000
-    """Rows without firing after which a latent counts as dead (and gets the AuxK loss)."""
     save_freq: int = 1
     """Save a checkpoint every this many epochs."""
     seed: int = 0
     """Seeds the weights, the split and the batch order."""
     device: str = "cpu"
-    """torch device."""
+    """torch device (cpu, cuda, ...)."""
     wandb_project: str = "tsp-sae"
     """W&B project."""
     wandb_run_name: str | None = None
-    """W&B run name; default <run>/<hook>/<timestamp>."""
-    wandb_mode: str = "auto"
-    """auto | online | offline | disabled."""
+    """W&B run name [default: <run>/<hook>/<timestamp>]."""
+    wandb_mode: str = choice("auto", WANDB_MODES)
+    """W&B mode; auto = offline without credentials."""
 
     def __post_init__(self):
+        super().__post_init__()
         check_types(self)
         check_device(self.device)
         if self.lr <= 0 or self.batch_size < 1 or self.num_epochs < 1 or self.save_freq < 1:
@@ -84,7 +81,7 @@ class SAETrainConfig:
             raise ValueError(f"wandb_mode must be one of {WANDB_MODES}")
 
     def sae_config(self, d_in: int) -> SAEConfig:
-        return SAEConfig(d_in, self.expansion_factor, self.k, self.k_ratio, dead_tokens=self.dead_tokens)
+        return SAEConfig(d_in=d_in, **fields_of(self, SAEOptions))
 
 
 def find_dump(run_dir: Path, hook: str, dataset: str | None) -> tuple[str, Dump]:
@@ -116,35 +113,27 @@ def find_dump(run_dir: Path, hook: str, dataset: str | None) -> tuple[str, Dump]
 
 
 @torch.no_grad()
-def evaluate(model: TopKSAE, stream: RowStream, hook: str, mean: torch.Tensor) -> dict:
-    """Validation MSE, FVU (against the dump's per-dim mean), L0 and the fraction of latents that never fire."""
-    sq_err = sq_dev = l0 = rows = 0.0
-    fired = torch.zeros(model.cfg.n_latents, dtype=torch.bool)
+def evaluate(model: TopKSAE, stream: RowStream, hook: str) -> dict:
+    """Validation MSE, FVU, L0 and the fraction of latents that never fire (sae.metrics: FVU against the
+    validation rows' own mean, as for transcoders)."""
+    totals = ReconstructionTotals()
     device = model.b_dec.device
-    mean = mean.to(device)
     for batch in stream.epoch(0):
         x = batch[hook].to(device)
         out = model(x)
-        sq_err += (out.x_hat - x).pow(2).sum().item()
-        sq_dev += (x - mean).pow(2).sum().item()
-        l0 += (out.values > 0).sum().item()
-        rows += x.shape[0]
-        fired[out.indices[out.values > 0].unique().cpu()] = True
-    return {
-        "val/mse": sq_err / (rows * x.shape[1]),
-        "val/fvu": sq_err / max(sq_dev, 1e-12),
-        "val/l0": l0 / rows,
-        "val/dead_fraction": 1 - fired.float().mean().item(),
-    }
+        z = torch.zeros_like(out.pre).scatter_(1, out.indices, out.values)
+        totals.add(x[None], out.x_hat[None], z[None])
+    result = totals.result()[0]
+    summary = result.summary()
+    return {f"val/{k}": summary[k] for k in ("mse", "fvu", "l0", "dead_fraction")}
 
 
 class SAETrainer(DictionaryTrainer):
     """TopK SAE steps on one hook's row stream."""
 
-    def __init__(self, cfg: SAETrainConfig, out_dir: Path, model: TopKSAE, train: RowStream, val: RowStream | None,
-                 mean: torch.Tensor):  # fmt: skip
+    def __init__(self, cfg: SAETrainConfig, out_dir: Path, model: TopKSAE, train: RowStream, val: RowStream | None):
         super().__init__(out_dir, cfg.num_epochs, cfg.save_freq, desc="SAE")
-        self.cfg, self.model, self.train, self.val, self.mean = cfg, model, train, val, mean
+        self.cfg, self.model, self.train, self.val = cfg, model, train, val
         self.steps_per_epoch = train.steps_per_epoch
         self.device = model.b_dec.device
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -179,7 +168,7 @@ class SAETrainer(DictionaryTrainer):
         }
 
     def validate(self) -> dict[str, float]:
-        return evaluate(self.model, self.val, self.cfg.hook, self.mean) if self.val else {}
+        return evaluate(self.model, self.val, self.cfg.hook) if self.val else {}
 
 
 RESUMABLE = ("num_epochs", "save_freq", "device", "wandb_project", "wandb_run_name", "wandb_mode")
@@ -216,7 +205,7 @@ def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = (
     torch.manual_seed(cfg.seed)
     mean = torch.from_numpy(dump.stats(cfg.hook)[0])
     model = TopKSAE(cfg.sae_config(dump.arrays[cfg.hook].shape[1]), mean).to(cfg.device)
-    trainer = SAETrainer(cfg, out_dir, model, train, val, mean)
+    trainer = SAETrainer(cfg, out_dir, model, train, val)
     if resume:
         trainer.resume(cfg.device)
     write_json(out_dir / "train_cfg.json", {**asdict(cfg), "dataset_path": stored_path(run_dir, dump.path)})
@@ -230,40 +219,20 @@ def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = (
     return out_dir
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/.")
-@click.option("--hook", required=True, help="Hook name whose activations to reconstruct (e.g. encoder_layer_1).")
-@click.option("--dataset", default=None, help="Registered dump name [default: the newest holding --hook].")
-@click.option("--expansion_factor", default=8, help="Latents = expansion_factor x d.")
-@click.option("--k", default=None, type=int, help="Active latents per row [default: 16 unless --k_ratio].")
-@click.option("--k_ratio", default=None, type=float, help="Fraction of latents active per row (instead of --k).")
-@click.option("--lr", default=1e-3, help="Adam learning rate.")
-@click.option("--batch_size", default=1024, help="Rows per step.")
-@click.option(
-    "--num_epochs", default=10, help="Passes over the training split (with --resume: the new total; default: saved)."
-)
-@click.option("--val_ratio", default=0.1, help="Fraction of instances held out for validation.")
-@click.option("--dead_tokens", default=100_000, help="Rows without firing after which a latent is dead.")
-@click.option("--save_freq", default=1, help="Checkpoint every N epochs.")
-@click.option("--seed", default=0, help="Seed for weights, split and batch order.")
-@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+@click.command()
+@options(SAETrainConfig)
 @click.option(
     "--resume",
     is_flag=True,
     help="Continue the newest run of --hook with its saved settings (flags given explicitly override, e.g. "
     "--num_epochs; a finished run continues only to a larger --num_epochs).",
 )
-@click.option("--wandb_project", default="tsp-sae", help="W&B project.")
-@click.option("--wandb_run_name", default=None, help="W&B run name [default: <run>/<hook>/<timestamp>].")
-@click.option(
-    "--wandb_mode", default="auto", type=click.Choice(WANDB_MODES), help="auto = offline without credentials."
-)
-def main(resume, **options):
+def main(resume, **settings):
     """Train a TopK sparse autoencoder on a hook's activations."""
     with command():
         if resume:
-            click.echo(f"resuming the newest run of {options['hook']} with its saved settings")
-        out_dir = run(SAETrainConfig(**options), resume=resume, explicit=tuple(explicit_options()))
+            click.echo(f"resuming the newest run of {settings['hook']} with its saved settings")
+        out_dir = run(SAETrainConfig(**settings), resume=resume, explicit=tuple(explicit_options()))
     click.echo(f"SAE saved in {out_dir}")
 
 

@@ -49,6 +49,7 @@ from clt.pairs import LayerPair
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.io import atomic_write, read_json, write_json
+from policy.options import options
 from sae.model import TopKSAE, load_sae
 
 SCHEMA = "tsp-interp.edges/1"
@@ -256,12 +257,8 @@ def run(cfg: EdgesConfig) -> dict:
     return graph
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--clt_dir", required=True, help="Transcoder run folder (evaluated by clt.eval).")
-@click.option("--source_sae", default=None, help="SAE run folder on the source hook (SAE -> CLT edges).")
-@click.option("--target_sae", default=None, help="SAE run folder on the target hook (with --source_sae: paths).")
-@click.option("--top_edges", default=2000, help="Edges kept per kind, by |attribution|.")
-@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
+@click.command()
+@options(EdgesConfig)
 def main(**options):
     """Export a transcoder's strongest edges (and SAE paths) as edges.json and edges.csv beside its evaluation."""
     with command():

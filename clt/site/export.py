@@ -30,6 +30,7 @@ from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import generate, tour_length
 from policy.io import atomic_write, read_json
+from policy.options import options
 from policy.runs import load_policy, resolve_run_dir
 from sae.hooks import HookedPolicy, parse_layer_hook
 from sae.model import SAEConfig
@@ -252,20 +253,12 @@ def run(cfg: ExportConfig) -> Path:
     return atomic_write(out / "site.json", lambda tmp: tmp.write_text(text + "\n"))
 
 
-@click.command(context_settings={"show_default": True})
-@click.option("--run_dir", required=True, help="Run folder, or a run name under runs/.")
-@click.option("--out", default="docs/data", help="Folder for site.json and site.js (the site reads docs/data).")
-@click.option("--num_instances", default=256, help="Fresh instances on which features are measured.")
-@click.option("--seed", default=4321, help="Seed of those instances.")
-@click.option("--features", default=24, help="Features shown per SAE / transcoder (layer): the most active ones.")
-@click.option("--top_instances", default=4, help="Maps per feature page: the instances where it peaks highest.")
-@click.option("--edges", default=300, help="Edges kept per graph, by |attribution|.")
-@click.option("--checkpoint", default=None, type=int, help="Policy checkpoint epoch [default: the latest].")
-@click.option("--device", default="cpu", help="torch device (cpu, cuda, ...).")
-def main(**options):
+@click.command()
+@options(ExportConfig)
+def main(**settings):
     """Export a run's SAEs, transcoders, metrics, graphs and feature pages as the docs site's data."""
     with command():
-        path = run(ExportConfig(**options))
+        path = run(ExportConfig(**settings))
     click.echo(f"site data written to {path} ({path.stat().st_size / 1e6:.1f} MB); view with python -m clt.site.viewer")
 
 

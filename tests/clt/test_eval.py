@@ -129,7 +129,7 @@ def test_edges_round_trip_and_bad_files_are_refused(tmp_path):
     torch.manual_seed(0)
     model = CrossLayerTranscoder(TranscoderConfig(6, 5, expansion_factor=2, k=2, normalize_source="standard"))
     model.set_statistics(torch.zeros(6), torch.full((6,), 2.0), torch.zeros(5), torch.ones(5))
-    sae_in, sae_out = TopKSAE(SAEConfig(6, 2, k=2)), TopKSAE(SAEConfig(5, 2, k=2))
+    sae_in, sae_out = TopKSAE(SAEConfig(6, expansion_factor=2, k=2)), TopKSAE(SAEConfig(5, expansion_factor=2, k=2))
     source = GraphSource("run", "pair", "t0", "a", "b", model, np.linspace(0, 1, 12), np.linspace(1, 2, 12),
                          np.ones(6), ("s_in", sae_in, np.ones(12)), ("s_out", sae_out))  # fmt: skip
     graph = build_graph(source, top_edges=7, top_paths=3)

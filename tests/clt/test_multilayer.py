@@ -120,6 +120,21 @@ def test_multilayer_cli_trains_logs_per_layer_and_resumes_exactly(layers_run, mo
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_both_transcoders_have_the_named_interface_and_log_weights_trains_the_multilayer_clt(layers_run):
+    from clt.model import CrossLayerTranscoder, Transcoder, TranscoderConfig
+
+    assert isinstance(_model(), Transcoder) and isinstance(CrossLayerTranscoder(TranscoderConfig(6, 6)), Transcoder)
+    encoder, decoder = _model().row_norms()
+    assert encoder.shape == decoder.shape == (3 * 24,)
+    torch.testing.assert_close(decoder, torch.ones(72))  # unit norm across the layers a feature writes to
+    result = _cli(layers_run, "--log_weights")
+    assert result.exit_code == 0, result.output
+    folder = max((layers_run / "clt" / "clt_runs" / "clt_multilayer").iterdir())  # the run just made
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "weights/decoder_row_norm" in r]
+    assert len(logged) == 2 and sum(logged[0]["weights/encoder_row_norm"]["counts"]) == 2 * 16 * 2
+
+
 def test_multilayer_cli_errors(layers_run):
     result = _cli(layers_run, "--pair", "clt_L0_to_L1")
     assert result.exit_code == 2 and "give --pair, or --multilayer" in result.output

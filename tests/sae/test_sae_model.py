@@ -76,3 +76,26 @@ def test_save_and_load_round_trip(tmp_path):
     torch.testing.assert_close(loaded(x).x_hat, model(x).x_hat)
     with pytest.raises(FileNotFoundError, match="cfg.json"):
         load_sae(tmp_path / "nothing")
+
+
+def dense_auxk(pre, decoder, dead, aux_k, y, y_hat):
+    """The textbook AuxK, densely: the top aux_k dead units of every row reconstruct y - y_hat."""
+    values, ids = pre.masked_fill(~dead, float("-inf")).topk(min(aux_k, int(dead.sum())), dim=-1)
+    residual_hat = torch.einsum("rk,rkd->rd", torch.relu(values), decoder[ids])
+    variance = (y - y.mean(0)).pow(2).sum(-1).mean()
+    return (residual_hat - (y - y_hat).detach()).pow(2).sum(-1).mean() / variance
+
+
+def test_the_one_auxk_has_the_dense_auxks_value_and_gradients():
+    torch.manual_seed(3)
+    model = _model(k=4)
+    x = torch.randn(32, 16)
+    dead = torch.rand(64) < 0.5
+    out = model(x)
+    sparse = model.aux_loss(x, out, dead)
+    grads = torch.autograd.grad(sparse, [model.W_enc, model.b_enc, model.W_dec, model.b_dec])
+    dense = dense_auxk(model.pre_acts(x), model.W_dec, dead, model.cfg.auxiliary, x, out.x_hat)
+    expected = torch.autograd.grad(dense, [model.W_enc, model.b_enc, model.W_dec, model.b_dec])
+    torch.testing.assert_close(sparse, dense)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

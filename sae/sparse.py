@@ -1,6 +1,6 @@
-"""Sparse codes and the training kernel for transcoders with a few active features per row.
+"""Sparse codes and the training kernel for dictionaries with a few active features per row.
 
-A TopK or BatchTopK transcoder keeps k of its (say) 1024 features per row, so
+A TopK or BatchTopK transcoder (or a TopK SAE) keeps k of its (say) 1024 features per row, so
 everything after the encoder GEMM can skip the features that did not fire:
 
     forward    y[r]       = sum_j  v_j * W_dec[f_j]             embedding_bag over the active entries
@@ -135,3 +135,32 @@ def sparse_decode(
 ) -> torch.Tensor:
     """codes @ w_dec [batch, d_out], differentiable as if codes = ReLU(x @ w_enc^T + b_enc) at the active entries."""
     return _SparseDecode.apply(x, w_enc, b_enc, w_dec, codes.values, codes.features, codes.offsets)
+
+
+def auxk_loss(
+    x: torch.Tensor,
+    w_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    w_dec: torch.Tensor,
+    dead: torch.Tensor,
+    aux_k: int,
+    y: torch.Tensor,
+    y_hat: torch.Tensor,
+) -> torch.Tensor:
+    """AuxK (Gao et al., 2024): the top `aux_k` dead features reconstruct the residual y - y_hat, over y's variance.
+
+    x [rows, d_in] is what the encoder reads (pre = x @ w_enc^T + b_enc), w_enc and w_dec [features, d] the
+    dictionary, dead [features] bool, y and y_hat [rows, d_out]. Only the dead features' pre-activations are
+    computed and the reconstruction is decoded sparsely: the gradients are those of the dense AuxK. The one
+    AuxK of every dictionary (TopK SAE, transcoder, each source layer of a multi-layer CLT).
+    """
+    ids = dead.nonzero().squeeze(1)
+    if not len(ids):
+        return y.new_zeros(())
+    with torch.no_grad():
+        pre = torch.addmm(b_enc[ids], x, w_enc[ids].T)  # [rows, dead]
+        codes = select_topk(pre, min(aux_k, len(ids)))
+    codes = codes._replace(features=ids[codes.features])  # back to feature ids: no gathered weight copies
+    residual_hat = sparse_decode(x, w_enc, b_enc, w_dec, codes)
+    variance = (y - y.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return (residual_hat - (y - y_hat).detach()).pow(2).sum(-1).mean() / variance

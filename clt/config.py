@@ -1,0 +1,87 @@
+"""The options every transcoder's config shares, written once: the model configs (saved as cfg.json) and
+the trainer's config (and through it the command line, see policy.options) inherit them.
+
+    CodeOptions           the sparse code: width, sparsifier, AuxK, normalisation   (pairwise and multi-layer)
+    TranscoderOptions     + what only a pairwise transcoder has: tied, skip, L1/L0, dictionary penalty
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clt.normalization import NORMALIZATIONS
+from policy.options import choice
+
+ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
+MULTILAYER_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
+DICTIONARY_PENALTIES = ("none", "l1", "l2")
+
+
+@dataclass(kw_only=True)
+class CodeOptions:
+    expansion_factor: int = 8
+    """Features = expansion_factor x the source width (per layer for a multi-layer CLT)."""
+    k: int | None = None
+    """Active features per row for topk/batchtopk (default 16 unless k_ratio)."""
+    k_ratio: float | None = None
+    """Fraction of features active per row, instead of k."""
+    activation: str = choice("topk", ACTIVATIONS)
+    """Sparsifier: topk, batchtopk, jumprelu (a learned threshold per feature) or relu (made sparse by L1;
+    pairwise only)."""
+    jumprelu_threshold: float = 0.5
+    """jumprelu: initial threshold, in units of the (normalised) pre-activations."""
+    bandwidth: float = 0.2
+    """jumprelu: width of the straight-through window around each threshold."""
+    aux_k: int | None = None
+    """Dead features used by the AuxK loss (topk/batchtopk) [default: half the target width]."""
+    aux_coef: float = 1 / 32
+    """Weight of the AuxK loss on dead features."""
+    aux_rows: int = 512
+    """Rows of each batch the AuxK loss is estimated on."""
+    dead_tokens: int = 100_000
+    """Rows without firing after which a feature counts as dead."""
+    normalize_source: str = choice("standard", NORMALIZATIONS)
+    """How the model scales sources, from the pair's stored statistics (inside the model)."""
+    normalize_target: str = choice("center", NORMALIZATIONS)
+    """How the model scales targets (the loss is measured there)."""
+
+    def __post_init__(self):
+        if self.expansion_factor < 1 or self.aux_rows < 1:
+            raise ValueError("expansion_factor and aux_rows must be positive")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for name in ("normalize_source", "normalize_target"):
+            if getattr(self, name) not in NORMALIZATIONS:
+                raise ValueError(f"{name} must be one of {NORMALIZATIONS}, got {getattr(self, name)!r}")
+        if min(self.aux_coef, self.dead_tokens) < 0:
+            raise ValueError("aux_coef and dead_tokens must be >= 0")
+        if self.bandwidth <= 0 or self.jumprelu_threshold <= 0:
+            raise ValueError("bandwidth and jumprelu_threshold must be > 0")
+
+
+@dataclass(kw_only=True)
+class TranscoderOptions(CodeOptions):
+    tied: bool = False
+    """Tie the decoder to the encoder (W_dec = W_enc; needs equal source and target widths)."""
+    skip: bool = False
+    """Add a linear skip path x @ W_skip (a skip transcoder)."""
+    l1_coef: float | None = None
+    """L1 penalty on codes weighted by decoder row norms [default: 3e-3 for relu, its sparsity term; else 0]."""
+    l0_coef: float | None = None
+    """L0 penalty through the straight-through step [default: 1e-3 for jumprelu (for the multi-layer CLT the
+    paper's tanh penalty); else 0]."""
+    dictionary_penalty: str = choice("none", DICTIONARY_PENALTIES)
+    """A penalty on the decoder rows: the sum of |w| (l1) or of w^2 (l2), e.g. for a tied decoder."""
+    dictionary_coef: float = 0.0
+    """Weight of the dictionary penalty."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.l1_coef is None:
+            self.l1_coef = 3e-3 if self.activation == "relu" else 0.0
+        if self.l0_coef is None:
+            self.l0_coef = 1e-3 if self.activation == "jumprelu" else 0.0
+        if self.dictionary_penalty not in DICTIONARY_PENALTIES:
+            raise ValueError(f"dictionary_penalty must be one of {DICTIONARY_PENALTIES}")
+        if min(self.l1_coef, self.l0_coef, self.dictionary_coef) < 0:
+            raise ValueError("penalty coefficients must be >= 0")

@@ -1,0 +1,41 @@
+"""One FVU for every dictionary: squared error over the evaluated rows' squared deviation from their own mean."""
+
+import numpy as np
+import torch
+
+from clt.metrics import reconstruction
+from clt.model import CrossLayerTranscoder, TranscoderConfig
+from sae.data import RowStream
+from sae.metrics import ReconstructionTotals
+from sae.model import SAEConfig, TopKSAE
+from sae.train_topk import evaluate
+
+
+def numpy_fvu(y: np.ndarray, y_hat: np.ndarray) -> float:
+    return float(((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+
+
+def test_streamed_totals_give_the_fvu_of_all_rows_at_once():
+    torch.manual_seed(0)
+    y = torch.randn(3, 50, 4) * 3 + 5  # far from zero: a mean other than the rows' own would show
+    y_hat = y + torch.randn_like(y) * 0.5
+    totals = ReconstructionTotals()
+    for rows in torch.arange(50).split(7):
+        totals.add(y[:, rows], y_hat[:, rows], torch.ones(3, len(rows), 2))
+    for layer, result in enumerate(totals.result()):
+        assert np.isclose(result.fvu, numpy_fvu(y[layer].numpy(), y_hat[layer].numpy()), rtol=1e-9)
+
+
+def test_the_sae_and_the_transcoder_report_the_same_fvu_definition():
+    torch.manual_seed(1)
+    x = (torch.randn(40 * 5, 8) * 2 + 3).numpy()  # 40 instances of 5 nodes
+    sae = TopKSAE(SAEConfig(d_in=8, expansion_factor=2, k=3), torch.zeros(8)).eval()
+    stream = RowStream({"h": x}, 5, np.arange(40), batch_size=16)
+    with torch.no_grad():
+        x_hat = sae(torch.from_numpy(x)).x_hat.numpy()
+    assert np.isclose(evaluate(sae, stream, "h")["val/fvu"], numpy_fvu(x, x_hat), rtol=1e-6)
+    transcoder = CrossLayerTranscoder(TranscoderConfig(8, 8, expansion_factor=2, k=3)).eval()
+    with torch.no_grad():
+        y_hat = transcoder(torch.from_numpy(x))[0].numpy()
+    batches = [(torch.from_numpy(x[i : i + 16]), torch.from_numpy(x[i : i + 16])) for i in range(0, 200, 16)]
+    assert np.isclose(reconstruction(transcoder, batches).fvu, numpy_fvu(x, y_hat), rtol=1e-6)

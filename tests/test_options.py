@@ -1,0 +1,116 @@
+"""Each option is written once, as a config field: the command line and the Python API build the same config,
+and so the same model, from the same defaults."""
+
+import dataclasses
+import importlib
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from clt.config import CodeOptions, TranscoderOptions
+from clt.model import TranscoderConfig
+from clt.multilayer import MultiLayerConfig
+from clt.train_transcoder import TranscoderTrainConfig
+from policy.options import choice, field_docs, options
+from sae.model import SAEConfig
+from sae.train_topk import SAETrainConfig
+
+REQUIRED = {"run_dir": "somewhere"}
+COMMANDS = [  # module, config class, extra required settings
+    ("policy.train", "TrainConfig", {}),
+    ("policy.eval", "EvalConfig", REQUIRED),
+    ("policy.solve", "SolveConfig", {**REQUIRED, "instances": "x.npy"}),
+    ("policy.import_run", "ImportConfig", {"source": "there", "run_name": "mine"}),
+    ("sae.collect_activations", "CollectConfig", REQUIRED),
+    ("sae.train_topk", "SAETrainConfig", {**REQUIRED, "hook": "encoder_layer_0"}),
+    ("clt.collect_pairs", "CollectPairsConfig", REQUIRED),
+    ("clt.train_transcoder", "TranscoderTrainConfig", {**REQUIRED, "pair": "clt_L0_to_L1"}),
+    ("clt.eval", "EvalConfig", {"clt_dir": "a_transcoder"}),
+    ("clt.graph.edges", "EdgesConfig", {"clt_dir": "a_transcoder"}),
+    ("clt.site.export", "ExportConfig", REQUIRED),
+]
+
+
+class Captured(Exception):
+    """Raised by the stand-in for run(): carries the config the command built."""
+
+
+def built_by_cli(module, args: dict, monkeypatch):
+    def capture(cfg, *_, **__):
+        raise Captured(cfg)
+
+    monkeypatch.setattr(module, "run", capture)
+    flags = [f"--{'from' if k == 'source' else k}={v}" for k, v in args.items()]
+    result = CliRunner().invoke(module.main, flags)
+    assert isinstance(result.exception, Captured), result.output
+    return result.exception.args[0]
+
+
+@pytest.mark.parametrize(("name", "config", "required"), COMMANDS)
+def test_the_command_line_builds_the_config_the_python_api_builds(name, config, required, monkeypatch):
+    module = importlib.import_module(name)
+    from_cli = built_by_cli(module, required, monkeypatch)
+    assert from_cli == getattr(module, config)(**required)
+
+
+@pytest.mark.parametrize(("name", "config", "required"), COMMANDS)
+def test_every_option_has_the_fields_docstring_as_its_help(name, config, required):
+    module = importlib.import_module(name)
+    cls, docs = getattr(module, config), field_docs(getattr(module, config))
+    params = {p.name: p for p in module.main.params}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli", True) and not dataclasses.is_dataclass(f.default_factory):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
+            assert docs[f.name].rstrip(".") in params[f.name].help, f.name
+
+
+def test_trainers_and_model_configs_share_their_defaults():
+    assert TranscoderTrainConfig("r", "p").model_config(16, 12) == TranscoderConfig(16, 12)
+    assert SAETrainConfig("r", "h").sae_config(16) == SAEConfig(d_in=16)
+    multi = TranscoderTrainConfig("r", "clt_multilayer").multilayer_config(3, 16)
+    assert multi == MultiLayerConfig(n_layers=3, d=16)
+    assert {f.name for f in dataclasses.fields(CodeOptions)} <= {f.name for f in dataclasses.fields(MultiLayerConfig)}
+    assert TranscoderConfig(8, 8, activation="jumprelu").l0_coef == 1e-3  # the activation's default, in both
+    assert (
+        TranscoderTrainConfig("r", "p", activation="relu").l1_coef == TranscoderConfig(8, 8, activation="relu").l1_coef
+    )
+
+
+def test_options_map_types_choices_flags_and_sequences():
+    @dataclasses.dataclass
+    class Demo:
+        name: str
+        """Required."""
+        mode: str = choice("a", ("a", "b"))
+        """A or B."""
+        weights: list[float] | None = None
+        """Weights."""
+        hooks: tuple[str, ...] = ()
+        """Hooks."""
+        fast: bool = False
+        """Go fast."""
+        keep: bool = True
+        """Keep."""
+
+    @click.command()
+    @options(Demo)
+    def main(**settings):
+        click.echo(repr(Demo(**settings)))
+
+    ok = CliRunner().invoke(main, ["--name", "x", "--mode", "b", "--weights", "1,2.5", "--hooks", "p, q", "--fast",
+                                   "--no_keep"])  # fmt: skip
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.strip() == repr(Demo("x", "b", [1.0, 2.5], ("p", "q"), True, False))
+    assert CliRunner().invoke(main, ["--name", "x"]).output.strip() == repr(Demo("x"))
+    assert CliRunner().invoke(main, []).exit_code == 2  # --name is required
+    assert "'c' is not one of" in CliRunner().invoke(main, ["--name", "x", "--mode", "c"]).output
+    assert "comma-separated float" in CliRunner().invoke(main, ["--name", "x", "--weights", "1,a"]).output
+    assert [p.name for p in main.params] == ["name", "mode", "weights", "hooks", "fast", "keep"]
+
+
+def test_transcoder_options_are_not_written_twice():
+    own = {f.name for f in dataclasses.fields(TranscoderTrainConfig)} - {
+        f.name for f in dataclasses.fields(TranscoderOptions)
+    }
+    assert own.isdisjoint(f.name for f in dataclasses.fields(TranscoderConfig))
