@@ -54,8 +54,8 @@ from policy.distributed import (
 from policy.io import read_json, write_json
 from policy.logger import WANDB_MODES, RunLogger
 from policy.options import choice, fields_of, options
-from policy.runs import new_run_folder, read_config, resolve_run_dir, resume_folder, resumed_settings, stored_path
-from sae.runs import clt_runs_dir
+from policy.runs import new_run_folder, read_config, resolve_run_dir, stored_path
+from sae.runs import clt_runs_dir, resume_dictionary_run
 from sae.trainer import DictionaryTrainer
 
 log = logging.getLogger(__name__)
@@ -309,15 +309,8 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
     cfg.pair = pair_name(run_dir, cfg.pair)
     pair_dir = clt_runs_dir(run_dir, cfg.pair)
     if resume:
-        out_dir = resume_folder(pair_dir)
-        saved = read_json(out_dir / "train_cfg.json")
-        saved.pop("dataset_path", None)
-        settings = resumed_settings(saved, cfg.to_json(), explicit, RESUMABLE)
-        cfg = TranscoderTrainConfig(**settings, penalties=cfg.penalties)
-        longer = (cfg.num_tokens or 0) > (saved.get("num_tokens") or 0) or cfg.num_epochs > saved["num_epochs"]
-        if (out_dir / "model.safetensors").is_file() and not longer:
-            raise ValueError(f"{out_dir} is finished: pass a larger --num_epochs or --num_tokens to train it further")
-        log.info("resuming %s", out_dir)
+        out_dir, cfg = resume_dictionary_run(pair_dir, TranscoderTrainConfig, cfg.to_json(), explicit, RESUMABLE,
+                                             budget=("num_epochs", "num_tokens"), penalties=cfg.penalties)  # fmt: skip
     else:
         out_dir = broadcast_from_main(new_run_folder(pair_dir) if info.is_main else None, info)
     root = Path(cfg.activations_root) if cfg.activations_root else None

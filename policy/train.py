@@ -24,18 +24,16 @@ from pathlib import Path
 
 import click
 import torch
-from tqdm import tqdm
 
 from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
 from policy.env import DISTRIBUTIONS, generate, tour_length
-from policy.io import read_json, save_npy, save_tensors, save_torch, write_json
-from policy.logger import WANDB_MODES, RunLogger, truncate_metrics
+from policy.io import read_json, save_npy, write_json
+from policy.logger import WANDB_MODES, RunLogger
 from policy.model import AttentionModel, PolicyConfig
 from policy.options import choice, options, split_nested
 from policy.runs import check_name, resumed_settings
-from policy.signals import GracefulStop, Interrupted
-from policy.torch_files import load_torch_file
+from policy.trainer import EpochTrainer, Position
 
 log = logging.getLogger(__name__)
 
@@ -150,16 +148,58 @@ def validate(model, locs: torch.Tensor, batch_size: int = 500) -> dict:
     }
 
 
-def _state(model, optimizer, epoch, step, generator, global_step, wandb_id) -> dict:
-    return {
-        "epoch": epoch,
-        "step_in_epoch": step,
-        "global_step": global_step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-        "wandb_run_id": wandb_id or "",
-    }
+class PolicyTrainer(EpochTrainer):
+    """REINFORCE steps on each epoch's fresh instances (policy.trainer's loop: resume, Ctrl-C, checkpoints)."""
+
+    progress_keys = ("tour_length",)
+
+    def __init__(self, cfg: TrainConfig, model: AttentionModel, val_locs: torch.Tensor):
+        super().__init__(cfg.run_dir, cfg.epochs, save_freq=1, log_every=50, desc="policy")
+        self.cfg, self.model, self.val_locs = cfg, model, val_locs
+        self.steps_per_epoch = cfg.steps_per_epoch
+        self.device = val_locs.device
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator(device=self.device)
+        self._sums, self._first, self._tic = {}, 0, 0.0
+
+    def batches(self, epoch: int, start_step: int):
+        data = epoch_instances(self.cfg, epoch).to(self.device)
+        if start_step == 0:  # mid-epoch, the generator goes on from the saved state
+            self.generator.manual_seed(self.cfg.seed * 7919 + epoch)
+        self._sums, self._first, self._tic = {}, start_step, time.perf_counter()
+        size = self.cfg.batch_size
+        return (data[step * size : (step + 1) * size] for step in range(start_step, self.steps_per_epoch))
+
+    def train_step(self, locs: torch.Tensor) -> dict[str, float]:
+        stats = train_step(self.model, self.optimizer, locs, self.generator, self.cfg.grad_clip)
+        self._sums = {k: self._sums.get(k, 0.0) + v for k, v in stats.items()}
+        return stats
+
+    def validate(self) -> dict[str, float]:
+        seconds = time.perf_counter() - self._tic
+        done = self.steps_per_epoch - self._first
+        metrics = {f"epoch/{k}": v / max(done, 1) for k, v in self._sums.items()}
+        metrics.update(validate(self.model, self.val_locs))
+        metrics.update({"lr": self.optimizer.param_groups[0]["lr"], "epoch/seconds": seconds,
+                        "epoch/instances_per_s": done * self.cfg.batch_size / seconds})  # fmt: skip
+        return metrics
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state()}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+
+    def saved_position(self, state: dict) -> Position:
+        if "position" not in state:  # written before policy.train used policy.trainer
+            return Position(state["epoch"], state["step_in_epoch"], state["global_step"])
+        return super().saved_position(state)
 
 
 RESUMABLE = ("epochs", "device", "wandb_project", "wandb_mode")
@@ -199,89 +239,25 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None, exp
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = AttentionModel(cfg.policy).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator(device=device)
-    start_epoch, start_step, global_step, wandb_id = 0, 0, 0, None
-    if resume:
-        state = load_torch_file(state_path, map_location=device)
-        if state["epoch"] >= cfg.epochs:
-            raise ValueError(f"{run_dir} is finished ({state['epoch']} epochs): pass --epochs larger than that "
-                             "to train it further")  # fmt: skip
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if new_lr:
-            for group in optimizer.param_groups:
-                group["lr"] = new_lr
-            log.info("learning rate set to %g from epoch %d on", new_lr, state["epoch"] + 1)
-        write_json(run_dir / "config.json", cfg.run_config())  # the new total of epochs (and lr), for the next resume
-        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        wandb_id = state["wandb_run_id"] or None
-        truncate_metrics(run_dir / "metrics.jsonl", global_step)
-        log.info("resuming %s at epoch %d, step %d", run_dir, start_epoch, start_step)
-    else:
-        write_json(run_dir / "config.json", cfg.run_config())
     val_locs = validation_instances(cfg)
+    trainer = PolicyTrainer(cfg, model, val_locs.to(device))
+    if resume:
+        trainer.resume(device)
+        if trainer.position.epoch >= cfg.epochs:
+            raise ValueError(f"{run_dir} is finished ({trainer.position.epoch} epochs): pass --epochs larger than "
+                             "that to train it further")  # fmt: skip
+        if new_lr:
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = new_lr
+            log.info("learning rate set to %g from epoch %d on", new_lr, trainer.position.epoch + 1)
+        log.info("resuming %s at epoch %d, step %d", run_dir, trainer.position.epoch, trainer.position.step)
+    write_json(run_dir / "config.json", cfg.run_config())  # on resume: the new total of epochs (and lr)
     if not (run_dir / "val_locs.npy").exists():
         save_npy(run_dir / "val_locs.npy", val_locs.numpy())
-    val_locs = val_locs.to(device)
-
-    logger = RunLogger(run_dir, cfg.wandb_project, cfg.run_name, cfg.run_config(), cfg.wandb_mode, run_id=wandb_id)
-    epoch, step = start_epoch, start_step
+    logger = RunLogger(run_dir, cfg.wandb_project, cfg.run_name, cfg.run_config(), cfg.wandb_mode,
+                       run_id=trainer.wandb_run_id)  # fmt: skip
     try:
-        with GracefulStop() as stop:
-            for epoch in range(start_epoch, cfg.epochs):
-                data = epoch_instances(cfg, epoch).to(device)
-                if epoch != start_epoch or start_step == 0:
-                    generator.manual_seed(cfg.seed * 7919 + epoch)
-                elif resume:
-                    generator.set_state(state["generator"])
-                first = start_step if epoch == start_epoch else 0
-                tic, sums = time.perf_counter(), {}
-                bar = tqdm(
-                    range(first, cfg.steps_per_epoch),
-                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                    initial=first,
-                    total=cfg.steps_per_epoch,
-                )
-                for step in bar:
-                    stop.check()
-                    locs = data[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                    stats = train_step(model, optimizer, locs, generator, cfg.grad_clip)
-                    global_step += 1
-                    sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
-                    if global_step % 50 == 0:
-                        logger.log({f"train/{k}": v for k, v in stats.items()}, step=global_step)
-                    bar.set_postfix(length=f"{stats['tour_length']:.3f}")
-                step = cfg.steps_per_epoch
-                seconds = time.perf_counter() - tic
-                done = cfg.steps_per_epoch - first
-                metrics = {f"epoch/{k}": v / max(done, 1) for k, v in sums.items()}
-                metrics.update(validate(model, val_locs))
-                metrics["lr"] = optimizer.param_groups[0]["lr"]
-                metrics.update(
-                    {
-                        "epoch": epoch + 1,
-                        "epoch/seconds": seconds,
-                        "epoch/instances_per_s": done * cfg.batch_size / seconds,
-                    }
-                )
-                logger.log(metrics, step=global_step)
-                log.info(
-                    "epoch %d: val greedy %.4f, multistart %.4f",
-                    epoch + 1,
-                    metrics["val/greedy_length"],
-                    metrics["val/multistart_length"],
-                )
-                save_tensors(
-                    run_dir / "checkpoints" / f"epoch_{epoch + 1}.safetensors",
-                    model.state_dict(),
-                    {"epoch": str(epoch + 1)},
-                )
-                save_torch(state_path, _state(model, optimizer, epoch + 1, 0, generator, global_step, logger.run_id))
-    except (Interrupted, KeyboardInterrupt) as err:
-        save_torch(state_path, _state(model, optimizer, epoch, step, generator, global_step, logger.run_id))
-        log.warning("interrupted (%s) at epoch %d, step %d: state saved, continue with --resume", err, epoch + 1, step)
-        raise Interrupted(str(err)) from None
+        trainer.fit(logger)
     finally:
         logger.finish()
     return run_dir

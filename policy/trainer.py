@@ -44,6 +44,8 @@ class EpochTrainer:
     """Subclasses provide the data, one optimisation step, validation and what to save."""
 
     steps_per_epoch: int
+    progress_keys: tuple[str, ...] = ("fvu", "l0")
+    """Training scalars shown beside the progress bar."""
 
     def __init__(
         self,
@@ -109,9 +111,13 @@ class EpochTrainer:
             raise FileNotFoundError(f"nothing to resume: no {self.state_path}")
         state = load_torch_file(self.state_path, map_location=device)
         self.load_state_dict(state)
-        self.position = Position(**state["position"])
+        self.position = self.saved_position(state)
         self.wandb_run_id = state["wandb_run_id"] or None
         truncate_metrics(self.out_dir / "metrics.jsonl", self.position.global_step)
+
+    def saved_position(self, state: dict) -> Position:
+        """Where a saved state stands (a subclass may also read an older layout of its own)."""
+        return Position(**state["position"])
 
     def fit(self, logger: RunLogger | None) -> None:
         """Train to the end; `logger` is None on ranks that do not log."""
@@ -126,7 +132,8 @@ class EpochTrainer:
                         log.info("epoch %d: %s", p.epoch + 1, {k: round(v, 5) for k, v in metrics.items()})
                     p.epoch, p.step = p.epoch + 1, 0
                     if self.is_main and (p.epoch % self.save_freq == 0 or p.epoch == self.num_epochs):
-                        save_tensors(self.out_dir / "checkpoints" / f"epoch_{p.epoch}.safetensors", self.weights())
+                        path = self.out_dir / "checkpoints" / f"epoch_{p.epoch}.safetensors"
+                        save_tensors(path, self.weights(), {"epoch": str(p.epoch)})
                     self.save_state(logger)
         except Interrupted as err:
             self.save_state(logger)
@@ -148,4 +155,4 @@ class EpochTrainer:
                 logger.log({f"train/{k}": v for k, v in stats.items()}, step=p.global_step)
             if self.state_every and p.global_step % self.state_every == 0:
                 self.save_state(logger)
-            bar.set_postfix({k: f"{stats[k]:.4g}" for k in ("fvu", "l0") if k in stats})
+            bar.set_postfix({k: f"{stats[k]:.4g}" for k in self.progress_keys if k in stats})

@@ -13,9 +13,12 @@ lives in policy.runs and is importable from here too, as the sae and clt package
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+from policy.io import read_json
 from policy.runs import (  # noqa: F401  (re-exported: the run bookkeeping sae and clt share)
     LoadedPolicy,
     RunConfig,
@@ -29,6 +32,8 @@ from policy.runs import (  # noqa: F401  (re-exported: the run bookkeeping sae a
     resumed_settings,
     stored_path,
 )
+
+log = logging.getLogger(__name__)
 
 ACTIVATIONS_ROOT_ENV = "ACTIVATIONS_ROOT"
 """Environment variable that moves activation dumps out of the run folder."""
@@ -101,3 +106,21 @@ def owning_run(folder: Path, train_cfg: dict) -> Path:
     if len(parents) > 3 and parents[1].name in ("sae_runs", "clt_runs") and (parents[3] / "config.json").is_file():
         return parents[3]
     return resolve_run_dir(train_cfg["run_dir"])
+
+
+def resume_dictionary_run(runs_folder: Path, cls: type, given: dict, explicit: Iterable[str],
+                          may_change: Iterable[str], budget: tuple[str, ...], **extra):  # fmt: skip
+    """The run `--resume` continues (the newest under `runs_folder`) and the config it continues with: its
+    train_cfg.json with the explicitly `given` settings on top (policy.runs.resumed_settings). A finished run
+    continues only when one of its `budget` fields (how long it trains) grows. `extra`: library-only fields."""
+    out_dir = resume_folder(runs_folder)
+    saved = read_json(out_dir / "train_cfg.json")
+    saved.pop("dataset_path", None)  # where the data was: found again
+    cfg = cls(**resumed_settings(saved, given, explicit, may_change), **extra)
+    longer = any((getattr(cfg, name) or 0) > (saved.get(name) or 0) for name in budget)
+    if is_finished(out_dir) and not longer:
+        trained = ", ".join(f"{name} {saved.get(name)}" for name in budget if saved.get(name) is not None)
+        raise ValueError(f"{out_dir} is finished ({trained}): pass a larger --{' or --'.join(budget)} to train it "
+                         "further")  # fmt: skip
+    log.info("resuming %s", out_dir)
+    return out_dir, cfg

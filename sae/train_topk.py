@@ -26,14 +26,14 @@ import torch
 
 from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
-from policy.io import read_json, write_json
+from policy.io import write_json
 from policy.logger import WANDB_MODES, RunLogger
 from policy.options import choice, fields_of, options
-from policy.runs import new_run_folder, resolve_run_dir, resume_folder, resumed_settings, stored_path
+from policy.runs import new_run_folder, resolve_run_dir, stored_path
 from sae.data import RowStream, split_instances
 from sae.metrics import ReconstructionTotals
 from sae.model import SAEConfig, SAEOptions, TopKSAE
-from sae.runs import sae_runs_dir
+from sae.runs import resume_dictionary_run, sae_runs_dir
 from sae.store import Dump, read_registry, registered_dump
 from sae.trainer import DictionaryTrainer
 
@@ -184,14 +184,8 @@ def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = (
     run_dir = resolve_run_dir(cfg.run_dir)
     hook_dir = sae_runs_dir(run_dir, cfg.hook)
     if resume:
-        out_dir = resume_folder(hook_dir)
-        saved = read_json(out_dir / "train_cfg.json")
-        saved.pop("dataset_path", None)
-        cfg = SAETrainConfig(**resumed_settings(saved, asdict(cfg), explicit, RESUMABLE))
-        if (out_dir / "model.safetensors").is_file() and cfg.num_epochs <= saved["num_epochs"]:
-            raise ValueError(f"{out_dir} is finished ({saved['num_epochs']} epochs): pass --num_epochs larger "
-                             "than that to train it further")  # fmt: skip
-        log.info("resuming %s", out_dir)
+        out_dir, cfg = resume_dictionary_run(hook_dir, SAETrainConfig, asdict(cfg), explicit, RESUMABLE,
+                                             budget=("num_epochs",))  # fmt: skip
     else:
         out_dir = new_run_folder(hook_dir)
     name, dump = find_dump(run_dir, cfg.hook, cfg.dataset)

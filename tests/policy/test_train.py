@@ -1,6 +1,8 @@
 """Training: resuming after a kill or an interrupt gives the weights of an uninterrupted run."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from safetensors.torch import load_file
 import policy.train as train_mod
 from policy.logger import RunLogger
 from policy.model import PolicyConfig
-from policy.train import Interrupted, TrainConfig, run
+from policy.signals import Interrupted
+from policy.train import TrainConfig, run
 
 
 def _cfg(tmp_path, name, **kw):
@@ -53,23 +56,43 @@ def test_resume_after_a_kill_between_epochs_matches_uninterrupted(tmp_path):
     assert steps == sorted(steps), "a resumed run does not log a step twice"
 
 
-def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path, monkeypatch):
-    full = run(_cfg(tmp_path, "full"))
+def _sigint_during_step(monkeypatch, n: int) -> None:
+    """SIGINT arrives during the n-th training step (which finishes; the loop stops before the next)."""
     real_step, calls = train_mod.train_step, {"n": 0}
 
-    def interrupt_on_fifth(*args, **kwargs):
+    def interrupt(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2, step 2 of 3
-            raise KeyboardInterrupt
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", interrupt_on_fifth)
+    monkeypatch.setattr(train_mod, "train_step", interrupt)
+
+
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path, monkeypatch):
+    full = run(_cfg(tmp_path, "full"))
+    _sigint_during_step(monkeypatch, 5)  # epoch 2, step 2 of 3
     with pytest.raises(Interrupted):
         run(_cfg(tmp_path, "ctrl_c"))
     state = torch.load(tmp_path / "ctrl_c" / "checkpoints" / "train_state.pt", weights_only=True)
-    assert (state["epoch"], state["step_in_epoch"]) == (1, 1)
-    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert state["position"] == {"epoch": 1, "step": 2, "global_step": 5}
+    monkeypatch.undo()
     resumed = run(_cfg(tmp_path, "ctrl_c"), resume=True)
+    _assert_same(_weights(full, 2), _weights(resumed, 2))
+
+
+def test_a_train_state_saved_before_the_shared_trainer_still_resumes(tmp_path, monkeypatch):
+    full = run(_cfg(tmp_path, "full"))
+    _sigint_during_step(monkeypatch, 5)
+    with pytest.raises(Interrupted):
+        run(_cfg(tmp_path, "old"))
+    monkeypatch.undo()
+    path = tmp_path / "old" / "checkpoints" / "train_state.pt"
+    state = torch.load(path, weights_only=True)
+    position = state.pop("position")  # the layout policy.train wrote with its own loop
+    torch.save({**state, "epoch": position["epoch"], "step_in_epoch": position["step"],
+                "global_step": position["global_step"]}, path)  # fmt: skip
+    resumed = run(_cfg(tmp_path, "old"), resume=True)
     _assert_same(_weights(full, 2), _weights(resumed, 2))
 
 
@@ -134,7 +157,7 @@ def test_ctrl_c_on_the_cli_saves_then_resume_finishes(tmp_path):
     assert proc.returncode == 130, err
     assert "state saved" in err and "Traceback" not in err
     state = torch.load(tmp_path / "sig" / "checkpoints" / "train_state.pt", weights_only=True)
-    assert state["epoch"] == 0 and state["step_in_epoch"] >= 50
+    assert state["position"]["epoch"] == 0 and state["position"]["step"] >= 50
 
 
 def test_resume_can_lower_the_learning_rate(tmp_path):

@@ -93,7 +93,7 @@ def test_resume_reads_the_saved_settings_and_refuses_a_finished_run(dumped_run):
     out = _hook_runs(dumped_run)[-1]
     weights = (out / "model.safetensors").read_bytes()
     finished = _cli(dumped_run, "--resume")  # no --num_epochs: the saved 2, not the CLI default 10
-    assert finished.exit_code == 1 and "is finished (2 epochs)" in finished.output, finished.output
+    assert finished.exit_code == 1 and "is finished (num_epochs 2)" in finished.output, finished.output
     assert (out / "model.safetensors").read_bytes() == weights
     changed = _cli(dumped_run, "--resume", "--num_epochs", 3, "--k", 8)
     assert changed.exit_code == 1 and "--k 8 differs from the run being resumed (4)" in changed.output
