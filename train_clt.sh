@@ -17,6 +17,8 @@
 #   --epochs N         epochs per run                         [10]
 #   --eval N           splice each transcoder into the policy on N instances (python -m clt.eval) [1000; 0: skip]
 #   --no_collect       skip pair collection (reuse the dumps)
+#   --sweep NAME       record the runs as <run>/clt/sweeps/NAME.json   [sweep_<date>-<time>]
+#                      (then: python -m clt.summarize --run_dir R --sweep NAME, python -m clt.site.export ... --sweep NAME)
 #   -- ARGS            passed to every python -m clt.train_transcoder (e.g. --wandb_project, --wandb_mode, --device)
 # PYTHON selects the interpreter [python].
 set -euo pipefail
@@ -32,9 +34,10 @@ LR="4e-3"
 EPOCHS=10
 EVAL=1000
 COLLECT=1
+SWEEP="sweep_$(date +%Y%m%d-%H%M%S)"
 EXTRA=()
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -48,6 +51,7 @@ while [[ $# -gt 0 ]]; do
     --epochs) EPOCHS=$2; shift 2 ;;
     --eval) EVAL=$2; shift 2 ;;
     --no_collect) COLLECT=0; shift ;;
+    --sweep) SWEEP=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "train_clt.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -74,19 +78,20 @@ if [[ -z "$PAIRS" ]]; then
   PAIRS=$("$PYTHON" -m clt.list_pairs "$CONFIG")
 fi
 
-folders=()
 for pair in $PAIRS; do
   for e in $EXPANSION; do for k in $K; do for act in $ACTIVATION; do for lr in $LR; do
     echo "== $pair: expansion $e, k $k, $act, lr $lr" >&2
-    out=$("$PYTHON" -m clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" --k "$k" \
-          --activation "$act" --lr "$lr" --num_epochs "$EPOCHS" ${EXTRA[@]+"${EXTRA[@]}"} | tee /dev/stderr)
-    folder=$(sed -n 's/^transcoder saved in //p' <<<"$out")
-    folders+=("$folder")
-    if [[ $EVAL -gt 0 ]]; then
-      "$PYTHON" -m clt.eval --clt_dir "$folder" --num_instances "$EVAL" >&2
-    fi
+    "$PYTHON" -m clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" --k "$k" \
+      --activation "$act" --lr "$lr" --num_epochs "$EPOCHS" --sweep "$SWEEP" ${EXTRA[@]+"${EXTRA[@]}"} >&2
   done; done; done; done
 done
 
+if [[ $EVAL -gt 0 ]]; then
+  "$PYTHON" -m clt.summarize --run_dir "$RUN_DIR" --sweep "$SWEEP" --list | while read -r folder; do
+    "$PYTHON" -m clt.eval --clt_dir "$folder" --num_instances "$EVAL" </dev/null >&2
+  done
+fi
+
 echo
-"$PYTHON" -m clt.summarize "${folders[@]}"
+"$PYTHON" -m clt.summarize --run_dir "$RUN_DIR" --sweep "$SWEEP"
+echo "(this sweep's runs: python -m clt.summarize --run_dir $RUN_DIR --sweep $SWEEP --list)"

@@ -1,7 +1,8 @@
 """A table of transcoder runs: validation FVU, L0 and dead features beside each pair's ridge baseline.
 
 python -m clt.summarize runs/tsp20_demo/clt/clt_runs/*/2026*     # run folders
-python -m clt.summarize --run_dir tsp20_demo                      # the newest run of every pair
+python -m clt.summarize --run_dir tsp20_demo                      # the newest finished run of every pair
+python -m clt.summarize --run_dir tsp20_demo --sweep S [--list]   # the runs one sweep made (train_clt.sh)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import click
 from policy.cli import command
 from policy.io import read_json
 from policy.runs import resolve_run_dir
-from sae.runs import finished_runs
+from sae.runs import finished_runs, sweep_runs
 
 COLUMNS = (
     "pair",
@@ -64,17 +65,29 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.2%}"
 
 
+def chosen_runs(folders: tuple[Path, ...], run_dir: str | None, sweep: str | None) -> list[Path]:
+    """The given folders; with run_dir, also the sweep's runs, or without a sweep the newest of every pair."""
+    if sweep and not run_dir:
+        raise ValueError("--sweep needs --run_dir")
+    chosen = list(folders)
+    if run_dir:
+        run = resolve_run_dir(run_dir)
+        chosen += sweep_runs(run, sweep) if sweep else [runs[-1] for runs in finished_runs(run, "clt").values()]
+    if not chosen:
+        raise ValueError("give run folders, or --run_dir (with --sweep for one sweep's runs)")
+    return chosen
+
+
 @click.command()
 @click.argument("folders", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--run_dir", default=None, help="Summarise the newest finished run of every pair of this run.")
-def main(folders, run_dir):
+@click.option("--sweep", default=None, help="With --run_dir: the runs this sweep made instead (train_clt.sh --sweep).")
+@click.option("--list", "as_list", is_flag=True, help="Print the run folders, one per line, instead of the table.")
+def main(folders, run_dir, sweep, as_list):
     """Print validation FVU, L0, dead features and the ridge baseline for transcoder run FOLDERS."""
     with command():
-        if run_dir:
-            folders = [*folders, *(runs[-1] for runs in finished_runs(resolve_run_dir(run_dir), "clt").values())]
-        if not folders:
-            raise ValueError("give run folders or --run_dir")
-        click.echo(format_table(read_summaries(list(folders))))
+        chosen = chosen_runs(folders, run_dir, sweep)
+        click.echo("\n".join(str(f) for f in chosen) if as_list else format_table(read_summaries(chosen)))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from policy.io import read_json, write_json
 from policy.logger import WANDB_MODES, RunLogger
 from policy.options import choice, fields_of, options
 from policy.runs import new_run_folder, read_config, resolve_run_dir, stored_path
-from sae.runs import clt_runs_dir, resume_dictionary_run
+from sae.runs import clt_runs_dir, record_in_sweep, resume_dictionary_run
 from sae.trainer import DictionaryTrainer
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ class TranscoderTrainConfig(TranscoderOptions):
     """torch device (cpu, cuda, ...)."""
     activations_root: str | None = field(default=None, metadata={"envvar": "ACTIVATIONS_ROOT"})
     """Where pair dumps live if not in the run's registry."""
+    sweep: str | None = None
+    """Also list the finished run in <run>/clt/sweeps/<sweep>.json (train_clt.sh names one per call; clt.summarize
+    and clt.site.export read it back with --sweep)."""
     wandb_project: str = "tsp-clt"
     """W&B project."""
     wandb_run_name: str | None = None
@@ -284,8 +287,8 @@ def train_step(
     return stats
 
 
-RESUMABLE = ("num_epochs", "num_tokens", "save_freq", "state_every", "log_weights", "device", "wandb_project",
-             "wandb_run_name", "wandb_mode")  # fmt: skip
+RESUMABLE = ("num_epochs", "num_tokens", "save_freq", "state_every", "log_weights", "device", "sweep",
+             "wandb_project", "wandb_run_name", "wandb_mode")  # fmt: skip
 """What a resumed transcoder run may change; everything else is read from its train_cfg.json."""
 
 
@@ -363,6 +366,8 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
             summary.update({f"ridge_val_fvu_L{i}": r for i, r in enumerate(ridges)})
         write_json(out_dir / "summary.json", summary)
         model.save(out_dir)  # last: model.safetensors marks a finished run (sae.runs.is_finished)
+        if cfg.sweep:
+            record_in_sweep(run_dir, cfg.sweep, out_dir)
     return out_dir
 
 

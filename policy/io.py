@@ -1,25 +1,35 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then rename over the target.
+"""Atomic file writes (a temp file in the same folder, fsync, then rename over the target) and file locks.
 
 A crash leaves either the old file or the new one, never half of one. Files get
 the usual permissions (0666 less the umask), and a target that is not a regular
-file (a folder, a FIFO, a device node) is never replaced.
+file (a folder, a FIFO, a device node) is never replaced. `locked` serialises
+read-modify-write updates (registries, sweep records) across processes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
+log = logging.getLogger(__name__)
+
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+
+_HELD = threading.local()
+"""The locks this thread holds, `_HELD.locks`: lock file -> [open file, depth] (`locked` is re-entrant)."""
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -79,3 +89,33 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def locked(lock_path: Path, busy: str | None = None) -> Iterator[None]:
+    """An exclusive flock on `lock_path`, waiting while another process holds it (logging `busy` if given).
+
+    Re-entrant within a thread; other threads and processes wait. The kernel drops the lock when its holder
+    dies, even by kill -9.
+    """
+    locks = _HELD.__dict__.setdefault("locks", {})
+    held = locks.get(lock_path)
+    if held is not None:
+        held[1] += 1
+    else:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a")  # noqa: SIM115 (held open past this block: the lock lives as long as the file)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if busy:
+                log.warning(busy)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        held = locks[lock_path] = [f, 1]
+    try:
+        yield
+    finally:
+        held[1] -= 1
+        if held[1] == 0:
+            del locks[lock_path]
+            held[0].close()  # closing the file releases the flock

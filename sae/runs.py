@@ -5,6 +5,7 @@
     runs/<run>/sae/sae_runs/<hook>/<timestamp>/
     runs/<run>/clt/activations/<pair>/          (or <root>/<run>/clt/activations/<pair>/)
     runs/<run>/clt/clt_runs/<pair>/<timestamp>/
+    runs/<run>/clt/sweeps/<sweep>.json          the transcoder runs one sweep (train_clt.sh) made
 
 A dictionary run (SAE or transcoder) is finished when its `model.safetensors` exists: the trainers
 write it last. The policy-run bookkeeping (`load_policy`, `resolve_run_dir`, `check_name`, ...)
@@ -18,7 +19,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from policy.io import read_json
+from policy.io import locked, read_json, write_json
 from policy.runs import (  # noqa: F401  (re-exported: the run bookkeeping sae and clt share)
     LoadedPolicy,
     RunConfig,
@@ -124,3 +125,26 @@ def resume_dictionary_run(runs_folder: Path, cls: type, given: dict, explicit: I
                          "further")  # fmt: skip
     log.info("resuming %s", out_dir)
     return out_dir, cfg
+
+
+def sweep_path(run_dir: Path, sweep: str) -> Path:
+    return run_dir / "clt" / "sweeps" / f"{check_name(sweep, 'sweep name')}.json"
+
+
+def record_in_sweep(run_dir: Path, sweep: str, folder: Path) -> Path:
+    """List a finished run folder in the sweep's record `<run>/clt/sweeps/<sweep>.json` (atomic, file-locked)."""
+    path = sweep_path(run_dir, sweep)
+    with locked(path.with_name(f".{path.name}.lock")):
+        runs = read_json(path)["runs"] if path.is_file() else []
+        stored = stored_path(run_dir, folder)
+        write_json(path, {"sweep": sweep, "runs": [*runs, stored] if stored not in runs else runs})
+    return path
+
+
+def sweep_runs(run_dir: Path, sweep: str) -> list[Path]:
+    """The run folders a sweep recorded, in the order they finished."""
+    path = sweep_path(run_dir, sweep)
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
+        raise FileNotFoundError(f"no sweep {sweep!r} in {run_dir}; sweeps: {', '.join(known) or 'none'}")
+    return [run_dir / stored for stored in read_json(path)["runs"]]

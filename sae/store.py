@@ -30,15 +30,12 @@ several dumps) and names an entry whose folder is gone.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +44,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from policy import __version__
-from policy.io import file_sha256, read_json, write_json
+from policy.io import file_sha256, locked, read_json, write_json
 from policy.runs import stored_path
 from sae.runs import registry_path
 
@@ -83,50 +80,16 @@ class RunningStats:
         return np.sqrt(self.m2 / max(self.count, 1))
 
 
-_HELD = threading.local()
-"""The locks this thread holds, `_HELD.locks`: lock file -> [open file, depth] (`_locked` is re-entrant)."""
-
-
 def dump_path(path: str | Path) -> Path:
     """The folder a dump really lives in: a symlinked dump is written where its link points."""
     path = Path(path).absolute()
     return path.resolve() if path.is_symlink() else path
 
 
-@contextmanager
-def _locked(lock_path: Path, busy: str | None = None) -> Iterator[None]:
-    """An exclusive flock on `lock_path`, waiting while another process holds it (logging `busy` if given).
-
-    Re-entrant within a thread; other threads and processes wait. The kernel drops the lock when its holder
-    dies, even by kill -9.
-    """
-    locks = _HELD.__dict__.setdefault("locks", {})
-    held = locks.get(lock_path)
-    if held is not None:
-        held[1] += 1
-    else:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a")  # noqa: SIM115 (held open past this block: the lock lives as long as the file)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if busy:
-                log.warning(busy)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        held = locks[lock_path] = [f, 1]
-    try:
-        yield
-    finally:
-        held[1] -= 1
-        if held[1] == 0:
-            del locks[lock_path]
-            held[0].close()  # closing the file releases the flock
-
-
 def dump_lock(path: str | Path):
     """Own the dump at `path` (an flock on `.<name>.lock` beside it); waits while another process does."""
     path = dump_path(path)
-    return _locked(path.with_name(f".{path.name}.lock"), f"another collection is writing {path}; waiting for it")
+    return locked(path.with_name(f".{path.name}.lock"), f"another collection is writing {path}; waiting for it")
 
 
 def _check_space(folder: Path, needed: int) -> None:
@@ -410,7 +373,7 @@ def register_datasets(run_dir: Path, entries: dict[str, tuple[Path, dict]]) -> N
     """Record `name -> (path, info)` for several dumps in one atomic write of activation_store.json (file-locked),
     each with the collection_id its metadata.json holds."""
     registry = registry_path(run_dir)
-    with _locked(_registry_lock(run_dir)):
+    with locked(_registry_lock(run_dir)):
         stored = read_json(registry) if registry.is_file() else {}
         for name, (path, info) in entries.items():
             meta = Path(path) / METADATA

@@ -34,6 +34,7 @@ from policy.options import options
 from policy.runs import load_policy, resolve_run_dir
 from sae.hooks import HookedPolicy, parse_layer_hook
 from sae.model import SAEConfig
+from sae.runs import finished_runs, sweep_runs
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class ExportConfig:
     """Policy checkpoint epoch [default: the latest]."""
     dictionaries: tuple[str, ...] = ()
     """SAE / transcoder run folders to show [default: the newest finished one of every hook and pair]."""
+    sweep: str | None = None
+    """Show the transcoders this sweep made (train_clt.sh --sweep), beside the newest SAE of every hook."""
     device: str = "cpu"
     """torch device."""
 
@@ -193,7 +196,10 @@ def run(cfg: ExportConfig) -> Path:
     policy = load_policy(run_dir, cfg.checkpoint, cfg.device)
     n_layers = policy.config.policy.num_encoder_layers
     dicts, position = [], {}
-    for d in find_dictionaries(run_dir, cfg.dictionaries):
+    chosen = list(cfg.dictionaries)
+    if cfg.sweep:
+        chosen += [*(runs[-1] for runs in finished_runs(run_dir, "sae").values()), *sweep_runs(run_dir, cfg.sweep)]
+    for d in find_dictionaries(run_dir, chosen):
         position[d.id] = stream_position(d.read_hook, n_layers, write=False)
         if position[d.id] is None:
             log.warning("skipping %s: it reads %s, which is not on the residual stream the site draws", d.id,

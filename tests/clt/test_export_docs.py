@@ -140,3 +140,52 @@ def test_virtual_weights_sum_over_every_layer_a_clt_feature_writes(analysed_run)
     w = layer0.writes["encoder_layer_0.mlp_out"] * scales[1] * scales[2]  # only layer 0's write reaches mlp_in_1
     torch.testing.assert_close(v, w @ layer1.encoder.T)
     assert virtual_weights(layer1, layer0, scales) is None and virtual_weights(layer0, layer0, scales) is None
+
+
+def test_the_user_chooses_what_the_site_shows_and_an_unplaceable_dictionary_is_skipped(analysed_run, tmp_path,
+                                                                                       caplog):  # fmt: skip
+    import shutil
+
+    from sae import collect_activations, train_topk
+    from sae.runs import finished_runs
+
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(analysed_run, run_dir)
+    hook = "encoder_layer_0.mlp_out"  # not on the residual stream: the site cannot place it
+    for cli, args in (
+        (collect_activations.main, ["--hooks", hook, "--num_instances", "30", "--name", "out"]),
+        (
+            train_topk.main,
+            [
+                "--hook",
+                hook,
+                "--dataset",
+                "out",
+                "--expansion_factor",
+                "2",
+                "--k",
+                "2",
+                "--batch_size",
+                "64",
+                "--num_epochs",
+                "1",
+                "--wandb_mode",
+                "disabled",
+            ],
+        ),
+    ):
+        assert CliRunner().invoke(cli, ["--run_dir", str(run_dir), *args]).exit_code == 0  # fmt: skip
+    base = ["--run_dir", str(run_dir), "--num_instances", "12", "--features", "2", "--top_instances", "2"]
+    result = CliRunner().invoke(export_docs.main, [*base, "--out", str(tmp_path / "all")])
+    assert result.exit_code == 0, result.output
+    assert f"skipping sae/{hook}" in caplog.text
+    shown = json.loads((tmp_path / "all" / "site.json").read_text())["dictionaries"]
+    assert f"sae/{hook}" not in shown and "sae/encoder_layer_0" in shown
+    one = finished_runs(run_dir, "clt")["clt_L1.mlp_in_to_L1.mlp_out"][-1]
+    result = CliRunner().invoke(export_docs.main, [*base, "--out", str(tmp_path / "one"), "--dictionaries", str(one)])
+    assert result.exit_code == 0, result.output
+    assert list(json.loads((tmp_path / "one" / "site.json").read_text())["dictionaries"]) == [
+        "clt/clt_L1.mlp_in_to_L1.mlp_out"
+    ]
+    wrong = CliRunner().invoke(export_docs.main, [*base, "--out", str(tmp_path / "x"), "--dictionaries", str(tmp_path)])
+    assert wrong.exit_code == 1 and "not a finished SAE or transcoder run folder" in wrong.output

@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from clt import summarize as summarize_cli
 from clt import train_transcoder as train_cli
 from clt.model import load_transcoder
 from clt.train_transcoder import TranscoderTrainConfig, run
@@ -132,22 +133,32 @@ def test_nan_in_a_batch_is_a_clear_error(pair_run, tmp_path):
     assert result.exit_code == 1 and "NaN or Inf in the pair's sources at epoch 1" in result.output
 
 
-def test_train_clt_sh_sweeps_a_grid_and_prints_the_table(pair_run):
+def test_train_clt_sh_sweeps_a_grid_records_it_and_prints_the_table(pair_run):
     script = Path(__file__).resolve().parents[2] / "train_clt.sh"
     env = {**os.environ, "PYTHON": sys.executable}
+    other = run(_cfg(pair_run, num_epochs=1))  # a run of the same pair outside the sweep
     command = ["bash", str(script), "--run_dir", str(pair_run), "--no_collect", "--pairs", PAIR, "--expansion", "2",
-               "--k", "2 4", "--epochs", "1", "--eval", "8", "--", "--batch_size", "64",
+               "--k", "2 4", "--epochs", "1", "--eval", "8", "--sweep", "grid", "--", "--batch_size", "64",
                "--wandb_mode", "disabled"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    table = result.stdout.strip().splitlines()[-3:]
+    lines = result.stdout.strip().splitlines()
+    table = lines[-4:-1]
     assert table[0].split()[:5] == ["pair", "act", "features", "k", "lr"]
     assert [line.split()[:4] for line in table[1:]] == [[PAIR, "topk", "32", "2"], [PAIR, "topk", "32", "4"]]
     assert all(line.split()[-2].endswith("%") for line in table[1:])  # the splice gap from clt.eval
+    assert "--sweep grid --list" in lines[-1]
+    record = json.loads((pair_run / "clt" / "sweeps" / "grid.json").read_text())
+    swept = [pair_run / p for p in record["runs"]]
+    assert len(swept) == 2 and other not in swept and all((f / "eval" / "metrics.json").is_file() for f in swept)
+    listed = CliRunner().invoke(summarize_cli.main, ["--run_dir", str(pair_run), "--sweep", "grid", "--list"])
+    assert listed.output.split() == [str(f) for f in swept]
     usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
-    assert "--expansion" in usage and "--no_collect" in usage
+    assert "--expansion" in usage and "--no_collect" in usage and "--sweep NAME" in usage
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+    missing = CliRunner().invoke(summarize_cli.main, ["--run_dir", str(pair_run), "--sweep", "nope"])
+    assert missing.exit_code == 1 and "no sweep 'nope'" in missing.output and "grid" in missing.output
 
 
 def test_resume_of_a_finished_run_needs_a_longer_budget(pair_run):
