@@ -13,7 +13,7 @@
         run(TrainConfig(**settings))
 
 Each field becomes `--<name>` with the field's type, default and docstring (the help text); a field
-without a default is required. `bool` fields are flags (`--x`, or `--x/--no-x` when the default is
+without a default is required. `bool` fields are flags (`--x`, or `--x/--no_x` when the default is
 True), sequences are comma-separated (`--hooks a,b`), `choice(...)` fields a click.Choice. A nested
 config dataclass (TrainConfig.policy) contributes its own fields when named in `flatten`. Fields with
 metadata `cli=False` (library-only settings) have no option. The dataclass stays the one source: the
@@ -45,7 +45,11 @@ def field_docs(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (a frozen install): options without help, not an error
+            continue
+        body = ast.parse(textwrap.dedent(source)).body[0].body
         for node, after in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign)
@@ -58,17 +62,14 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _unwrap(annotation) -> tuple[type, type | None, bool]:
-    """(base type, element type of a sequence or None, whether None is allowed) of a field's annotation."""
-    optional = False
+def _unwrap(annotation) -> tuple[type, type | None]:
+    """(base type, element type of a sequence or None) of a field's annotation, `| None` set aside."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        members = [a for a in typing.get_args(annotation) if a is not type(None)]
-        optional = len(members) < len(typing.get_args(annotation))
-        (annotation,) = members
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
     origin = typing.get_origin(annotation)
     if origin in (list, tuple):
-        return origin, typing.get_args(annotation)[0], optional
-    return annotation, None, optional
+        return origin, typing.get_args(annotation)[0]
+    return annotation, None
 
 
 def _split(element: type, container: type) -> Callable:
@@ -93,7 +94,7 @@ def _default(f: dataclasses.Field):
 
 def field_option(f: dataclasses.Field, annotation, help_text: str, **overrides) -> Callable:
     """The click option of one dataclass field (keyword `overrides` go to click.option)."""
-    base, element, _ = _unwrap(annotation)
+    base, element = _unwrap(annotation)
     default = _default(f)
     kwargs: dict = {"help": help_text, "show_default": default not in (None, dataclasses.MISSING, (), [])}
     if default is dataclasses.MISSING:
@@ -149,7 +150,7 @@ def options(cls: type, exclude: Sequence[str] = (), flatten: Sequence[str] = (),
         decorators.append(field_option(f, hints[f.name], docs.get(f.name, ""), **overrides.get(f.name, {})))
 
     def decorate(fn: Callable) -> Callable:
-        for decorator in reversed(decorators):  # click lists options in the order they are applied, innermost first
+        for decorator in reversed(decorators):  # as stacked decorators apply, last first: help lists field order
             fn = decorator(fn)
         return fn
 

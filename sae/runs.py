@@ -62,16 +62,20 @@ def clt_activations_dir(run_dir: Path, pair: str, root: Path | None = None) -> P
     return _data_base(run_dir, root) / "clt" / "activations" / check_name(pair, "pair name")
 
 
+def dictionary_root(run_dir: Path, kind: str) -> Path:
+    """Where a run's dictionaries of one kind live: `sae` (SAEs, one folder per hook) or `clt` (transcoders,
+    one folder per pair)."""
+    if kind not in ("sae", "clt"):
+        raise ValueError(f"a dictionary kind is 'sae' or 'clt', got {kind!r}")
+    return run_dir / kind / f"{kind}_runs"
+
+
 def sae_runs_dir(run_dir: Path, hook: str) -> Path:
-    return run_dir / "sae" / "sae_runs" / check_name(hook, "hook name")
+    return dictionary_root(run_dir, "sae") / check_name(hook, "hook name")
 
 
 def clt_runs_dir(run_dir: Path, pair: str) -> Path:
-    return run_dir / "clt" / "clt_runs" / check_name(pair, "pair name")
-
-
-KINDS = {"sae": sae_runs_dir, "clt": clt_runs_dir}
-"""Dictionary kinds: SAEs (one per hook) and transcoders (one per pair)."""
+    return dictionary_root(run_dir, "clt") / check_name(pair, "pair name")
 
 
 def is_finished(folder: Path) -> bool:
@@ -81,7 +85,7 @@ def is_finished(folder: Path) -> bool:
 
 def finished_runs(run_dir: Path, kind: str) -> dict[str, list[Path]]:
     """Hook (kind "sae") or pair (kind "clt") -> its finished run folders, oldest first."""
-    root = KINDS[kind](run_dir, "x").parent
+    root = dictionary_root(run_dir, kind)
     found = {}
     for name_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         runs = sorted(p for p in name_dir.iterdir() if p.is_dir() and is_finished(p))

@@ -114,3 +114,15 @@ def test_transcoder_options_are_not_written_twice():
         f.name for f in dataclasses.fields(TranscoderOptions)
     }
     assert own.isdisjoint(f.name for f in dataclasses.fields(TranscoderConfig))
+
+
+def test_configs_saved_before_the_options_were_written_once_still_load():
+    import json
+    from pathlib import Path
+
+    old = json.loads((Path(__file__).parent / "fixtures" / "configs_0.1_b4b8ced" / "configs.json").read_text())
+    for cls, saved in ((TranscoderConfig, old["transcoder"]), (MultiLayerConfig, old["multilayer"]),
+                       (SAEConfig, old["sae"]), (TranscoderTrainConfig, old["transcoder_train"]),
+                       (SAETrainConfig, old["sae_train"])):  # fmt: skip
+        loaded = dataclasses.asdict(cls(**saved))
+        assert {k: loaded[k] for k in saved} == saved, cls.__name__

@@ -11,7 +11,7 @@ transcoder-circuit and CLT attribution-graph papers): feature a of an upstream d
 writes its decoder row, which reaches a downstream reader through the normalisations in
 between; in eval mode each scales channel c by gamma_c / sigma_c. Attention and the MLPs along
 the way are left out. The weight of a -> b is `encoder_b . (scale * decoder_a)`, its attribution
-that weight times a's mean activation (clt.graph's convention).
+that weight times a's mean activation (the edge export's convention, clt.graph.edges).
 
 Stream positions in the post-norm layer i (h = Norm1(x + MHA(x)); out = Norm2(h + FF(h))):
 
