@@ -53,7 +53,7 @@ from policy.distributed import (
 )
 from policy.io import read_json, write_json
 from policy.logger import WANDB_MODES, RunLogger
-from policy.options import choice, fields_of, options
+from policy.options import choice, fields_of, options, resume_option
 from policy.runs import new_run_folder, read_config, resolve_run_dir, stored_path
 from sae.runs import clt_runs_dir, record_in_sweep, resume_dictionary_run
 from sae.trainer import DictionaryTrainer
@@ -383,12 +383,7 @@ def format_summary(summary: dict) -> str:
 @click.command()
 @options(TranscoderTrainConfig, pair={"required": False, "default": None})
 @click.option("--multilayer", is_flag=True, help="Train a multi-layer CLT on every layer's mlp_in -> mlp_out pair.")
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue the newest run of --pair with its saved settings (flags given explicitly override, e.g. "
-    "--num_epochs; a finished run continues only to a larger --num_epochs or --num_tokens).",
-)
+@resume_option("the newest run of --pair", "--num_epochs or --num_tokens")
 def main(resume, multilayer, **settings):
     """Train a sparse transcoder from a pair's source activations to its target activations,
     or (--multilayer) a cross-layer transcoder over every layer's feed-forward block."""

@@ -157,6 +157,13 @@ def options(cls: type, exclude: Sequence[str] = (), flatten: Sequence[str] = (),
     return decorate
 
 
+def resume_option(target: str, budget: str) -> Callable:
+    """A trainer's `--resume` flag: continue `target` with its saved settings; `budget` says how it trains longer."""
+    text = (f"Continue {target} with its saved settings (options given explicitly override, e.g. --device; a "
+            f"finished run continues only to a larger {budget}).")  # fmt: skip
+    return click.option("--resume", is_flag=True, help=text)
+
+
 def split_nested(cls: type, settings: dict, name: str) -> dict:
     """`settings` (flattened options) with the fields of the nested config `name` gathered into that config."""
     nested = typing.get_type_hints(cls)[name]

@@ -31,7 +31,7 @@ from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.io import read_json, save_npy, write_json
 from policy.logger import WANDB_MODES, RunLogger
 from policy.model import AttentionModel, PolicyConfig
-from policy.options import choice, options, split_nested
+from policy.options import choice, options, resume_option, split_nested
 from policy.runs import check_name, resumed_settings
 from policy.trainer import EpochTrainer, Position
 
@@ -265,12 +265,7 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None, exp
 
 @click.command()
 @options(TrainConfig, flatten=("policy",))
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue the run --run_name with its saved settings (--epochs, --device, --lr given explicitly override; "
-    "a finished run continues only to a larger --epochs).",
-)
+@resume_option("the run --run_name", "--epochs")
 def main(resume, **settings):
     """Train a TSP Attention Model with REINFORCE and the POMO multi-start baseline."""
     with command():

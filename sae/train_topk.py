@@ -28,7 +28,7 @@ from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
 from policy.io import write_json
 from policy.logger import WANDB_MODES, RunLogger
-from policy.options import choice, fields_of, options
+from policy.options import choice, fields_of, options, resume_option
 from policy.runs import new_run_folder, resolve_run_dir, stored_path
 from sae.data import RowStream, split_instances
 from sae.metrics import ReconstructionTotals
@@ -215,12 +215,7 @@ def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = (
 
 @click.command()
 @options(SAETrainConfig)
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue the newest run of --hook with its saved settings (flags given explicitly override, e.g. "
-    "--num_epochs; a finished run continues only to a larger --num_epochs).",
-)
+@resume_option("the newest run of --hook", "--num_epochs")
 def main(resume, **settings):
     """Train a TopK sparse autoencoder on a hook's activations."""
     with command():

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from clt import summarize as summarize_cli
 from clt import train_transcoder as train_cli
 from clt.model import load_transcoder
+from clt.site import export as export_cli
 from clt.train_transcoder import TranscoderTrainConfig, run
 from policy.signals import Interrupted
 
@@ -153,6 +154,13 @@ def test_train_clt_sh_sweeps_a_grid_records_it_and_prints_the_table(pair_run):
     assert len(swept) == 2 and other not in swept and all((f / "eval" / "metrics.json").is_file() for f in swept)
     listed = CliRunner().invoke(summarize_cli.main, ["--run_dir", str(pair_run), "--sweep", "grid", "--list"])
     assert listed.output.split() == [str(f) for f in swept]
+    site = pair_run / "site"
+    export = ["--run_dir", str(pair_run), "--sweep", "grid", "--out", str(site), "--num_instances", "8",
+              "--features", "2", "--top_instances", "1"]  # fmt: skip
+    assert CliRunner().invoke(export_cli.main, export).exit_code == 0
+    shown = json.loads((site / "site.json").read_text())["overview"]["dictionaries"]
+    transcoders = sorted(row["folder"] for row in shown if row["kind"] == "transcoder")
+    assert transcoders == sorted(record["runs"])  # the sweep's, not `other` (SAEs: the newest of each hook)
     usage = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=True).stdout
     assert "--expansion" in usage and "--no_collect" in usage and "--sweep NAME" in usage
     bad = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True)
