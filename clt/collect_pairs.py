@@ -46,19 +46,19 @@ class CollectPairsConfig:
     run_dir: str
     """Run folder or name under runs/."""
     config: str | None = None
-    """Pairs config JSON; default clt/configs/<run name>.json when it exists."""
+    """Pairs config JSON [default: clt/configs/<run name>.json when it exists]."""
     layer_pairs: str | None = None
     """'src:tgt,src:tgt' hook pairs; overrides the config file."""
     num_instances_per_pair: int | None = None
-    """Instances per pair; overrides the config file (default 10000)."""
+    """Instances per pair; overrides the config file [default: the config's, else 10000]."""
     seed: int | None = None
-    """Seed of the instances; overrides the config file (default 0)."""
+    """Seed of the instances; overrides the config file [default: the config's, else 0]."""
     distribution: str | None = choice(None, DISTRIBUTIONS)
     """Instance distribution; overrides the config file [default: the run's]."""
     batch_size: int = 256
     """Instances per forward pass."""
     checkpoint: int | None = None
-    """Epoch to load; the latest when None."""
+    """Epoch to load [default: the latest]."""
     dtype: str = choice("float32", DTYPES)
     """Storage dtype."""
     activations_root: str | None = None

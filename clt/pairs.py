@@ -115,7 +115,7 @@ class PairsConfig:
     num_instances_per_pair: int = 10_000
     """Instances collected for every pair."""
     distribution: str | None = None
-    """Instance distribution; the run's when None."""
+    """Instance distribution [default: the run's]."""
     seed: int = 0
     """Seed of the instances."""
 

@@ -39,7 +39,7 @@ class EvalConfig:
     num_instances: int = 1000
     """Fresh instances to evaluate on."""
     num_loc: int | None = None
-    """Nodes per instance; the run's training size when None."""
+    """Nodes per instance [default: the run's training size]."""
     distribution: str | None = choice(None, DISTRIBUTIONS)
     """Instance distribution [default: the run's training distribution]."""
     seed: int = 0
@@ -49,7 +49,7 @@ class EvalConfig:
     num_samples: int = 16
     """Trajectories per instance in `sample` mode."""
     checkpoint: int | None = None
-    """Epoch to load; the latest when None."""
+    """Epoch to load [default: the latest]."""
     batch_size: int = 250
     """Instances per forward pass."""
     device: str = "cpu"

@@ -43,9 +43,9 @@ class ImportConfig:
     runs_dir: str = "runs"
     """Where the new run is created."""
     checkpoint: int | None = None
-    """Epoch to import from a run folder; the latest when None."""
+    """Epoch to import from a run folder [default: the latest]."""
     num_heads: int | None = None
-    """Attention heads, where the source does not record them (Kool's args.json, state dicts; default 8)."""
+    """Attention heads, where the source does not record them (Kool's args.json, state dicts) [default: 8]."""
     num_loc: int | None = None
     """Training size, for a single checkpoint file (a run folder records it)."""
     distribution: str = choice("uniform", DISTRIBUTIONS)

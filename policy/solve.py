@@ -46,7 +46,7 @@ class SolveConfig:
     num_samples: int = 16
     """Trajectories per instance with decode=sample."""
     checkpoint: int | None = None
-    """Epoch to load; the latest when None."""
+    """Epoch to load [default: the latest]."""
     batch_size: int = 256
     """Instances per forward pass."""
     seed: int = 0

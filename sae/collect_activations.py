@@ -45,7 +45,7 @@ class CollectConfig:
     num_instances: int = 1000
     """Instances to run; rows = num_instances * num_loc."""
     num_loc: int | None = None
-    """Nodes per instance; the run's training size when None."""
+    """Nodes per instance [default: the run's training size]."""
     distribution: str | None = choice(None, DISTRIBUTIONS)
     """Instance distribution [default: the run's]."""
     seed: int = 0
@@ -53,7 +53,7 @@ class CollectConfig:
     batch_size: int = 256
     """Instances per forward pass."""
     checkpoint: int | None = None
-    """Epoch to load; the latest when None."""
+    """Epoch to load [default: the latest]."""
     dtype: str = choice("float32", DTYPES)
     """Storage dtype."""
     activations_root: str | None = None
