@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from clt.datasets import condition_tag, dump_name
 from clt.pairs import LayerPair, PairsConfig, default_config_path, parse_pairs, read_pairs_config
 from policy.checks import check_device, check_types
 from policy.cli import command
@@ -55,6 +56,8 @@ class CollectPairsConfig:
     """Seed of the instances; overrides the config file [default: the config's, else 0]."""
     distribution: str | None = choice(None, DISTRIBUTIONS)
     """Instance distribution; overrides the config file [default: the run's]."""
+    num_loc: int | None = None
+    """Nodes per instance [default: the run's training size]."""
     batch_size: int = 256
     """Instances per forward pass."""
     checkpoint: int | None = None
@@ -77,6 +80,8 @@ class CollectPairsConfig:
             raise ValueError("num_instances_per_pair must be positive")
         if self.distribution is not None and self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}")
+        if self.num_loc is not None and self.num_loc < 3:
+            raise ValueError("num_loc must be at least 3")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}")
 
@@ -99,13 +104,15 @@ def resolve_settings(cfg: CollectPairsConfig, run_name: str) -> PairsConfig:
 
 
 def run(cfg: CollectPairsConfig) -> dict[str, Path]:
-    """Collect every pair (reusing identical complete dumps); returns pair name -> folder."""
+    """Collect every pair (reusing identical complete dumps); returns dump name -> folder (clt.datasets.dump_name:
+    the pair's name, with the condition appended when it is not the run's own)."""
     loaded = load_policy(cfg.run_dir, cfg.checkpoint, cfg.device)
     hooked = HookedPolicy(loaded.model)
     settings = resolve_settings(cfg, loaded.run_dir.resolve().name)
     pairs = parse_pairs(settings.layer_pairs, hooked.hook_names())
-    num_loc = loaded.config.num_loc
+    num_loc = cfg.num_loc or loaded.config.num_loc
     distribution = settings.distribution or loaded.config.distribution
+    condition = condition_tag(loaded, distribution, num_loc, settings.seed)
     root = activations_root(cfg.activations_root)
     common = {
         "num_instances": settings.num_instances_per_pair,
@@ -115,7 +122,8 @@ def run(cfg: CollectPairsConfig) -> dict[str, Path]:
         "dtype": cfg.dtype,
         "checkpoint_sha256": loaded.checkpoint_sha256,
     }
-    paths = {pair.name: clt_activations_dir(loaded.run_dir, pair.name, root) for pair in pairs}
+    names = {pair.name: dump_name(pair.name, condition) for pair in pairs}
+    paths = {pair.name: clt_activations_dir(loaded.run_dir, names[pair.name], root) for pair in pairs}
     check_registry_writable(loaded.run_dir)
     with ExitStack() as locks:
         for path in sorted(paths.values()):  # one order for every collector, so two never deadlock
@@ -124,8 +132,8 @@ def run(cfg: CollectPairsConfig) -> dict[str, Path]:
         todo = [pair for pair in pairs if not reusable(paths[pair.name], request[pair.name], cfg.overwrite)]
         if todo:
             _collect_pairs(cfg, loaded, hooked, todo, paths, common)
-        register_datasets(loaded.run_dir, {p.name: (paths[p.name], {"kind": "clt_pair"}) for p in pairs})
-    return paths
+        register_datasets(loaded.run_dir, {names[p.name]: (paths[p.name], {"kind": "clt_pair"}) for p in pairs})
+    return {names[name]: path for name, path in paths.items()}
 
 
 def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str, Path], common: dict) -> None:

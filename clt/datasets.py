@@ -17,7 +17,7 @@ import torch
 
 from clt.normalization import Normalizer
 from clt.pairs import parse_pairs
-from policy.runs import check_name, read_config
+from policy.runs import LoadedPolicy, check_name, list_checkpoints, read_config
 from sae.data import RowStream, split_instances
 from sae.hooks import hook_names
 from sae.runs import clt_activations_dir, owning_run
@@ -31,6 +31,25 @@ def find_pair(run_dir: Path, pair: str, root: Path | None = None) -> Path:
     if entry is None:
         return clt_activations_dir(run_dir, pair, root)
     return registered_dump(run_dir, pair, entry).path
+
+
+CONDITION_SEP = "__"
+"""Between a pair's name and its collection condition in a dump's name: clt_L0_to_L1__clustered_n20_e36_seed0."""
+
+
+def condition_tag(policy: LoadedPolicy, distribution: str, num_loc: int, seed: int) -> str | None:
+    """What a pair dump's name adds to the pair's: None for the run's own condition (its training distribution and
+    size, its latest checkpoint, seed 0), else `<distribution>_n<nodes>_e<epoch>_seed<seed>`. Dumps of one pair
+    under different conditions live side by side, and none re-points another's registry entry."""
+    own = (distribution, num_loc, policy.epoch, seed) == (
+        policy.config.distribution, policy.config.num_loc, max(list_checkpoints(policy.run_dir)), 0
+    )  # fmt: skip
+    return None if own else f"{distribution}_n{num_loc}_e{policy.epoch}_seed{seed}"
+
+
+def dump_name(pair: str, condition: str | None) -> str:
+    """The registry name (and folder name) of a pair's dump under a condition (`condition_tag`)."""
+    return pair if condition is None else f"{pair}{CONDITION_SEP}{check_name(condition, 'condition')}"
 
 
 def training_dump(folder: Path, train_cfg: dict) -> tuple[Path, Dump]:

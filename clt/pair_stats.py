@@ -107,7 +107,7 @@ def inspect_pair(dump: Dump, val_ratio: float = 0.1, seed: int = 0) -> dict:
             norms[side].append(np.linalg.norm(values, axis=1))
             near_zero[side] += int((np.abs(values) < 0.01 * rms[side]).sum())
             ss[side] += values.T @ values
-    report = {"pair": dump.metadata.get("pair", dump.path.name), "hooks": dump.metadata.get("hooks"),
+    report = {"pair": dump.path.name, "hooks": dump.metadata.get("hooks"),  # the dump name: pair and condition
               "rows": dump.rows, "instances": dump.num_instances, "nodes_per_instance": n}  # fmt: skip
     for side, array in (("sources", src), ("targets", tgt)):
         mean, std = (np.asarray(v, np.float64) for v in dump.stats(side))

@@ -34,7 +34,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from clt.config import MULTILAYER_ACTIVATIONS, CodeOptions, TranscoderOptions
-from clt.datasets import MULTILAYER, MultiLayerDataset, PairDataset, layer_pair_names, pair_name, pair_path
+from clt.datasets import (
+    MULTILAYER,
+    MultiLayerDataset,
+    PairDataset,
+    dump_name,
+    layer_pair_names,
+    pair_name,
+    pair_path,
+)
 from clt.metrics import layer_reconstructions
 from clt.model import CrossLayerTranscoder, Penalty, Transcoder, TranscoderConfig
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
@@ -72,6 +80,9 @@ class TranscoderTrainConfig(TranscoderOptions):
     pair: str
     """Pair name (clt_L0_to_L1) or source:target hooks, as collected by clt.collect_pairs; `clt_multilayer`
     (or --multilayer) for a multi-layer CLT over every layer's mlp_in -> mlp_out pair."""
+    condition: str | None = None
+    """Train on the pair's dump collected under this condition (`<distribution>_n<nodes>_e<epoch>_seed<seed>`, the
+    part after `__` of the names clt.collect_pairs prints) [default: the run's own condition]."""
     layer_weights: list[float] | None = None
     """Multi-layer only: weights of the per-layer FVUs in the loss [default: all 1]."""
     init: str = choice("random", INITS)
@@ -320,14 +331,14 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
     split = (cfg.batch_size, cfg.val_ratio, cfg.seed)
     if cfg.pair == MULTILAYER:
         n_layers = read_config(run_dir).policy.num_encoder_layers
-        paths = [pair_path(run_dir, name, root) for name in layer_pair_names(n_layers)]
+        paths = [pair_path(run_dir, dump_name(name, cfg.condition), root) for name in layer_pair_names(n_layers)]
         data = MultiLayerDataset(paths, *split, rank=info.rank, world_size=info.world_size)
         val_data = MultiLayerDataset(paths, *split) if info.enabled else data
         torch.manual_seed(cfg.seed)
         model = MultiLayerTranscoder(cfg.multilayer_config(n_layers, data.d))
         model.set_statistics(*data.statistics())
     else:
-        path = pair_path(run_dir, cfg.pair, root)
+        path = pair_path(run_dir, dump_name(cfg.pair, cfg.condition), root)
         data = PairDataset(path, *split, rank=info.rank, world_size=info.world_size)
         val_data = PairDataset(path, *split) if info.enabled else data
         torch.manual_seed(cfg.seed)

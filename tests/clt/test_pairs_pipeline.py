@@ -192,3 +192,37 @@ def test_inspect_pairs_names_nan_rows(pairs_run, tmp_path):
     targets.flush()
     result = CliRunner().invoke(inspect_cli.main, ["--run_dir", str(broken), "--pair", "clt_L0_to_L1"])
     assert result.exit_code == 1 and "NaN or Inf in targets (first at row 13)" in result.output, result.output
+
+
+def test_a_pair_collected_under_another_condition_gets_its_own_dump_and_training_chooses(tiny_run, tmp_path,
+                                                                                         caplog):  # fmt: skip
+    import shutil
+
+    from clt import train_transcoder as train_cli
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("sae", "clt"))
+    base = ["--run_dir", str(run), "--layer_pairs", "encoder_layer_0:encoder_layer_1", "--num_instances_per_pair", "20"]
+    conditions = {(): "clt_L0_to_L1", ("--distribution", "clustered"): "clt_L0_to_L1__clustered_n10_e1_seed0",
+                  ("--num_loc", "12"): "clt_L0_to_L1__uniform_n12_e1_seed0",
+                  ("--seed", "3"): "clt_L0_to_L1__uniform_n10_e1_seed3"}  # fmt: skip
+    for extra, name in conditions.items():
+        result = CliRunner().invoke(collect_cli.main, [*base, *extra])
+        assert result.exit_code == 0 and f"{name}: " in result.output, result.output
+    registry = read_registry(run)
+    assert set(conditions.values()) <= set(registry)
+    assert registry["clt_L0_to_L1"]["path"] == str(_dir(run, "clt_L0_to_L1"))  # never re-pointed by the others
+    assert open_pair(_dir(run, "clt_L0_to_L1__uniform_n12_e1_seed0")).metadata["nodes_per_instance"] == 12
+    assert open_pair(_dir(run, "clt_L0_to_L1__clustered_n10_e1_seed0")).metadata["distribution"] == "clustered"
+    train = ["--run_dir", str(run), "--pair", "clt_L0_to_L1", "--expansion_factor", "2", "--k", "2", "--batch_size",
+             "32", "--num_epochs", "1", "--wandb_mode", "disabled"]  # fmt: skip
+    for condition, dump in ((None, "clt_L0_to_L1"), ("clustered_n10_e1_seed0", "clt_L0_to_L1__clustered_n10_e1_seed0")):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            result = CliRunner().invoke(train_cli.main, [*train, *(["--condition", condition] if condition else [])])
+        assert result.exit_code == 0, result.output
+        folder = max((run / "clt" / "clt_runs" / "clt_L0_to_L1").iterdir())
+        assert json.loads((folder / "train_cfg.json").read_text())["dataset_path"] == f"clt/activations/{dump}"
+        assert f"training on {_dir(run, dump)}" in caplog.text  # the trainer names the dump it reads
+    missing = CliRunner().invoke(train_cli.main, [*train, "--condition", "mixed_n10_e1_seed0"])
+    assert missing.exit_code == 1 and "clt_L0_to_L1__clustered_n10_e1_seed0" in missing.output
