@@ -69,6 +69,14 @@ function renderOverview() {
   content.append(el("h3", { text: "SAEs and transcoders (validation split; splicing on fresh instances)" }),
     table(["kind", "name", "features", "k", "activation", "FVU", "ridge FVU", "L0", "dead", "splice gap", "agreement", "KL", "recovered"], rows),
     el("p", { class: "note", text: "FVU: fraction of variance unexplained (ridge: the best linear map, for scale). Splice gap: the tour-length change when the transcoder's output replaces the real activation inside the policy; agreement: greedy actions unchanged along the original tours; recovered: the share of the mean-ablation damage the transcoder undoes." }));
+  for (const g of o.generalization || []) {
+    const head = ["trained on \\ evaluated on", ...g.evaluated_on];
+    const cells = (f) => g.trained_on.map((row, i) => [row.condition, ...g.cells[i].map(f)]);
+    content.append(el("h3", { class: "generalization", text: `Generalisation of ${g.pair}: FVU (that condition's ridge FVU)` }),
+      table(head, cells((c) => `${fmt(c.fvu)} (${fmt(c.ridge_fvu)})`)),
+      el("h3", { text: `Generalisation of ${g.pair}: splice gap (action agreement)` }),
+      table(head, cells((c) => `${pct(c.gap, 2)} (${pct(c.agreement)})`)));
+  }
 }
 
 // ---- layer-to-layer graph ------------------------------------------------------------------------

@@ -146,12 +146,13 @@ def tiny_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def analysed_run(tiny_run, tmp_path_factory) -> Path:
     """A copy of the tiny run with what the docs site shows: an SAE on encoder_layer_0, mlp transcoders for
-    both layers (evaluated, with splicing), and a multi-layer CLT. Every step goes through its CLI."""
+    both layers (evaluated, with splicing), a multi-layer CLT, and one generalisation matrix (the L0 mlp
+    transcoder on uniform and clustered instances). Every step goes through its CLI."""
     import shutil
 
     from click.testing import CliRunner
 
-    from clt import collect_pairs, train_transcoder
+    from clt import collect_pairs, generalize, train_transcoder
     from clt import eval as clt_eval
     from sae import collect_activations, train_topk
 
@@ -178,6 +179,10 @@ def analysed_run(tiny_run, tmp_path_factory) -> Path:
         (train_transcoder.main, ["--pair", "clt_L1.mlp_in_to_L1.mlp_out", *small]),
         (train_transcoder.main, ["--multilayer", *small]),
         (clt_eval.main, ["--pair", "clt_L0.mlp_in_to_L0.mlp_out", "--num_instances", "8"]),
+        (
+            generalize.main,
+            ["--pair", "clt_L0.mlp_in_to_L0.mlp_out", "--conditions", f"{run_dir},:clustered", "--num_instances", "8"],
+        ),
     ]
     for cli, args in steps:
         result = CliRunner().invoke(cli, ["--run_dir", str(run_dir), *args])

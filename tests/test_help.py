@@ -20,6 +20,7 @@ CLIS = [
     "clt.summarize",
     "clt.list_pairs",
     "clt.eval",
+    "clt.generalize",
     "clt.graph.edges",
     "clt.site.export",
     "clt.site.viewer",

@@ -27,6 +27,7 @@ COMMANDS = [  # module, config class, extra required settings
     ("clt.collect_pairs", "CollectPairsConfig", REQUIRED),
     ("clt.train_transcoder", "TranscoderTrainConfig", {**REQUIRED, "pair": "clt_L0_to_L1"}),
     ("clt.eval", "EvalConfig", {"clt_dir": "a_transcoder"}),
+    ("clt.generalize", "GeneralizeConfig", {**REQUIRED, "pair": "clt_L0_to_L1", "conditions": ("a", "b")}),
     ("clt.graph.edges", "EdgesConfig", {"clt_dir": "a_transcoder"}),
     ("clt.site.export", "ExportConfig", REQUIRED),
 ]
@@ -41,7 +42,9 @@ def built_by_cli(module, args: dict, monkeypatch):
         raise Captured(cfg)
 
     monkeypatch.setattr(module, "run", capture)
-    flags = [f"--{'from' if k == 'source' else k}={v}" for k, v in args.items()]
+    flags = [
+        f"--{'from' if k == 'source' else k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in args.items()
+    ]
     result = CliRunner().invoke(module.main, flags)
     assert isinstance(result.exception, Captured), result.output
     return result.exception.args[0]

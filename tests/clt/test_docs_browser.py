@@ -57,6 +57,7 @@ def test_every_tab_loads_without_console_errors(browser, site):
     open_page(browser, url + "#/overview", "table")
     text = browser.find_element(By.ID, "content").text
     assert "clt_L0.mlp_in_to_L0.mlp_out" in text and "ridge FVU" in text and "recovered" in text
+    assert "Generalisation of clt_L0.mlp_in_to_L0.mlp_out: FVU" in text and "tiny@1 clustered n10" in text
 
 
 @pytest.mark.parametrize("view", ["mlp", "multilayer", "sae"])

@@ -33,6 +33,9 @@ def test_site_holds_the_policy_every_dictionary_and_their_views(site):
     assert names["clt_L0.mlp_in_to_L0.mlp_out"]["splice"]["transcoder"]["action_agreement"] > 0
     sae = names["encoder_layer_0"]["summary"]
     assert 0 <= sae["val/fvu"] < 2 and sae["features"] == 32 and sae["k"] == 3
+    (matrix,) = overview["generalization"]
+    assert matrix["pair"] == "clt_L0.mlp_in_to_L0.mlp_out" and matrix["evaluated_on"][1] == "tiny@1 clustered n10"
+    assert len(matrix["cells"]) == 1 and "config" not in matrix
     positions = {i: d["position"] for i, d in site["dictionaries"].items()}
     assert positions == {"sae/encoder_layer_0": 2, "clt/clt_L0.mlp_in_to_L0.mlp_out": 1, "clt/clt_multilayer/L0": 1,
                          "clt/clt_L1.mlp_in_to_L1.mlp_out": 3, "clt/clt_multilayer/L1": 3}  # fmt: skip
