@@ -10,9 +10,9 @@ column j evaluates it on condition j (clt.transfer.evaluate_on: FVU on fresh ins
 ridge baseline, and the splice drift inside that condition's policy). A condition without such a transcoder gets
 no row, and the two commands that make one are logged. Writes
 
-    <run>/clt/generalize/<pair>/matrix.json     schema tsp-interp.generalize/1 (clt.site.export shows it)
-    <run>/clt/generalize/<pair>/matrix.md       the tables: FVU (ridge) and splice gap, trained on x evaluated on
-    <run>/clt/generalize/<pair>/matrix.png      the same as two heatmaps
+    <run>/clt/generalize/<pair>/<name>.json     schema tsp-interp.generalize/1 (clt.site.export shows it)
+    <run>/clt/generalize/<pair>/<name>.md       the tables: FVU (ridge) and splice gap, trained on x evaluated on
+    <run>/clt/generalize/<pair>/<name>.png      the same as two heatmaps      (--name, default `matrix`)
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from policy.cli import command
 from policy.env import DISTRIBUTIONS
 from policy.io import atomic_write, read_json, write_json
 from policy.options import options
-from policy.runs import LoadedPolicy, load_policy, resolve_run_dir
+from policy.runs import LoadedPolicy, check_name, load_policy, resolve_run_dir
 from sae.runs import finished_runs
 from sae.store import open_dump
 
@@ -56,12 +56,15 @@ class GeneralizeConfig:
     """Seed of the evaluation instances (the same for every cell)."""
     batch_size: int = 256
     """Instances per forward pass."""
+    name: str = "matrix"
+    """File name of this matrix: several matrices of one pair (sizes, checkpoints, ...) live side by side."""
     device: str = "cpu"
     """torch device (cpu, cuda, ...)."""
 
     def __post_init__(self):
         check_types(self)
         check_device(self.device)
+        check_name(self.name, "matrix name")
         self.conditions = tuple(self.conditions)
         if len(self.conditions) < 1:
             raise ValueError("give at least one condition")
@@ -131,7 +134,7 @@ def cell(result: dict) -> dict:
 
 
 def run(cfg: GeneralizeConfig) -> dict:
-    """Evaluate the matrix; writes matrix.json, matrix.md and matrix.png and returns matrix.json's content."""
+    """Evaluate the matrix; writes <name>.json, .md and .png and returns the JSON's content."""
     out_run = resolve_run_dir(cfg.run_dir)
     pair = pair_name(out_run, cfg.pair)
     hooks = LayerPair.from_name(pair)
@@ -158,9 +161,9 @@ def run(cfg: GeneralizeConfig) -> dict:
               "trained_on": [{"condition": label(c), "transcoder": str(f)} for c, f in rows],
               "missing": missing, "cells": cells, "config": asdict(cfg)}  # fmt: skip
     out = out_run / "clt" / "generalize" / pair
-    write_json(out / "matrix.json", matrix)
-    atomic_write(out / "matrix.md", lambda tmp: tmp.write_text(format_tables(matrix) + "\n"))
-    plot(matrix, out / "matrix.png")
+    write_json(out / f"{cfg.name}.json", matrix)
+    atomic_write(out / f"{cfg.name}.md", lambda tmp: tmp.write_text(format_tables(matrix) + "\n"))
+    plot(matrix, out / f"{cfg.name}.png")
     return matrix
 
 

@@ -6,7 +6,7 @@ and, on fresh instances run through the policy, for each dictionary's most activ
 - their top-activating instances (coordinates, the greedy tour, the feature's activation at each node);
 - their activation histogram, strongest decoder channels, and up- and downstream features by
   direct-path virtual weight (clt.graph.weights), SAE features upstream of transcoder features included;
-- the generalisation matrices clt.generalize wrote (`<run>/clt/generalize/<pair>/matrix.json`), when present;
+- the generalisation matrices clt.generalize wrote (`<run>/clt/generalize/<pair>/<name>.json`), when present;
 - the layer-to-layer graphs the site draws: `sae` (the SAEs), `mlp` (per-layer mlp_in -> mlp_out
   transcoders), `residual` (the other pairwise transcoders), `multilayer` (the multi-layer CLT's layers).
 
@@ -173,7 +173,7 @@ def overview(run_dir: Path, policy, dicts: list[Dictionary]) -> dict:
         rows.append(row)
     size = {**asdict(policy.config.policy), "parameters": sum(p.numel() for p in policy.model.parameters())}
     generalization = [{k: v for k, v in read_json(path).items() if k != "config"}
-                      for path in sorted((run_dir / "clt" / "generalize").glob("*/matrix.json"))]  # fmt: skip
+                      for path in sorted((run_dir / "clt" / "generalize").glob("*/*.json"))]  # fmt: skip
     return {"run": run_dir.name, "policy": {**size, "checkpoint_epoch": policy.epoch},
             "env": {"num_loc": policy.config.num_loc, "distribution": policy.config.distribution},
             "evaluation": evaluation, "dictionaries": rows, "generalization": generalization}  # fmt: skip
