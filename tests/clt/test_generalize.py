@@ -54,6 +54,10 @@ def test_the_matrix_rows_are_trained_on_and_columns_evaluated_on(two_conditions,
     assert matrix["cells"][1][2]["ridge_fvu"] == pytest.approx(direct["ridge_val_fvu"], rel=1e-6)
     assert (out / "matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert "trained on \\ evaluated on" in (out / "matrix.md").read_text() and "splice gap" in result.output
+    sizes = CliRunner().invoke(generalize_cli.main, [*args[:4], "--conditions", f"{run},:uniform:12", "--name", "sizes",
+                                                      "--num_instances", "4"])  # fmt: skip
+    assert sizes.exit_code == 0, sizes.output
+    assert {p.name for p in out.iterdir()} == {f"{n}.{e}" for n in ("matrix", "sizes") for e in ("json", "md", "png")}
 
 
 @pytest.mark.parametrize(("spec", "message"), [(":square", "distribution must be one of"),
