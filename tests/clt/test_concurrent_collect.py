@@ -53,10 +53,12 @@ def run_copy(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_two_pair_collections_with_different_seeds(run_copy, overwrite):
+def test_two_pair_collections_of_one_dump_with_different_counts(run_copy, overwrite):
+    """The count is not part of a dump's name (its condition is, clt.datasets.condition_tag): both write one dump."""
     extra = ["--overwrite"] if overwrite else []
-    common = ["--layer_pairs", PAIRS, "--num_instances_per_pair", INSTANCES, *extra]
-    results = _both(*(_start("clt.collect_pairs", run_copy, *common, "--seed", seed) for seed in (1, 2)))
+    common = ["--layer_pairs", PAIRS, *extra]
+    counts = (INSTANCES, str(int(INSTANCES) + 500))
+    results = _both(*(_start("clt.collect_pairs", run_copy, *common, "--num_instances_per_pair", n) for n in counts))
     codes = sorted(code for code, _, _ in results)
     if overwrite:
         assert codes == [0, 0], results  # they took turns; the second replaced the first
@@ -64,17 +66,17 @@ def test_two_pair_collections_with_different_seeds(run_copy, overwrite):
         assert codes == [0, 1], results  # the second found the first one's dump and said so
         failed = next(err for code, _, err in results if code == 1)
         assert "made with other arguments" in failed and "Traceback" not in failed
-    seeds = set()
+    made = set()
     hooks = {"clt_L0_to_L1": ("encoder_layer_0", "encoder_layer_1"),
              "clt_L1.mlp_in_to_L1.mlp_out": ("encoder_layer_1.mlp_in", "encoder_layer_1.mlp_out")}  # fmt: skip
     for pair, (src, tgt) in hooks.items():
         path = read_registry(run_copy)[pair]["path"]
-        seeds.add(_assert_matches_its_metadata(run_copy, path, {"sources": src, "targets": tgt})["seed"])
-    assert len(seeds) == 1, "both pairs come from one collection"
+        made.add(_assert_matches_its_metadata(run_copy, path, {"sources": src, "targets": tgt})["num_instances"])
+    assert len(made) == 1, "both pairs come from one collection"
 
 
 def test_two_pair_collections_with_the_same_arguments_both_succeed(run_copy):
-    common = ["--layer_pairs", PAIRS, "--num_instances_per_pair", INSTANCES, "--seed", 3]
+    common = ["--layer_pairs", PAIRS, "--num_instances_per_pair", INSTANCES]
     results = _both(_start("clt.collect_pairs", run_copy, *common), _start("clt.collect_pairs", run_copy, *common))
     assert [code for code, _, _ in results] == [0, 0], results
     path = read_registry(run_copy)["clt_L0_to_L1"]["path"]
@@ -100,8 +102,8 @@ def test_an_overwrite_killed_while_publishing_is_never_read_as_one_set(run_copy,
     from clt import collect_pairs, train_transcoder
     from sae.store import DumpWriter
 
-    args = ["--run_dir", str(run_copy), "--layer_pairs", PAIRS, "--num_instances_per_pair", "40"]
-    assert CliRunner().invoke(collect_pairs.main, [*args, "--seed", "1"]).exit_code == 0
+    args = ["--run_dir", str(run_copy), "--layer_pairs", PAIRS]
+    assert CliRunner().invoke(collect_pairs.main, [*args, "--num_instances_per_pair", "40"]).exit_code == 0
     real, published = DumpWriter.publish, []
 
     def killed_after_one(self):
@@ -111,7 +113,7 @@ def test_an_overwrite_killed_while_publishing_is_never_read_as_one_set(run_copy,
         return published[-1]
 
     monkeypatch.setattr(DumpWriter, "publish", killed_after_one)
-    result = CliRunner().invoke(collect_pairs.main, [*args, "--seed", "2", "--overwrite"])
+    result = CliRunner().invoke(collect_pairs.main, [*args, "--num_instances_per_pair", "50", "--overwrite"])
     assert result.exit_code != 0
     monkeypatch.setattr(DumpWriter, "publish", real)
     assert not list(run_copy.glob("clt/activations/*.partial"))
@@ -121,6 +123,8 @@ def test_an_overwrite_killed_while_publishing_is_never_read_as_one_set(run_copy,
     refused = CliRunner().invoke(train_transcoder.main, [*train, "--pair", new])
     assert refused.exit_code == 1 and "an --overwrite was interrupted" in refused.output, refused.output
     assert CliRunner().invoke(train_transcoder.main, [*train, "--pair", old]).exit_code == 0
-    assert CliRunner().invoke(collect_pairs.main, [*args, "--seed", "2", "--overwrite"]).exit_code == 0
+    assert (
+        CliRunner().invoke(collect_pairs.main, [*args, "--num_instances_per_pair", "50", "--overwrite"]).exit_code == 0
+    )
     for pair in (new, old):
         assert CliRunner().invoke(train_transcoder.main, [*train, "--pair", pair]).exit_code == 0
