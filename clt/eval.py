@@ -30,7 +30,15 @@ import click
 import numpy as np
 import torch
 
-from clt.datasets import MULTILAYER, MultiLayerDataset, PairDataset, layer_pair_names, pair_name, training_dump
+from clt.datasets import (
+    MULTILAYER,
+    MultiLayerDataset,
+    PairDataset,
+    dump_name,
+    layer_pair_names,
+    pair_name,
+    training_dump,
+)
 from clt.metrics import layer_reconstructions, reconstruction
 from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.multilayer import MultiLayerTranscoder
@@ -195,7 +203,8 @@ def run_multilayer(cfg: EvalConfig, folder: Path, train_cfg: dict, model: MultiL
     """A multi-layer CLT: per-layer reconstruction, and splicing of every layer's mlp_out at once and of each alone."""
     n = model.cfg.n_layers
     run_dir = owning_run(folder, train_cfg)
-    paths = [(run_dir / train_cfg["dataset_path"]).parent / name for name in layer_pair_names(n)]
+    dumps_dir = (run_dir / train_cfg["dataset_path"]).parent
+    paths = [dumps_dir / dump_name(name, train_cfg.get("condition")) for name in layer_pair_names(n)]
     data = MultiLayerDataset(paths, 4096, train_cfg["val_ratio"], train_cfg["seed"])
     layers = layer_reconstructions(model, data.val_batches())
     meta = data.dump.metadata

@@ -220,3 +220,21 @@ def test_jumprelu_learns_thresholds_under_the_cross_layer_penalty():
     model.eval()
     codes = model.encode_normalized(xs)
     assert [c.values.numel() for c in codes] == [int((z != 0).sum()) for z in model.forward_train(xs).zs]
+
+
+def test_a_multilayer_clt_trains_and_evaluates_on_another_conditions_dumps(layers_run, tmp_path):
+    from clt import eval as eval_cli
+
+    run = tmp_path / "tiny"
+    shutil.copytree(layers_run, run, ignore=shutil.ignore_patterns("clt_runs"))
+    pairs = "encoder_layer_0.mlp_in:encoder_layer_0.mlp_out,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
+    args = ["--run_dir", str(run), "--layer_pairs", pairs, "--num_instances_per_pair", "60", "--distribution", "mixed"]
+    assert CliRunner().invoke(collect_cli.main, args).exit_code == 0
+    result = _cli(run, "--condition", "mixed_n10_e1_seed0")
+    assert result.exit_code == 0, result.output
+    for own in ("clt_L0.mlp_in_to_L0.mlp_out", "clt_L1.mlp_in_to_L1.mlp_out"):
+        shutil.rmtree(run / "clt" / "activations" / own)  # evaluation must read the mixed dumps, not these
+    folder = max((run / "clt" / "clt_runs" / "clt_multilayer").iterdir())
+    result = CliRunner().invoke(eval_cli.main, ["--clt_dir", str(folder), "--num_instances", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output[result.output.index("{") :])["validation_rows"] > 0
