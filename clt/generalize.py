@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from clt.datasets import condition_tag, dump_name, pair_name
+from clt.datasets import condition_tag, dump_name, pair_name, training_dump
 from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.pairs import LayerPair
 from clt.transfer import Condition, evaluate_on
@@ -35,7 +35,6 @@ from policy.io import atomic_write, read_json, write_json
 from policy.options import options
 from policy.runs import LoadedPolicy, check_name, load_policy, resolve_run_dir
 from sae.runs import finished_runs
-from sae.store import open_dump
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +100,9 @@ def label(condition: Condition) -> str:
 
 def trained_on(condition: Condition, pair: str) -> Path | None:
     """The newest finished transcoder of `pair` in the condition's run whose training dump is of that condition."""
-    run_dir = condition.policy.run_dir
-    for folder in reversed(finished_runs(run_dir, "clt").get(pair, [])):
-        train_cfg = read_json(folder / "train_cfg.json")
+    for folder in reversed(finished_runs(condition.policy.run_dir, "clt").get(pair, [])):
         try:
-            meta = open_dump(run_dir / train_cfg["dataset_path"]).metadata
+            meta = training_dump(folder, read_json(folder / "train_cfg.json"))[1].metadata
         except (OSError, ValueError) as err:
             log.warning("skipping %s: its training dump cannot be read (%s)", folder, err)
             continue

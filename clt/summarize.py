@@ -14,7 +14,7 @@ import click
 from policy.cli import command
 from policy.io import read_json
 from policy.runs import resolve_run_dir
-from sae.runs import finished_runs, sweep_runs
+from sae.runs import newest_runs, sweep_runs
 
 COLUMNS = (
     "pair",
@@ -72,7 +72,7 @@ def chosen_runs(folders: tuple[Path, ...], run_dir: str | None, sweep: str | Non
     chosen = list(folders)
     if run_dir:
         run = resolve_run_dir(run_dir)
-        chosen += sweep_runs(run, sweep) if sweep else [runs[-1] for runs in finished_runs(run, "clt").values()]
+        chosen += sweep_runs(run, sweep) if sweep else newest_runs(run, "clt")
     if not chosen:
         raise ValueError("give run folders, or --run_dir (with --sweep for one sweep's runs)")
     return chosen

@@ -94,6 +94,11 @@ def finished_runs(run_dir: Path, kind: str) -> dict[str, list[Path]]:
     return found
 
 
+def newest_runs(run_dir: Path, kind: str) -> list[Path]:
+    """The newest finished run of every hook (kind "sae") or pair (kind "clt")."""
+    return [runs[-1] for runs in finished_runs(run_dir, kind).values()]
+
+
 def newest_finished(run_dir: Path, kind: str, name: str) -> Path:
     """The newest finished run of one hook or pair; a FileNotFoundError saying how to train one."""
     runs = finished_runs(run_dir, kind).get(check_name(name, "hook or pair name"))

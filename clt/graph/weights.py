@@ -35,7 +35,7 @@ from clt.pairs import LayerPair
 from policy.model import AttentionModel
 from sae.hooks import parse_layer_hook
 from sae.model import TopKSAE, load_sae
-from sae.runs import finished_runs, is_finished
+from sae.runs import is_finished, newest_runs
 
 _READ = {"input": 0.0, "mlp_in": 1.0, None: 2.0}  # points a dictionary can read (attn_out, mlp_out are not streams)
 _WRITE = {"input": 0.0, "attn_out": 0.5, "mlp_in": 1.0, "mlp_out": 1.5, None: 2.0}
@@ -130,10 +130,8 @@ def _clt_layer(model: MultiLayerTranscoder, folder: Path, pair: str, i: int) -> 
 
 def find_dictionaries(run_dir: Path, folders: Iterable[str | Path] = ()) -> list[Dictionary]:
     """The dictionaries of the given SAE / transcoder run folders; when none are given, the newest finished SAE
-    of every hook, then the newest finished transcoder of every pair (sae.runs.finished_runs)."""
-    chosen = [Path(f) for f in folders] or [
-        runs[-1] for kind in ("sae", "clt") for runs in finished_runs(run_dir, kind).values()
-    ]
+    of every hook, then the newest finished transcoder of every pair (sae.runs.newest_runs)."""
+    chosen = [Path(f) for f in folders] or [*newest_runs(run_dir, "sae"), *newest_runs(run_dir, "clt")]
     found = []
     for folder in chosen:
         kind = folder.resolve().parent.parent.name

@@ -35,7 +35,7 @@ from policy.options import options
 from policy.runs import load_policy, resolve_run_dir
 from sae.hooks import HookedPolicy, parse_layer_hook
 from sae.model import SAEConfig
-from sae.runs import finished_runs, sweep_runs
+from sae.runs import newest_runs, sweep_runs
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def run(cfg: ExportConfig) -> Path:
     dicts, position = [], {}
     chosen = list(cfg.dictionaries)
     if cfg.sweep:
-        chosen += [*(runs[-1] for runs in finished_runs(run_dir, "sae").values()), *sweep_runs(run_dir, cfg.sweep)]
+        chosen += [*newest_runs(run_dir, "sae"), *sweep_runs(run_dir, cfg.sweep)]
     for d in find_dictionaries(run_dir, chosen):
         position[d.id] = stream_position(d.read_hook, n_layers, write=False)
         if position[d.id] is None:
