@@ -6,9 +6,10 @@
 A condition is `RUN[@EPOCH][:DISTRIBUTION][:NODES]`: a policy run (folder or name), its checkpoint [default: the
 latest], the instance distribution and size [default: the run's training ones]. Row i ("trained on") is the
 newest finished transcoder of the pair in condition i's run whose training dump was collected under condition i;
-column j evaluates it on condition j (clt.transfer.evaluate_on: FVU on fresh instances beside that condition's own
-ridge baseline, and the splice drift inside that condition's policy). A condition without such a transcoder gets
-no row, and the two commands that make one are logged. Writes
+column j evaluates it on condition j (clt.transfer: FVU on fresh instances beside that condition's own ridge
+baseline, and the splice drift inside that condition's policy; what does not depend on the transcoder is
+prepared once per column). A condition without such a transcoder gets no row, and the two commands that make
+one are logged. Writes
 
     <run>/clt/generalize/<pair>/<name>.json     schema tsp-interp.generalize/1 (clt.site.export shows it)
     <run>/clt/generalize/<pair>/<name>.md       the tables: FVU (ridge) and splice gap, trained on x evaluated on
@@ -27,7 +28,7 @@ import numpy as np
 from clt.datasets import condition_tag, dump_name, pair_name, training_dump
 from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.pairs import LayerPair
-from clt.transfer import Condition, evaluate_on
+from clt.transfer import Condition, prepare, score
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS
@@ -148,12 +149,13 @@ def run(cfg: GeneralizeConfig) -> dict:
             rows.append((condition, folder))
     if not rows:
         raise FileNotFoundError(f"no transcoder of {pair} is trained on any of the conditions (see the warnings)")
+    # instances, activations, ridge baseline and ablation splices: once per column, for every row
+    columns = [prepare(hooks.source, hooks.target, c, cfg.num_instances, cfg.seed, cfg.batch_size) for c in conditions]
     cells = []
     for condition, folder in rows:
         model: CrossLayerTranscoder = load_transcoder(folder).to(cfg.device)
         log.info("trained on %s: %s", label(condition), folder)
-        cells.append([cell(evaluate_on(model, hooks.source, hooks.target, other, cfg.num_instances, cfg.seed,
-                                       cfg.batch_size)) for other in conditions])  # fmt: skip
+        cells.append([cell(score(model, column)) for column in columns])
     matrix = {"schema": SCHEMA, "pair": pair, "evaluated_on": [label(c) for c in conditions],
               "trained_on": [{"condition": label(c), "transcoder": str(f)} for c, f in rows],
               "missing": missing, "cells": cells, "config": asdict(cfg)}  # fmt: skip

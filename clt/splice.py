@@ -34,8 +34,9 @@ REPLACEMENTS = ("transcoder", "transcoder+error", "mean", "zero")
 Replacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (source, target) [batch, node, d] -> new target
 
 
-def replacement(kind: str, transcoder: CrossLayerTranscoder, target_mean: torch.Tensor) -> Replacement:
-    """The function that computes a replacement target from the live (source, target)."""
+def replacement(kind: str, transcoder: CrossLayerTranscoder | None, target_mean: torch.Tensor) -> Replacement:
+    """The function that computes a replacement target from the live (source, target) (mean and zero ablation
+    need no transcoder)."""
 
     def predict(source: torch.Tensor) -> torch.Tensor:
         rows = source.reshape(-1, source.shape[-1])
@@ -144,8 +145,11 @@ def splice_metrics(
             "mean_kl": sums[name]["kl"] / steps,
         }
     if "mean" in report and "transcoder" in report:
-        damage = report["mean"]["mean_length"] - base
-        report["transcoder"]["recovered"] = (
-            (report["mean"]["mean_length"] - report["transcoder"]["mean_length"]) / damage if damage else float("nan")
-        )
+        report["transcoder"]["recovered"] = recovered(report)
     return report
+
+
+def recovered(report: dict) -> float:
+    """The share of the mean-ablation damage the transcoder undoes: (mean - transcoder) / (mean - original) lengths."""
+    damage = report["mean"]["mean_length"] - report["original"]["mean_length"]
+    return (report["mean"]["mean_length"] - report["transcoder"]["mean_length"]) / damage if damage else float("nan")

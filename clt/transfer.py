@@ -19,7 +19,7 @@ import torch
 from clt.metrics import reconstruction
 from clt.model import CrossLayerTranscoder
 from clt.pair_stats import Moments, ridge_baseline
-from clt.splice import REPLACEMENTS, pair_hooks, replacement, splice_metrics
+from clt.splice import pair_hooks, recovered, replacement, splice_metrics
 from policy.env import generate
 from policy.runs import LoadedPolicy
 from sae.hooks import HookedPolicy
@@ -45,40 +45,81 @@ def _activations(hooked: HookedPolicy, locs: torch.Tensor, hooks: list[str], bat
     return [torch.cat([p[h].reshape(-1, p[h].shape[-1]).cpu() for p in parts]) for h in hooks]  # [rows, d] each
 
 
-def evaluate_on(model: CrossLayerTranscoder, source: str, target: str, condition: Condition, num_instances: int,
-                seed: int, batch_size: int = 256) -> dict:  # fmt: skip
-    """Reconstruction beside the condition's ridge baseline, and splice drift, on `num_instances` fresh instances."""
+@dataclass
+class Evaluation:
+    """What evaluating any transcoder of one pair on one condition shares, computed once: the instances, their
+    activations split into the ridge-fitting and the scoring half, the ridge baseline, and the splices that do not
+    depend on the transcoder (mean and zero ablation)."""
+
+    condition: Condition
+    source: str
+    target: str
+    seed: int
+    batch_size: int
+    hooked: HookedPolicy
+    locs: torch.Tensor  # [instances, node, 2]
+    x_val: torch.Tensor  # [rows of the second half, d] sources
+    y_val: torch.Tensor  # the targets
+    target_mean: torch.Tensor  # [d] of the first half: what mean ablation writes
+    ridge_fvu: float
+    ablations: dict  # splice_metrics of `mean` and `zero`
+
+
+@torch.no_grad()
+def prepare(source: str, target: str, condition: Condition, num_instances: int, seed: int,
+            batch_size: int = 256) -> Evaluation:  # fmt: skip
+    """The shared part of evaluating a pair's transcoders on `condition` (`score` adds one transcoder)."""
     if num_instances < 2:
         raise ValueError("cross-condition evaluation needs at least 2 instances (half fit the ridge baseline)")
     hooked = HookedPolicy(condition.policy.model)
     hooked.check_names([source, target])
-    if model.cfg.d_in != hooked.model.cfg.embed_dim or model.cfg.d_out != hooked.model.cfg.embed_dim:
-        raise ValueError(f"the transcoder maps width {model.cfg.d_in} -> {model.cfg.d_out}; "
-                         f"{condition.policy.run_dir} has width {hooked.model.cfg.embed_dim}")  # fmt: skip
     locs = generate(num_instances, condition.num_loc, condition.distribution, seed=seed)
     x, y = _activations(hooked, locs, [source, target], batch_size)
     split = (num_instances // 2) * condition.num_loc  # rows of the first half of the instances
     fit, val = Moments(x.shape[1], y.shape[1]), Moments(x.shape[1], y.shape[1])
     fit.update(x[:split].double().numpy(), y[:split].double().numpy())
     val.update(x[split:].double().numpy(), y[split:].double().numpy())
+    target_mean = y[:split].mean(0)
+    device = next(hooked.model.parameters()).device
+    fns = {kind: partial(pair_hooks, source, target, replacement(kind, None, target_mean.to(device)))
+           for kind in ("mean", "zero")}  # fmt: skip
+    ablations = splice_metrics(hooked, locs.to(device), fns, batch_size)
+    return Evaluation(condition, source, target, seed, batch_size, hooked, locs, x[split:], y[split:], target_mean,
+                      ridge_baseline(fit, val)["fvu"], ablations)  # fmt: skip
+
+
+def score(model: CrossLayerTranscoder, evaluation: Evaluation) -> dict:
+    """One transcoder on a prepared condition: reconstruction beside the ridge baseline, and splice drift."""
+    e, width = evaluation, evaluation.hooked.model.cfg.embed_dim
+    if model.cfg.d_in != width or model.cfg.d_out != width:
+        raise ValueError(f"the transcoder maps width {model.cfg.d_in} -> {model.cfg.d_out}; "
+                         f"{e.condition.policy.run_dir} has width {width}")  # fmt: skip
     device = model.b_dec.device
-    batches = ((a.to(device), b.to(device)) for a, b in zip(x[split:].split(4096), y[split:].split(4096), strict=True))
-    result = reconstruction(model, batches)
-    target_mean = y[:split].mean(0).to(device)
-    fns = {kind: partial(pair_hooks, source, target, replacement(kind, model, target_mean)) for kind in REPLACEMENTS}
-    splice = splice_metrics(hooked, locs.to(next(hooked.model.parameters()).device), fns, batch_size)
-    ridge = ridge_baseline(fit, val)
+    pairs = zip(e.x_val.split(4096), e.y_val.split(4096), strict=True)
+    result = reconstruction(model, ((a.to(device), b.to(device)) for a, b in pairs))
+    fns = {kind: partial(pair_hooks, e.source, e.target, replacement(kind, model, e.target_mean.to(device)))
+           for kind in ("transcoder", "transcoder+error")}  # fmt: skip
+    own = splice_metrics(e.hooked, e.locs.to(next(e.hooked.model.parameters()).device), fns, e.batch_size)
+    splice = {**own, **{kind: e.ablations[kind] for kind in ("mean", "zero")}}
+    splice["transcoder"] = {**splice["transcoder"], "recovered": recovered(splice)}
+    c = e.condition
     return {
         "condition": {
-            "name": condition.name,
-            "policy_run": str(condition.policy.run_dir),
-            "checkpoint_epoch": condition.policy.epoch,
-            "distribution": condition.distribution,
-            "num_loc": condition.num_loc,
-            "instances": num_instances,
-            "seed": seed,
+            "name": c.name,
+            "policy_run": str(c.policy.run_dir),
+            "checkpoint_epoch": c.policy.epoch,
+            "distribution": c.distribution,
+            "num_loc": c.num_loc,
+            "instances": len(e.locs),
+            "seed": e.seed,
         },
         "reconstruction": result.summary(),
-        "ridge_val_fvu": ridge["fvu"],
-        "splice": {**splice, "instances": num_instances},
+        "ridge_val_fvu": e.ridge_fvu,
+        "splice": {**splice, "instances": len(e.locs)},
     }
+
+
+def evaluate_on(model: CrossLayerTranscoder, source: str, target: str, condition: Condition, num_instances: int,
+                seed: int, batch_size: int = 256) -> dict:  # fmt: skip
+    """Reconstruction beside the condition's ridge baseline, and splice drift, on `num_instances` fresh instances."""
+    return score(model, prepare(source, target, condition, num_instances, seed, batch_size))
