@@ -28,7 +28,7 @@ from policy.cli import command
 from policy.env import DISTRIBUTIONS
 from policy.options import choice, options
 from policy.runs import load_policy
-from sae.collect import INSTANCE_CHUNK, collect, hook_dims, instance_batches
+from sae.collect import collect, collection_request, hook_dims, instance_batches, provenance
 from sae.hooks import HookedPolicy
 from sae.runs import activations_root, clt_activations_dir
 from sae.store import (
@@ -114,14 +114,9 @@ def run(cfg: CollectPairsConfig) -> dict[str, Path]:
     distribution = settings.distribution or loaded.config.distribution
     condition = condition_tag(loaded, distribution, num_loc, settings.seed)
     root = activations_root(cfg.activations_root)
-    common = {
-        "num_instances": settings.num_instances_per_pair,
-        "nodes_per_instance": num_loc,
-        "distribution": distribution,
-        "seed": settings.seed,
-        "dtype": cfg.dtype,
-        "checkpoint_sha256": loaded.checkpoint_sha256,
-    }
+    common = collection_request(
+        loaded, settings.num_instances_per_pair, num_loc, distribution, settings.seed, cfg.dtype
+    )
     names = {pair.name: dump_name(pair.name, condition) for pair in pairs}
     paths = {pair.name: clt_activations_dir(loaded.run_dir, names[pair.name], root) for pair in pairs}
     check_registry_writable(loaded.run_dir)
@@ -170,9 +165,7 @@ def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str,
                 "target_hook": pair.target,
                 "tensors": {"sources": pair.source_tensor, "targets": pair.target_tensor},
                 "shapes": {"sources": [rows, dims[pair.source]], "targets": [rows, dims[pair.target]]},
-                "instance_ids": {"first": 0, "count": num_instances, "seed": common["seed"], "chunk": INSTANCE_CHUNK},
-                "run_dir": str(loaded.run_dir.resolve()),
-                "checkpoint_epoch": loaded.epoch,
+                **provenance(loaded, common),
                 "config": asdict(cfg),
             }, publish=False)  # fmt: skip
         for writer in writers.values():

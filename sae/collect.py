@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from policy.env import generate
+from policy.runs import LoadedPolicy
 from sae.hooks import HookedPolicy
 from sae.store import DumpWriter
 
@@ -25,6 +26,20 @@ except (OSError, AttributeError):
 
 INSTANCE_CHUNK = 1024
 """Instances are drawn in fixed chunks (seeded by seed and chunk index), so ids do not depend on batch size."""
+
+
+def collection_request(policy: LoadedPolicy, num_instances: int, num_loc: int, distribution: str, seed: int,
+                       dtype: str) -> dict:  # fmt: skip
+    """What makes a collection's rows what they are: a complete dump recorded with the same values serves again
+    (sae.store.reusable), and every dump's metadata.json holds them."""
+    return {"num_instances": num_instances, "nodes_per_instance": num_loc, "distribution": distribution,
+            "seed": seed, "dtype": dtype, "checkpoint_sha256": policy.checkpoint_sha256}  # fmt: skip
+
+
+def provenance(policy: LoadedPolicy, request: dict) -> dict:
+    """Where a dump's rows came from, for its metadata.json: the instance ids, the run and its checkpoint."""
+    ids = {"first": 0, "count": request["num_instances"], "seed": request["seed"], "chunk": INSTANCE_CHUNK}
+    return {"instance_ids": ids, "run_dir": str(policy.run_dir.resolve()), "checkpoint_epoch": policy.epoch}
 
 
 def instance_batches(

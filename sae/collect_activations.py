@@ -22,7 +22,7 @@ from policy.cli import command
 from policy.env import DISTRIBUTIONS
 from policy.options import choice, options
 from policy.runs import load_policy
-from sae.collect import INSTANCE_CHUNK, collect, hook_dims, instance_batches
+from sae.collect import collect, collection_request, hook_dims, instance_batches, provenance
 from sae.hooks import HookedPolicy
 from sae.runs import activations_root, sae_activations_dir
 from sae.store import (
@@ -91,12 +91,7 @@ def run(cfg: CollectConfig) -> Path:
     path = sae_activations_dir(loaded.run_dir, name, root)
     request = {
         "hooks": names,
-        "num_instances": cfg.num_instances,
-        "nodes_per_instance": num_loc,
-        "distribution": distribution,
-        "seed": cfg.seed,
-        "dtype": cfg.dtype,
-        "checkpoint_sha256": loaded.checkpoint_sha256,
+        **collection_request(loaded, cfg.num_instances, num_loc, distribution, cfg.seed, cfg.dtype),
     }
     check_registry_writable(loaded.run_dir)
     with dump_lock(path):  # a second collector of this dump waits here, then reuses or replaces it
@@ -119,9 +114,7 @@ def _collect(cfg: CollectConfig, loaded, hooked: HookedPolicy, path: Path, reque
             "kind": "sae",
             "collection_id": new_collection_id(),
             "shapes": {n: [rows, d] for n, d in dims.items()},
-            "instance_ids": {"first": 0, "count": cfg.num_instances, "seed": cfg.seed, "chunk": INSTANCE_CHUNK},
-            "run_dir": str(loaded.run_dir.resolve()),
-            "checkpoint_epoch": loaded.epoch,
+            **provenance(loaded, request),
             "config": asdict(cfg),
         })  # fmt: skip
 
