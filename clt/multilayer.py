@@ -193,18 +193,26 @@ class MultiLayerTranscoder(nn.Module):
     @torch.no_grad()
     def encode_normalized(self, xs: torch.Tensor) -> list[SparseCodes]:
         """Normalised sources of the first len(xs) layers [layer, batch, d] -> each layer's active entries."""
-        k = self.cfg.active
-        pres = [torch.addmm(self.b_enc[i], x, self.W_enc[i].T) for i, x in enumerate(xs)]  # [batch, features] each
+        return [self.select(i, torch.addmm(self.b_enc[i], x, self.W_enc[i].T)) for i, x in enumerate(xs)]
+
+    @torch.no_grad()
+    def select(self, layer: int, pre: torch.Tensor) -> SparseCodes:
+        """Layer `layer`'s active entries from its pre-activations [batch, features] (training updates batchtopk's
+        threshold)."""
         if self.cfg.activation == "topk":
-            return [select_topk(pre, k) for pre in pres]
+            return select_topk(pre, self.cfg.active)
         if self.cfg.activation == "jumprelu":
-            return [threshold_codes(pre, theta) for pre, theta in zip(pres, self.log_threshold.exp(), strict=False)]
+            return threshold_codes(pre, self.log_threshold[layer].exp())
         if self.training:  # batchtopk
-            codes = [select_batchtopk(pre, k) for pre in pres]
-            for threshold, c in zip(self.batchtopk_threshold, codes, strict=False):
-                update_threshold_(threshold, c.values)
+            codes = select_batchtopk(pre, self.cfg.active)
+            update_threshold_(self.batchtopk_threshold[layer], codes.values)
             return codes
-        return [threshold_codes(pre, self.batchtopk_threshold[i]) for i, pre in enumerate(pres)]
+        return threshold_codes(pre, self.batchtopk_threshold[layer])
+
+    def encode_layer(self, layer: int, x_raw: torch.Tensor) -> torch.Tensor:
+        """Raw mlp_in of one layer [batch, d] -> that layer's codes [batch, features]."""
+        x = normalize(x_raw, self.src_mean[layer], self.src_std[layer], self.cfg.normalize_source)
+        return self.select(layer, torch.addmm(self.b_enc[layer], x, self.W_enc[layer].T)).dense(self.cfg.n_features)
 
     def forward_train(self, xs: torch.Tensor) -> MultiLayerOutput:
         """Normalised sources [layer, batch, d] -> prediction [layer, batch, d], through the active entries."""

@@ -6,6 +6,7 @@
     runs/<run>/clt/activations/<pair>/          (or <root>/<run>/clt/activations/<pair>/)
     runs/<run>/clt/clt_runs/<pair>/<timestamp>/
     runs/<run>/clt/sweeps/<sweep>.json          the transcoder runs one sweep (train_clt.sh) made
+    runs/<run>/clt/attribution/<decision>.json  attribution graphs (clt.graph.attribute), .safetensors beside
 
 A dictionary run (SAE or transcoder) is finished when its `model.safetensors` exists: the trainers
 write it last. The policy-run bookkeeping (`load_policy`, `resolve_run_dir`, `check_name`, ...)
@@ -76,6 +77,11 @@ def sae_runs_dir(run_dir: Path, hook: str) -> Path:
 
 def clt_runs_dir(run_dir: Path, pair: str) -> Path:
     return dictionary_root(run_dir, "clt") / check_name(pair, "pair name")
+
+
+def attribution_dir(run_dir: Path) -> Path:
+    """Where attribution graphs of the run's decisions go (clt.graph.attribute)."""
+    return run_dir / "clt" / "attribution"
 
 
 def is_finished(folder: Path) -> bool:

@@ -1,0 +1,149 @@
+"""Why does the policy pick this city at step t? The attribution graph of one decision.
+
+    python -m clt.graph.attribute --run_dir tsp20_demo --seed 3 --step 7
+    python -m clt.graph.attribute --run_dir tsp20_demo --locs X.npy --index 2 --tour tours.npy --step 10 --export
+
+Traces the decision through the run's multi-layer CLT (or, without one, its per-layer mlp_in -> mlp_out
+transcoders; --clt picks another) in the local replacement model (clt.graph.local), prunes the graph, scores it
+and checks it by removing its most influential features (clt.graph.verify). Writes
+
+    <run>/clt/attribution/<decision>.json         schema tsp-interp.attribution/1 (README, "Attribution graphs")
+    <run>/clt/attribution/<decision>.safetensors  the full graph: adjacency (rows receive), constants, values,
+                                                  node influence, node and edge masks
+
+(or --out), prints a summary, and with --export adds the graph to the site's Decisions tab.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from clt.graph.decision import DecisionOptions
+from clt.graph.gallery import add_to_gallery, for_site
+from clt.graph.replacement import load_replacement
+from clt.graph.trace import Attribution, TraceOptions, attribute
+from policy.checks import check_device, check_types
+from policy.cli import command
+from policy.io import save_tensors, write_json
+from policy.options import options, split_nested
+from policy.runs import check_name, load_policy, resolve_run_dir
+from sae.runs import attribution_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AttributeConfig:
+    run_dir: str
+    """Run folder, or a run name under runs/."""
+    decision: DecisionOptions
+    """Which decision (flattened into options)."""
+    trace: TraceOptions = field(default_factory=TraceOptions)
+    """Targets, pruning and checks (flattened into options)."""
+    clt: str | None = None
+    """A multi-layer CLT run folder [default: the run's newest, else its per-layer mlp_in -> mlp_out transcoders]."""
+    checkpoint: int | None = None
+    """Policy epoch [default: the one the transcoders were trained on, else the latest]."""
+    out: str | None = None
+    """The graph's JSON path (the .safetensors goes beside it) [default: <run>/clt/attribution/<decision>.json]."""
+    export: str | None = None
+    """Also add the graph to the site data in this folder (docs/data) for the Decisions tab."""
+    device: str = "cpu"
+    """torch device."""
+
+    def __post_init__(self):
+        check_types(self)
+        check_device(self.device)
+        if self.out is not None and not self.out.endswith(".json"):
+            raise ValueError(f"--out names a .json file, got {self.out!r}")
+
+
+def run(cfg: AttributeConfig) -> tuple[Attribution, Path]:
+    """Attribute the decision; returns it and where its JSON went."""
+    run_dir = resolve_run_dir(cfg.run_dir)
+    replacement = load_replacement(run_dir, cfg.clt)
+    epoch = cfg.checkpoint if cfg.checkpoint is not None else replacement.checkpoint_epoch
+    policy = load_policy(run_dir, epoch, cfg.device)
+    if replacement.models[0].b_dec.shape[-1] != policy.config.policy.embed_dim:
+        raise ValueError(f"the replacement's width does not match the policy's {policy.config.policy.embed_dim}")
+    replacement.to(cfg.device)
+    decision, instance, name = cfg.decision.decision(policy.model, policy.config.num_loc)
+    source = {
+        "run": run_dir.name,
+        "checkpoint_epoch": policy.epoch,
+        "checkpoint_sha256": policy.checkpoint_sha256,
+        "instance": instance,
+    }
+    result = attribute(policy.model, replacement, decision, cfg.trace, source)
+    out = Path(cfg.out) if cfg.out else attribution_dir(run_dir) / f"{check_name(name, 'decision name')}.json"
+    save_tensors(out.with_suffix(".safetensors"), result.tensors())
+    write_json(out, result.doc)
+    if cfg.export:
+        add_to_gallery(cfg.export, [for_site(result.doc, out.stem)])
+    return result, out
+
+
+def format_summary(doc: dict) -> str:
+    """What a researcher reads first: the decision, the candidates, the scores, the strongest features, the checks."""
+    where = doc["instance"]
+    instance = f"seed {where['seed']}" if "seed" in where else f"{where['file']} #{where['index']}"
+    lines = [
+        f"decision: {instance} ({len(doc['instance']['locs'])} cities), step {doc['step']}, current city "
+        f"{doc['current']}, first {doc['first']}; the policy picks {doc['policy_tour'][doc['step']]}",
+        "candidates: " + ", ".join(f"{c['city']} ({c['probability']:.1%})" for c in doc["candidates"][:5]),
+    ]
+    against = doc["against"] or [None] * len(doc["targets"])
+    lines.append(
+        "targets: "
+        + ", ".join(
+            f"score {t}" + (f" - score {a}" if a is not None else "")
+            for t, a in zip(doc["targets"], against, strict=True)
+        )
+    )
+    kinds = {k: sum(n["kind"] == k for n in doc["nodes"]) for k in ("feature", "error", "input", "target")}
+    s = doc["scores"]
+    lines += [
+        f"graph: {len(doc['nodes'])} nodes ({kinds['feature']} features, {kinds['error']} errors, {kinds['input']} "
+        f"inputs, {kinds['target']} targets); pruned: {s['kept_nodes']} nodes, {s['kept_edges']} edges",
+        f"scores: replacement {s['graph']['replacement']:.3f} (pruned {s['pruned']['replacement']:.3f}), "
+        f"completeness {s['graph']['completeness']:.3f} (pruned {s['pruned']['completeness']:.3f})",
+        "most influential features (total effect on each target):",
+    ]
+    for f in doc["top_features"][:8]:
+        effects = ", ".join(f"{t} {v:+.3f}" for t, v in f["total_effect"].items())
+        lines.append(f"  {f['id']:<16} influence {f['influence']:.4f}   {effects}")
+    v = doc["verification"]
+    if v:
+        lines.append(
+            f"checks on the {v['local']['features']} most influential features: (a) local model, max "
+            f"relative error {v['local']['max_relative_error']:.1e}; (b) live policy, Pearson r "
+            f"{v['live']['pearson_r']:.3f}, sign agreement {v['live']['sign_agreement']:.1%}"
+        )
+    c = doc["checks"]
+    lines.append(
+        f"exactness: contributions + constants - inputs {c['max_completeness_error']:.1e}, targets vs the "
+        f"live policy {c['max_target_error']:.1e} ({doc['seconds']:.2f} s)"
+    )
+    return "\n".join(lines)
+
+
+@click.command()
+@options(AttributeConfig, flatten=("decision", "trace"))
+@click.option("--json", "as_json", is_flag=True, help="Print the graph's JSON instead of the summary.")
+def main(as_json, **settings):
+    """Attribution graph of one decision: which features, at which cities and layers, make the policy pick its city."""
+    with command():
+        settings = split_nested(AttributeConfig, split_nested(AttributeConfig, settings, "decision"), "trace")
+        result, out = run(AttributeConfig(**settings))
+    click.echo(json.dumps(result.doc, indent=1) if as_json else format_summary(result.doc))
+    if not as_json:
+        click.echo(f"wrote {out} and {out.with_suffix('.safetensors').name}")
+
+
+if __name__ == "__main__":
+    main()

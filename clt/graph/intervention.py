@@ -1,0 +1,165 @@
+"""Interventions on features in the live policy, with the replacement spliced in and the error terms held fixed.
+
+Every encoder layer's mlp_out becomes the replacement's prediction from the live mlp_in (clt.graph.replacement)
+plus that (layer, city)'s error at the unmodified input (the policy's mlp_out minus the prediction), so that
+without a change the policy computes what it always does. A change sets, scales or zeroes one feature's code at
+one (layer, city), or every feature of the layer there; attention, normalisation, the transcoder's own selection
+of the other features and the glimpse all respond.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from clt.graph.decision import Decision, Outcome, decide
+from clt.graph.replacement import Replacement
+from policy.model import AttentionModel
+from sae.hooks import HookedPolicy, HookFn, parse_layer_hook
+
+OPS = ("zero", "scale", "set")
+_CHANGE = re.compile(r"^(\d+):(\d+):(\d+|\*)=(zero|scale|set)(?::(.+))?$")
+
+
+@dataclass(frozen=True)
+class Change:
+    """Set, scale or zero feature `feature` (None: every feature) of layer `layer` at city `city`."""
+
+    layer: int
+    city: int
+    feature: int | None
+    op: str = "zero"
+    value: float = 0.0
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"a change is one of {OPS}, got {self.op!r}")
+        if self.op == "set" and self.feature is None:
+            raise ValueError("set needs one feature (LAYER:CITY:FEATURE=set:VALUE), not every feature of a layer")
+
+    @classmethod
+    def parse(cls, spec: str) -> Change:
+        """`LAYER:CITY:FEATURE=zero`, `...=scale:FACTOR`, `...=set:VALUE`; FEATURE `*` means every feature."""
+        match = _CHANGE.match(spec.strip())
+        try:
+            if not match or (match.group(4) == "zero") != (match.group(5) is None):
+                raise ValueError
+            layer, city, feature, op, value = match.groups()
+            return cls(int(layer), int(city), None if feature == "*" else int(feature), op, float(value or 0))
+        except ValueError as err:
+            raise ValueError(
+                f"cannot read the change {spec!r}{f' ({err})' if str(err) else ''}: write "
+                "LAYER:CITY:FEATURE=zero, LAYER:CITY:FEATURE=scale:FACTOR or "
+                "LAYER:CITY:FEATURE=set:VALUE (FEATURE * for every feature)"
+            ) from None
+
+    def apply(self, codes: torch.Tensor) -> None:
+        """Change a layer's codes [node, features] in place."""
+        where = (self.city, slice(None) if self.feature is None else self.feature)
+        if self.op == "zero":
+            codes[where] = 0
+        elif self.op == "scale":
+            codes[where] *= self.value
+        else:
+            codes[where] = self.value
+
+    def check(self, n_layers: int, n_cities: int, n_features: int) -> None:
+        if not (0 <= self.layer < n_layers and 0 <= self.city < n_cities):
+            raise ValueError(f"change {self}: layers are 0..{n_layers - 1}, cities 0..{n_cities - 1}")
+        if self.feature is not None and not 0 <= self.feature < n_features:
+            raise ValueError(f"change {self}: features are 0..{n_features - 1}")
+
+
+@torch.no_grad()
+def live_errors(policy: AttentionModel, replacement: Replacement, locs: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer [node, d]: the policy's mlp_out minus the replacement's prediction, on instance locs [node, 2]."""
+    n = len(policy.layers)
+    names = [f"encoder_layer_{i}.{p}" for i in range(n) for p in ("mlp_in", "mlp_out")]
+    cache = HookedPolicy(policy).run_with_cache(locs[None], names)
+    codes = [replacement.codes(i, cache[f"encoder_layer_{i}.mlp_in"][0]) for i in range(n)]
+    return [cache[f"encoder_layer_{m}.mlp_out"][0] - replacement.predict(m, codes) for m in range(n)]
+
+
+def spliced_hooks(replacement: Replacement, errors: list[torch.Tensor], changes: list[Change]) -> dict[str, HookFn]:
+    """Hooks for one forward pass of one instance: each mlp_out is the (changed) replacement plus its error."""
+    codes: dict[int, torch.Tensor] = {}
+
+    def encode(x: torch.Tensor, name: str) -> None:
+        layer = parse_layer_hook(name).layer
+        z = replacement.codes(layer, x[0]).clone()
+        for change in changes:
+            if change.layer == layer:
+                change.apply(z)
+        codes[layer] = z
+
+    def swap(y: torch.Tensor, name: str) -> torch.Tensor:
+        layer = parse_layer_hook(name).layer
+        return (replacement.predict(layer, [codes[i] for i in range(layer + 1)]) + errors[layer])[None]
+
+    n = len(errors)
+    return {
+        **{f"encoder_layer_{i}.mlp_in": encode for i in range(n)},
+        **{f"encoder_layer_{i}.mlp_out": swap for i in range(n)},
+    }
+
+
+def run_spliced(
+    policy: AttentionModel,
+    replacement: Replacement,
+    decision: Decision,
+    errors: list[torch.Tensor],
+    changes: list[Change],
+    finish: bool = True,
+) -> Outcome:
+    """The decision in the policy with the replacement spliced in, the errors fixed and `changes` applied."""
+    with HookedPolicy(policy).hooks(spliced_hooks(replacement, errors, changes)):
+        return decide(policy, decision, finish)
+
+
+@dataclass
+class Intervention:
+    original: Outcome  # the unmodified policy
+    spliced: Outcome  # replacement + errors, no change (equal to the original up to rounding)
+    changed: Outcome  # with the changes
+
+    def summary(self, top: int = 5) -> dict:
+        """The candidates' probabilities before and after, and the tours."""
+        before, after = self.spliced.log_probs.exp(), self.changed.log_probs.exp()
+        cities = sorted(
+            set(before.topk(min(top, len(before))).indices.tolist())
+            | set(after.topk(min(top, len(after))).indices.tolist()),
+            key=lambda c: -float(before[c]),
+        )
+        return {
+            "candidates": [
+                {
+                    "city": c,
+                    "probability_before": float(before[c]),
+                    "probability_after": float(after[c]),
+                    "score_before": float(self.spliced.scores[c]),
+                    "score_after": float(self.changed.scores[c]),
+                }
+                for c in cities
+                if before[c] > 0
+            ],
+            "tour_before": self.original.tour,
+            "tour_after": self.changed.tour,
+            "tour_changed": self.changed.tour != self.original.tour,
+            "splice_max_score_error": float((self.spliced.scores - self.original.scores).abs().max()),
+        }
+
+
+def intervene(
+    policy: AttentionModel, replacement: Replacement, decision: Decision, changes: list[Change]
+) -> Intervention:
+    """Apply `changes` at the decision and report what the policy then does."""
+    for change in changes:
+        change.check(replacement.n_layers, decision.n, replacement.n_features)
+    errors = live_errors(policy, replacement, decision.locs)
+    return Intervention(
+        decide(policy, decision),
+        run_spliced(policy, replacement, decision, errors, []),
+        run_spliced(policy, replacement, decision, errors, changes),
+    )

@@ -1,0 +1,302 @@
+"""The local replacement model of one decision: linear in its sources, exact at the decision's input.
+
+The policy's feed-forward blocks are replaced (clt.graph.replacement) and everything else is frozen at this input:
+
+- each encoder layer's attention pattern A [head, node, node]:  attn(x) = sum_h A_h (x Wv_h + bv_h) Wo_h + bo;
+- normalisation: BatchNorm in eval mode is affine already; InstanceNorm's per-channel standard deviation over the
+  instance's cities is frozen and its mean over cities kept (a linear map, as circuit-tracer keeps LayerNorm's
+  centring and freezes its scale);
+- the glimpse's attention pattern P [head, node] over the cities still unvisited at step t;
+- every mlp_out_m = decoder_bias(m) + sum_{i <= m} z_i @ decoder(i, m) + error_m, where error_m (the policy's
+  mlp_out_m minus the replacement's prediction at this input) is held fixed, and z is non-zero only on the
+  features the transcoder selects at this input, where it equals their pre-activation.
+
+Its sources are the active features' activations z, one error node per (layer, city) (activation 1: its vector
+error_m[city]) and one input node per city (activation 1: the city's init_embedding, bias included). Everything
+between them is linear, so a source's direct effect on a later node's input (a feature's pre-activation, a target)
+is exact: `edges`. The model runs in float64 and reproduces the policy's activations and pointer scores up to the
+float32 rounding of the live forward pass (`reproduction_error`).
+
+Targets. The pointer score of candidate c, s_c = g . k_c / sqrt(d), is bilinear in the encoder output H: the
+glimpse g (with P frozen, a fixed mixture of the unvisited cities' value vectors) against the candidate's logit
+key k_c. The rule used, the symmetric split with * marking values at this input,
+
+    s_c  ~  T_c(H) = (g(H) . k_c* + g* . k_c(H)) / (2 sqrt(d)),
+
+equals s_c at this input and is linear in H: every source's contribution is half through the query side and half
+through the key side, and contributions plus constants sum exactly to the score. The step context (the first and
+current city, the placeholder at step 0, the graph mean) enters the policy only through the glimpse's query, that
+is through P: in this model it decides which cities the glimpse reads and is not itself a source.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from clt.graph.decision import Decision
+from clt.graph.replacement import Replacement
+from policy.model import AttentionModel, Normalization
+from sae.hooks import HookedPolicy
+
+DTYPE = torch.float64
+
+
+@dataclass
+class FrozenNorm:
+    """(v - centre) * scale + shift; centre None: the instance's own mean over cities (InstanceNorm)."""
+
+    scale: torch.Tensor  # [d]
+    shift: torch.Tensor  # [d]
+    centre: torch.Tensor | None  # [d]
+
+    @classmethod
+    def of(cls, norm: Normalization, v: torch.Tensor) -> FrozenNorm:
+        """Freeze `norm` at its input v [node, d]."""
+        bn = norm.norm
+        weight, bias = bn.weight.to(DTYPE), bn.bias.to(DTYPE)
+        if norm.kind == "batch":
+            return cls(weight / torch.sqrt(bn.running_var.to(DTYPE) + bn.eps), bias, bn.running_mean.to(DTYPE))
+        return cls(weight / torch.sqrt(v.var(0, unbiased=False) + bn.eps), bias, None)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:  # [..., node, d]
+        centre = v.mean(-2, keepdim=True) if self.centre is None else self.centre
+        return (v - centre) * self.scale + self.shift
+
+    def back(self, g: torch.Tensor) -> torch.Tensor:
+        """The transpose of the linear part, applied to a cotangent [..., node, d]."""
+        g = g * self.scale
+        return g - g.mean(-2, keepdim=True) if self.centre is None else g
+
+
+@dataclass
+class FrozenAttention:
+    """Multi-head attention with its pattern fixed: linear in x through the value path."""
+
+    pattern: torch.Tensor  # [head, node, node]
+    w_v: torch.Tensor  # [d, d]
+    b_v: torch.Tensor  # [d]
+    w_o: torch.Tensor  # [d, d]
+    b_o: torch.Tensor  # [d]
+
+    def _mix(self, v: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:  # [..., node, d] per-head mixing
+        heads = pattern.shape[0]
+        split = v.unflatten(-1, (heads, -1)).transpose(-3, -2)  # [..., head, node, d_head]
+        return (pattern @ split).transpose(-3, -2).flatten(-2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., node, d]
+        return self._mix(x @ self.w_v.T + self.b_v, self.pattern) @ self.w_o.T + self.b_o
+
+    def back(self, g: torch.Tensor) -> torch.Tensor:
+        return self._mix(g @ self.w_o, self.pattern.transpose(-1, -2)) @ self.w_v
+
+
+@dataclass
+class LayerFeatures:
+    """The features one layer's transcoder selects at this input, laid out [node, slot] (padded with inactive)."""
+
+    index: torch.Tensor  # [node, slot] long, feature index (0 where inactive)
+    active: torch.Tensor  # [node, slot] bool
+    rows: torch.Tensor  # [node, slot, d] encoder rows (raw units; zero where inactive)
+    bias: torch.Tensor  # [node, slot]
+    writes: list[torch.Tensor | None]  # per target layer m: [node, slot, d] decoder rows into mlp_out_m (or None)
+
+    def pre(self, h: torch.Tensor) -> torch.Tensor:  # mlp_in [..., node, d] -> [..., node, slot]
+        return (h.unsqueeze(-2) * self.rows).sum(-1) + self.bias
+
+
+class LocalModel:
+    """The frozen local replacement model of `decision` for the target cities `targets`: their scores, or with
+    `against` (one city per target) the score differences T_c - T_against."""
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        policy: AttentionModel,
+        replacement: Replacement,
+        decision: Decision,
+        targets: list[int],
+        against: list[int] | None = None,
+    ):
+        if replacement.n_layers != len(policy.layers):
+            raise ValueError(
+                f"the replacement covers {replacement.n_layers} layers, the policy has {len(policy.layers)}"
+            )
+        if against is not None and len(against) != len(targets):
+            raise ValueError("against needs one city per target")
+        self.decision, self.targets, self.n_layers = decision, list(targets), len(policy.layers)
+        self.against = None if against is None else list(against)
+        self.d = policy.cfg.embed_dim
+        live = self._live(policy, decision.locs)
+        codes = [replacement.codes(i, live[f"encoder_layer_{i}.mlp_in"][0]) for i in range(self.n_layers)]
+        self.features = [self._features(replacement, i, c) for i, c in enumerate(codes)]
+        self.x0 = live["init_embedding"][0].to(DTYPE)  # [node, d]
+        self.attn, self.norm1, self.norm2, self.errors, self.decoder_bias = [], [], [], [], []
+        self.activations = []  # [node, slot] per layer: the active features' pre-activations at this input
+        x = self.x0
+        for i, layer in enumerate(policy.layers):
+            self.attn.append(self._attention(layer, live[f"encoder_layer_{i}.input"][0]))
+            v = x + self.attn[i](x)
+            self.norm1.append(FrozenNorm.of(layer.norm1, v))
+            h = self.norm1[i](v)
+            self.activations.append(self.features[i].pre(h) * self.features[i].active)
+            self.decoder_bias.append(replacement.decoder_bias(i).to(DTYPE))
+            predicted = self._predicted(i, self.activations)
+            self.errors.append(live[f"encoder_layer_{i}.mlp_out"][0].to(DTYPE) - predicted)
+            u = h + self.errors[i] + predicted
+            self.norm2.append(FrozenNorm.of(layer.norm2, u))
+            x = self.norm2[i](u)
+        self.encoder_output = x
+        self._glimpse(policy, decision, x)
+        self.live_encoder_output = live["encoder_output"][0].to(DTYPE)
+
+    # building ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    @torch.no_grad()
+    def _live(policy: AttentionModel, locs: torch.Tensor) -> dict[str, torch.Tensor]:
+        names = ["init_embedding", "encoder_output"]
+        names += [f"encoder_layer_{i}.{p}" for i in range(len(policy.layers)) for p in ("input", "mlp_in", "mlp_out")]
+        return HookedPolicy(policy).run_with_cache(locs[None], names)
+
+    @staticmethod
+    def _attention(layer, x: torch.Tensor) -> FrozenAttention:
+        """The layer's attention pattern at its input x [node, d], and its value/output weights (float64)."""
+        attn = layer.attn
+        w, b = attn.Wqkv.weight.to(DTYPE), attn.Wqkv.bias.to(DTYPE)
+        d, heads = x.shape[-1], attn.num_heads
+        qkv = (x.to(DTYPE) @ w.T + b).view(len(x), 3, heads, d // heads).permute(1, 2, 0, 3)  # [3, head, node, dh]
+        pattern = torch.softmax(qkv[0] @ qkv[1].transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
+        return FrozenAttention(
+            pattern, w[2 * d :], b[2 * d :], attn.out_proj.weight.to(DTYPE), attn.out_proj.bias.to(DTYPE)
+        )
+
+    def _features(self, replacement: Replacement, layer: int, codes: torch.Tensor) -> LayerFeatures:
+        """Layer `layer`'s active features at every city, from its codes [node, features]."""
+        active = codes != 0
+        slots = max(int(active.sum(1).max()), 1)
+        order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :slots]  # active first, by index
+        index = torch.where(torch.gather(active, 1, order), order, 0)
+        mask = torch.gather(active, 1, order)
+        rows, bias = replacement.encoder(layer)
+
+        def place(table: torch.Tensor) -> torch.Tensor:  # [features, ...] -> [node, slot, ...], zero when inactive
+            picked = table.to(DTYPE)[index]
+            return picked * mask.view(*mask.shape, *([1] * (picked.dim() - 2)))
+
+        writes = [replacement.decoder(layer, m) for m in range(self.n_layers)]
+        return LayerFeatures(index, mask, place(rows), place(bias), [None if w is None else place(w) for w in writes])
+
+    def _glimpse(self, policy: AttentionModel, decision: Decision, h: torch.Tensor) -> None:
+        """Freeze the glimpse pattern at step t and keep g*, k* for the targets' symmetric split."""
+        dec, d, heads = policy.decoder, self.d, policy.decoder.num_heads
+        w_first, w_current = dec.project_context.weight.to(DTYPE).chunk(2, dim=1)
+        w_key, self.w_val, self.w_logit = dec.project_node_embeddings.weight.to(DTYPE).chunk(3, dim=0)
+        if decision.prefix:
+            context = w_first @ h[decision.first] + w_current @ h[decision.current]
+        else:
+            context = dec.project_context.weight.to(DTYPE) @ dec.W_placeholder.to(DTYPE)
+        query = (context + dec.project_fixed_context.weight.to(DTYPE) @ h.mean(0)).view(heads, -1)  # [head, dh]
+        keys = (h @ w_key.T).view(len(h), heads, -1).transpose(0, 1)  # [head, node, dh]
+        logits = (keys @ query[:, :, None]).squeeze(-1) / math.sqrt(d // heads)
+        self.glimpse_pattern = torch.softmax(logits.masked_fill(decision.visited(), float("-inf")), dim=-1)
+        self.w_out = dec.project_out.weight.to(DTYPE)
+        self.glimpse_star, self.key_star = self._glimpse_of(h), h @ self.w_logit.T  # [d], [node, d]
+
+    def _glimpse_of(self, h: torch.Tensor) -> torch.Tensor:  # [..., node, d] -> [..., d]
+        heads = self.glimpse_pattern.shape[0]
+        v = (h @ self.w_val.T).unflatten(-1, (heads, -1))  # [..., node, head, dh]
+        mixed = (v * self.glimpse_pattern.T.unsqueeze(-1)).sum(-3)  # [..., head, dh]
+        return mixed.flatten(-2) @ self.w_out.T
+
+    # the linear model -------------------------------------------------------------------------------------------
+    def _predicted(self, m: int, acts: list[torch.Tensor]) -> torch.Tensor:
+        """The replacement's mlp_out of layer m [node, d] from the activations of layers 0..m."""
+        y = self.decoder_bias[m]
+        for i in range(m + 1):
+            w = self.features[i].writes[m]
+            if w is not None:
+                y = y + (acts[i].unsqueeze(-1) * w).sum(-2)
+        return y
+
+    def _mlp_out(self, m: int, acts: list[torch.Tensor], error_scale: torch.Tensor) -> torch.Tensor:
+        """mlp_out of layer m [node, d]: the replacement's prediction plus the error node, scaled."""
+        return self._predicted(m, acts) + self.errors[m] * error_scale[m, :, None]
+
+    def _split_scores(self, h: torch.Tensor, cities: list[int]) -> torch.Tensor:
+        """T_c(H) for `cities` (the symmetric split of the pointer score)."""
+        keys = h[cities] @ self.w_logit.T  # [city, d]
+        query_side = self.key_star[cities] @ self._glimpse_of(h)
+        return (query_side + keys @ self.glimpse_star) / (2 * math.sqrt(self.d))
+
+    def target_values(self, h: torch.Tensor) -> torch.Tensor:
+        """The targets' values [target] at encoder output h: T_c, or T_c - T_against."""
+        values = self._split_scores(h, self.targets)
+        return values if self.against is None else values - self._split_scores(h, self.against)
+
+    def forward(
+        self,
+        activations: list[torch.Tensor] | None = None,
+        error_scale: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
+        clamp: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(pre-activations [node, slot] per layer, target values [target]).
+
+        `activations` (per layer [node, slot]) are held as given: every source independent, for direct effects.
+        Without them each active feature's activation is its pre-activation (the local model's own response),
+        except where `clamp` (per layer a (mask, value) pair of [node, slot]) fixes it. `error_scale` [layer, node]
+        and `input_scale` [node] scale the error and input nodes (default 1).
+        """
+        n = self.decision.n
+        error_scale = torch.ones(self.n_layers, n, dtype=DTYPE) if error_scale is None else error_scale
+        x = self.x0 * (torch.ones(n, dtype=DTYPE) if input_scale is None else input_scale)[:, None]
+        pres, acts = [], []
+        for i in range(self.n_layers):
+            h = self.norm1[i](x + self.attn[i](x))
+            pres.append(self.features[i].pre(h))
+            act = activations[i] if activations is not None else pres[i] * self.features[i].active
+            if clamp is not None:
+                act = torch.where(clamp[i][0], clamp[i][1], act)
+            acts.append(act)
+            x = self.norm2[i](h + self._mlp_out(i, acts, error_scale))
+        return pres, self.target_values(x)
+
+    def backward(self, g: torch.Tensor, layer: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Cotangents g [R, node, d] on mlp_in of `layer` (on the encoder output when layer == n_layers) ->
+        (their cotangents on mlp_out of each layer m < layer, [R, node, d] each; on the input embeddings)."""
+        out: list[torch.Tensor] = [None] * layer
+        if layer == self.n_layers:
+            g = self.norm2[-1].back(g)
+            out[-1], layer = g, layer - 1
+        for i in range(layer, -1, -1):  # g: the cotangent on mlp_in of layer i
+            v = self.norm1[i].back(g)
+            x = v + self.attn[i].back(v)
+            if i == 0:
+                return out, x
+            g = out[i - 1] = self.norm2[i - 1].back(x)
+        raise AssertionError("unreachable")
+
+    def _split_cotangents(self, cities: list[int]) -> torch.Tensor:
+        """[city, node, d]: the gradient of each T_c with respect to the encoder output."""
+        heads = self.glimpse_pattern.shape[0]
+        u = (self.key_star[cities] @ self.w_out).unflatten(-1, (heads, -1))  # [city, head, dh]
+        query_side = (u[:, None] * self.glimpse_pattern.T[None, :, :, None]).flatten(-2) @ self.w_val  # [c, node, d]
+        key_side = torch.zeros_like(query_side)
+        key_side[torch.arange(len(cities)), cities] = self.glimpse_star @ self.w_logit
+        return (query_side + key_side) / (2 * math.sqrt(self.d))
+
+    def target_cotangents(self) -> torch.Tensor:
+        """[target, node, d]: the gradient of each target's value with respect to the encoder output."""
+        cotangents = self._split_cotangents(self.targets)
+        return cotangents if self.against is None else cotangents - self._split_cotangents(self.against)
+
+    def reproduction_error(self) -> float:
+        """Largest |local - live| over the encoder output's entries (float32 rounding of the live pass)."""
+        return float((self.encoder_output - self.live_encoder_output).abs().max())
+
+
+def frozen_glimpse_scores(local: LocalModel) -> torch.Tensor:
+    """The raw pointer scores g* . k_c* / sqrt(d) of every city [node] (for checks against the live policy)."""
+    return local.key_star @ local.glimpse_star / math.sqrt(local.d)

@@ -1,0 +1,215 @@
+"""Attribute one decision: the local replacement model, its graph, pruning, scores and checks, as one document.
+
+The document (schema `tsp-interp.attribution/1`, documented in README "Attribution graphs") is what
+`python -m clt.graph.attribute` writes and the site's Decisions tab draws; the full adjacency goes beside it in a
+safetensors file (`tensors`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from clt.graph.attribution import Graph, build_graph
+from clt.graph.decision import Decision, Outcome, decide
+from clt.graph.local import LocalModel
+from clt.graph.prune import Pruned, prune, scores
+from clt.graph.replacement import Replacement
+from clt.graph.verify import verify_live, verify_local
+from policy.checks import check_types
+from policy.model import AttentionModel
+from policy.options import choice
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "tsp-interp.attribution/1"
+TARGETS = ("score", "difference")
+RULE = (
+    "symmetric split: s_c = (g(H) . k_c* + g* . k_c(H)) / (2 sqrt(d)) with the glimpse pattern frozen; "
+    "half of each source's effect through the glimpse (query side), half through the candidate's logit key"
+)
+
+
+@dataclass
+class TraceOptions:
+    """What a graph covers and how it is pruned and checked."""
+
+    max_targets: int = 5
+    """At most this many target candidates."""
+    target: str = choice("difference", TARGETS)
+    """score: each target's raw pointer score; difference: its score minus the runner-up's (the most probable
+    other candidate), i.e. why this city and not that one."""
+    target_prob: float = 0.95
+    """Targets: the most probable candidates until their probabilities sum to this."""
+    node_threshold: float = 0.8
+    """Pruning: keep the fewest feature and error nodes carrying this share of the influence on the targets."""
+    edge_threshold: float = 0.98
+    """Pruning: keep the fewest edges carrying this share of the edge influence."""
+    verify: int = 20
+    """Check the N most influential features by removal, in the local model and in the live policy (0: skip)."""
+    top_features: int = 20
+    """Report the predicted total effect on each target of this many most influential features."""
+
+    def __post_init__(self):
+        check_types(self)
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.max_targets < 1 or self.verify < 0 or self.top_features < 0:
+            raise ValueError("max_targets must be >= 1, verify and top_features >= 0")
+        for name in ("target_prob", "node_threshold", "edge_threshold"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+
+
+def choose_targets(log_probs: torch.Tensor, max_targets: int, target_prob: float) -> list[int]:
+    """The most probable cities until their probabilities reach `target_prob`, at most `max_targets`."""
+    probs = log_probs.exp()
+    order = torch.argsort(probs, descending=True, stable=True)
+    chosen, mass = [], 0.0
+    for city in order.tolist():
+        if len(chosen) == max_targets or mass >= target_prob or probs[city] <= 0:
+            break
+        chosen.append(city)
+        mass += float(probs[city])
+    return chosen
+
+
+@dataclass
+class Attribution:
+    doc: dict  # the JSON document
+    graph: Graph
+    pruned: Pruned
+    local: LocalModel
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The full graph: adjacency [node, node] (rows receive), constants, values, influence, masks."""
+        return {
+            "adjacency": self.graph.adjacency,
+            "constants": self.graph.constants,
+            "values": self.graph.values,
+            "node_influence": self.pruned.node_influence,
+            "node_mask": self.pruned.node_mask,
+            "edge_mask": self.pruned.edge_mask,
+        }
+
+
+def attribute(
+    policy: AttentionModel, replacement: Replacement, decision: Decision, options: TraceOptions, source: dict
+) -> Attribution:
+    """The attribution graph of `decision`; `source` (run, checkpoint, instance provenance) goes into the doc."""
+    start = time.perf_counter()
+    outcome = decide(policy, decision)
+    targets = choose_targets(outcome.log_probs, options.max_targets, options.target_prob)
+    against = runner_ups(outcome.log_probs, targets) if options.target == "difference" else None
+    local = LocalModel(policy, replacement, decision, targets, against)
+    graph = build_graph(local, outcome.log_probs.exp()[targets])
+    receivers = torch.cat([torch.arange(graph.n_features), torch.arange(graph.targets.start, len(graph.nodes))])
+    completeness_error = graph.adjacency[receivers].sum(1) + graph.constants[receivers] - graph.values[receivers]
+    pruned = prune(graph, options.node_threshold, options.edge_threshold)
+    total = graph.total_effects()
+    ranked = torch.argsort(pruned.node_influence[: graph.n_features], descending=True, stable=True).tolist()
+    checked = ranked[: options.verify]
+    verification = {}
+    if checked:
+        verification["local"] = verify_local(local, graph, checked, total)
+        verification["live"] = verify_live(policy, replacement, decision, graph, checked, total, targets, against)
+    doc = {
+        "schema": SCHEMA,
+        **source,
+        "replacement": {
+            "id": replacement.id,
+            "kind": replacement.kind,
+            "layers": replacement.n_layers,
+            "features_per_layer": replacement.n_features,
+            "dictionaries": replacement.dictionary_ids(),
+        },
+        "instance": {**source.get("instance", {}), "locs": decision.locs.tolist()},
+        "step": decision.step,
+        "tour": decision.prefix,
+        "first": decision.first,
+        "current": decision.current,
+        "policy_tour": outcome.tour,
+        "candidates": candidates(outcome),
+        "targets": targets,
+        "against": against,
+        "attribution_rule": RULE,
+        "glimpse_pattern": local.glimpse_pattern.tolist(),
+        "options": asdict(options),
+        **document_graph(graph, pruned, total, ranked[: options.top_features]),
+        "verification": verification,
+        "checks": {
+            "max_completeness_error": float(completeness_error.abs().max()),
+            "reproduction_error": local.reproduction_error(),
+            "max_target_error": float(
+                (graph.values[graph.targets] - target_scores(outcome, targets, against)).abs().max()
+            ),
+        },
+    }
+    doc["seconds"] = time.perf_counter() - start
+    return Attribution(doc, graph, pruned, local)
+
+
+def runner_ups(log_probs: torch.Tensor, targets: list[int]) -> list[int]:
+    """For each target, the most probable other candidate (a ValueError when there is none)."""
+    order = [c for c in torch.argsort(log_probs, descending=True, stable=True).tolist() if log_probs[c] > -torch.inf]
+    if len(order) < 2:
+        raise ValueError("this step has one candidate left: a score difference needs two (use --target score)")
+    return [order[1] if c == order[0] else order[0] for c in targets]
+
+
+def target_scores(outcome: Outcome, targets: list[int], against: list[int] | None) -> torch.Tensor:
+    """The live values of the targets: raw scores, or score differences against `against`."""
+    scores = outcome.scores[targets]
+    return scores if against is None else scores - outcome.scores[against]
+
+
+def candidates(outcome: Outcome) -> list[dict]:
+    probs = outcome.log_probs.exp()
+    order = [c for c in torch.argsort(probs, descending=True, stable=True).tolist() if probs[c] > 0]
+    return [{"city": c, "probability": float(probs[c]), "score": float(outcome.scores[c])} for c in order]
+
+
+def document_graph(graph: Graph, pruned: Pruned, total: torch.Tensor, top: list[int]) -> dict:
+    """Nodes (all, with influence and the node mask), the kept edges, scores and the top features' total effects."""
+    target_ids = [graph.nodes[t]["id"] for t in range(graph.targets.start, len(graph.nodes))]
+    receiving = graph.n_features, graph.targets.start
+    nodes = []
+    for i, node in enumerate(graph.nodes):
+        entry = {**node, "influence": float(pruned.node_influence[i]), "kept": bool(pruned.node_mask[i])}
+        if i < receiving[0] or i >= receiving[1]:
+            entry.update(value=float(graph.values[i]), constant=float(graph.constants[i]))
+        nodes.append(entry)
+    rows, cols = pruned.edge_mask.nonzero(as_tuple=True)
+    edges = [
+        {
+            "source": graph.nodes[s]["id"],
+            "target": graph.nodes[r]["id"],
+            "weight": float(graph.adjacency[r, s]),
+            "score": float(pruned.edge_scores[r, s]),
+        }
+        for r, s in zip(rows.tolist(), cols.tolist(), strict=True)
+    ]
+    prunable = slice(0, graph.n_features + graph.n_errors)
+    return {
+        "nodes": nodes,
+        "edges": edges,
+        "influence_total": float(pruned.node_influence[prunable].sum()),
+        "edge_score_total": float(pruned.edge_scores.sum()),
+        "scores": {
+            "graph": scores(graph),
+            "pruned": scores(graph, graph.adjacency * pruned.edge_mask),
+            "kept_nodes": int(pruned.node_mask.sum()),
+            "kept_edges": len(edges),
+        },
+        "top_features": [
+            {
+                "id": graph.nodes[s]["id"],
+                "influence": float(pruned.node_influence[s]),
+                "total_effect": dict(zip(target_ids, total[:, s].tolist(), strict=True)),
+            }
+            for s in top
+        ],
+    }
