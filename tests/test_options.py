@@ -3,12 +3,14 @@ and so the same model, from the same defaults."""
 
 import dataclasses
 import importlib
+import typing
 
 import click
 import pytest
 from click.testing import CliRunner
 
 from clt.config import CodeOptions, TranscoderOptions
+from clt.graph.decision import DecisionOptions
 from clt.model import TranscoderConfig
 from clt.multilayer import MultiLayerConfig
 from clt.train_transcoder import TranscoderTrainConfig
@@ -30,7 +32,10 @@ COMMANDS = [  # module, config class, extra required settings
     ("clt.generalize", "GeneralizeConfig", {**REQUIRED, "pair": "clt_L0_to_L1", "conditions": ("a", "b")}),
     ("clt.graph.edges", "EdgesConfig", {"clt_dir": "a_transcoder"}),
     ("clt.site.export", "ExportConfig", REQUIRED),
-]
+    ("clt.graph.attribute", "AttributeConfig", {**REQUIRED, "decision": DecisionOptions(step=3, seed=1)}),
+    ("clt.graph.intervene", "InterveneConfig",
+     {**REQUIRED, "changes": ["0:1:2=zero"], "decision": DecisionOptions(step=3, seed=1)}),
+]  # fmt: skip
 
 
 class Captured(Exception):
@@ -42,8 +47,15 @@ def built_by_cli(module, args: dict, monkeypatch):
         raise Captured(cfg)
 
     monkeypatch.setattr(module, "run", capture)
+    flat = {}
+    for k, v in args.items():  # a nested config's options are its own fields (options(flatten=...))
+        if dataclasses.is_dataclass(v):
+            flat.update({f.name: getattr(v, f.name) for f in dataclasses.fields(v) if getattr(v, f.name) != f.default})
+        else:
+            flat[k] = v
     flags = [
-        f"--{'from' if k == 'source' else k}={','.join(v) if isinstance(v, tuple) else v}" for k, v in args.items()
+        f"--{'from' if k == 'source' else k}={','.join(v) if isinstance(v, tuple | list) else v}"
+        for k, v in flat.items()
     ]
     result = CliRunner().invoke(module.main, flags)
     assert isinstance(result.exception, Captured), result.output
@@ -62,8 +74,13 @@ def test_every_option_has_the_fields_docstring_as_its_help(name, config, require
     module = importlib.import_module(name)
     cls, docs = getattr(module, config), field_docs(getattr(module, config))
     params = {p.name: p for p in module.main.params}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.metadata.get("cli", True) and not dataclasses.is_dataclass(f.default_factory):
+        if dataclasses.is_dataclass(hints[f.name]):  # flattened: its fields are the options
+            nested = field_docs(hints[f.name])
+            for g in dataclasses.fields(hints[f.name]):
+                assert nested.get(g.name) and nested[g.name].rstrip(".") in params[g.name].help, g.name
+        elif f.metadata.get("cli", True):
             assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
             assert docs[f.name].rstrip(".") in params[f.name].help, f.name
 
