@@ -63,6 +63,7 @@ from policy.io import read_json, write_json
 from policy.logger import WANDB_MODES, RunLogger
 from policy.options import choice, fields_of, options, resume_option
 from policy.runs import new_run_folder, read_config, resolve_run_dir, stored_path
+from sae.model import init_seed
 from sae.runs import clt_runs_dir, record_in_sweep, resume_dictionary_run
 from sae.trainer import DictionaryTrainer
 
@@ -334,18 +335,21 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
         paths = [pair_path(run_dir, dump_name(name, cfg.condition), root) for name in layer_pair_names(n_layers)]
         data = MultiLayerDataset(paths, *split, rank=info.rank, world_size=info.world_size)
         val_data = MultiLayerDataset(paths, *split) if info.enabled else data
-        torch.manual_seed(cfg.seed)
-        model = MultiLayerTranscoder(cfg.multilayer_config(n_layers, data.d))
+        model_cfg = cfg.multilayer_config(n_layers, data.d)
+        torch.manual_seed(init_seed(f"clt/{cfg.pair}/{model_cfg}", cfg.seed))
+        model = MultiLayerTranscoder(model_cfg)
         model.set_statistics(*data.statistics())
     else:
         path = pair_path(run_dir, dump_name(cfg.pair, cfg.condition), root)
         data = PairDataset(path, *split, rank=info.rank, world_size=info.world_size)
         val_data = PairDataset(path, *split) if info.enabled else data
-        torch.manual_seed(cfg.seed)
-        model = CrossLayerTranscoder(cfg.model_config(data.d_src, data.d_tgt))
+        model_cfg = cfg.model_config(data.d_src, data.d_tgt)
+        seed = init_seed(f"clt/{cfg.pair}/{model_cfg}", cfg.seed)
+        torch.manual_seed(seed)
+        model = CrossLayerTranscoder(model_cfg)
         model.set_statistics(*data.dump.stats("sources"), *data.dump.stats("targets"))
         if cfg.init == "data" and not resume:
-            model.init_encoder_from(next(val_data.train_batches(0))[0], torch.Generator().manual_seed(cfg.seed))
+            model.init_encoder_from(next(val_data.train_batches(0))[0], torch.Generator().manual_seed(seed))
     if info.is_main:
         for dump in val_data.dumps if isinstance(val_data, MultiLayerDataset) else [val_data.dump]:
             log.info("training on %s", dump.describe())

@@ -12,6 +12,7 @@ top `aux_k` dead latents reconstruct the residual x - x_hat.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +23,14 @@ from torch import nn
 
 from policy.io import read_json, save_tensors, write_json
 from sae.sparse import auxk_loss
+
+
+def init_seed(identity: str, seed: int) -> int:
+    """The seed a dictionary's initial weights are drawn with: from what it is (e.g. `clt/<pair>` and its config)
+    and the run's seed, so that two dictionaries trained with the same seed never start from the same vectors
+    (attribution across dictionaries would otherwise inherit their shared random directions)."""
+    digest = hashlib.sha256(f"{identity}\0{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
 
 
 def resolve_k(k: int | None, k_ratio: float | None, units: int) -> int:

@@ -32,7 +32,7 @@ from policy.options import choice, fields_of, options, resume_option
 from policy.runs import new_run_folder, resolve_run_dir, stored_path
 from sae.data import RowStream, split_instances
 from sae.metrics import ReconstructionTotals
-from sae.model import SAEConfig, SAEOptions, TopKSAE
+from sae.model import SAEConfig, SAEOptions, TopKSAE, init_seed
 from sae.runs import resume_dictionary_run, sae_runs_dir
 from sae.store import Dump, read_registry, registered_dump
 from sae.trainer import DictionaryTrainer
@@ -196,9 +196,9 @@ def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = (
     train = RowStream(arrays, dump.nodes_per_instance, train_ids, cfg.batch_size, cfg.seed)
     val = RowStream(arrays, dump.nodes_per_instance, val_ids, cfg.batch_size, cfg.seed) if len(val_ids) else None
 
-    torch.manual_seed(cfg.seed)
-    mean = torch.from_numpy(dump.stats(cfg.hook)[0])
-    model = TopKSAE(cfg.sae_config(dump.arrays[cfg.hook].shape[1]), mean).to(cfg.device)
+    sae_cfg = cfg.sae_config(dump.arrays[cfg.hook].shape[1])
+    torch.manual_seed(init_seed(f"sae/{cfg.hook}/{sae_cfg}", cfg.seed))
+    model = TopKSAE(sae_cfg, torch.from_numpy(dump.stats(cfg.hook)[0])).to(cfg.device)
     trainer = SAETrainer(cfg, out_dir, model, train, val)
     if resume:
         trainer.resume(cfg.device)
