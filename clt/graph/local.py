@@ -83,8 +83,7 @@ class FrozenAttention:
 
     def _mix(self, v: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:  # [..., node, d] per-head mixing
         heads = pattern.shape[0]
-        split = v.unflatten(-1, (heads, -1)).transpose(-3, -2)  # [..., head, node, d_head]
-        return (pattern @ split).transpose(-3, -2).flatten(-2)
+        return torch.einsum("hij,...jhd->...ihd", pattern, v.unflatten(-1, (heads, -1))).flatten(-2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., node, d]
         return self._mix(x @ self.w_v.T + self.b_v, self.pattern) @ self.w_o.T + self.b_o

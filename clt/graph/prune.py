@@ -44,12 +44,13 @@ def influence(a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 def cumulative_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     """The fewest entries, largest first, whose scores sum to `threshold` of the total (ties by position)."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    ranked = scores[order]
-    before = torch.cumsum(ranked, 0) - ranked
+    positive = (scores > 0).nonzero().flatten()  # most edge scores are 0: sort only the others
+    values = scores[positive]
+    order = torch.sort(values, descending=True, stable=True).indices
+    ranked = values[order]
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep[order] = before < threshold * scores.sum()
-    return keep & (scores > 0)
+    keep[positive[order]] = torch.cumsum(ranked, 0) - ranked < threshold * values.sum()
+    return keep
 
 
 @dataclass
