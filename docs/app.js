@@ -254,12 +254,15 @@ function route() {
   }
   document.getElementById("run-name").textContent = `run ${SITE.overview.run}`;
   const [tab = "overview", a, b] = location.hash.replace(/^#\/?/, "").split("/");
-  for (const link of document.querySelectorAll("#tabs a")) link.classList.toggle("active", link.dataset.tab === tab);
+  const active = tab === "decision" ? "decisions" : tab;
+  for (const link of document.querySelectorAll("#tabs a")) link.classList.toggle("active", link.dataset.tab === active);
   if (tab === "sae" || tab === "clt") renderGraphTab(tab, a);
   else if (tab === "feature") renderFeature(decodeURIComponent(a), Number(b));
+  else if (tab === "decisions") renderDecisionList();
+  else if (tab === "decision") renderDecision(decodeURIComponent(a));
   else renderOverview();
   window.scrollTo(0, 0);
 }
 
 window.addEventListener("hashchange", route);
-route();
+window.addEventListener("DOMContentLoaded", route);  // after decisions_tab.js has loaded too

@@ -37,13 +37,15 @@ def read_gallery(folder: str | Path) -> list[dict]:
     return read_json(path) if path.is_file() else []
 
 
-def add_to_gallery(folder: str | Path, entries: list[dict]) -> Path:
-    """Add (or replace, by run and name) site entries; returns decisions.json's path."""
+def add_to_gallery(folder: str | Path, entries: list[dict], only_run: str | None = None) -> Path:
+    """Add (or replace, by run and name) site entries; with `only_run`, drop the entries of every other run (a site
+    shows one run). Returns decisions.json's path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder / ".decisions.lock"):
         keys = {(e["run"], e["name"]) for e in entries}
-        kept = [e for e in read_gallery(folder) if (e.get("run"), e.get("name")) not in keys]
+        kept = [e for e in read_gallery(folder)
+                if (e.get("run"), e.get("name")) not in keys and only_run in (None, e.get("run"))]  # fmt: skip
         text = json.dumps(kept + entries, separators=(",", ":"))
         atomic_write(folder / "decisions.js", lambda tmp: tmp.write_text(f"window.DECISIONS = {text};\n"))
         return atomic_write(folder / "decisions.json", lambda tmp: tmp.write_text(text + "\n"))

@@ -73,22 +73,36 @@ class Change:
 
 
 @torch.no_grad()
-def live_errors(policy: AttentionModel, replacement: Replacement, locs: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer [node, d]: the policy's mlp_out minus the replacement's prediction, on instance locs [node, 2]."""
+def live_codes(policy: AttentionModel, replacement: Replacement, locs: torch.Tensor) -> tuple[list, list]:
+    """(codes [node, features], errors [node, d]) per layer on instance locs [node, 2]: the replacement's codes from
+    the policy's mlp_in, and the policy's mlp_out minus the replacement's prediction."""
     n = len(policy.layers)
     names = [f"encoder_layer_{i}.{p}" for i in range(n) for p in ("mlp_in", "mlp_out")]
     cache = HookedPolicy(policy).run_with_cache(locs[None], names)
     codes = [replacement.codes(i, cache[f"encoder_layer_{i}.mlp_in"][0]) for i in range(n)]
-    return [cache[f"encoder_layer_{m}.mlp_out"][0] - replacement.predict(m, codes) for m in range(n)]
+    return codes, [cache[f"encoder_layer_{m}.mlp_out"][0] - replacement.predict(m, codes) for m in range(n)]
 
 
-def spliced_hooks(replacement: Replacement, errors: list[torch.Tensor], changes: list[Change]) -> dict[str, HookFn]:
-    """Hooks for one forward pass of one instance: each mlp_out is the (changed) replacement plus its error."""
+def spliced_hooks(
+    replacement: Replacement,
+    errors: list[torch.Tensor],
+    changes: list[Change],
+    selection: list[torch.Tensor] | None = None,
+) -> dict[str, HookFn]:
+    """Hooks for one forward pass of one instance: each mlp_out is the (changed) replacement plus its error.
+
+    `selection` (per layer a [node, features] bool mask) holds which features are active, each at ReLU of its
+    live pre-activation, instead of the transcoder choosing them afresh (a diagnostic: the top-k choice is the
+    one discontinuity of the replacement)."""
     codes: dict[int, torch.Tensor] = {}
 
     def encode(x: torch.Tensor, name: str) -> None:
         layer = parse_layer_hook(name).layer
-        z = replacement.codes(layer, x[0]).clone()
+        if selection is None:
+            z = replacement.codes(layer, x[0]).clone()
+        else:
+            rows, bias = replacement.encoder(layer)
+            z = torch.relu(x[0] @ rows.T + bias) * selection[layer]
         for change in changes:
             if change.layer == layer:
                 change.apply(z)
@@ -112,9 +126,11 @@ def run_spliced(
     errors: list[torch.Tensor],
     changes: list[Change],
     finish: bool = True,
+    selection: list[torch.Tensor] | None = None,
 ) -> Outcome:
-    """The decision in the policy with the replacement spliced in, the errors fixed and `changes` applied."""
-    with HookedPolicy(policy).hooks(spliced_hooks(replacement, errors, changes)):
+    """The decision in the policy with the replacement spliced in, the errors fixed and `changes` applied
+    (`selection`: see spliced_hooks)."""
+    with HookedPolicy(policy).hooks(spliced_hooks(replacement, errors, changes, selection)):
         return decide(policy, decision, finish)
 
 
@@ -157,7 +173,7 @@ def intervene(
     """Apply `changes` at the decision and report what the policy then does."""
     for change in changes:
         change.check(replacement.n_layers, decision.n, replacement.n_features)
-    errors = live_errors(policy, replacement, decision.locs)
+    errors = live_codes(policy, replacement, decision.locs)[1]
     return Intervention(
         decide(policy, decision),
         run_spliced(policy, replacement, decision, errors, []),

@@ -4,7 +4,9 @@
     each target must equal minus the graph's total effect; a correctness test, relative error ~1e-12 in float64.
 (b) In the live policy with the replacement spliced in and the errors fixed (clt.graph.intervention): attention,
     normalisation, the transcoders' selection and the glimpse all respond. Pearson r and sign agreement between
-    predicted and measured target changes say how far the linear explanation holds.
+    predicted and measured target changes say how far the linear explanation holds. Measured again with the
+    transcoders' selection held (`selection_held`), they separate what top-k's re-selection costs from what the
+    attention patterns' response costs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from clt.graph.attribution import Graph
 from clt.graph.decision import Decision
-from clt.graph.intervention import Change, live_errors, run_spliced
+from clt.graph.intervention import Change, live_codes, run_spliced
 from clt.graph.local import DTYPE, LocalModel
 from clt.graph.replacement import Replacement
 from policy.model import AttentionModel
@@ -64,28 +66,28 @@ def verify_live(
     against: list[int] | None = None,
 ) -> dict:
     """(b): Pearson r and sign agreement between predicted (-total effect) and measured target changes (score
-    differences against `against` when given)."""
-    errors = live_errors(policy, replacement, decision.locs)
+    differences against `against` when given), with the selection free and with it held."""
+    codes, errors = live_codes(policy, replacement, decision.locs)
+    held = [c != 0 for c in codes]
 
-    def values(changes: list[Change]) -> torch.Tensor:
-        scores = run_spliced(policy, replacement, decision, errors, changes, finish=False).scores
-        return scores[targets] if against is None else scores[targets] - scores[against]
+    def values(changes: list[Change], selection) -> torch.Tensor:
+        scores = run_spliced(policy, replacement, decision, errors, changes, False, selection).scores
+        return (scores[targets] if against is None else scores[targets] - scores[against]).to(DTYPE)
 
-    base = values([])
-    predicted, measured, per_feature = [], [], []
-    for s in features:
-        node = graph.nodes[s]
-        change = Change(node["layer"], node["city"], node["feature"], "zero")
-        after = values([change])
-        predicted.append(-total[:, s])
-        measured.append((after - base).to(DTYPE))
-        per_feature.append({"id": node["id"], "predicted": predicted[-1].tolist(), "measured": measured[-1].tolist()})
     if not features:
         return {"features": 0, "pearson_r": float("nan"), "sign_agreement": float("nan"), "removals": []}
-    p, m = torch.cat(predicted), torch.cat(measured)
-    return {
-        "features": len(features),
-        "pearson_r": pearson(p, m),
-        "sign_agreement": float((torch.sign(p) == torch.sign(m)).to(DTYPE).mean()),
-        "removals": per_feature,
-    }
+    predicted = torch.stack([-total[:, s] for s in features])  # [feature, target]
+    report = {"features": len(features)}
+    for selection, key in ((None, None), (held, "selection_held")):
+        base = values([], selection)
+        changes = [Change(graph.nodes[s]["layer"], graph.nodes[s]["city"], graph.nodes[s]["feature"]) for s in features]
+        measured = torch.stack([values([c], selection) - base for c in changes])
+        part = {"pearson_r": pearson(predicted.flatten(), measured.flatten()),
+                "sign_agreement": float((torch.sign(predicted) == torch.sign(measured)).to(DTYPE).mean())}  # fmt: skip
+        if key is None:
+            report.update(part)
+            report["removals"] = [{"id": graph.nodes[s]["id"], "predicted": p.tolist(), "measured": m.tolist()}
+                                  for s, p, m in zip(features, predicted, measured, strict=True)]  # fmt: skip
+        else:
+            report[key] = part
+    return report

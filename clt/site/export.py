@@ -8,10 +8,15 @@ and, on fresh instances run through the policy, for each dictionary's most activ
   direct-path virtual weight (clt.graph.weights), SAE features upstream of transcoder features included;
 - the generalisation matrices clt.generalize wrote (`<run>/clt/generalize/<pair>/<name>.json`), when present;
 - the layer-to-layer graphs the site draws: `sae` (the SAEs), `mlp` (per-layer mlp_in -> mlp_out
-  transcoders), `residual` (the other pairwise transcoders), `multilayer` (the multi-layer CLT's layers).
+  transcoders), `residual` (the other pairwise transcoders), `multilayer` (the multi-layer CLT's layers);
+- attribution graphs (clt.graph.trace) of an early, a middle and a late decision of `--decisions` fresh instances,
+  through the run's multi-layer CLT (else its per-layer mlp transcoders), for the Decisions tab; their most
+  influential features get feature pages.
 
 Writes `<out>/site.json` and `<out>/site.js` (the same object as `window.SITE_DATA = ...;`, so that
 docs/index.html also works from the file system, where browsers refuse fetch). Schema `tsp-interp.site/1`.
+The decisions go to `<out>/decisions.{json,js}` (clt.graph.gallery), beside those `clt.graph.attribute --export`
+added for the same run.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from clt.graph.decision import Decision, greedy_tour
+from clt.graph.gallery import add_to_gallery, for_site
+from clt.graph.replacement import load_replacement
+from clt.graph.trace import TraceOptions, attribute
 from clt.graph.weights import Dictionary, find_dictionaries, norm_scales, stream_position, virtual_weights
 from policy.checks import check_device, check_types
 from policy.cli import command
@@ -67,6 +76,8 @@ class ExportConfig:
     """SAE / transcoder run folders to show [default: the newest finished one of every hook and pair]."""
     sweep: str | None = None
     """Show the transcoders this sweep made (train_clt.sh --sweep), beside the newest SAE of every hook."""
+    decisions: int = 2
+    """Instances whose early, middle and late decisions get attribution graphs for the Decisions tab (0: none)."""
     device: str = "cpu"
     """torch device."""
 
@@ -76,6 +87,8 @@ class ExportConfig:
         self.dictionaries = tuple(self.dictionaries)
         if min(self.num_instances, self.features, self.top_instances, self.edges) < 1:
             raise ValueError("num_instances, features, top_instances and edges must be positive")
+        if self.decisions < 0:
+            raise ValueError("decisions must be >= 0")
         if self.top_instances > self.num_instances:
             raise ValueError("top_instances cannot exceed num_instances")
 
@@ -101,12 +114,15 @@ def r4(values) -> list[float]:
 
 
 @torch.no_grad()
-def measure(d: Dictionary, cache: dict[str, torch.Tensor], cfg: ExportConfig, n_nodes: int) -> dict:
-    """Frequency and mean activation of every feature, and the shown features' activations [n, node]."""
+def measure(d: Dictionary, cache: dict[str, torch.Tensor], cfg: ExportConfig, n_nodes: int, also=()) -> dict:
+    """Frequency and mean activation of every feature, and the shown features' activations [n, node]: the most
+    active ones, and the live ones among `also` (features the decisions' graphs name)."""
     z = d.codes(cache).float().cpu()  # [instances * node, features]
     frequency, mean = (z > 0).float().mean(0).numpy(), z.mean(0).numpy()
     alive = np.flatnonzero(frequency > 0)
     shown = alive[np.argsort(-mean[alive], kind="stable")][: cfg.features]
+    shown = np.concatenate([shown, [j for j in sorted(set(also) - set(shown.tolist())) if frequency[j] > 0]])
+    shown = shown.astype(np.int64)
     acts = z[:, shown].T.reshape(len(shown), -1, n_nodes).numpy()  # [shown, instances, node]
     return {"frequency": frequency, "mean": mean, "shown": shown, "acts": acts}
 
@@ -193,6 +209,42 @@ def _summary(folder: Path) -> dict:
     return {"summary": {**last, "features": cfg.n_latents, "k": cfg.active}}
 
 
+def decision_graphs(run_dir: Path, cfg: ExportConfig) -> list[dict]:
+    """Site entries (clt.graph.gallery) for an early, a middle and a late decision of `cfg.decisions` instances."""
+    if not cfg.decisions:
+        return []
+    try:
+        replacement = load_replacement(run_dir)
+    except FileNotFoundError as err:
+        log.info("no Decisions tab: %s", err)
+        return []
+    policy = load_policy(run_dir, replacement.checkpoint_epoch, cfg.device)
+    replacement.to(cfg.device)
+    n, distribution = policy.config.num_loc, policy.config.distribution
+    entries = []
+    for i in tqdm(range(cfg.decisions), desc="decisions"):
+        seed = cfg.seed + 1 + i
+        locs = generate(1, n, distribution, seed=seed)[0].to(cfg.device)
+        tour = greedy_tour(policy.model, locs)
+        for step in sorted({1, n // 2, n - 2}):
+            source = {"run": run_dir.name, "checkpoint_epoch": policy.epoch,
+                      "checkpoint_sha256": policy.checkpoint_sha256,
+                      "instance": {"seed": seed, "num_loc": n, "distribution": distribution}}  # fmt: skip
+            doc = attribute(policy.model, replacement, Decision(locs, tour[:step]), TraceOptions(), source).doc
+            entries.append(for_site(doc, f"seed{seed}_step{step}"))
+    return entries
+
+
+def graph_features(entries: list[dict], per_decision: int = 12) -> dict[str, set[int]]:
+    """Dictionary id -> the features the decisions' graphs rank most influential (they get feature pages)."""
+    wanted: dict[str, set[int]] = {}
+    for entry in entries:
+        for top in entry["top_features"][:per_decision]:
+            _, layer, _, feature = top["id"].split(":")
+            wanted.setdefault(entry["replacement"]["dictionaries"][int(layer)], set()).add(int(feature))
+    return wanted
+
+
 def run(cfg: ExportConfig) -> Path:
     """Export; returns the path of site.json."""
     run_dir = resolve_run_dir(cfg.run_dir)
@@ -221,9 +273,11 @@ def run(cfg: ExportConfig) -> Path:
 
     with torch.no_grad(), HookedPolicy(policy.model).hooks({h: record for d in dicts for h in d.hooks}):
         tours = policy.model(locs).actions[:, 0]  # [instances, node] greedy
+    decisions = decision_graphs(run_dir, cfg)
+    wanted = graph_features(decisions)
     stats, pages = {}, {}
     for d in tqdm(dicts, desc="features"):
-        stats[d.id] = measure(d, cache, cfg, n_nodes)
+        stats[d.id] = measure(d, cache, cfg, n_nodes, wanted.get(d.id, ()))
         pages[d.id] = {int(j): feature_page(d, j, a, stats[d.id], cfg)
                        for j, a in zip(stats[d.id]["shown"], stats[d.id]["acts"], strict=True)}  # fmt: skip
     scales = [s.cpu() for s in norm_scales(policy.model, locs)]
@@ -258,6 +312,7 @@ def run(cfg: ExportConfig) -> Path:
     }
     text = json.dumps(site, separators=(",", ":"))
     out = Path(cfg.out)
+    add_to_gallery(out, decisions, only_run=run_dir.name)
     atomic_write(out / "site.js", lambda tmp: tmp.write_text(f"window.SITE_DATA = {text};\n"))
     return atomic_write(out / "site.json", lambda tmp: tmp.write_text(text + "\n"))
 

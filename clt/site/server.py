@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 DOCS_DIR = Path(__file__).resolve().parents[2] / "docs"
 """The repository's docs/: SITE_FILES, data/ (clt.site.export) and img/ (clt.site.screenshots)."""
-SITE_FILES = ("index.html", "app.js", "style.css")
+SITE_FILES = ("index.html", "app.js", "decisions_tab.js", "style.css")
 """The site itself: everything but its data."""
 
 

@@ -51,7 +51,7 @@ def open_page(driver, url: str, wait_for: str):
 def test_every_tab_loads_without_console_errors(browser, site):
     url, _ = site
     for hash_, wait_for in (("#/overview", "table"), ("#/sae", "#graph"), ("#/clt", "#graph"),
-                            ("#/clt/multilayer", "#graph")):  # fmt: skip
+                            ("#/clt/multilayer", "#graph"), ("#/decisions", "table")):  # fmt: skip
         open_page(browser, url + hash_, wait_for)
         assert console_errors(browser) == [], hash_
     open_page(browser, url + "#/overview", "table")
@@ -120,6 +120,7 @@ def test_dictionaries_reading_the_same_point_share_a_column(browser, site_dir, t
         for name in SITE_FILES:
             (folder / name).write_bytes((site_dir / name).read_bytes())
         (folder / "data" / "site.js").write_text(f"window.SITE_DATA = {json.dumps(data)};")
+        (folder / "data" / "decisions.js").write_bytes((site_dir / "data" / "decisions.js").read_bytes())
         open_page(browser, (folder / "index.html").as_uri() + "#/clt/mlp", "#graph circle.node")
         places = [
             (c.get_attribute("cx"), c.get_attribute("cy"))
@@ -141,7 +142,41 @@ def test_a_site_without_data_says_how_to_export(browser, site_dir, tmp_path):
     browser.get((tmp_path / "index.html").as_uri())
     assert "python -m clt.site.export" in browser.find_element(By.CLASS_NAME, "empty").text
     errors = console_errors(browser)  # read, so that they do not leak into the next test
-    assert errors and all("site.js" in e for e in errors)
+    assert errors and all("site.js" in e or "decisions.js" in e for e in errors)
+
+
+def test_a_decision_page_draws_its_graph_and_its_nodes_open_feature_pages(browser, site, site_dir):
+    url, _ = site
+    decisions = json.loads((site_dir / "data" / "decisions.json").read_text())
+    open_page(browser, url + "#/decisions", "table")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#content table tr")) == len(decisions) + 1
+    d = decisions[1]
+    browser.find_element(By.LINK_TEXT, d["name"]).click()
+    WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#graph .node"))
+    assert f"step {d['step']}" in heading(browser)
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#graph .node")) == len(d["nodes"])
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#graph path.edge")) == len(d["edges"])
+    assert len(browser.find_elements(By.CSS_SELECTOR, "svg.decision-map .city")) == len(d["instance"]["locs"])
+    # clicking a city on the map dims every node of the other cities
+    city = d["targets"][0]
+    browser.find_element(By.CSS_SELECTOR, f"svg.decision-map .city[data-city='{city}']").click()
+    lit = [n for n in browser.find_elements(By.CSS_SELECTOR, "#graph .node") if "dim" not in n.get_attribute("class")]
+    assert lit and all(n.get_attribute("data-city") == str(city) for n in lit)
+    # a stricter node threshold shows fewer nodes
+    before = browser.find_element(By.ID, "decision-count").text
+    browser.execute_script("const s = document.getElementById('node-threshold'); s.value = 20;"
+                           "s.dispatchEvent(new Event('input'));")  # fmt: skip
+    shown = [n for n in browser.find_elements(By.CSS_SELECTOR, "#graph .node") if n.is_displayed()]
+    assert len(shown) < len(d["nodes"]) and browser.find_element(By.ID, "decision-count").text != before
+    # clicking the most influential feature opens its feature page
+    top = d["top_features"][0]["id"]
+    _, layer, _, feature = top.split(":")
+    node = browser.find_element(By.CSS_SELECTOR, f"#graph .node[data-id='{top}']")
+    browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))", node)
+    WebDriverWait(browser, 10).until(lambda b: "#/feature/" in b.current_url)
+    WebDriverWait(browser, 10).until(lambda b: f"feature #{feature}" in heading(b))
+    assert f"CLT L{layer}" in heading(browser) and browser.find_elements(By.CSS_SELECTOR, "svg.tsp-map")
+    assert console_errors(browser) == []
 
 
 def test_the_committed_demo_site_loads(browser):

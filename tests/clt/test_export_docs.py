@@ -45,12 +45,16 @@ def test_site_holds_the_policy_every_dictionary_and_their_views(site):
                      "multilayer": ["clt/clt_multilayer/L0", "clt/clt_multilayer/L1"]}  # fmt: skip
 
 
-def test_feature_pages_hold_their_top_instances_with_the_greedy_tour(site):
-    for d in site["dictionaries"].values():
+def test_feature_pages_hold_their_top_instances_with_the_greedy_tour(site, site_dir):
+    decisions = json.loads((site_dir / "data" / "decisions.json").read_text())
+    for dict_id, d in site["dictionaries"].items():
         pages = d["feature_pages"]
-        assert 1 <= len(pages) <= 5
-        means = [p["mean"] for p in pages]
+        assert pages
+        means = [p["mean"] for p in pages[:5]]  # the most active, then those the decisions' graphs name
         assert means == sorted(means, reverse=True) and all(p["frequency"] > 0 for p in pages)
+        named = {int(f["id"].split(":")[3]) for e in decisions for f in e["top_features"][:12]
+                 if e["replacement"]["dictionaries"][int(f["id"].split(":")[1])] == dict_id}  # fmt: skip
+        assert {p["index"] for p in pages[5:]} <= named
         for page in pages:
             assert len(page["top_instances"]) == 3 and sum(page["histogram"]["counts"]) > 0
             peaks = [max(t["activations"]) for t in page["top_instances"]]
@@ -77,6 +81,20 @@ def test_graph_edges_join_shown_features_of_a_view_and_pages_list_neighbours(sit
     assert all(not p["upstream_sae"] for p in layer0)  # the SAE reads layer 0's output: it feeds layer 1, not 0
     assert all(len(p["upstream_sae"]) == 6 and p["upstream_sae"][0][0] == "sae/encoder_layer_0" for p in layer1)
     assert not site["dictionaries"]["sae/encoder_layer_0"]["feature_pages"][0]["upstream_sae"]
+
+
+def test_the_export_traces_early_middle_and_late_decisions_through_the_multilayer_clt(site, site_dir):
+    js = (site_dir / "data" / "decisions.js").read_text()
+    decisions = json.loads((site_dir / "data" / "decisions.json").read_text())
+    assert json.loads(js.removeprefix("window.DECISIONS = ").rstrip(";\n")) == decisions
+    assert [d["step"] for d in decisions] == [1, 5, 8, 1, 5, 8]  # 2 instances of 10 cities
+    for d in decisions:
+        assert d["replacement"]["dictionaries"] == ["clt/clt_multilayer/L0", "clt/clt_multilayer/L1"]
+        assert all(n["kept"] for n in d["nodes"]) and len(d["edges"]) <= 1500
+        assert d["verification"]["local"]["max_relative_error"] < 1e-8 and "removals" not in d["verification"]["live"]
+    features = {(d, p["index"]) for d, v in site["dictionaries"].items() for p in v["feature_pages"]}
+    top = decisions[0]["top_features"][0]["id"].split(":")
+    assert (f"clt/clt_multilayer/L{top[1]}", int(top[3])) in features  # its strongest feature has a page
 
 
 def test_export_without_dictionaries_is_a_clear_error(tiny_run, tmp_path):
