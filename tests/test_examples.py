@@ -48,3 +48,17 @@ def test_sae_to_clt_scores_paths_by_weights_and_by_intervention(analysed_run):
 def test_sae_to_clt_needs_the_sae_upstream_of_the_transcoder(analysed_run):
     out = run_example("sae_to_clt.py", "--run_dir", str(analysed_run), "--pair", "clt_L0.mlp_in_to_L0.mlp_out")
     assert out.returncode == 2 and "is not upstream of encoder_layer_0.mlp_in" in out.stderr
+
+
+def test_decisions_summarises_the_graphs_of_several_decisions(analysed_run):
+    out = run_example("decisions.py", "--run_dir", str(analysed_run), "--instances", "2", "--steps", "1,5",
+                      "--verify", "4")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("seed")]
+    assert len(rows) == 4
+    mean = out.stdout.splitlines()[-1]
+    assert mean.startswith("mean of 4")
+    replacement, completeness, error = (float(v) for v in mean.split()[3:6])
+    assert 0 < replacement <= 1 and 0 < completeness <= 1 and error < 1e-8
+    out = run_example("decisions.py", "--run_dir", str(analysed_run), "--steps", "9")
+    assert out.returncode != 0 and "steps must lie in 0..8" in out.stderr

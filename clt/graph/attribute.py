@@ -119,11 +119,11 @@ def format_summary(doc: dict) -> str:
         lines.append(f"  {f['id']:<16} influence {f['influence']:.4f}   {effects}")
     v = doc["verification"]
     if v:
-        lines.append(
-            f"checks on the {v['local']['features']} most influential features: (a) local model, max "
-            f"relative error {v['local']['max_relative_error']:.1e}; (b) live policy, Pearson r "
-            f"{v['live']['pearson_r']:.3f}, sign agreement {v['live']['sign_agreement']:.1%}"
-        )
+        live, held = v["live"], v["live"]["selection_held"]
+        lines.append(f"checks on the {v['local']['features']} most influential features: (a) local model, max "
+                     f"relative error {v['local']['max_relative_error']:.1e}; (b) live policy, Pearson r "
+                     f"{live['pearson_r']:.3f}, sign agreement {live['sign_agreement']:.1%} (with the transcoders' "
+                     f"selection held: r {held['pearson_r']:.3f}, {held['sign_agreement']:.1%})")  # fmt: skip
     c = doc["checks"]
     lines.append(
         f"exactness: contributions + constants - inputs {c['max_completeness_error']:.1e}, targets vs the "

@@ -81,7 +81,8 @@ def hover_feature(driver, column: int = 0) -> None:
 
 
 def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
-    """overview.png, clt_graph.png and feature.png of the site in docs_dir."""
+    """overview.png, clt_graph.png and feature.png of the site in docs_dir, and decision.png (the first decision,
+    its strongest feature hovered) when the site has decisions."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shots = []
@@ -97,6 +98,16 @@ def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
             path = out / f"{name}.png"
             driver.find_element("tag name", "body").screenshot(str(path))
             shots.append(path)
+        decisions = driver.execute_script("return window.DECISIONS || []")
+        if decisions:
+            from selenium.webdriver import ActionChains
+
+            first = decisions[0]
+            driver.get(url + "#/decision/" + first["name"])
+            node = driver.find_element("css selector", f"#graph .node[data-id='{first['top_features'][0]['id']}']")
+            ActionChains(driver).move_to_element(node).perform()
+            shots.append(out / "decision.png")
+            driver.find_element("tag name", "body").screenshot(str(shots[-1]))
     return shots
 
 
@@ -104,7 +115,7 @@ def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
 @click.option("--docs_dir", default=str(DOCS_DIR), help="The site folder (with data/site.js from clt.site.export).")
 @click.option("--out", default=str(DOCS_DIR / "img"), help="Where to write the PNGs.")
 def main(docs_dir, out):
-    """Screenshot the overview, the CLT graph and a feature page in headless Chromium."""
+    """Screenshot the overview, the CLT graph, a feature page and a decision in headless Chromium."""
     with command():
         shots = take_screenshots(docs_dir, out)
     click.echo("\n".join(str(p) for p in shots))

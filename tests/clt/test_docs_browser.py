@@ -193,3 +193,11 @@ def test_the_committed_demo_site_loads(browser):
         open_feature(browser, column=1)
         WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "svg.tsp-map"))
         assert console_errors(browser) == []
+
+
+def test_the_screenshots_include_a_decision(site_dir, tmp_path):
+    from clt.site.screenshots import take_screenshots
+
+    shots = take_screenshots(site_dir, tmp_path)
+    assert [p.name for p in shots] == ["overview.png", "clt_graph.png", "feature.png", "decision.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in shots)
