@@ -5,7 +5,7 @@ Nodes, in the adjacency's order (as circuit-tracer orders them):
     features   F:<layer>:<city>:<feature>   an active transcoder feature; its activation
     errors     E:<layer>:<city>             the fixed error of mlp_out at (layer, city); activation 1
     inputs     I:<city>                     the city's init_embedding; activation 1
-    targets    T:<city>                     the (symmetric-split) raw pointer score of a candidate city
+    targets    T:<city>                     a candidate's raw pointer score (its tangent), or minus the runner-up's
 
 `adjacency[r, s]` is the direct effect of source s on receiver r's input -- a feature's pre-activation, a target's
 value -- through the frozen linear paths (norms, attention value paths, the glimpse), not through other features:

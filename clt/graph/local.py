@@ -19,14 +19,17 @@ float32 rounding of the live forward pass (`reproduction_error`).
 
 Targets. The pointer score of candidate c, s_c = g . k_c / sqrt(d), is bilinear in the encoder output H: the
 glimpse g (with P frozen, a fixed mixture of the unvisited cities' value vectors) against the candidate's logit
-key k_c. The rule used, the symmetric split with * marking values at this input,
+key k_c. The rule used is the score's tangent at this input, with * marking values there:
 
-    s_c  ~  T_c(H) = (g(H) . k_c* + g* . k_c(H)) / (2 sqrt(d)),
+    s_c  ~  T_c(H) = (g(H) . k_c* + g* . k_c(H) - g* . k_c*) / sqrt(d).
 
-equals s_c at this input and is linear in H: every source's contribution is half through the query side and half
-through the key side, and contributions plus constants sum exactly to the score. The step context (the first and
-current city, the placeholder at step 0, the graph mean) enters the policy only through the glimpse's query, that
-is through P: in this model it decides which cities the glimpse reads and is not itself a source.
+T_c equals s_c at this input, is linear in H, and has the score's own gradient: a source's contribution is its
+effect through the query side (the glimpse) plus its effect through the key side, and removing it changes T_c by
+the score's first-order change. Contributions plus constants (biases, and -g* . k_c* / sqrt(d)) sum exactly to
+the score. (The symmetric split (g(H) . k* + g* . k(H)) / 2 also sums exactly, but has half the score's
+gradient: it would predict half of what removing a feature does.) The step context (the first and current city,
+the placeholder at step 0, the graph mean) enters the policy only through the glimpse's query, that is through
+P: in this model it decides which cities the glimpse reads and is not itself a source.
 """
 
 from __future__ import annotations
@@ -188,7 +191,7 @@ class LocalModel:
         return LayerFeatures(index, mask, place(rows), place(bias), [None if w is None else place(w) for w in writes])
 
     def _glimpse(self, policy: AttentionModel, decision: Decision, h: torch.Tensor) -> None:
-        """Freeze the glimpse pattern at step t and keep g*, k* for the targets' symmetric split."""
+        """Freeze the glimpse pattern at step t and keep g*, k* for the targets' tangent."""
         dec, d, heads = policy.decoder, self.d, policy.decoder.num_heads
         w_first, w_current = dec.project_context.weight.to(DTYPE).chunk(2, dim=1)
         w_key, self.w_val, self.w_logit = dec.project_node_embeddings.weight.to(DTYPE).chunk(3, dim=0)
@@ -223,16 +226,17 @@ class LocalModel:
         """mlp_out of layer m [node, d]: the replacement's prediction plus the error node, scaled."""
         return self._predicted(m, acts) + self.errors[m] * error_scale[m, :, None]
 
-    def _split_scores(self, h: torch.Tensor, cities: list[int]) -> torch.Tensor:
-        """T_c(H) for `cities` (the symmetric split of the pointer score)."""
+    def _tangent_scores(self, h: torch.Tensor, cities: list[int]) -> torch.Tensor:
+        """T_c(H) for `cities` (the pointer score's tangent at this input)."""
         keys = h[cities] @ self.w_logit.T  # [city, d]
         query_side = self.key_star[cities] @ self._glimpse_of(h)
-        return (query_side + keys @ self.glimpse_star) / (2 * math.sqrt(self.d))
+        at_input = self.key_star[cities] @ self.glimpse_star
+        return (query_side + keys @ self.glimpse_star - at_input) / math.sqrt(self.d)
 
     def target_values(self, h: torch.Tensor) -> torch.Tensor:
         """The targets' values [target] at encoder output h: T_c, or T_c - T_against."""
-        values = self._split_scores(h, self.targets)
-        return values if self.against is None else values - self._split_scores(h, self.against)
+        values = self._tangent_scores(h, self.targets)
+        return values if self.against is None else values - self._tangent_scores(h, self.against)
 
     def forward(
         self,
@@ -277,19 +281,19 @@ class LocalModel:
             g = out[i - 1] = self.norm2[i - 1].back(x)
         raise AssertionError("unreachable")
 
-    def _split_cotangents(self, cities: list[int]) -> torch.Tensor:
+    def _tangent_cotangents(self, cities: list[int]) -> torch.Tensor:
         """[city, node, d]: the gradient of each T_c with respect to the encoder output."""
         heads = self.glimpse_pattern.shape[0]
         u = (self.key_star[cities] @ self.w_out).unflatten(-1, (heads, -1))  # [city, head, dh]
         query_side = (u[:, None] * self.glimpse_pattern.T[None, :, :, None]).flatten(-2) @ self.w_val  # [c, node, d]
         key_side = torch.zeros_like(query_side)
         key_side[torch.arange(len(cities)), cities] = self.glimpse_star @ self.w_logit
-        return (query_side + key_side) / (2 * math.sqrt(self.d))
+        return (query_side + key_side) / math.sqrt(self.d)
 
     def target_cotangents(self) -> torch.Tensor:
         """[target, node, d]: the gradient of each target's value with respect to the encoder output."""
-        cotangents = self._split_cotangents(self.targets)
-        return cotangents if self.against is None else cotangents - self._split_cotangents(self.against)
+        cotangents = self._tangent_cotangents(self.targets)
+        return cotangents if self.against is None else cotangents - self._tangent_cotangents(self.against)
 
     def reproduction_error(self) -> float:
         """Largest |local - live| over the encoder output's entries (float32 rounding of the live pass)."""

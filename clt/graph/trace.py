@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 SCHEMA = "tsp-interp.attribution/1"
 TARGETS = ("score", "difference")
 RULE = (
-    "symmetric split: s_c = (g(H) . k_c* + g* . k_c(H)) / (2 sqrt(d)) with the glimpse pattern frozen; "
-    "half of each source's effect through the glimpse (query side), half through the candidate's logit key"
+    "tangent: s_c ~ (g(H) . k_c* + g* . k_c(H) - g* . k_c*) / sqrt(d) with the glimpse pattern frozen; each "
+    "source's effect through the glimpse (query side) plus its effect through the candidate's logit key"
 )
 
 

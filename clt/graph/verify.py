@@ -66,7 +66,9 @@ def verify_live(
     against: list[int] | None = None,
 ) -> dict:
     """(b): Pearson r and sign agreement between predicted (-total effect) and measured target changes (score
-    differences against `against` when given), with the selection free and with it held."""
+    differences against `against` when given), with the selection free and with it held. Signs are compared on
+    the (feature, target) pairs the graph predicts an effect for: a feature with no path to a target in the local
+    model (at a visited city, say, the glimpse does not read) has no sign to agree with."""
     codes, errors = live_codes(policy, replacement, decision.locs)
     held = [c != 0 for c in codes]
 
@@ -82,8 +84,11 @@ def verify_live(
         base = values([], selection)
         changes = [Change(graph.nodes[s]["layer"], graph.nodes[s]["city"], graph.nodes[s]["feature"]) for s in features]
         measured = torch.stack([values([c], selection) - base for c in changes])
+        signed = predicted.abs() > 1e-12 * predicted.abs().max()  # pairs the graph gives an effect (a path) at all
+        agree = torch.sign(predicted[signed]) == torch.sign(measured[signed])
         part = {"pearson_r": pearson(predicted.flatten(), measured.flatten()),
-                "sign_agreement": float((torch.sign(predicted) == torch.sign(measured)).to(DTYPE).mean())}  # fmt: skip
+                "sign_agreement": float(agree.to(DTYPE).mean()) if agree.numel() else float("nan"),
+                "pairs": int(signed.sum())}  # fmt: skip
         if key is None:
             report.update(part)
             report["removals"] = [{"id": graph.nodes[s]["id"], "predicted": p.tolist(), "measured": m.tolist()}

@@ -263,3 +263,16 @@ def test_graph_scores_are_one_without_error_influence():
     assert scores(graph)["replacement"] == pytest.approx(0.5) and scores(graph)["completeness"] < 1
     pruned = prune(graph, 0.5, 0.9)
     assert pruned.node_mask[2] and pruned.node_mask[3]
+
+
+def test_the_targets_have_the_pointer_scores_own_gradient():
+    """The tangent rule: with the glimpse pattern frozen, d T_c / d H equals d s_c / d H of the bilinear score
+    s_c = g(H) . k_c(H) / sqrt(d), and T_c equals s_c at this input."""
+    policy, replacement, locs = random_setup("batch", seed=3)
+    decision = Decision(locs, greedy_tour(policy, locs)[:2])
+    local = LocalModel(policy, replacement, decision, [3, 5, 7])
+    h = local.encoder_output.clone().requires_grad_(True)
+    scores = (h[local.targets] @ local.w_logit.T) @ local._glimpse_of(h) / local.d**0.5
+    grads = torch.stack([torch.autograd.grad(scores[i], h, retain_graph=True)[0] for i in range(3)])
+    torch.testing.assert_close(local.target_cotangents(), grads, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(local.target_values(local.encoder_output), scores.detach(), rtol=1e-10, atol=1e-12)
