@@ -40,7 +40,7 @@ function renderDecision(name) {
   const details = el("div", { id: "details" }, el("p", { class: "note", text: "Hover a node to highlight its paths; click a feature to open its page; click a city on the map to highlight its nodes." }));
   const graph = drawDecisionGraph(d, details);
   const map = drawDecisionMap(d, graph);
-  content.append(controls, el("div", { class: "graph-wrap" }, map, graph.svg, details));
+  content.append(controls, el("div", { class: "graph-wrap" }, map, graph.holder, details));
   const update = () => {
     const shown = graph.filter(nodeSlider.value / 100, edgeSlider.value / 100);
     count.textContent = `${shown.nodes} nodes, ${shown.edges} edges`;
@@ -60,14 +60,49 @@ function featureLink(d, id) {
   return pageOf(dictId, Number(feature)) ? el("a", { href: featureHash(dictId, Number(feature)), text: id }) : el("span", { text: id });
 }
 
-// Columns: inputs, then each encoder layer's features and errors, then the targets; nodes grouped by city.
+// Columns: inputs, then each encoder layer's features and errors, then the targets; nodes grouped by city. Only
+// the nodes and edges within the thresholds are laid out, so a stricter threshold gives a more compact graph.
 function drawDecisionGraph(d, details) {
+  const holder = el("div", { class: "decision-graph-holder" });
+  const graph = { holder, marks: {}, paths: [], city: null };
+  const ranked = d.nodes.filter((n) => n.kind === "feature" || n.kind === "error").sort((a, b) => b.influence - a.influence);
+  const rankedEdges = [...d.edges].sort((a, b) => b.score - a.score);
+  // The fewest nodes (features, errors) and edges, strongest first, carrying that share of the full graph's influence.
+  const within = (items, share, total, score) => {
+    const kept = new Set();
+    let carried = 0;
+    for (const item of items) {
+      if (carried < share * total) kept.add(item);
+      carried += score(item);
+    }
+    return kept;
+  };
+  graph.filter = (nodeShare, edgeShare) => {
+    const nodes = within(ranked, nodeShare, d.influence_total, (n) => n.influence);
+    for (const n of d.nodes) if (n.kind === "input" || n.kind === "target") nodes.add(n);
+    const ids = new Set([...nodes].map((n) => n.id));
+    const strong = within(rankedEdges, edgeShare, d.edge_score_total, (e) => e.score);
+    const edges = d.edges.filter((e) => strong.has(e) && ids.has(e.source) && ids.has(e.target));
+    holder.replaceChildren(layout(d, [...nodes], edges, graph, details));
+    graph.highlightCity(graph.city);
+    return { nodes: nodes.size, edges: edges.length };
+  };
+  graph.highlightCity = (city) => {
+    graph.city = city;
+    for (const mark of Object.values(graph.marks)) mark.classList.toggle("dim", city !== null && Number(mark.dataset.city) !== city);
+    for (const { edge, path } of graph.paths) path.classList.toggle("dim", city !== null && cityOf(edge.source) !== city && cityOf(edge.target) !== city);
+  };
+  return graph;
+}
+
+function layout(d, nodes, edges, graph, details) {
   const layers = d.replacement.layers;
   const columnOf = (n) => (n.kind === "input" ? 0 : n.kind === "target" ? layers + 1 : n.layer + 1);
   const columns = Array.from({ length: layers + 2 }, () => []);
-  for (const n of d.nodes) columns[columnOf(n)].push(n);
+  for (const n of nodes) columns[columnOf(n)].push(n);
   for (const column of columns) column.sort((a, b) => a.city - b.city || (a.kind === "error") - (b.kind === "error") || b.influence - a.influence);
-  const row = 11, width = 200 * columns.length, height = 40 + row * Math.max(...columns.map((c) => c.length));
+  const tallest = Math.max(...columns.map((c) => c.length));
+  const row = Math.max(5, Math.min(14, 900 / tallest)), width = 170 * columns.length, height = 40 + row * tallest;
   const svg = el("svg:svg", { id: "graph", class: "decision-graph", width, height, viewBox: `0 0 ${width} ${height}` });
   const titles = ["inputs", ...Array.from({ length: layers }, (_, i) => `layer ${i}`), "targets"];
   const at = {};
@@ -76,72 +111,46 @@ function drawDecisionGraph(d, details) {
     svg.append(el("svg:text", { x, y: 14, "text-anchor": "middle", text: titles[c] }));
     column.forEach((n, i) => { at[n.id] = [x, 30 + i * row]; });
   });
-  const strongest = Math.max(1e-12, ...d.edges.map((e) => Math.abs(e.weight)));
-  const edgeLayer = el("svg:g"), nodeLayer = el("svg:g"), paths = [];
-  for (const e of d.edges) {
-    const a = at[e.source], b = at[e.target];
-    if (!a || !b) continue;
+  const strongest = Math.max(1e-12, ...edges.map((e) => Math.abs(e.weight)));
+  const edgeLayer = el("svg:g"), nodeLayer = el("svg:g"), size = Math.min(4, row / 2);
+  graph.paths = [];
+  graph.marks = {};
+  for (const e of edges) {
+    const [a, b] = [at[e.source], at[e.target]];
     const mid = (a[0] + b[0]) / 2, strength = Math.abs(e.weight) / strongest;
     const path = el("svg:path", { class: "edge", d: `M${a[0]},${a[1]} C${mid},${a[1]} ${mid},${b[1]} ${b[0]},${b[1]}`,
       stroke: e.weight >= 0 ? "#2563eb" : "#dc2626", "stroke-width": 0.4 + 4 * strength, "stroke-opacity": 0.2 + 0.6 * strength });
     path.addEventListener("mousemove", (event) => showTooltip(event, `${e.source} -> ${e.target}: ${fmt(e.weight, 4)}`));
     path.addEventListener("mouseleave", () => { tooltip.hidden = true; });
-    paths.push({ edge: e, path });
+    graph.paths.push({ edge: e, path });
     edgeLayer.append(path);
   }
-  const marks = {};
-  for (const n of d.nodes) {
+  for (const n of nodes) {
     const [x, y] = at[n.id];
     const attrs = { class: `node ${n.kind}`, "data-id": n.id, "data-city": n.city };
-    const mark = n.kind === "feature" ? el("svg:circle", { ...attrs, cx: x, cy: y, r: 4, fill: "#f0b429" })
-      : n.kind === "error" ? el("svg:rect", { ...attrs, x: x - 3.5, y: y - 3.5, width: 7, height: 7, fill: "#9aa5b1" })
-      : n.kind === "input" ? el("svg:rect", { ...attrs, x: x - 4, y: y - 4, width: 8, height: 8, fill: "#7c3aed", transform: `rotate(45 ${x} ${y})` })
+    const mark = n.kind === "feature" ? el("svg:circle", { ...attrs, cx: x, cy: y, r: size, fill: "#f0b429" })
+      : n.kind === "error" ? el("svg:rect", { ...attrs, x: x - size, y: y - size, width: 2 * size, height: 2 * size, fill: "#9aa5b1" })
+      : n.kind === "input" ? el("svg:rect", { ...attrs, x: x - size, y: y - size, width: 2 * size, height: 2 * size, fill: "#7c3aed", transform: `rotate(45 ${x} ${y})` })
       : el("svg:rect", { ...attrs, x: x - 6, y: y - 5, width: 12, height: 10, fill: "#16a34a" });
     const label = n.kind === "feature" ? `L${n.layer} city ${n.city} #${n.feature}` : n.kind === "error" ? `error L${n.layer} city ${n.city}` : n.kind === "input" ? `input city ${n.city}` : `target city ${n.city}`;
-    mark.addEventListener("mouseenter", () => highlightPaths(d, paths, marks, n, true, details, label));
-    mark.addEventListener("mouseleave", () => highlightPaths(d, paths, marks, n, false));
-    if (n.kind === "feature") {
-      mark.addEventListener("click", () => { location.hash = featureHash(d.replacement.dictionaries[n.layer], n.feature); });
-    }
-    if (n.kind === "input" || n.kind === "target") nodeLayer.append(el("svg:text", { x: n.kind === "input" ? x - 10 : x + 10, y: y + 4, "text-anchor": n.kind === "input" ? "end" : "start", text: String(n.city) }));
-    marks[n.id] = mark;
+    mark.addEventListener("mouseenter", () => highlightPaths(graph, n, true, details, label));
+    mark.addEventListener("mouseleave", () => highlightPaths(graph, n, false));
+    if (n.kind === "feature") mark.addEventListener("click", () => { location.hash = featureHash(d.replacement.dictionaries[n.layer], n.feature); });
+    if (n.kind === "input" || n.kind === "target") nodeLayer.append(el("svg:text", { x: n.kind === "input" ? x - 9 : x + 9, y: y + 4, "text-anchor": n.kind === "input" ? "end" : "start", text: String(n.city) }));
+    graph.marks[n.id] = mark;
     nodeLayer.append(mark);
   }
   svg.append(edgeLayer, nodeLayer);
-  // Thresholds: the fewest nodes (features, errors) and edges carrying that share of the full graph's influence.
-  const filter = (nodeShare, edgeShare) => {
-    const visible = new Set();
-    let carried = 0;
-    for (const n of [...d.nodes].filter((x) => x.kind === "feature" || x.kind === "error").sort((a, b) => b.influence - a.influence)) {
-      if (carried < nodeShare * d.influence_total) visible.add(n.id);
-      carried += n.influence;
-    }
-    for (const n of d.nodes) if (n.kind === "input" || n.kind === "target") visible.add(n.id);
-    let edgesShown = 0, edgeCarried = 0;
-    const keepEdge = new Set();
-    for (const { edge } of [...paths].sort((a, b) => b.edge.score - a.edge.score)) {
-      if (edgeCarried < edgeShare * d.edge_score_total) keepEdge.add(edge);
-      edgeCarried += edge.score;
-    }
-    for (const { edge, path } of paths) {
-      const on = keepEdge.has(edge) && visible.has(edge.source) && visible.has(edge.target);
-      path.style.display = on ? "" : "none";
-      edgesShown += on;
-    }
-    for (const [id, mark] of Object.entries(marks)) mark.style.display = visible.has(id) ? "" : "none";
-    return { nodes: visible.size, edges: edgesShown };
-  };
-  return { svg, marks, paths, filter };
+  return svg;
 }
 
 // Everything upstream and downstream of a node, along the drawn edges.
-function highlightPaths(d, paths, marks, node, on, details, label) {
+function highlightPaths(graph, node, on, details, label) {
   if (!on) {
-    for (const { path } of paths) path.classList.remove("dim");
-    for (const mark of Object.values(marks)) mark.classList.remove("dim");
+    graph.highlightCity(graph.city);
     return;
   }
-  const drawn = paths.filter(({ path }) => path.style.display !== "none").map(({ edge }) => edge);
+  const drawn = graph.paths.map(({ edge }) => edge);
   const reach = (from, forward) => {
     const seen = new Set([from]), stack = [from];
     while (stack.length) {
@@ -155,8 +164,8 @@ function highlightPaths(d, paths, marks, node, on, details, label) {
   };
   const down = reach(node.id, true), up = reach(node.id, false);
   const related = new Set([...down, ...up]);
-  for (const { edge, path } of paths) path.classList.toggle("dim", !((down.has(edge.source) && down.has(edge.target)) || (up.has(edge.source) && up.has(edge.target))));
-  for (const [id, mark] of Object.entries(marks)) mark.classList.toggle("dim", !related.has(id));
+  for (const { edge, path } of graph.paths) path.classList.toggle("dim", !((down.has(edge.source) && down.has(edge.target)) || (up.has(edge.source) && up.has(edge.target))));
+  for (const [id, mark] of Object.entries(graph.marks)) mark.classList.toggle("dim", !related.has(id));
   const facts = [`influence on the targets ${fmt(node.influence, 4)}`];
   if (node.kind === "feature") facts.push(`activation ${fmt(node.activation, 3)}`, `pre-activation from biases ${fmt(node.constant, 3)}`);
   if (node.kind === "error") facts.push(`error norm ${fmt(node.norm, 3)}`);
@@ -172,7 +181,6 @@ function drawDecisionMap(d, graph) {
   const svg = el("svg:svg", { class: "tsp-map decision-map", width: size, height: size, viewBox: `0 0 ${size} ${size}` });
   if (d.tour.length > 1) svg.append(el("svg:polyline", { points: d.tour.map((c) => xy(c).join(",")).join(" "), fill: "none", stroke: "#3e4c59", "stroke-width": 1.5 }));
   const probability = Object.fromEntries(d.candidates.map((c) => [c.city, c.probability]));
-  let selected = null;
   d.instance.locs.forEach((_, c) => {
     const [x, y] = xy(c);
     const visited = d.tour.includes(c), p = probability[c] || 0;
@@ -180,11 +188,7 @@ function drawDecisionMap(d, graph) {
     const attrs = { class: "city", "data-city": c, fill: visited ? "#cbd2d9" : c === d.policy_tour[d.step] ? "#16a34a" : "#f0b429", stroke: "#1f2933", "stroke-width": 0.8 };
     const mark = c === d.first ? el("svg:rect", { ...attrs, x: x - 5, y: y - 5, width: 10, height: 10 }) : el("svg:circle", { ...attrs, cx: x, cy: y, r });
     mark.append(el("svg:title", { text: `city ${c}${visited ? ` (visited ${d.tour.indexOf(c) + 1})` : `: probability ${pct(p)}`}` }));
-    mark.addEventListener("click", () => {
-      selected = selected === c ? null : c;
-      for (const node of Object.values(graph.marks)) node.classList.toggle("dim", selected !== null && Number(node.dataset.city) !== selected);
-      for (const { edge, path } of graph.paths) path.classList.toggle("dim", selected !== null && cityOf(edge.source) !== selected && cityOf(edge.target) !== selected);
-    });
+    mark.addEventListener("click", () => graph.highlightCity(graph.city === c ? null : c));
     svg.append(mark);
     if (c === d.current) svg.append(el("svg:circle", { cx: x, cy: y, r: r + 4, fill: "none", stroke: "#dc2626", "stroke-width": 2 }));
     if (p >= 0.01) svg.append(el("svg:text", { x: x + r + 2, y: y - r, "font-size": 11, text: `${c}: ${pct(p, 0)}` }));
