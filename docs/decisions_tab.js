@@ -102,7 +102,7 @@ function layout(d, nodes, edges, graph, details) {
   for (const n of nodes) columns[columnOf(n)].push(n);
   for (const column of columns) column.sort((a, b) => a.city - b.city || (a.kind === "error") - (b.kind === "error") || b.influence - a.influence);
   const tallest = Math.max(...columns.map((c) => c.length));
-  const row = Math.max(5, Math.min(14, 900 / tallest)), width = 170 * columns.length, height = 40 + row * tallest;
+  const row = Math.max(5, Math.min(14, 900 / tallest)), width = 145 * columns.length, height = 40 + row * tallest;
   const svg = el("svg:svg", { id: "graph", class: "decision-graph", width, height, viewBox: `0 0 ${width} ${height}` });
   const titles = ["inputs", ...Array.from({ length: layers }, (_, i) => `layer ${i}`), "targets"];
   const at = {};
