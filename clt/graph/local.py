@@ -17,19 +17,9 @@ between them is linear, so a source's direct effect on a later node's input (a f
 is exact: `edges`. The model runs in float64 and reproduces the policy's activations and pointer scores up to the
 float32 rounding of the live forward pass (`reproduction_error`).
 
-Targets. The pointer score of candidate c, s_c = g . k_c / sqrt(d), is bilinear in the encoder output H: the
-glimpse g (with P frozen, a fixed mixture of the unvisited cities' value vectors) against the candidate's logit
-key k_c. The rule used is the score's tangent at this input, with * marking values there:
-
-    s_c  ~  T_c(H) = (g(H) . k_c* + g* . k_c(H) - g* . k_c*) / sqrt(d).
-
-T_c equals s_c at this input, is linear in H, and has the score's own gradient: a source's contribution is its
-effect through the query side (the glimpse) plus its effect through the key side, and removing it changes T_c by
-the score's first-order change. Contributions plus constants (biases, and -g* . k_c* / sqrt(d)) sum exactly to
-the score. (The symmetric split (g(H) . k* + g* . k(H)) / 2 also sums exactly, but has half the score's
-gradient: it would predict half of what removing a feature does.) The step context (the first and current city,
-the placeholder at step 0, the graph mean) enters the policy only through the glimpse's query, that is through
-P: in this model it decides which cities the glimpse reads and is not itself a source.
+Targets: the pointer scores at step t (or their differences against a runner-up), each as its tangent at this
+input (clt.graph.pointer): exact here, linear, and with the score's own gradient; the glimpse pattern frozen
+(default) or responding to first order.
 """
 
 from __future__ import annotations
@@ -40,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from clt.graph.decision import Decision
+from clt.graph.pointer import PointerTargets
 from clt.graph.replacement import Replacement
 from policy.model import AttentionModel, Normalization
 from sae.hooks import HookedPolicy
@@ -111,7 +102,7 @@ class LayerFeatures:
 
 class LocalModel:
     """The frozen local replacement model of `decision` for the target cities `targets`: their scores, or with
-    `against` (one city per target) the score differences T_c - T_against."""
+    `against` (one city per target) the score differences T_c - T_against; `glimpse`: see clt.graph.pointer."""
 
     @torch.no_grad()
     def __init__(
@@ -121,6 +112,7 @@ class LocalModel:
         decision: Decision,
         targets: list[int],
         against: list[int] | None = None,
+        glimpse: str = "frozen",
     ):
         if replacement.n_layers != len(policy.layers):
             raise ValueError(
@@ -151,7 +143,8 @@ class LocalModel:
             self.norm2.append(FrozenNorm.of(layer.norm2, u))
             x = self.norm2[i](u)
         self.encoder_output = x
-        self._glimpse(policy, decision, x)
+        self.pointer = PointerTargets(policy, decision, x, targets, against, glimpse)
+        self.glimpse_pattern = self.pointer.pattern  # [head, node]
         self.live_encoder_output = live["encoder_output"][0].to(DTYPE)
 
     # building ---------------------------------------------------------------------------------------------------
@@ -190,28 +183,6 @@ class LocalModel:
         writes = [replacement.decoder(layer, m) for m in range(self.n_layers)]
         return LayerFeatures(index, mask, place(rows), place(bias), [None if w is None else place(w) for w in writes])
 
-    def _glimpse(self, policy: AttentionModel, decision: Decision, h: torch.Tensor) -> None:
-        """Freeze the glimpse pattern at step t and keep g*, k* for the targets' tangent."""
-        dec, d, heads = policy.decoder, self.d, policy.decoder.num_heads
-        w_first, w_current = dec.project_context.weight.to(DTYPE).chunk(2, dim=1)
-        w_key, self.w_val, self.w_logit = dec.project_node_embeddings.weight.to(DTYPE).chunk(3, dim=0)
-        if decision.prefix:
-            context = w_first @ h[decision.first] + w_current @ h[decision.current]
-        else:
-            context = dec.project_context.weight.to(DTYPE) @ dec.W_placeholder.to(DTYPE)
-        query = (context + dec.project_fixed_context.weight.to(DTYPE) @ h.mean(0)).view(heads, -1)  # [head, dh]
-        keys = (h @ w_key.T).view(len(h), heads, -1).transpose(0, 1)  # [head, node, dh]
-        logits = (keys @ query[:, :, None]).squeeze(-1) / math.sqrt(d // heads)
-        self.glimpse_pattern = torch.softmax(logits.masked_fill(decision.visited(), float("-inf")), dim=-1)
-        self.w_out = dec.project_out.weight.to(DTYPE)
-        self.glimpse_star, self.key_star = self._glimpse_of(h), h @ self.w_logit.T  # [d], [node, d]
-
-    def _glimpse_of(self, h: torch.Tensor) -> torch.Tensor:  # [..., node, d] -> [..., d]
-        heads = self.glimpse_pattern.shape[0]
-        v = (h @ self.w_val.T).unflatten(-1, (heads, -1))  # [..., node, head, dh]
-        mixed = (v * self.glimpse_pattern.T.unsqueeze(-1)).sum(-3)  # [..., head, dh]
-        return mixed.flatten(-2) @ self.w_out.T
-
     # the linear model -------------------------------------------------------------------------------------------
     def _predicted(self, m: int, acts: list[torch.Tensor]) -> torch.Tensor:
         """The replacement's mlp_out of layer m [node, d] from the activations of layers 0..m."""
@@ -226,17 +197,9 @@ class LocalModel:
         """mlp_out of layer m [node, d]: the replacement's prediction plus the error node, scaled."""
         return self._predicted(m, acts) + self.errors[m] * error_scale[m, :, None]
 
-    def _tangent_scores(self, h: torch.Tensor, cities: list[int]) -> torch.Tensor:
-        """T_c(H) for `cities` (the pointer score's tangent at this input)."""
-        keys = h[cities] @ self.w_logit.T  # [city, d]
-        query_side = self.key_star[cities] @ self._glimpse_of(h)
-        at_input = self.key_star[cities] @ self.glimpse_star
-        return (query_side + keys @ self.glimpse_star - at_input) / math.sqrt(self.d)
-
     def target_values(self, h: torch.Tensor) -> torch.Tensor:
-        """The targets' values [target] at encoder output h: T_c, or T_c - T_against."""
-        values = self._tangent_scores(h, self.targets)
-        return values if self.against is None else values - self._tangent_scores(h, self.against)
+        """The targets' values [target] at encoder output h (the tangents of clt.graph.pointer)."""
+        return self.pointer.values(h)
 
     def forward(
         self,
@@ -281,25 +244,10 @@ class LocalModel:
             g = out[i - 1] = self.norm2[i - 1].back(x)
         raise AssertionError("unreachable")
 
-    def _tangent_cotangents(self, cities: list[int]) -> torch.Tensor:
-        """[city, node, d]: the gradient of each T_c with respect to the encoder output."""
-        heads = self.glimpse_pattern.shape[0]
-        u = (self.key_star[cities] @ self.w_out).unflatten(-1, (heads, -1))  # [city, head, dh]
-        query_side = (u[:, None] * self.glimpse_pattern.T[None, :, :, None]).flatten(-2) @ self.w_val  # [c, node, d]
-        key_side = torch.zeros_like(query_side)
-        key_side[torch.arange(len(cities)), cities] = self.glimpse_star @ self.w_logit
-        return (query_side + key_side) / math.sqrt(self.d)
-
     def target_cotangents(self) -> torch.Tensor:
         """[target, node, d]: the gradient of each target's value with respect to the encoder output."""
-        cotangents = self._tangent_cotangents(self.targets)
-        return cotangents if self.against is None else cotangents - self._tangent_cotangents(self.against)
+        return self.pointer.cotangents()
 
     def reproduction_error(self) -> float:
         """Largest |local - live| over the encoder output's entries (float32 rounding of the live pass)."""
         return float((self.encoder_output - self.live_encoder_output).abs().max())
-
-
-def frozen_glimpse_scores(local: LocalModel) -> torch.Tensor:
-    """The raw pointer scores g* . k_c* / sqrt(d) of every city [node] (for checks against the live policy)."""
-    return local.key_star @ local.glimpse_star / math.sqrt(local.d)

@@ -16,6 +16,7 @@ import torch
 from clt.graph.attribution import Graph, build_graph
 from clt.graph.decision import Decision, Outcome, decide
 from clt.graph.local import LocalModel
+from clt.graph.pointer import GLIMPSES
 from clt.graph.prune import Pruned, prune, scores
 from clt.graph.replacement import Replacement
 from clt.graph.verify import verify_live, verify_local
@@ -27,10 +28,12 @@ log = logging.getLogger(__name__)
 
 SCHEMA = "tsp-interp.attribution/1"
 TARGETS = ("score", "difference")
-RULE = (
-    "tangent: s_c ~ (g(H) . k_c* + g* . k_c(H) - g* . k_c*) / sqrt(d) with the glimpse pattern frozen; each "
-    "source's effect through the glimpse (query side) plus its effect through the candidate's logit key"
-)
+RULES = {
+    "frozen": "the score's tangent with the glimpse pattern frozen: s_c ~ (g(H) . k_c* + g* . k_c(H) - g* . k_c*) "
+    "/ sqrt(d); each source's effect through the glimpse's values plus its effect through the candidate's logit key",
+    "tangent": "the score's tangent, s_c ~ s_c* + grad s_c* . (H - H*), the glimpse pattern responding to first "
+    "order: each source's effect through the glimpse's values, its query and keys, and the candidate's logit key",
+}
 
 
 @dataclass
@@ -39,6 +42,9 @@ class TraceOptions:
 
     max_targets: int = 5
     """At most this many target candidates."""
+    glimpse: str = choice("frozen", GLIMPSES)
+    """frozen: the glimpse's attention pattern held (the step context then only selects what the glimpse reads);
+    tangent: the pattern responds to first order, so that the current and first city's features get edges."""
     target: str = choice("difference", TARGETS)
     """score: each target's raw pointer score; difference: its score minus the runner-up's (the most probable
     other candidate), i.e. why this city and not that one."""
@@ -57,6 +63,8 @@ class TraceOptions:
         check_types(self)
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.glimpse not in GLIMPSES:
+            raise ValueError(f"glimpse must be one of {GLIMPSES}, got {self.glimpse!r}")
         if self.max_targets < 1 or self.verify < 0 or self.top_features < 0:
             raise ValueError("max_targets must be >= 1, verify and top_features >= 0")
         for name in ("target_prob", "node_threshold", "edge_threshold"):
@@ -104,7 +112,7 @@ def attribute(
     outcome = decide(policy, decision)
     targets = choose_targets(outcome.log_probs, options.max_targets, options.target_prob)
     against = runner_ups(outcome.log_probs, targets) if options.target == "difference" else None
-    local = LocalModel(policy, replacement, decision, targets, against)
+    local = LocalModel(policy, replacement, decision, targets, against, options.glimpse)
     graph = build_graph(local, outcome.log_probs.exp()[targets])
     receivers = torch.cat([torch.arange(graph.n_features), torch.arange(graph.targets.start, len(graph.nodes))])
     completeness_error = graph.adjacency[receivers].sum(1) + graph.constants[receivers] - graph.values[receivers]
@@ -135,7 +143,7 @@ def attribute(
         "candidates": candidates(outcome),
         "targets": targets,
         "against": against,
-        "attribution_rule": RULE,
+        "attribution_rule": RULES[options.glimpse],
         "glimpse_pattern": local.glimpse_pattern.tolist(),
         "options": asdict(options),
         **document_graph(graph, pruned, total, ranked[: options.top_features]),

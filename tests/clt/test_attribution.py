@@ -72,14 +72,14 @@ def receiver_rows(graph) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("normalization", ["batch", "instance"])
-@pytest.mark.parametrize("against", [False, True])
-def test_edges_equal_a_brute_force_jacobian_of_the_frozen_model(normalization, against):
+@pytest.mark.parametrize(("against", "glimpse"), [(False, "frozen"), (True, "frozen"), (True, "tangent")])
+def test_edges_equal_a_brute_force_jacobian_of_the_frozen_model(normalization, against, glimpse):
     policy, replacement, locs = random_setup(normalization)
     decision = Decision(locs, greedy_tour(policy, locs)[:4])
     outcome = decide(policy, decision)
     targets = choose_targets(outcome.log_probs, 3, 0.999)
     other = [c for c in range(10) if c not in decision.prefix and c not in targets][: len(targets)]
-    local = LocalModel(policy, replacement, decision, targets, other if against else None)
+    local = LocalModel(policy, replacement, decision, targets, other if against else None, glimpse)
     graph = build_graph(local, outcome.log_probs.exp()[targets])
     jacobian = direct_jacobian(local)  # [receivers, sources]
     sources = graph.targets.start
@@ -265,14 +265,31 @@ def test_graph_scores_are_one_without_error_influence():
     assert pruned.node_mask[2] and pruned.node_mask[3]
 
 
-def test_the_targets_have_the_pointer_scores_own_gradient():
-    """The tangent rule: with the glimpse pattern frozen, d T_c / d H equals d s_c / d H of the bilinear score
-    s_c = g(H) . k_c(H) / sqrt(d), and T_c equals s_c at this input."""
+@pytest.mark.parametrize("glimpse", ["frozen", "tangent"])
+def test_the_targets_have_the_pointer_scores_own_gradient(glimpse):
+    """The targets are tangents: at this input they equal the policy's scores, and their gradient with respect to
+    the encoder output is the score's (autograd through the policy's own decoder; with the glimpse pattern held
+    when frozen)."""
     policy, replacement, locs = random_setup("batch", seed=3)
     decision = Decision(locs, greedy_tour(policy, locs)[:2])
-    local = LocalModel(policy, replacement, decision, [3, 5, 7])
+    unvisited = [c for c in range(10) if c not in decision.prefix][:3]
+    local = LocalModel(policy, replacement, decision, unvisited, glimpse=glimpse)
+    dec = policy.double().decoder
     h = local.encoder_output.clone().requires_grad_(True)
-    scores = (h[local.targets] @ local.w_logit.T) @ local._glimpse_of(h) / local.d**0.5
+    if glimpse == "tangent":
+        visited = decision.visited()[None, None]
+        first, current = torch.tensor([[decision.first]]), torch.tensor([[decision.current]])
+        scores = dec(dec.precompute(h[None]), first, current, visited)[0, 0, local.targets]
+    else:  # g = W_out (P V(h)) with P as the policy computed it, then g . k_c / sqrt(d)
+        value = dec.project_node_embeddings.weight.chunk(3)[1]
+        v = (h @ value.T).view(10, 4, 4)  # [node, head, dh]
+        glimpse_vector = dec.project_out((v * local.glimpse_pattern.T[..., None]).sum(0).flatten())
+        keys = h[local.targets] @ dec.project_node_embeddings.weight.chunk(3)[2].T
+        scores = keys @ glimpse_vector / 16**0.5
     grads = torch.stack([torch.autograd.grad(scores[i], h, retain_graph=True)[0] for i in range(3)])
     torch.testing.assert_close(local.target_cotangents(), grads, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(local.target_values(local.encoder_output), scores.detach(), rtol=1e-10, atol=1e-12)
+    if glimpse == "tangent":  # the current city's embedding reaches the targets through the query
+        assert local.target_cotangents()[:, decision.current].abs().max() > 1e-6
+    else:
+        assert local.target_cotangents()[:, decision.current].abs().max() == 0
