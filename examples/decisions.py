@@ -1,6 +1,6 @@
 """How far do attribution graphs hold on a run? Trace many decisions and summarise their scores and checks.
 
-    python examples/decisions.py --run_dir tsp20_demo [--instances 5] [--steps 2,6,10,14] [--seed 100]
+    python examples/decisions.py --run_dir tsp20_demo [--instances 5] [--steps 2,6,10,14] [--glimpse tangent]
 
 For each of --instances fresh instances (seeds --seed, --seed + 1, ...) and each step, the policy's greedy tour
 is followed to that step and the decision is attributed (clt.graph.trace.attribute, the defaults of
@@ -15,6 +15,7 @@ import click
 import numpy as np
 
 from clt.graph.decision import Decision, greedy_tour
+from clt.graph.pointer import GLIMPSES
 from clt.graph.replacement import load_replacement
 from clt.graph.trace import TraceOptions, attribute
 from policy.env import generate
@@ -27,7 +28,8 @@ from policy.runs import load_policy, resolve_run_dir
 @click.option("--steps", default="2,6,10,14", help="Steps of each tour to attribute (comma-separated).")
 @click.option("--seed", default=100, help="Seed of the first instance.")
 @click.option("--verify", default=20, help="Features checked by removal per decision.")
-def main(run_dir, instances, steps, seed, verify):
+@click.option("--glimpse", type=click.Choice(GLIMPSES), default="frozen", help="The glimpse in the local model.")
+def main(run_dir, instances, steps, seed, verify, glimpse):
     """Attribute several decisions of a run and summarise how well the graphs hold."""
     run = resolve_run_dir(run_dir)
     replacement = load_replacement(run)
@@ -44,7 +46,9 @@ def main(run_dir, instances, steps, seed, verify):
         locs = generate(1, n, loaded.config.distribution, seed=seed + i)[0]
         tour = greedy_tour(loaded.model, locs)
         for step in steps:
-            doc = attribute(loaded.model, replacement, Decision(locs, tour[:step]), TraceOptions(verify=verify), {}).doc
+            doc = attribute(
+                loaded.model, replacement, Decision(locs, tour[:step]), TraceOptions(verify=verify, glimpse=glimpse), {}
+            ).doc
             live, held = doc["verification"]["live"], doc["verification"]["live"]["selection_held"]
             row = [doc["scores"]["graph"]["replacement"], doc["scores"]["graph"]["completeness"],
                    doc["verification"]["local"]["max_relative_error"], live["pearson_r"], live["sign_agreement"],
