@@ -208,11 +208,11 @@ def test_attribute_and_intervene_from_the_command_line(analysed_run, tmp_path):
     np.save(tmp_path / "x.npy", locs)
     np.save(tmp_path / "t.npy", np.stack([np.arange(10), np.arange(10)[::-1]]).astype(np.int64))
     args = ["--run_dir", str(analysed_run), "--locs", str(tmp_path / "x.npy"), "--index", "1", "--tour",
-            str(tmp_path / "t.npy"), "--step", "3", "--verify", "0", "--target", "score"]  # fmt: skip
+            str(tmp_path / "t.npy"), "--step", "3", "--verify", "0", "--target", "score", "--no_full_graph"]  # fmt: skip
     result = CliRunner().invoke(attribute_cli.main, args)
     assert result.exit_code == 0, result.output
     default = analysed_run / "clt" / "attribution" / "x_1_n10_step3.json"
-    assert json.loads(default.read_text())["tour"] == [9, 8, 7]
+    assert json.loads(default.read_text())["tour"] == [9, 8, 7] and not default.with_suffix(".safetensors").exists()
     args = ["--run_dir", str(analysed_run), "--seed", "3", "--step", "2", "--changes", "0:4:*=zero,1:4:*=zero",
             "--json"]  # fmt: skip
     result = CliRunner().invoke(intervene_cli.main, args)
