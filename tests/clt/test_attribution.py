@@ -208,7 +208,8 @@ def test_attribute_and_intervene_from_the_command_line(analysed_run, tmp_path):
     np.save(tmp_path / "x.npy", locs)
     np.save(tmp_path / "t.npy", np.stack([np.arange(10), np.arange(10)[::-1]]).astype(np.int64))
     args = ["--run_dir", str(analysed_run), "--locs", str(tmp_path / "x.npy"), "--index", "1", "--tour",
-            str(tmp_path / "t.npy"), "--step", "3", "--verify", "0", "--target", "score", "--no_full_graph"]  # fmt: skip
+            str(tmp_path / "t.npy"), "--step", "3", "--verify", "0", "--target", "score",
+            "--no_full_graph"]  # fmt: skip
     result = CliRunner().invoke(attribute_cli.main, args)
     assert result.exit_code == 0, result.output
     default = analysed_run / "clt" / "attribution" / "x_1_n10_step3.json"
