@@ -93,15 +93,11 @@ class Attribution:
     local: LocalModel
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The full graph: adjacency [node, node] (rows receive), constants, values, influence, masks."""
-        return {
-            "adjacency": self.graph.adjacency,
-            "constants": self.graph.constants,
-            "values": self.graph.values,
-            "node_influence": self.pruned.node_influence,
-            "node_mask": self.pruned.node_mask,
-            "edge_mask": self.pruned.edge_mask,
-        }
+        """The full graph in float32: adjacency [node, node] (rows receive), constants, values, influence; masks."""
+        full = {"adjacency": self.graph.adjacency, "constants": self.graph.constants, "values": self.graph.values,
+                "node_influence": self.pruned.node_influence}  # fmt: skip
+        return {**{k: v.float() for k, v in full.items()}, "node_mask": self.pruned.node_mask,
+                "edge_mask": self.pruned.edge_mask}  # fmt: skip
 
 
 def attribute(

@@ -200,7 +200,14 @@ def test_attribute_and_intervene_from_the_command_line(analysed_run, tmp_path):
     assert doc["schema"] == "tsp-interp.attribution/1" and doc["step"] == 2 and len(doc["tour"]) == 2
     assert doc["instance"]["seed"] == 3 and len(doc["checkpoint_sha256"]) == 64
     tensors = load_file(out.with_suffix(".safetensors"))
-    assert tensors["adjacency"].shape == (len(doc["nodes"]), len(doc["nodes"]))
+    assert (
+        tensors["adjacency"].shape == (len(doc["nodes"]), len(doc["nodes"]))
+        and tensors["adjacency"].dtype == torch.float32
+    )
+    kept = [i for i, n in enumerate(doc["nodes"]) if n["kept"]]
+    assert tensors["node_mask"].nonzero().flatten().tolist() == kept and int(tensors["edge_mask"].sum()) == len(
+        doc["edges"]
+    )
     gallery = json.loads((site / "decisions.json").read_text())
     assert [g["name"] for g in gallery] == ["graph"] and (site / "decisions.js").read_text().startswith("window.")
     # a tour file and an instance file, as policy.solve reads and writes them
