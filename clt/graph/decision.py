@@ -124,11 +124,11 @@ class DecisionOptions:
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"distribution must be one of {DISTRIBUTIONS}")
 
-    @property
-    def name(self) -> str:
-        """A file name for the decision: <instance>_step<t>."""
+    def name(self, n: int) -> str:
+        """A file name for the decision on an n-city instance: <instance>_n<n>[_<tour file>]_step<t>."""
         source = f"{Path(self.locs).stem}_{self.index}" if self.locs else f"seed{self.seed}_{self.distribution}"
-        return f"{source}_n{{n}}_step{self.step}"
+        tour = "" if self.tour == "greedy" else f"_{Path(self.tour).stem}"
+        return f"{source}_n{n}{tour}_step{self.step}"
 
     def instance(self, default_num_loc: int) -> tuple[torch.Tensor, dict]:
         """(locs [node, 2], where they came from)."""
@@ -151,7 +151,7 @@ class DecisionOptions:
         tour = greedy_tour(model, locs) if self.tour == "greedy" else read_tour(Path(self.tour), self.index, len(locs))
         if self.step >= len(locs):
             raise ValueError(f"step {self.step} is past the last decision of a {len(locs)}-city tour")
-        return Decision(locs, tour[: self.step]), {**source, "tour": self.tour}, self.name.format(n=len(locs))
+        return Decision(locs, tour[: self.step]), {**source, "tour": self.tour}, self.name(len(locs))
 
 
 def read_tour(path: Path, index: int, n: int) -> list[int]:

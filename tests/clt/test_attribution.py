@@ -219,7 +219,7 @@ def test_attribute_and_intervene_from_the_command_line(analysed_run, tmp_path):
             "--no_full_graph"]  # fmt: skip
     result = CliRunner().invoke(attribute_cli.main, args)
     assert result.exit_code == 0, result.output
-    default = analysed_run / "clt" / "attribution" / "x_1_n10_step3.json"
+    default = analysed_run / "clt" / "attribution" / "x_1_n10_t_step3.json"
     assert json.loads(default.read_text())["tour"] == [9, 8, 7] and not default.with_suffix(".safetensors").exists()
     args = ["--run_dir", str(analysed_run), "--seed", "3", "--step", "2", "--changes", "0:4:*=zero,1:4:*=zero",
             "--json"]  # fmt: skip
