@@ -143,12 +143,9 @@ def load_replacement(run_dir: Path, clt_dir: str | Path | None = None) -> Replac
         if not (folder / "cfg.json").is_file() or not (folder / "model.safetensors").is_file():
             raise FileNotFoundError(f"{folder} is not a finished transcoder run (cfg.json, model.safetensors)")
     models = [load_transcoder(f) for f in folders]
-    if len(models) == 1 and isinstance(models[0], MultiLayerTranscoder):
-        kind = "multilayer"
-    elif all(isinstance(m, CrossLayerTranscoder) for m in models):
-        kind = "per_layer"
-    else:
-        raise ValueError(f"{folders[0]} is a pairwise transcoder: --clt takes a multi-layer CLT run folder")
+    if clt_dir is not None and not isinstance(models[0], MultiLayerTranscoder):
+        raise ValueError(f"{clt_dir} is a pairwise transcoder: --clt takes a multi-layer CLT run folder")
+    kind = "multilayer" if isinstance(models[0], MultiLayerTranscoder) else "per_layer"
     return Replacement(kind, folders, models, _trained_epoch(folders[0]))
 
 

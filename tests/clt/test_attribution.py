@@ -244,6 +244,15 @@ def test_bad_decisions_are_one_line_errors(analysed_run, args, message):
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
 
+def test_clt_must_name_a_multilayer_clt(analysed_run):
+    from sae.runs import newest_finished
+
+    pairwise = newest_finished(analysed_run, "clt", "clt_L0.mlp_in_to_L0.mlp_out")
+    args = ["--run_dir", str(analysed_run), "--seed", "1", "--step", "2", "--clt", str(pairwise)]
+    result = CliRunner().invoke(attribute_cli.main, args)
+    assert result.exit_code == 1 and "takes a multi-layer CLT run folder" in result.output
+
+
 @pytest.mark.parametrize("spec", ["0:1", "0:1:2=scale", "0:1:*=set:3", "0:1:2=zero:4", "a:1:2=zero", "0:1:2=scale:x"])
 def test_bad_changes_are_refused(spec):
     with pytest.raises(ValueError, match="cannot read the change|set needs one feature"):
