@@ -22,11 +22,14 @@ CLIS = [
     "clt.eval",
     "clt.generalize",
     "clt.graph.edges",
+    "clt.graph.attribute",
+    "clt.graph.intervene",
     "clt.site.export",
     "clt.site.viewer",
     "clt.site.screenshots",
     "bench.train",
     "bench.train_scaling",
+    "bench.attribution",
 ]
 
 
@@ -38,7 +41,7 @@ def test_every_option_has_help(module):
     assert command.help
 
 
-@pytest.mark.parametrize("module", ["policy.eval", "clt.inspect_pairs", "clt.train_transcoder"])
+@pytest.mark.parametrize("module", ["policy.eval", "clt.inspect_pairs", "clt.train_transcoder", "clt.graph.attribute"])
 def test_runs_as_a_module(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True).stdout
     assert out.startswith(f"Usage: python -m {module}")
