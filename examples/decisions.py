@@ -1,6 +1,6 @@
 """How far do attribution graphs hold on a run? Trace many decisions and summarise their scores and checks.
 
-    python examples/decisions.py --run_dir tsp20_demo [--instances 5] [--steps 2,6,10,14] [--glimpse tangent]
+    python examples/decisions.py --run_dir tsp20_demo [--steps 2,6,10,14] [--glimpse tangent] [--attention tangent]
 
 For each of --instances fresh instances (seeds --seed, --seed + 1, ...) and each step, the policy's greedy tour
 is followed to that step and the decision is attributed (clt.graph.trace.attribute, the defaults of
@@ -14,6 +14,7 @@ from __future__ import annotations
 import click
 import numpy as np
 
+from clt.graph.attention import ATTENTIONS
 from clt.graph.decision import Decision, greedy_tour
 from clt.graph.pointer import GLIMPSES
 from clt.graph.replacement import load_replacement
@@ -29,7 +30,8 @@ from policy.runs import load_policy, resolve_run_dir
 @click.option("--seed", default=100, help="Seed of the first instance.")
 @click.option("--verify", default=20, help="Features checked by removal per decision.")
 @click.option("--glimpse", type=click.Choice(GLIMPSES), default="frozen", help="The glimpse in the local model.")
-def main(run_dir, instances, steps, seed, verify, glimpse):
+@click.option("--attention", type=click.Choice(ATTENTIONS), default="frozen", help="Encoder attention in it.")
+def main(run_dir, instances, steps, seed, verify, glimpse, attention):
     """Attribute several decisions of a run and summarise how well the graphs hold."""
     run = resolve_run_dir(run_dir)
     replacement = load_replacement(run)
@@ -47,7 +49,11 @@ def main(run_dir, instances, steps, seed, verify, glimpse):
         tour = greedy_tour(loaded.model, locs)
         for step in steps:
             doc = attribute(
-                loaded.model, replacement, Decision(locs, tour[:step]), TraceOptions(verify=verify, glimpse=glimpse), {}
+                loaded.model,
+                replacement,
+                Decision(locs, tour[:step]),
+                TraceOptions(verify=verify, glimpse=glimpse, attention=attention),
+                {},
             ).doc
             live, held = doc["verification"]["live"], doc["verification"]["live"]["selection_held"]
             row = [doc["scores"]["graph"]["replacement"], doc["scores"]["graph"]["completeness"],

@@ -109,8 +109,10 @@ def node_list(local: LocalModel) -> list[dict]:
 @torch.no_grad()
 def build_graph(local: LocalModel, target_weights: torch.Tensor, chunk: int = 512) -> Graph:
     """Every direct effect of `local`, computed by batched reverse passes through the frozen model (`chunk`
-    receivers at a time)."""
+    receivers at a time; fewer when tangent attention's [receiver, head, node, node] cotangents would pass 128 MB)."""
     n, layers = local.decision.n, local.n_layers
+    if local.attention == "tangent":
+        chunk = max(8, min(chunk, 2**24 // (local.attn[0].pattern.numel())))
     counts = [int(f.active.sum()) for f in local.features]
     offsets = [sum(counts[:i]) for i in range(layers + 1)]
     n_features, n_errors = offsets[-1], layers * n

@@ -2,7 +2,9 @@
 
 The policy's feed-forward blocks are replaced (clt.graph.replacement) and everything else is frozen at this input:
 
-- each encoder layer's attention pattern A [head, node, node]:  attn(x) = sum_h A_h (x Wv_h + bv_h) Wo_h + bo;
+- each encoder layer's attention pattern A [head, node, node]:  attn(x) = sum_h A_h (x Wv_h + bv_h) Wo_h + bo
+  (or, with `attention="tangent"`, the attention's tangent at this input: the pattern responds to first order;
+  clt.graph.attention);
 - normalisation: BatchNorm in eval mode is affine already; InstanceNorm's per-channel standard deviation over the
   instance's cities is frozen and its mean over cities kept (a linear map, as circuit-tracer keeps LayerNorm's
   centring and freezes its scale);
@@ -24,11 +26,11 @@ input (clt.graph.pointer): exact here, linear, and with the score's own gradient
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from clt.graph.attention import attention_at
 from clt.graph.decision import Decision
 from clt.graph.pointer import PointerTargets
 from clt.graph.replacement import Replacement
@@ -66,27 +68,6 @@ class FrozenNorm:
 
 
 @dataclass
-class FrozenAttention:
-    """Multi-head attention with its pattern fixed: linear in x through the value path."""
-
-    pattern: torch.Tensor  # [head, node, node]
-    w_v: torch.Tensor  # [d, d]
-    b_v: torch.Tensor  # [d]
-    w_o: torch.Tensor  # [d, d]
-    b_o: torch.Tensor  # [d]
-
-    def _mix(self, v: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:  # [..., node, d] per-head mixing
-        heads = pattern.shape[0]
-        return torch.einsum("hij,...jhd->...ihd", pattern, v.unflatten(-1, (heads, -1))).flatten(-2)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [..., node, d]
-        return self._mix(x @ self.w_v.T + self.b_v, self.pattern) @ self.w_o.T + self.b_o
-
-    def back(self, g: torch.Tensor) -> torch.Tensor:
-        return self._mix(g @ self.w_o, self.pattern.transpose(-1, -2)) @ self.w_v
-
-
-@dataclass
 class LayerFeatures:
     """The features one layer's transcoder selects at this input, laid out [node, slot] (padded with inactive)."""
 
@@ -102,7 +83,8 @@ class LayerFeatures:
 
 class LocalModel:
     """The frozen local replacement model of `decision` for the target cities `targets`: their scores, or with
-    `against` (one city per target) the score differences T_c - T_against; `glimpse`: see clt.graph.pointer."""
+    `against` (one city per target) the score differences T_c - T_against; `glimpse`: see clt.graph.pointer,
+    `attention`: clt.graph.attention."""
 
     @torch.no_grad()
     def __init__(
@@ -113,6 +95,7 @@ class LocalModel:
         targets: list[int],
         against: list[int] | None = None,
         glimpse: str = "frozen",
+        attention: str = "frozen",
     ):
         if replacement.n_layers != len(policy.layers):
             raise ValueError(
@@ -122,6 +105,7 @@ class LocalModel:
             raise ValueError("against needs one city per target")
         self.decision, self.targets, self.n_layers = decision, list(targets), len(policy.layers)
         self.against = None if against is None else list(against)
+        self.attention = attention
         self.d = policy.cfg.embed_dim
         live = self._live(policy, decision.locs)
         codes = [replacement.codes(i, live[f"encoder_layer_{i}.mlp_in"][0]) for i in range(self.n_layers)]
@@ -131,7 +115,7 @@ class LocalModel:
         self.activations = []  # [node, slot] per layer: the active features' pre-activations at this input
         x = self.x0
         for i, layer in enumerate(policy.layers):
-            self.attn.append(self._attention(layer, live[f"encoder_layer_{i}.input"][0]))
+            self.attn.append(attention_at(layer.attn, x, attention))
             v = x + self.attn[i](x)
             self.norm1.append(FrozenNorm.of(layer.norm1, v))
             h = self.norm1[i](v)
@@ -152,20 +136,8 @@ class LocalModel:
     @torch.no_grad()
     def _live(policy: AttentionModel, locs: torch.Tensor) -> dict[str, torch.Tensor]:
         names = ["init_embedding", "encoder_output"]
-        names += [f"encoder_layer_{i}.{p}" for i in range(len(policy.layers)) for p in ("input", "mlp_in", "mlp_out")]
+        names += [f"encoder_layer_{i}.{p}" for i in range(len(policy.layers)) for p in ("mlp_in", "mlp_out")]
         return HookedPolicy(policy).run_with_cache(locs[None], names)
-
-    @staticmethod
-    def _attention(layer, x: torch.Tensor) -> FrozenAttention:
-        """The layer's attention pattern at its input x [node, d], and its value/output weights (float64)."""
-        attn = layer.attn
-        w, b = attn.Wqkv.weight.to(DTYPE), attn.Wqkv.bias.to(DTYPE)
-        d, heads = x.shape[-1], attn.num_heads
-        qkv = (x.to(DTYPE) @ w.T + b).view(len(x), 3, heads, d // heads).permute(1, 2, 0, 3)  # [3, head, node, dh]
-        pattern = torch.softmax(qkv[0] @ qkv[1].transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
-        return FrozenAttention(
-            pattern, w[2 * d :], b[2 * d :], attn.out_proj.weight.to(DTYPE), attn.out_proj.bias.to(DTYPE)
-        )
 
     def _features(self, replacement: Replacement, layer: int, codes: torch.Tensor) -> LayerFeatures:
         """Layer `layer`'s active features at every city, from its codes [node, features]."""

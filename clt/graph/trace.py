@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from clt.graph.attention import ATTENTIONS
 from clt.graph.attribution import Graph, build_graph
 from clt.graph.decision import Decision, Outcome, decide
 from clt.graph.local import LocalModel
@@ -42,6 +43,9 @@ class TraceOptions:
 
     max_targets: int = 5
     """At most this many target candidates."""
+    attention: str = choice("frozen", ATTENTIONS)
+    """frozen: every encoder layer's attention pattern held (cities interact through value paths only); tangent:
+    the patterns respond to first order (the QK paths too)."""
     glimpse: str = choice("frozen", GLIMPSES)
     """frozen: the glimpse's attention pattern held (the step context then only selects what the glimpse reads);
     tangent: the pattern responds to first order, so that the current and first city's features get edges."""
@@ -63,6 +67,8 @@ class TraceOptions:
         check_types(self)
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.glimpse not in GLIMPSES:
             raise ValueError(f"glimpse must be one of {GLIMPSES}, got {self.glimpse!r}")
         if self.max_targets < 1 or self.verify < 0 or self.top_features < 0:
@@ -108,7 +114,7 @@ def attribute(
     outcome = decide(policy, decision)
     targets = choose_targets(outcome.log_probs, options.max_targets, options.target_prob)
     against = runner_ups(outcome.log_probs, targets) if options.target == "difference" else None
-    local = LocalModel(policy, replacement, decision, targets, against, options.glimpse)
+    local = LocalModel(policy, replacement, decision, targets, against, options.glimpse, options.attention)
     graph = build_graph(local, outcome.log_probs.exp()[targets])
     receivers = torch.cat([torch.arange(graph.n_features), torch.arange(graph.targets.start, len(graph.nodes))])
     completeness_error = graph.adjacency[receivers].sum(1) + graph.constants[receivers] - graph.values[receivers]

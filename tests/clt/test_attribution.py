@@ -72,14 +72,17 @@ def receiver_rows(graph) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("normalization", ["batch", "instance"])
-@pytest.mark.parametrize(("against", "glimpse"), [(False, "frozen"), (True, "frozen"), (True, "tangent")])
-def test_edges_equal_a_brute_force_jacobian_of_the_frozen_model(normalization, against, glimpse):
+@pytest.mark.parametrize(
+    ("against", "glimpse", "attention"),
+    [(False, "frozen", "frozen"), (True, "frozen", "frozen"), (True, "tangent", "tangent")],
+)
+def test_edges_equal_a_brute_force_jacobian_of_the_frozen_model(normalization, against, glimpse, attention):
     policy, replacement, locs = random_setup(normalization)
     decision = Decision(locs, greedy_tour(policy, locs)[:4])
     outcome = decide(policy, decision)
     targets = choose_targets(outcome.log_probs, 3, 0.999)
     other = [c for c in range(10) if c not in decision.prefix and c not in targets][: len(targets)]
-    local = LocalModel(policy, replacement, decision, targets, other if against else None, glimpse)
+    local = LocalModel(policy, replacement, decision, targets, other if against else None, glimpse, attention)
     graph = build_graph(local, outcome.log_probs.exp()[targets])
     jacobian = direct_jacobian(local)  # [receivers, sources]
     sources = graph.targets.start
@@ -310,3 +313,20 @@ def test_the_targets_have_the_pointer_scores_own_gradient(glimpse):
         assert local.target_cotangents()[:, decision.current].abs().max() > 1e-6
     else:
         assert local.target_cotangents()[:, decision.current].abs().max() == 0
+
+
+def test_tangent_attention_is_the_attentions_own_first_order_change():
+    """TangentAttention(x) = attn(x*) + J (x - x*), J (x - x*) by autograd through the layer's real attention."""
+    from clt.graph.attention import attention_at
+
+    policy = random_setup("batch", seed=4)[0]
+    attn = policy.layers[1].attn.double()
+    x_star, delta = torch.randn(10, 16, dtype=DTYPE), torch.randn(10, 16, dtype=DTYPE)
+    tangent = attention_at(attn, x_star, "tangent")
+    value = attn(x_star[None])[0]
+    jacobian = torch.autograd.functional.jacobian(lambda x: attn(x[None])[0], x_star)  # [node, d, node, d]
+    jvp = torch.einsum("ijkl,kl->ij", jacobian, delta)
+    torch.testing.assert_close(tangent(x_star), value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tangent(x_star + delta) - tangent(x_star), jvp, rtol=1e-10, atol=1e-12)
+    frozen = attention_at(attn, x_star, "frozen")
+    assert (frozen(x_star + delta) - frozen(x_star) - jvp).abs().max() > 1e-3  # the frozen pattern leaves QK out
