@@ -19,7 +19,7 @@ import torch
 from policy.model import MultiHeadAttention
 
 ATTENTIONS = ("frozen", "tangent")
-DTYPE = torch.float64
+DTYPE = torch.float64  # the local replacement model and its targets run in float64
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:  # [..., node, d] -> [..., head, node, dh]

@@ -30,14 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from clt.graph.attention import attention_at
+from clt.graph.attention import DTYPE, attention_at
 from clt.graph.decision import Decision
 from clt.graph.pointer import PointerTargets
 from clt.graph.replacement import Replacement
 from policy.model import AttentionModel, Normalization
 from sae.hooks import HookedPolicy
-
-DTYPE = torch.float64
 
 
 @dataclass

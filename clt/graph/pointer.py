@@ -26,11 +26,11 @@ import math
 
 import torch
 
+from clt.graph.attention import DTYPE
 from clt.graph.decision import Decision
 from policy.model import AttentionModel
 
 GLIMPSES = ("frozen", "tangent")
-DTYPE = torch.float64
 
 
 class PointerTargets:
