@@ -3,6 +3,9 @@
     python -m bench.collect [--run_dir tsp20_demo] [--num_instances 4096] [--big_gb 2.0]
 
 1. Rows/s collecting every `encoder_layer_{i}` output of the run's policy, side by side:
+   - `encoder_floor`: the encoder's forward alone on the same batches (no hooks, no copies, no writes,
+     instances already drawn): what no collector can beat; `collector_fraction_of_floor` is the ratio
+     (both timed `--repeats` times, interleaved, best of each, so that a noisy machine loads both alike);
    - `collector`: sae.collect_activations' path (encoder-only forward, streamed to a dump on disk);
    - `naive`: a full greedy rollout with a forward hook on every hook point, everything
      copied to numpy lists and concatenated at the end (the way earlier SAE code did it).
@@ -43,7 +46,7 @@ def naive_collect(hooked: HookedPolicy, batches, keep: list[str]) -> dict[str, n
     return {name: np.concatenate([a.reshape(-1, a.shape[-1]) for a in stored[name]]) for name in keep}
 
 
-def time_collectors(run_dir: str, num_instances: int, batch_size: int) -> dict:
+def time_collectors(run_dir: str, num_instances: int, batch_size: int, repeats: int) -> dict:
     loaded = load_policy(run_dir)
     hooked = HookedPolicy(loaded.model)
     n = loaded.config.num_loc
@@ -54,12 +57,25 @@ def time_collectors(run_dir: str, num_instances: int, batch_size: int) -> dict:
         return instance_batches(num_instances, n, "uniform", 0, batch_size)
 
     hooked.run_with_cache(next(batches()), names)  # warm-up
-    with tempfile.TemporaryDirectory() as tmp:
+    ready = list(batches())
+
+    def floor_seconds() -> float:
         tic = time.perf_counter()
-        with DumpWriter(Path(tmp) / "dump", dict.fromkeys(names, loaded.config.policy.embed_dim), rows) as writer:
-            collect(hooked, batches(), [(writer, {k: k for k in names})], num_instances)
-            writer.finish({})
-        fast = time.perf_counter() - tic
+        with torch.no_grad():
+            for locs in ready:  # the floor: the encoder alone, no hooks, no copies, no writes, instances ready
+                hooked.model.encode(locs)
+        return time.perf_counter() - tic
+
+    def collector_seconds() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            tic = time.perf_counter()
+            with DumpWriter(Path(tmp) / "dump", dict.fromkeys(names, loaded.config.policy.embed_dim), rows) as writer:
+                collect(hooked, batches(), [(writer, {k: k for k in names})], num_instances)
+                writer.finish({})
+            return time.perf_counter() - tic
+
+    timings = [(floor_seconds(), collector_seconds()) for _ in range(repeats)]  # interleaved: both see the same load
+    floor, fast = min(t[0] for t in timings), min(t[1] for t in timings)
     tic = time.perf_counter()
     naive_collect(hooked, batches(), names)
     naive = time.perf_counter() - tic
@@ -68,7 +84,9 @@ def time_collectors(run_dir: str, num_instances: int, batch_size: int) -> dict:
         "rows": rows,
         "hooks": names,
         "batch_size": batch_size,
+        "encoder_floor_rows_per_s": round(rows / floor),
         "collector_rows_per_s": round(rows / fast),
+        "collector_fraction_of_floor": round(floor / fast, 3),
         "naive_rows_per_s": round(rows / naive),
         "speedup": round(naive / fast, 2),
     }
@@ -104,10 +122,11 @@ def peak_rss_of_big_dump(run_dir: str, gigabytes: float, batch_size: int) -> dic
 @click.option("--num_instances", default=4096, help="Instances for the side-by-side timing.")
 @click.option("--batch_size", default=512, help="Instances per forward pass.")
 @click.option("--big_gb", default=2.0, help="Size of the dump whose peak RSS is measured (0 to skip).")
-def main(run_dir, num_instances, batch_size, big_gb):
+@click.option("--repeats", default=3, help="Floor and collector timed this many times, interleaved; the best of each.")
+def main(run_dir, num_instances, batch_size, big_gb, repeats):
     """Time activation collection against the naive way, and measure peak memory on a big dump."""
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    result.update(time_collectors(run_dir, num_instances, batch_size))
+    result.update(time_collectors(run_dir, num_instances, batch_size, repeats))
     if big_gb > 0:
         result.update(peak_rss_of_big_dump(run_dir, big_gb, batch_size))
     click.echo(json.dumps(result, indent=2))

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from policy.env import generate
 from policy.runs import LoadedPolicy
 from sae.hooks import HookedPolicy
-from sae.store import DumpWriter
+from sae.store import DumpWriter, NonFiniteRows
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
@@ -76,7 +76,8 @@ Route = tuple[DumpWriter, dict[str, str]]
 def collect(hooked: HookedPolicy, batches: Iterator[torch.Tensor], routes: list[Route], total: int) -> np.ndarray:
     """One forward per batch serves every route; returns all instances [N, n, 2].
 
-    Non-finite activations stop the collection with a ValueError (the writers then discard their dumps).
+    Non-finite activations stop the collection with a ValueError (the writers refuse them, and then discard their
+    dumps).
     """
     device = next(hooked.model.parameters()).device
     names = sorted({hook for _, mapping in routes for hook in mapping})
@@ -84,11 +85,14 @@ def collect(hooked: HookedPolicy, batches: Iterator[torch.Tensor], routes: list[
     with tqdm(total=total, desc="collecting", unit="inst") as bar:
         for locs in batches:
             cache = hooked.run_with_cache(locs.to(device), names)
-            for name, value in cache.items():
-                if not torch.isfinite(value).all():
-                    raise ValueError(f"NaN or Inf in {name} activations of instances {done}..{done + len(locs) - 1}")
+            rows = {hook: value.reshape(-1, value.shape[-1]) for hook, value in cache.items()}  # [batch * node, d]
             for writer, mapping in routes:
-                writer.write({array: cache[hook].reshape(-1, cache[hook].shape[-1]) for hook, array in mapping.items()})
+                try:
+                    writer.write({array: rows[hook] for hook, array in mapping.items()})
+                except NonFiniteRows as err:
+                    hook = next(h for h, a in mapping.items() if a == err.array)
+                    last = done + len(locs) - 1
+                    raise ValueError(f"NaN or Inf in {hook} activations of instances {done}..{last}") from None
             locs_seen.append(locs.numpy())
             done += len(locs)
             release_free_memory()

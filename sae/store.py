@@ -6,8 +6,9 @@ A dump is a folder of `.npy` arrays, one per hook (or per side of a pair):
     <dump>/locs.npy        [instances, nodes, 2] the instances themselves
     <dump>/metadata.json   written last: shapes, dtype, per-dim mean/std, sha256 per file, ...
 
-`DumpWriter` streams rows into `<dump>.partial/` with bounded memory (a memory
-map over just the rows being written) and renames the folder into place only
+`DumpWriter` streams rows into `<dump>.partial/` with bounded memory (each batch
+goes to its place in the file by one positional write, and is hashed and added
+to the running statistics as it goes) and renames the folder into place only
 when every row and metadata.json are written, so an interrupted collection
 never leaves a dump that looks complete. A writer owns its dump: it holds
 `dump_lock` (an flock on `.<dump>.lock` beside it) from before it looks at the
@@ -30,6 +31,7 @@ several dumps) and names an entry whose folder is gone.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -55,25 +57,32 @@ METADATA = "metadata.json"
 
 
 class RunningStats:
-    """Per-dimension mean and std over streamed rows (Chan et al.'s pairwise merge, float64)."""
+    """Per-dimension mean and std over streamed rows (Chan et al.'s pairwise merge, float64).
+
+    Each batch's own mean and spread come from torch (multi-threaded); NaN or Inf in a batch makes them
+    non-finite, which `update` reports by returning False.
+    """
 
     def __init__(self, dim: int):
         self.count = 0
         self.mean = np.zeros(dim)
         self.m2 = np.zeros(dim)
 
-    def update(self, x: np.ndarray) -> None:  # [rows, dim]
-        x = x.astype(np.float64, copy=False)
+    def update(self, x: np.ndarray | torch.Tensor) -> bool:  # [rows, dim]; False: the batch holds NaN or Inf
+        x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.require(x, requirements="W"))
         n = x.shape[0]
         if n == 0:
-            return
-        batch_mean = x.mean(axis=0)
-        batch_m2 = ((x - batch_mean) ** 2).sum(axis=0)
+            return True
+        variance, batch_mean = torch.var_mean(x.double(), dim=0, correction=0)
+        batch_mean, batch_m2 = batch_mean.numpy(), variance.numpy() * n
+        if not (np.isfinite(batch_mean).all() and np.isfinite(batch_m2).all()):
+            return False
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean = self.mean + delta * n / total
         self.m2 = self.m2 + batch_m2 + delta**2 * self.count * n / total
         self.count = total
+        return True
 
     @property
     def std(self) -> np.ndarray:
@@ -99,6 +108,14 @@ def _check_space(folder: Path, needed: int) -> None:
                                     f"{free / 2**20:.1f} MiB are free", str(folder))  # fmt: skip
 
 
+class NonFiniteRows(ValueError):
+    """DumpWriter.write refused rows of `array` that hold NaN or Inf."""
+
+    def __init__(self, array: str):
+        super().__init__(f"NaN or Inf in the rows of {array}")
+        self.array = array
+
+
 class DumpWriter:
     """Writes arrays of a known row count into `<path>.partial/`, then moves them to `path`.
 
@@ -114,6 +131,9 @@ class DumpWriter:
         self.path = dump_path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.dims, self.rows, self.dtype = dict(dims), rows, np.dtype(dtype)
+        self.files: dict[str, int] = {}  # array name -> open file descriptor, until finish/abort
+        self.offsets: dict[str, int] = {}  # array name -> where its rows start (after the .npy header)
+        self.digests = {}  # array name -> sha256 of the bytes written so far
         self._lock = ExitStack()
         self._lock.enter_context(dump_lock(self.path))
         try:
@@ -122,29 +142,41 @@ class DumpWriter:
             shutil.rmtree(self.partial, ignore_errors=True)  # left by an interrupted run (we hold the lock)
             self.partial.mkdir(parents=True)
             _check_space(self.partial, sum(rows * d * self.dtype.itemsize for d in self.dims.values()))
-            self.offsets = {name: self._allocate(name, dim) for name, dim in self.dims.items()}
+            for name, dim in self.dims.items():
+                self._allocate(name, dim)
         except BaseException:
             self.abort()
             raise
         self.stats = {name: RunningStats(dim) for name, dim in self.dims.items()}
         self.cursor = 0
 
-    def _allocate(self, name: str, dim: int) -> int:
-        """Create `<name>.npy` with its blocks reserved on disk (a sparse file would SIGBUS on a full disk)."""
+    def _allocate(self, name: str, dim: int) -> None:
+        """Create `<name>.npy` (header, then its blocks reserved on disk so that a full disk fails here, not mid-way),
+        keep it open for positional writes, and start its sha256 with the header's bytes."""
         file = self.partial / f"{name}.npy"
-        mm = open_memmap(file, mode="w+", dtype=self.dtype, shape=(self.rows, dim))
-        offset = mm.offset
-        del mm
+        header = open_memmap(file, mode="w+", dtype=self.dtype, shape=(self.rows, dim))  # writes the .npy header
+        self.offsets[name] = offset = header.offset
+        del header
+        self.files[name] = fd = os.open(file, os.O_RDWR)
+        self.digests[name] = hashlib.sha256(os.pread(fd, offset, 0))
         if hasattr(os, "posix_fallocate"):
-            with open(file, "r+b") as f:
-                try:
-                    os.posix_fallocate(f.fileno(), 0, file.stat().st_size)
-                except OSError as err:
-                    if err.errno == errno.ENOSPC:
-                        raise OSError(errno.ENOSPC, "disk full while reserving the dump's space", str(file)) from err
-                    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot preallocate
-                        raise
-        return offset
+            try:
+                os.posix_fallocate(fd, 0, offset + self.rows * dim * self.dtype.itemsize)
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    raise OSError(errno.ENOSPC, "disk full while reserving the dump's space", str(file)) from err
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot preallocate
+                    raise
+
+    def _close_files(self, sync: bool) -> None:
+        """Close the arrays' files, each after an fsync when `sync`."""
+        while self.files:
+            _, fd = self.files.popitem()
+            try:
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> DumpWriter:
         return self
@@ -154,7 +186,7 @@ class DumpWriter:
             self.abort()
 
     def write(self, arrays: dict[str, np.ndarray | torch.Tensor]) -> None:
-        """Append the same number of rows to every array."""
+        """Append the same number of rows to every array; NaN or Inf in them is refused (NonFiniteRows)."""
         if set(arrays) != set(self.dims):
             raise ValueError(f"expected arrays {sorted(self.dims)}, got {sorted(arrays)}")
         arrays = {
@@ -169,17 +201,15 @@ class DumpWriter:
         for name, values in arrays.items():
             if values.shape[1:] != (self.dims[name],):
                 raise ValueError(f"{name}: rows of width {values.shape[1:]}, expected ({self.dims[name]},)")
-            self.stats[name].update(values)
-            window = np.memmap(
-                self.partial / f"{name}.npy",
-                dtype=self.dtype,
-                mode="r+",
-                offset=self.offsets[name] + self.cursor * self.dims[name] * self.dtype.itemsize,
-                shape=(n, self.dims[name]),
-            )  # only these rows are mapped, so memory stays bounded
-            window[:] = values  # the blocks were reserved by _allocate, so this cannot hit a full disk
-            window.flush()
-            del window
+            if not self.stats[name].update(values):
+                raise NonFiniteRows(name)
+        for name, values in arrays.items():
+            block = np.ascontiguousarray(values, dtype=self.dtype)
+            self.digests[name].update(block)
+            data, position = memoryview(block).cast("B"), self.offsets[name] + self.cursor * block.strides[0]
+            while data:  # the blocks were reserved by _allocate, so this cannot hit a full disk
+                written = os.pwrite(self.files[name], data, position)
+                data, position = data[written:], position + written
         self.cursor += n
 
     def add_file(self, name: str, array: np.ndarray) -> None:
@@ -199,7 +229,9 @@ class DumpWriter:
             }
             for name, dim in self.dims.items()
         }
-        files = {p.name: file_sha256(p) for p in sorted(self.partial.glob("*.npy"))}
+        self._close_files(sync=True)  # every row on disk before metadata.json says the dump is complete
+        hashed = {f"{name}.npy": digest.hexdigest() for name, digest in self.digests.items()}  # as written
+        files = {p.name: hashed.get(p.name) or file_sha256(p) for p in sorted(self.partial.glob("*.npy"))}
         meta = {
             **metadata,
             "dtype": self.dtype.name,
@@ -226,6 +258,7 @@ class DumpWriter:
         return self.path
 
     def abort(self) -> None:
+        self._close_files(sync=False)
         shutil.rmtree(self.partial, ignore_errors=True)
         self._lock.close()
 

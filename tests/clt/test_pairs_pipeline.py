@@ -15,7 +15,7 @@ from clt.pairs import LayerPair, parse_pairs, read_pairs_config
 from policy.env import generate
 from policy.runs import load_policy
 from sae.hooks import HookedPolicy
-from sae.store import DumpWriter, read_registry
+from sae.store import DumpWriter, NonFiniteRows, read_registry
 
 PAIRS = "encoder_layer_0:encoder_layer_1,encoder_layer_1:encoder_output,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
 
@@ -96,11 +96,15 @@ def test_nan_activations_stop_the_collection_cleanly(tiny_run, tmp_path, monkeyp
     assert not any(tmp_path.rglob("metadata.json")) and not any(tmp_path.rglob("*.partial"))
 
 
-@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
 def test_unequal_rows_and_nonfinite_stats_are_refused(tmp_path):
     with DumpWriter(tmp_path / "p", {"sources": 2, "targets": 2}, 4) as w:
-        w.write({"sources": np.ones((4, 2), np.float32), "targets": np.full((4, 2), np.inf, np.float32)})
+        with pytest.raises(NonFiniteRows, match="NaN or Inf in the rows of targets"):
+            w.write({"sources": np.ones((4, 2), np.float32), "targets": np.full((4, 2), np.inf, np.float32)})
+        w.write({"sources": np.ones((4, 2), np.float32), "targets": np.ones((4, 2), np.float32)})
         w.finish({"num_instances": 2, "nodes_per_instance": 2})
+    meta = json.loads((tmp_path / "p" / "metadata.json").read_text())
+    meta["arrays"]["targets"]["std"] = [float("inf"), 1.0]  # statistics written by something else
+    (tmp_path / "p" / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="NaN or Inf rows in targets"):
         open_pair(tmp_path / "p")
     np.save(tmp_path / "p" / "targets.npy", np.zeros((3, 2), np.float32))  # a consistent file with fewer rows
