@@ -4,7 +4,7 @@
 #   ./train_clt.sh                      the demo: collect runs/tsp20_demo's pairs (clt/configs/tsp20_demo.json),
 #                                       train one top-k transcoder per pair, print FVU / L0 / dead vs ridge
 #   ./train_clt.sh --run_dir R --pairs "clt_L0_to_L1 clt_L1_to_L2" --expansion "4 8" --k "8 16" \
-#                  --activation "topk batchtopk" --lr "2e-3 4e-3" --epochs 20 -- --wandb_project my-clt
+#                  --activation "topk batchtopk" --lr "16e-3 32e-3" --epochs 20 -- --wandb_project my-clt
 #
 # Options (each grid option takes a space-separated list):
 #   --run_dir R        run folder or name                     [tsp20_demo]
@@ -13,7 +13,7 @@
 #   --expansion "E ..."  expansion factors                    [8]
 #   --k "K ..."        active features per row                [16]
 #   --activation "A ..." topk | batchtopk | jumprelu | relu   [topk]
-#   --lr "LR ..."      learning rates                         [4e-3]
+#   --lr "LR ..."      learning rates                         [the trainer's default, 32e-3]
 #   --epochs N         epochs per run                         [10]
 #   --eval N           splice each transcoder into the policy on N instances (python -m clt.eval) [1000; 0: skip]
 #   --no_collect       skip pair collection (reuse the dumps)
@@ -30,7 +30,7 @@ PAIRS=""
 EXPANSION="8"
 K="16"
 ACTIVATION="topk"
-LR="4e-3"
+LR="default"
 EPOCHS=10
 EVAL=1000
 COLLECT=1
@@ -81,8 +81,11 @@ fi
 for pair in $PAIRS; do
   for e in $EXPANSION; do for k in $K; do for act in $ACTIVATION; do for lr in $LR; do
     echo "== $pair: expansion $e, k $k, $act, lr $lr" >&2
+    LR_ARG=()
+    [[ $lr == default ]] || LR_ARG=(--lr "$lr")
     "$PYTHON" -m clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" --k "$k" \
-      --activation "$act" --lr "$lr" --num_epochs "$EPOCHS" --sweep "$SWEEP" ${EXTRA[@]+"${EXTRA[@]}"} >&2
+      --activation "$act" ${LR_ARG[@]+"${LR_ARG[@]}"} --num_epochs "$EPOCHS" --sweep "$SWEEP" \
+      ${EXTRA[@]+"${EXTRA[@]}"} >&2
   done; done; done; done
 done
 

@@ -5,12 +5,16 @@
 Data: `encoder_layer_1.mlp_in -> encoder_layer_1.mlp_out` of runs/tsp20_demo (d=128),
 collected in memory from uniform TSP20 instances; validation rows come from other
 instances. Both transcoders have 8x expansion (1024 features), k=16, batch 4096, fp32,
-the same initial weights, normalisation, Adam and learning rate, and see the same
-batches. The plain one computes everything densely and lets autograd differentiate it
-(z = scatter(topk), y = z @ W_dec); clt's `train_step` decodes from the active
-features only (sae.sparse) and also keeps unit-norm decoder rows, dead-feature
-counters and the AuxK loss. Prints JSON: tokens/s, validation FVU after the same
-tokens, and where a step's time goes against the encoder-GEMM floor. Then (unless
+the same initial weights and normalisation (clt.train_transcoder's defaults), and see the
+same batches. clt's side is its trainer's defaults (Adam at 32e-3 with its schedule):
+`train_step` selects with sae.sparse.select_topk (int32-ranked torch.topk), decodes from the active
+features only (sae.sparse) and also keeps unit-norm decoder rows, dead-feature counters and
+the AuxK loss. The plain one computes everything densely and lets autograd differentiate it
+(z = scatter(torch.topk), y = z @ W_dec), with Adam at --plain_lr. Prints JSON: tokens/s,
+validation FVU after the same tokens, where a step's time goes against the encoder-GEMM
+floor, top-k and batch top-k selection against torch.topk, and the targets (`targets`:
+>= 3x the plain rows/s at no worse FVU, a step within 2.5x of the GEMM floor, selection
+under 25% of the GEMM, batchtopk within 2x of topk). Then (unless
 --no_scaling) bench.train_scaling's cases: the multi-layer CLT against three pairwise
 transcoders of the same total width, and 2 DDP ranks against 1 process.
 """
@@ -25,9 +29,9 @@ import torch
 from torch import nn
 
 from bench.train_scaling import collect_layers, ddp_case, multilayer_case
-from clt.model import CrossLayerTranscoder, TranscoderConfig
-from clt.train_transcoder import train_step
-from sae.sparse import select_topk
+from clt.model import CrossLayerTranscoder
+from clt.train_transcoder import TranscoderTrainConfig, lr_factor, train_step
+from sae.sparse import select_batchtopk, select_topk
 
 
 class DenseTopK(nn.Module):
@@ -66,17 +70,18 @@ def timed(fn, repeats: int) -> float:
 @click.option("--train_instances", default=10_000, help="Instances whose rows are cycled for training.")
 @click.option("--val_instances", default=2_000, help="Other instances for validation.")
 @click.option("--batch_size", default=4096, help="Rows per step.")
-@click.option("--lr", default=4e-3, help="Adam learning rate (both).")
+@click.option("--plain_lr", default=4e-3, help="Adam learning rate of the plain transcoder (clt's is its default).")
 @click.option("--threads", default=2, help="torch threads.")
 @click.option("--scaling/--no_scaling", default=True, help="Also the multi-layer and 2-process DDP cases.")
-def main(run_dir, tokens, train_instances, val_instances, batch_size, lr, threads, scaling):
+def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, threads, scaling):
     """Print JSON: training tokens/s and validation FVU, clt vs plain dense TopK transcoder."""
     torch.set_num_threads(threads)
     xs, ys = collect_layers(run_dir, train_instances, seed=1)
     xs_val, ys_val = collect_layers(run_dir, val_instances, seed=10**6)
     x, y, x_val, y_val = xs[1], ys[1], xs_val[1], ys_val[1]  # encoder_layer_1.mlp_in -> .mlp_out
     torch.manual_seed(0)
-    cfg = TranscoderConfig(128, 128, expansion_factor=8, k=16, normalize_source="standard", normalize_target="center")
+    train_cfg = TranscoderTrainConfig(run_dir=run_dir, pair="bench", expansion_factor=8, k=16, batch_size=batch_size)
+    cfg = train_cfg.model_config(128, 128)
     ours = CrossLayerTranscoder(cfg)
     ours.set_statistics(x.mean(0), x.std(0), y.mean(0), y.std(0))
     plain = DenseTopK(ours)
@@ -85,14 +90,15 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, lr, thread
     batches = [order[(i * batch_size) % len(x) :][:batch_size] for i in range(steps)]
     batches = [b if len(b) == batch_size else order[:batch_size] for b in batches]
 
-    opt_ours = torch.optim.Adam(ours.parameters(), lr=lr)
+    opt_ours = torch.optim.Adam(ours.parameters(), lr=train_cfg.lr)
     counters = torch.zeros(cfg.n_features, dtype=torch.long)
     start = time.perf_counter()
-    for rows in batches:
+    for step, rows in enumerate(batches):
+        opt_ours.param_groups[0]["lr"] = train_cfg.lr * lr_factor(step, steps, train_cfg.lr_decay)
         train_step(ours, opt_ours, x[rows], y[rows], counters)
     ours_s = time.perf_counter() - start
 
-    opt_plain = torch.optim.Adam(plain.parameters(), lr=lr)
+    opt_plain = torch.optim.Adam(plain.parameters(), lr=plain_lr)
 
     def plain_step(rows):
         xn, yn = ours.normalize_source(x[rows]), ours.normalize_target(y[rows])
@@ -116,6 +122,8 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, lr, thread
     w, b, out = ours.W_enc.detach(), ours.b_enc.detach(), torch.empty(batch_size, cfg.n_features)
     gemm_ms = timed(lambda: torch.addmm(b, xb, w.T, out=out), 20)
     topk_ms = timed(lambda: select_topk(out, 16), 20)
+    torch_topk_ms = timed(lambda: torch.topk(out, 16, dim=-1, sorted=False), 20)
+    batchtopk_ms = timed(lambda: select_batchtopk(out, 16), 20)
     ours.train()
     forward_ms = timed(lambda: ours.forward_train(xb), 20)
     ours_step_ms = ours_s / steps * 1e3
@@ -133,12 +141,22 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, lr, thread
         "encoder_gemm_ms": round(gemm_ms, 2),
         "encoder_gemm_gflop_per_s": round(2 * batch_size * 128 * 1024 / gemm_ms / 1e6, 1),
         "topk_ms": round(topk_ms, 2),
+        "torch_topk_ms": round(torch_topk_ms, 2),
+        "batchtopk_ms": round(batchtopk_ms, 2),
+        "topk_fraction_of_gemm": round(topk_ms / gemm_ms, 3),
         "clt_forward_ms": round(forward_ms, 2),
         "clt_backward_auxk_and_update_ms": round(ours_step_ms - forward_ms, 2),
         "clt_step_ms": round(ours_step_ms, 2),
         "plain_step_ms": round(plain_step_ms, 2),
         "clt_gemm_floor_fraction": round(gemm_ms / ours_step_ms, 3),
         "plain_gemm_floor_fraction": round(gemm_ms / plain_step_ms, 3),
+    }
+    result["targets"] = {
+        "speedup_at_least_3x": result["speedup"] >= 3,
+        "fvu_no_worse_than_plain": val_ours <= val_plain,
+        "step_within_2.5x_of_gemm_floor": gemm_ms / ours_step_ms >= 0.4,
+        "topk_under_25%_of_gemm": topk_ms < 0.25 * gemm_ms,
+        "batchtopk_within_2x_of_topk": batchtopk_ms <= 2 * topk_ms,
     }
     if scaling:
         result.update(multilayer_case(run_dir, tokens // 2))

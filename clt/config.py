@@ -15,6 +15,7 @@ from policy.options import choice
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
 MULTILAYER_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
 DICTIONARY_PENALTIES = ("none", "l1", "l2")
+DECODER_INITS = ("zero", "random")
 
 
 @dataclass(kw_only=True)
@@ -42,8 +43,9 @@ class CodeOptions:
     """Rows without firing after which a feature counts as dead."""
     normalize_source: str = choice("standard", NORMALIZATIONS)
     """How the model scales sources, from the pair's stored statistics (inside the model)."""
-    normalize_target: str = choice("center", NORMALIZATIONS)
-    """How the model scales targets (the loss is measured there)."""
+    normalize_target: str = choice("scale", NORMALIZATIONS)
+    """How the model scales targets (the loss is measured there); `scale` divides by one number, so the loss is
+    still the raw FVU and a learning rate means the same on any pair (bench.quality)."""
 
     def __post_init__(self):
         if self.expansion_factor < 1 or self.aux_rows < 1:
@@ -74,6 +76,10 @@ class TranscoderOptions(CodeOptions):
     """A penalty on the decoder rows: the sum of |w| (l1) or of w^2 (l2), e.g. for a tied decoder."""
     dictionary_coef: float = 0.0
     """Weight of the dictionary penalty."""
+    decoder_init: str = choice("random", DECODER_INITS)
+    """random: random unit rows, held at unit norm for topk/batchtopk (Gao et al.; the scale lives in the codes);
+    zero: rows start at zero and take any norm (sparsify's transcoder recipe, untied topk/batchtopk only). On
+    bench.quality's synthetic pairs zero reaches a lower FVU, on the demo's TSP pairs random does (README)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,6 +87,11 @@ class TranscoderOptions(CodeOptions):
             self.l1_coef = 3e-3 if self.activation == "relu" else 0.0
         if self.l0_coef is None:
             self.l0_coef = 1e-3 if self.activation == "jumprelu" else 0.0
+        if self.decoder_init not in DECODER_INITS:
+            raise ValueError(f"decoder_init must be one of {DECODER_INITS}, got {self.decoder_init!r}")
+        if self.decoder_init == "zero" and (self.tied or self.activation not in ("topk", "batchtopk")):
+            raise ValueError("decoder_init zero is for untied topk/batchtopk transcoders (an L1 or L0 penalty "
+                             "weighted by decoder norms would start at zero)")  # fmt: skip
         if self.dictionary_penalty not in DICTIONARY_PENALTIES:
             raise ValueError(f"dictionary_penalty must be one of {DICTIONARY_PENALTIES}")
         if min(self.l1_coef, self.l0_coef, self.dictionary_coef) < 0:

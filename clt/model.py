@@ -15,8 +15,9 @@ Sparsifiers:
 - `relu`: ReLU(pre), made sparse by an L1 penalty weighted by the decoder row norms.
 
 W_enc and W_dec are both [features, d] (one row per feature). The decoder is untied
-by default, or tied (W_dec = W_enc, needs d_in == d_out); topk/batchtopk decoder rows
-are kept at unit norm by the trainer (`unit_norm_decoder`). Normalisation statistics
+by default, or tied (W_dec = W_enc, needs d_in == d_out). Decoder rows start as random unit
+rows, which the trainer keeps at unit norm for topk/batchtopk (`unit_norm_decoder`), or, for an
+untied topk/batchtopk decoder, at zero with free row norms (`decoder_init` zero). Normalisation statistics
 are buffers of the model, so `encode` takes raw sources and `decode` returns raw
 targets. `decode_sparse` decodes from the active features only, and `forward_train`
 trains topk/batchtopk through them (sae.sparse) with the dense map's gradients.
@@ -81,13 +82,16 @@ class TranscoderOutput:
         """[features] bool: which features were non-zero in some row."""
         if self.codes is None:
             return (self.z != 0).any(0)
-        return torch.bincount(self.codes.features, weights=self.codes.values, minlength=n_features) > 0
+        return torch.bincount(self.codes.features, weights=self.codes.values.detach(), minlength=n_features) > 0
 
     def l0(self) -> float:
         """Mean number of non-zero codes per row."""
         nonzero = (self.z != 0).sum() if self.codes is None else (self.codes.values != 0).sum()
         return nonzero.item() / self.y_hat.shape[0]
 
+
+SPARSE_DENSITY = 1 / 16
+"""relu and jumprelu train through their non-zero entries only while at most this fraction of them is non-zero."""
 
 Penalty = Callable[["CrossLayerTranscoder", TranscoderOutput], torch.Tensor]
 """An extra loss term (e.g. orthogonality or energy) a trainer adds: penalty(model, output) -> scalar."""
@@ -131,6 +135,8 @@ class CrossLayerTranscoder(nn.Module):
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
         self.W_enc = nn.Parameter(w_dec.clone() if cfg.tied else torch.randn(f, cfg.d_in) / cfg.d_in**0.5)
         self.b_enc = nn.Parameter(torch.zeros(f))
+        if cfg.decoder_init == "zero":
+            w_dec = torch.zeros_like(w_dec)
         self.W_dec = None if cfg.tied else nn.Parameter(w_dec)  # [features, d_out]
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
         self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_out)) if cfg.skip else None
@@ -191,8 +197,9 @@ class CrossLayerTranscoder(nn.Module):
 
     @property
     def unit_norm_decoder(self) -> bool:
-        """Whether decoder rows are held at unit norm (topk/batchtopk, untied: the scale lives in z)."""
-        return self.cfg.activation in ("topk", "batchtopk") and not self.cfg.tied
+        """Whether decoder rows are held at unit norm (topk/batchtopk, untied, random decoder_init: the scale lives
+        in z)."""
+        return self.cfg.activation in ("topk", "batchtopk") and not self.cfg.tied and self.cfg.decoder_init == "random"
 
     @property
     def sparse_training(self) -> bool:
@@ -238,8 +245,11 @@ class CrossLayerTranscoder(nn.Module):
         """`forward_normalized` with the same gradients; topk/batchtopk decode from the active entries only.
 
         On the sparse path the pre-activations are never kept: topk computes them `chunk` rows
-        at a time (default: as many rows as fit 64 MB) into one reused buffer.
+        at a time (default: as many rows as fit 64 MB) into one reused buffer. relu and jumprelu take
+        `_forward_thresholded` while their codes are sparse.
         """
+        if self.cfg.activation in ("relu", "jumprelu"):
+            return self._forward_thresholded(x)
         if not self.sparse_training:
             return self.forward_normalized(x)
         with torch.no_grad():
@@ -262,6 +272,31 @@ class CrossLayerTranscoder(nn.Module):
         if self.W_skip is not None:
             y = y + x @ self.W_skip
         return TranscoderOutput(y, codes=codes)
+
+    def _forward_thresholded(self, x: torch.Tensor) -> TranscoderOutput:
+        """relu / jumprelu through the entries whose gradient is not zero: pre above 0 (relu) or above
+        theta - bandwidth / 2 (jumprelu: the active ones and those in the threshold's straight-through window).
+        Their pre-activations are recomputed differentiably from gathered rows, decoded by embedding_bag and
+        differentiated by autograd: the dense map's gradients (tests). Dense while more than SPARSE_DENSITY of
+        the entries qualify (early in training)."""
+        with torch.no_grad():
+            pre = self.pre_activations(x)
+            theta = self.log_threshold.exp() if self.log_threshold is not None else None
+            mask = pre > (0.0 if theta is None else theta - self.cfg.bandwidth / 2)
+        if mask.sum().item() > SPARSE_DENSITY * mask.numel():
+            return self.forward_normalized(x)
+        with torch.no_grad():
+            rows, features = mask.nonzero(as_tuple=True)  # row-major: grouped by row
+            offsets = F.pad(torch.bincount(rows, minlength=x.shape[0]).cumsum(0), (1, 0))
+        pre_s = (x[rows] * self.W_enc[features]).sum(-1) + self.b_enc[features]  # [entries]
+        if theta is None:
+            values = F.relu(pre_s)
+        else:
+            values = jump_relu(pre_s, self.log_threshold.exp()[features], self.cfg.bandwidth)
+        y = F.embedding_bag(features, self.decoder, offsets[:-1], mode="sum", per_sample_weights=values) + self.b_dec
+        if self.W_skip is not None:
+            y = y + x @ self.W_skip
+        return TranscoderOutput(y, pre=pre, codes=SparseCodes(values, features, offsets))
 
     def encode(self, x_raw: torch.Tensor) -> torch.Tensor:
         """Raw sources [batch, d_in] -> sparse codes z [batch, features]."""
@@ -302,6 +337,9 @@ class CrossLayerTranscoder(nn.Module):
         loss = out.y_hat.new_zeros(())
         if self.cfg.l1_coef and out.z is not None:
             loss = loss + self.cfg.l1_coef * (out.z.abs() * self.decoder.norm(dim=1)).sum(-1).mean()
+        elif self.cfg.l1_coef and out.codes is not None:
+            weighted = out.codes.values.abs() * self.decoder.norm(dim=1)[out.codes.features]
+            loss = loss + self.cfg.l1_coef * weighted.sum() / out.y_hat.shape[0]
         if self.cfg.l0_coef and self.log_threshold is not None and out.pre is not None:
             loss = loss + self.cfg.l0_coef * step(out.pre, self.log_threshold.exp(), self.cfg.bandwidth).sum(-1).mean()
         return loss
@@ -321,6 +359,8 @@ class CrossLayerTranscoder(nn.Module):
 def load_transcoder(folder: str | Path) -> CrossLayerTranscoder | MultiLayerTranscoder:
     """A pairwise or multi-layer transcoder from `cfg.json` + `model.safetensors`, in eval mode."""
     cfg, state = read_model_files(folder)
+    if "n_layers" not in cfg:
+        cfg.setdefault("decoder_init", "random")  # saved before decoder_init existed: random unit rows
     model = (
         MultiLayerTranscoder(MultiLayerConfig(**cfg))
         if "n_layers" in cfg

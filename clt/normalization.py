@@ -1,9 +1,14 @@
-"""How a transcoder scales its two sides: `none`, `center` or `standard` from the pair's stored statistics.
+"""How a transcoder scales its two sides: `none`, `center`, `scale` or `standard` from the pair's stored statistics.
 
-    normalize(x)   = (x - mean) / std    standard
+    normalize(x)   = (x - mean) / std    standard   std per dim
+                   = (x - mean) / s      scale      one s for every dim: the root mean square of the dims' stds
                    =  x - mean           center
                    =  x                  none
     denormalize(y) = the inverse
+
+`scale` leaves the shape of the data (and so the FVU a loss measures there) as it is and only brings it to
+unit size, so a learning rate means the same on any pair; it is the targets' default. With `scale` the std
+buffers hold s in every dim, so everything downstream treats it as `standard`.
 
 The statistics live in the model as buffers, so a transcoder takes raw sources and returns raw
 targets. `raw_encoder` / `raw_decoder` undo the scaling of its weights: weights in raw activation
@@ -16,40 +21,45 @@ from dataclasses import dataclass
 
 import torch
 
-NORMALIZATIONS = ("none", "center", "standard")
+NORMALIZATIONS = ("none", "center", "scale", "standard")
+SCALED = ("scale", "standard")
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, mode: str) -> torch.Tensor:
-    """(x - mean) / std for `standard`, x - mean for `center`, x for `none`."""
+    """(x - mean) / std for `standard` and `scale`, x - mean for `center`, x for `none`."""
     if mode == "none":
         return x
     x = x - mean.to(x.device)
-    return x / std.to(x.device) if mode == "standard" else x
+    return x / std.to(x.device) if mode in SCALED else x
 
 
 def denormalize(y: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, mode: str) -> torch.Tensor:
     """The inverse of `normalize`."""
     if mode == "none":
         return y
-    y = y * std.to(y.device) if mode == "standard" else y
+    y = y * std.to(y.device) if mode in SCALED else y
     return y + mean.to(y.device)
 
 
 @torch.no_grad()
 def store_statistics(model: torch.nn.Module, src_mean, src_std, tgt_mean, tgt_std) -> None:
     """Copy a pair's statistics into a transcoder's buffers (stds floored at 1e-6) and start its b_dec at the
-    target mean in the space it predicts in (the mean itself with normalize_target none, zero otherwise)."""
+    target mean in the space it predicts in (the mean itself with normalize_target none, zero otherwise).
+    With `scale` a side's std buffer gets that side's one scale (per layer for a multi-layer transcoder)."""
     for name, value in (("src_mean", src_mean), ("src_std", src_std), ("tgt_mean", tgt_mean), ("tgt_std", tgt_std)):
         getattr(model, name).copy_(torch.as_tensor(value, dtype=torch.float32))
-    model.src_std.clamp_(min=1e-6)
-    model.tgt_std.clamp_(min=1e-6)
+    for side, mode in (("src", model.cfg.normalize_source), ("tgt", model.cfg.normalize_target)):
+        std = getattr(model, f"{side}_std")
+        if mode == "scale":
+            std.copy_(std.pow(2).mean(-1, keepdim=True).sqrt().expand_as(std))
+        std.clamp_(min=1e-6)
     none = model.cfg.normalize_target == "none"
     model.b_dec.copy_(model.tgt_mean if none else torch.zeros_like(model.tgt_mean))
 
 
 @dataclass
 class Normalizer:
-    """x -> (x - mean) / std (standard), x - mean (center) or x (none); and back."""
+    """x -> (x - mean) / std (standard; scale: one std for all dims), x - mean (center) or x (none); and back."""
 
     mode: str
     mean: torch.Tensor  # [d]
@@ -58,6 +68,8 @@ class Normalizer:
     def __post_init__(self):
         if self.mode not in NORMALIZATIONS:
             raise ValueError(f"normalisation must be one of {NORMALIZATIONS}, got {self.mode!r}")
+        if self.mode == "scale":
+            self.std = self.std.pow(2).mean(-1, keepdim=True).sqrt().expand_as(self.std)
         self.std = self.std.clamp_min(1e-6)
 
     @classmethod
@@ -78,10 +90,10 @@ def raw_encoder(w_enc: torch.Tensor, src_std: torch.Tensor, mode: str) -> torch.
 
     (A centred source only shifts the bias, which raw-unit weights leave out.)"""
     w = w_enc.detach()
-    return w / src_std if mode == "standard" else w
+    return w / src_std if mode in SCALED else w
 
 
 def raw_decoder(w_dec: torch.Tensor, tgt_std: torch.Tensor, mode: str) -> torch.Tensor:
     """Decoder rows [features, d] in raw target units: W_dec * std when the target is standardised."""
     w = w_dec.detach()
-    return w * tgt_std if mode == "standard" else w
+    return w * tgt_std if mode in SCALED else w

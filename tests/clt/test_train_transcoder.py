@@ -19,7 +19,7 @@ from clt import summarize as summarize_cli
 from clt import train_transcoder as train_cli
 from clt.model import load_transcoder
 from clt.site import export as export_cli
-from clt.train_transcoder import TranscoderTrainConfig, run
+from clt.train_transcoder import TranscoderTrainConfig, lr_factor, run
 from policy.signals import Interrupted
 
 PAIR = "clt_L0.mlp_in_to_L0.mlp_out"
@@ -63,6 +63,20 @@ def test_cli_writes_the_run_folder_and_reports_against_ridge(pair_run):
     torch.testing.assert_close(model.W_dec.norm(dim=1), torch.ones(64))  # unit-norm rows (topk)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ridge_val_fvu"] > 0 and summary["val/fvu"] == pytest.approx(val[-1]["val/fvu"], rel=1e-4)
+
+
+def test_learning_rate_defaults_and_schedule(pair_run):
+    assert _cfg(pair_run).lr == 32e-3 and _cfg(pair_run, decoder_init="zero").lr == 8e-3
+    assert _cfg(pair_run, activation="jumprelu").lr == 4e-3 and _cfg(pair_run, pair="clt_multilayer").lr == 4e-3
+    assert [lr_factor(step, 10, 0.3) for step in range(10)] == pytest.approx([1] * 7 + [1, 2 / 3, 1 / 3])
+    assert lr_factor(9, 10, 0.0) == 1.0
+    out = run(_cfg(pair_run, lr_decay=0.5))  # 3 epochs of 9 steps
+    logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/lr" in r]
+    assert logged and logged[-1]["train/lr"] < 32e-3 * 0.7  # into the decay
+    for record in logged:  # logged after the step
+        assert record["train/lr"] == pytest.approx(32e-3 * lr_factor(record["step"] - 1, 27, 0.5))
+    with pytest.raises(ValueError, match="lr_decay must be in"):
+        _cfg(pair_run, lr_decay=1.5)
 
 
 def test_pair_given_as_hooks_and_token_budget(pair_run):

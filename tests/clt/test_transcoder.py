@@ -87,6 +87,29 @@ def test_normalisation_is_part_of_the_model():
     torch.testing.assert_close(raw.b_dec.data, tgt_mean)
 
 
+def test_scale_normalisation_divides_by_one_number():
+    model = _model(normalize_source="standard", normalize_target="scale")
+    tgt_std = torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0, 3.0])
+    model.set_statistics(torch.zeros(8), torch.ones(8), torch.full((6,), 5.0), tgt_std)
+    s = tgt_std.pow(2).mean().sqrt()
+    assert torch.allclose(model.tgt_std, s.expand(6))
+    y = torch.randn(4, 6) * tgt_std + 5.0
+    torch.testing.assert_close(model.normalize_target(y), (y - 5.0) / s)
+    torch.testing.assert_close(model.denormalize_target(model.normalize_target(y)), y)
+
+
+def test_decoder_inits():
+    unit, zero = _model(), _model(decoder_init="zero")
+    assert unit.unit_norm_decoder and torch.allclose(unit.W_dec.norm(dim=1), torch.ones(32))
+    assert not zero.unit_norm_decoder and not zero.W_dec.any()
+    assert torch.equal(unit.W_enc, zero.W_enc)
+    for bad in (dict(decoder_init="zero", activation="relu"), dict(decoder_init="zero", d_out=8, tied=True)):
+        with pytest.raises(ValueError, match="decoder_init zero is for untied topk/batchtopk"):
+            TranscoderConfig(d_in=8, d_out=bad.pop("d_out", 6), **bad)
+    with pytest.raises(ValueError, match="decoder_init must be one of"):
+        TranscoderConfig(d_in=8, d_out=6, decoder_init="ones")
+
+
 def test_relu_l1_and_aux_losses():
     model = _model(activation="relu", l1_coef=0.1)
     out = model.forward_normalized(torch.randn(8, 8))
@@ -111,6 +134,7 @@ def test_sparse_training_path_has_the_dense_gradients(activation, kw):
     model = _model(activation=activation, k=3, **kw)
     with torch.no_grad():
         model.b_enc.normal_()
+        model.decoder.normal_()  # not the zero init: every gradient non-trivial
         if model.W_skip is not None:
             model.W_skip.normal_()
     x = torch.randn(37, 8)
@@ -126,6 +150,36 @@ def test_sparse_training_path_has_the_dense_gradients(activation, kw):
     torch.testing.assert_close(y_sparse, y_dense, atol=1e-5, rtol=1e-5)
     for name in g_dense:
         torch.testing.assert_close(g_sparse[name], g_dense[name], atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kw", [{"activation": "relu"}, {"activation": "jumprelu", "skip": True}])
+def test_relu_and_jumprelu_train_sparsely_with_the_dense_gradients(kw):
+    """Sparse codes take the thresholded path (non-zero entries and the straight-through window only): the loss
+    with its L1 / L0 term and every gradient (threshold included) are autograd's through the dense map."""
+    model = _model(**kw)
+    with torch.no_grad():
+        model.b_enc.fill_(-2.0)  # a few percent of the entries above the threshold
+        model.decoder.normal_()
+        if model.log_threshold is not None:
+            model.log_threshold.copy_(torch.rand(32).mul(0.5).add(0.1).log())
+    x, y = torch.randn(300, 8), torch.randn(300, model.cfg.d_out)
+    results = []
+    for forward in (model.forward_normalized, model.forward_train):
+        model.zero_grad()
+        out = forward(x)
+        loss = (out.y_hat - y).pow(2).sum() + 10 * model.sparsity_loss(out)
+        loss.backward()
+        results.append((out, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (dense, loss_dense, g_dense), (sparse, loss_sparse, g_sparse) = results
+    assert sparse.codes is not None and sparse.z is None and dense.l0() == sparse.l0() > 0
+    assert torch.equal(dense.fired(32), sparse.fired(32))
+    assert loss_sparse == pytest.approx(loss_dense, rel=1e-5)
+    for name in g_dense:
+        torch.testing.assert_close(g_sparse[name], g_dense[name], atol=1e-4, rtol=1e-4, msg=name)
+    assert g_dense["log_threshold" if model.log_threshold is not None else "b_enc"].abs().sum() > 0
+    with torch.no_grad():
+        model.b_enc.fill_(2.0)  # dense codes: the dense path
+    assert model.forward_train(x).z is not None
 
 
 @pytest.mark.parametrize(
