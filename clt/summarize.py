@@ -53,7 +53,7 @@ def format_table(rows: list[dict]) -> str:
         ridge = r.get("ridge_val_fvu")
         ratio = r["val/fvu"] / ridge if ridge else float("nan")
         lines.append(
-            f"{r['pair']:<32}{r['activation']:>10}{r['features']:>10}{r['k']:>10}{r['lr']:>10.0e}{r['val/fvu']:>10.4f}"
+            f"{r['pair']:<32}{r['activation']:>10}{r['features']:>10}{r['k']:>10}{r['lr']:>10.3g}{r['val/fvu']:>10.4f}"
             f"{ridge if ridge is not None else float('nan'):>10.4f}{ratio:>10.2f}{r['val/l0']:>10.1f}"
             f"{r['val/dead_fraction']:>10.1%}{r['val/cosine']:>10.4f}"
             f"{_percent(r.get('splice_gap')):>10}{_percent(r.get('recovered')):>10}"
