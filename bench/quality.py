@@ -8,7 +8,7 @@ Every configuration trains a 8x transcoder (k=16) on the same rows of each data 
 - default          clt.train_transcoder's defaults, through its own train_step and lr schedule: random unit
                    decoder rows held at unit norm, targets divided by one scale, Adam at 32e-3 falling to 0
                    over the last 30% of the steps
-- zero_decoder     the same with `decoder_init zero` (free decoder norms) at lr 8e-3, its best
+- zero_decoder     the same with `decoder_init zero` (free decoder norms) at lr 8e-3 (its default)
 - previous_default the defaults before bench.quality existed: centred (unscaled) targets, constant lr 4e-3
 - plain_adam       a dense TopK transcoder with autograd (bench.train's), previous_default's init,
                    normalisation and lr

@@ -90,8 +90,8 @@ class TranscoderTrainConfig(TranscoderOptions):
     """Encoder rows random, or pointed at source rows (data: fewer dead features, higher FVU)."""
     lr: float | None = None
     """Adam learning rate, the peak (see lr_decay) [default: 32e-3 for a pairwise topk/batchtopk transcoder with
-    unit decoder rows, whose large steps bench.quality found best on every data set it has; 8e-3 with
-    --decoder_init zero (its best there); 4e-3 otherwise (tied, relu, jumprelu, multi-layer: as before)]."""
+    unit decoder rows, the best of 8e-3 to 64e-3 on bench.quality's data sets taken together; 8e-3 with
+    --decoder_init zero; 4e-3 otherwise (tied, relu, jumprelu, multi-layer: as before)]."""
     lr_decay: float = 0.3
     """Fraction of the training steps, at the end, over which the learning rate falls linearly to 0 (0: constant;
     the step count comes from num_epochs or num_tokens)."""
