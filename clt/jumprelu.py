@@ -23,7 +23,7 @@ class _JumpReLU(torch.autograd.Function):
         pre, theta = ctx.saved_tensors
         near = ((pre - theta).abs() < ctx.bandwidth / 2).to(grad.dtype)
         grad_theta = -(theta / ctx.bandwidth) * near * grad
-        return grad * (pre > theta), _to_theta(grad_theta, theta), None
+        return grad * (pre > theta), grad_theta.sum_to_size(theta.shape), None
 
 
 class _Step(torch.autograd.Function):
@@ -39,13 +39,7 @@ class _Step(torch.autograd.Function):
     def backward(ctx, grad):
         pre, theta = ctx.saved_tensors
         near = ((pre - theta).abs() < ctx.bandwidth / 2).to(grad.dtype)
-        return None, _to_theta(-(1.0 / ctx.bandwidth) * near * grad, theta), None
-
-
-def _to_theta(grad: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """A per-entry gradient summed over rows when theta is one per feature ([batch, features] pre); entry by entry
-    when theta was gathered to pre's shape (the sparse path's active entries)."""
-    return grad if theta.shape == grad.shape else grad.sum(0)
+        return None, (-(1.0 / ctx.bandwidth) * near * grad).sum_to_size(theta.shape), None
 
 
 def jump_relu(pre: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:

@@ -234,7 +234,9 @@ class CrossLayerTranscoder(nn.Module):
 
     def forward_normalized(self, x: torch.Tensor) -> TranscoderOutput:
         """The map in normalised spaces: x is a normalised source."""
-        pre = self.pre_activations(x)
+        return self._dense_from(x, self.pre_activations(x))
+
+    def _dense_from(self, x: torch.Tensor, pre: torch.Tensor) -> TranscoderOutput:
         z = self.sparsify(pre)
         y = z @ self.decoder + self.b_dec
         if self.W_skip is not None:
@@ -279,20 +281,18 @@ class CrossLayerTranscoder(nn.Module):
         Their pre-activations are recomputed differentiably from gathered rows, decoded by embedding_bag and
         differentiated by autograd: the dense map's gradients (tests). Dense while more than SPARSE_DENSITY of
         the entries qualify (early in training)."""
+        pre = self.pre_activations(x)  # [batch, features]
+        theta = self.log_threshold.exp() if self.log_threshold is not None else None
         with torch.no_grad():
-            pre = self.pre_activations(x)
-            theta = self.log_threshold.exp() if self.log_threshold is not None else None
             mask = pre > (0.0 if theta is None else theta - self.cfg.bandwidth / 2)
         if mask.sum().item() > SPARSE_DENSITY * mask.numel():
-            return self.forward_normalized(x)
+            return self._dense_from(x, pre)
+        pre = pre.detach()  # the sparse path differentiates through the gathered entries below only
         with torch.no_grad():
             rows, features = mask.nonzero(as_tuple=True)  # row-major: grouped by row
             offsets = F.pad(torch.bincount(rows, minlength=x.shape[0]).cumsum(0), (1, 0))
         pre_s = (x[rows] * self.W_enc[features]).sum(-1) + self.b_enc[features]  # [entries]
-        if theta is None:
-            values = F.relu(pre_s)
-        else:
-            values = jump_relu(pre_s, self.log_threshold.exp()[features], self.cfg.bandwidth)
+        values = F.relu(pre_s) if theta is None else jump_relu(pre_s, theta[features], self.cfg.bandwidth)
         y = F.embedding_bag(features, self.decoder, offsets[:-1], mode="sum", per_sample_weights=values) + self.b_dec
         if self.W_skip is not None:
             y = y + x @ self.W_skip
