@@ -10,8 +10,9 @@
 #   --run_dir R        run folder or name                     [tsp20_demo]
 #   --config FILE      pair config for collection             [clt/configs/<run>.json, if it exists]
 #   --pairs "P ..."    pair names to train                    [every pair the config lists]
-#   --expansion "E ..."  expansion factors                    [8]
-#   --k "K ..."        active features per row                [16]
+#   --expansion "E ..."  expansion factors                    [the config's sparsity.expansion_factors, else 8]
+#   --k "K ..."        active features per row                [the config's sparsity.k, else 16]
+#   --k_ratio "R ..."  fractions of features active, instead of --k  [the config's sparsity.k_ratio]
 #   --activation "A ..." topk | batchtopk | jumprelu | relu   [topk]
 #   --lr "LR ..."      learning rates                         [the trainer's default, 32e-3]
 #   --epochs N         epochs per run                         [10]
@@ -27,8 +28,9 @@ PYTHON=${PYTHON:-python}
 RUN_DIR=tsp20_demo
 CONFIG=""
 PAIRS=""
-EXPANSION="8"
-K="16"
+EXPANSION=""
+K=""
+K_RATIO=""
 ACTIVATION="topk"
 LR="default"
 EPOCHS=10
@@ -46,6 +48,7 @@ while [[ $# -gt 0 ]]; do
     --pairs) PAIRS=$2; shift 2 ;;
     --expansion) EXPANSION=$2; shift 2 ;;
     --k) K=$2; shift 2 ;;
+    --k_ratio) K_RATIO=$2; shift 2 ;;
     --activation) ACTIVATION=$2; shift 2 ;;
     --lr) LR=$2; shift 2 ;;
     --epochs) EPOCHS=$2; shift 2 ;;
@@ -77,13 +80,27 @@ if [[ -z "$PAIRS" ]]; then
   [[ -n "$CONFIG" ]] || { echo "train_clt.sh: give --pairs or --config" >&2; exit 2; }
   PAIRS=$("$PYTHON" -m clt.list_pairs "$CONFIG")
 fi
+# The sparsity grid: the flags, else the config's sparsity block, else 8x with k 16.
+if [[ -n "$CONFIG" ]]; then
+  [[ -n "$EXPANSION" ]] || EXPANSION=$("$PYTHON" -m clt.list_pairs "$CONFIG" --grid expansion_factors)
+  if [[ -z "$K" && -z "$K_RATIO" ]]; then
+    K=$("$PYTHON" -m clt.list_pairs "$CONFIG" --grid k)
+    [[ -n "$K" ]] || K_RATIO=$("$PYTHON" -m clt.list_pairs "$CONFIG" --grid k_ratio)
+  fi
+fi
+[[ -n "$EXPANSION" ]] || EXPANSION="8"
+[[ -n "$K" || -n "$K_RATIO" ]] || K="16"
+[[ -z "$K" || -z "$K_RATIO" ]] || { echo "train_clt.sh: give --k or --k_ratio, not both" >&2; exit 2; }
+SIZES=()
+for k in $K; do SIZES+=("--k=$k"); done
+for r in $K_RATIO; do SIZES+=("--k_ratio=$r"); done
 
 for pair in $PAIRS; do
-  for e in $EXPANSION; do for k in $K; do for act in $ACTIVATION; do for lr in $LR; do
-    echo "== $pair: expansion $e, k $k, $act, lr $lr" >&2
+  for e in $EXPANSION; do for size in "${SIZES[@]}"; do for act in $ACTIVATION; do for lr in $LR; do
+    echo "== $pair: expansion $e, ${size#--}, $act, lr $lr" >&2
     LR_ARG=()
     [[ $lr == default ]] || LR_ARG=(--lr "$lr")
-    "$PYTHON" -m clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" --k "$k" \
+    "$PYTHON" -m clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" "$size" \
       --activation "$act" ${LR_ARG[@]+"${LR_ARG[@]}"} --num_epochs "$EPOCHS" --sweep "$SWEEP" \
       ${EXTRA[@]+"${EXTRA[@]}"} >&2
   done; done; done; done

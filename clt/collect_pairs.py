@@ -5,7 +5,10 @@
 
 One forward pass per batch serves every pair (each hook is computed once), and
 row i means the same (instance, node) in every pair, so the targets of
-L0 -> L1 equal the sources of L1 -> L2 row for row. Each pair is written with
+L0 -> L1 equal the sources of L1 -> L2 row for row. Decoder pairs
+(`decoder.context:decoder.glimpse`) have a row per (instance, decoding step), step t
+of instance i at row i * nodes + t, along the policy's greedy tours or the tours
+of `--tours file.npy`; instance i's rows are the same instance in every pair. Each pair is written with
 sae's DumpWriter to `runs/<run>/clt/activations/<pair>/{sources.npy,
 targets.npy, locs.npy, metadata.json}` (or under the external activations root)
 and registered in `runs/<run>/sae/activation_store.json`. Collectors of the same
@@ -20,12 +23,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+import numpy as np
 
 from clt.datasets import condition_tag, dump_name
 from clt.pairs import LayerPair, PairsConfig, default_config_path, parse_pairs, read_pairs_config
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS
+from policy.io import file_sha256
 from policy.options import choice, options
 from policy.runs import load_policy
 from sae.collect import collect, collection_request, hook_dims, instance_batches, provenance
@@ -70,6 +75,9 @@ class CollectPairsConfig:
     """Replace existing pair dumps."""
     device: str = "cpu"
     """torch device."""
+    tours: str = "greedy"
+    """Decoder pairs (rows per decoding step): the tours the steps follow: `greedy` (the policy's own) or a .npy
+    file of tours [instances, nodes] for the collected instances (teacher forcing, e.g. optimal tours)."""
 
     def __post_init__(self):
         check_types(self)
@@ -117,22 +125,43 @@ def run(cfg: CollectPairsConfig) -> dict[str, Path]:
     common = collection_request(
         loaded, settings.num_instances_per_pair, num_loc, distribution, settings.seed, cfg.dtype
     )
+    tours = read_tours(cfg.tours, settings.num_instances_per_pair, num_loc)
     names = {pair.name: dump_name(pair.name, condition) for pair in pairs}
     paths = {pair.name: clt_activations_dir(loaded.run_dir, names[pair.name], root) for pair in pairs}
     check_registry_writable(loaded.run_dir)
     with ExitStack() as locks:
         for path in sorted(paths.values()):  # one order for every collector, so two never deadlock
             locks.enter_context(dump_lock(path))  # a second collector of these dumps waits here
-        request = {pair.name: {**common, "hooks": [pair.source, pair.target]} for pair in pairs}
+        followed = {"tours": "greedy" if tours is None else f"file sha256 {file_sha256(cfg.tours)}"}
+        request = {
+            p.name: {**common, "hooks": [p.source, p.target], **(followed if p.on_decoder else {})} for p in pairs
+        }
         todo = [pair for pair in pairs if not reusable(paths[pair.name], request[pair.name], cfg.overwrite)]
         if todo:
-            _collect_pairs(cfg, loaded, hooked, todo, paths, common)
+            _collect_pairs(cfg, loaded, hooked, todo, paths, request, tours)
         register_datasets(loaded.run_dir, {names[p.name]: (paths[p.name], {"kind": "clt_pair"}) for p in pairs})
     return {names[name]: path for name, path in paths.items()}
 
 
-def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str, Path], common: dict) -> None:
+def read_tours(path: str, num_instances: int, num_loc: int) -> np.ndarray | None:
+    """None for `greedy`, else the tours file [instances, nodes] (int64), checked: one permutation per instance."""
+    if path == "greedy":
+        return None
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--tours: no file {path} (give greedy, or a .npy of tours [instances, nodes])")
+    tours = np.load(path, allow_pickle=False)
+    if tours.shape != (num_instances, num_loc) or not np.issubdtype(tours.dtype, np.integer):
+        raise ValueError(f"--tours {path}: expected integer tours [{num_instances}, {num_loc}], got {tours.dtype} "
+                         f"{list(tours.shape)}")  # fmt: skip
+    if not (np.sort(tours, axis=1) == np.arange(num_loc)).all():
+        raise ValueError(f"--tours {path}: every row must visit each of the {num_loc} cities once")
+    return tours.astype(np.int64)
+
+
+def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str, Path], request: dict,
+                   tours: np.ndarray | None) -> None:  # fmt: skip
     """Write every pair, then publish them together under one collection id (see sae.store.registered_dump)."""
+    common = request[pairs[0].name]
     n, num_instances = common["nodes_per_instance"], common["num_instances"]
     dims = hook_dims(hooked, sorted({h for p in pairs for h in (p.source, p.target)}), n)
     rows = num_instances * n
@@ -152,12 +181,13 @@ def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str,
             for p in pairs
         }
         routes = [(writers[p.name], {p.source: "sources", p.target: "targets"}) for p in pairs]
-        locs = collect(hooked, batches, routes, num_instances)
+        locs = collect(hooked, batches, routes, num_instances, tours)
         for pair in pairs:
             writers[pair.name].add_file("locs", locs)
             writers[pair.name].finish({
-                **common,
+                **request[pair.name],
                 "kind": "clt_pair",
+                "row_meaning": "(instance, decoding step)" if pair.on_decoder else "(instance, city)",
                 "collection_id": collection_id,
                 "pair": pair.name,
                 "hooks": [pair.source, pair.target],

@@ -46,6 +46,11 @@ class CodeOptions:
     normalize_target: str = choice("scale", NORMALIZATIONS)
     """How the model scales targets (the loss is measured there); `scale` divides by one number, so the loss is
     still the raw FVU and a learning rate means the same on any pair (bench.quality)."""
+    whiten_floor: float = 1e-3
+    """whiten: eigenvalues of the side's covariance below this fraction of the largest are raised to it."""
+    align_coef: float = 0.0
+    """Weight of a cosine-alignment term: the mean over rows of 1 - cos(prediction, target), both in the
+    normalised target space (0: off)."""
 
     def __post_init__(self):
         if self.expansion_factor < 1 or self.aux_rows < 1:
@@ -59,6 +64,8 @@ class CodeOptions:
             raise ValueError("aux_coef and dead_tokens must be >= 0")
         if self.bandwidth <= 0 or self.jumprelu_threshold <= 0:
             raise ValueError("bandwidth and jumprelu_threshold must be > 0")
+        if not 0 < self.whiten_floor <= 1 or self.align_coef < 0:
+            raise ValueError("whiten_floor must be in (0, 1] and align_coef >= 0")
 
 
 @dataclass(kw_only=True)
@@ -76,6 +83,11 @@ class TranscoderOptions(CodeOptions):
     """A penalty on the decoder rows: the sum of |w| (l1) or of w^2 (l2), e.g. for a tied decoder."""
     dictionary_coef: float = 0.0
     """Weight of the dictionary penalty."""
+    group_size: int | None = None
+    """Group lasso: features per group (contiguous blocks of the dictionary) [default: none; --group_heads: one
+    group per attention head]."""
+    group_coef: float = 0.0
+    """Weight of the group lasso: the mean over rows of the sum over groups of ||z_group||_2 (needs group_size)."""
     decoder_init: str = choice("random", DECODER_INITS)
     """random: random unit rows, held at unit norm for topk/batchtopk (Gao et al.; the scale lives in the codes);
     zero: rows start at zero and take any norm (sparsify's transcoder recipe, untied topk/batchtopk only). On
@@ -94,5 +106,7 @@ class TranscoderOptions(CodeOptions):
                              "weighted by decoder norms would start at zero)")  # fmt: skip
         if self.dictionary_penalty not in DICTIONARY_PENALTIES:
             raise ValueError(f"dictionary_penalty must be one of {DICTIONARY_PENALTIES}")
-        if min(self.l1_coef, self.l0_coef, self.dictionary_coef) < 0:
+        if min(self.l1_coef, self.l0_coef, self.dictionary_coef, self.group_coef) < 0:
             raise ValueError("penalty coefficients must be >= 0")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be positive, got {self.group_size}")

@@ -210,3 +210,9 @@ class MultiLayerDataset:
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """All validation rows (not sliced by rank: validation runs on rank 0)."""
         return self._stacked(self.val, 0, 0) if self.val is not None else iter(())
+
+
+if __name__ == "__main__":  # python -m clt.datasets --run_dir R --pair P: a dump's statistics and throughput
+    from clt.describe import datasets_main
+
+    datasets_main()

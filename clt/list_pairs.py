@@ -1,6 +1,7 @@
-"""Print the pair names a pairs config lists, one per line: `python -m clt.list_pairs clt/configs/<run>.json`.
+"""Print what a pairs config lists: `python -m clt.list_pairs clt/configs/<run>.json` prints its pair names, one per
+line; `--grid expansion_factors|k|k_ratio` prints that list of its `sparsity` block, space-separated.
 
-train_clt.sh reads its default grid of pairs from here.
+train_clt.sh reads its default grid (pairs, widths, k) from here.
 """
 
 from __future__ import annotations
@@ -10,13 +11,22 @@ import click
 from clt.pairs import LayerPair, read_pairs_config
 from policy.cli import command
 
+GRIDS = ("expansion_factors", "k", "k_ratio")
+
 
 @click.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-def main(config):
-    """Print the pair names that the pairs CONFIG file lists, one per line (used by train_clt.sh)."""
+@click.option("--grid", type=click.Choice(GRIDS), default=None,
+              help="Print this list of the config's sparsity block, space-separated, not the pair names.")  # fmt: skip
+def main(config, grid):
+    """Print the pair names that the pairs CONFIG file lists, one per line, or one of its sparsity lists (used by
+    train_clt.sh)."""
     with command():
-        for item in read_pairs_config(config).layer_pairs:
+        settings = read_pairs_config(config)
+        if grid is not None:
+            click.echo(" ".join(str(v) for v in getattr(settings, grid)))
+            return
+        for item in settings.layer_pairs:
             if item.count(":") != 1:
                 raise ValueError(f"a layer pair is 'source:target', got {item!r}")
             click.echo(LayerPair(*(part.strip() for part in item.split(":"))).name)

@@ -35,3 +35,19 @@ def layer_reconstructions(model, batches: Iterable[tuple[torch.Tensor, torch.Ten
 def reconstruction(model: CrossLayerTranscoder, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Reconstruction:
     """A pairwise transcoder's reconstruction over raw (x_src, x_tgt) batches."""
     return layer_reconstructions(model, batches)[0]
+
+
+@torch.no_grad()
+def group_activity(model: CrossLayerTranscoder, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Group-lasso groups (model.cfg.group_size features each) over raw (source, target) batches: `group_l0`, the
+    mean number of groups with an active feature per row, and `dead_group_fraction`, the groups never active."""
+    size, n_groups = model.cfg.group_size, model.cfg.n_groups
+    groups = torch.arange(model.cfg.n_features, device=model.b_dec.device) // size
+    active_rows, rows = 0, 0
+    fired = torch.zeros(n_groups, dtype=torch.bool, device=groups.device)
+    for x, _ in batches:
+        z = model.encode(x.to(groups.device))  # [batch, features]
+        on = z.new_zeros(len(z), n_groups).index_add(1, groups, (z != 0).float()) > 0  # [batch, groups]
+        active_rows, rows = active_rows + on.sum().item(), rows + len(z)
+        fired |= on.any(0)
+    return {"group_l0": active_rows / max(rows, 1), "dead_group_fraction": 1 - fired.float().mean().item()}

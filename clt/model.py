@@ -59,6 +59,10 @@ class TranscoderConfig(TranscoderOptions):
         resolve_k(self.k, self.k_ratio, self.n_features)
         if self.tied and self.d_in != self.d_out:
             raise ValueError(f"a tied decoder needs d_in == d_out, got {self.d_in} and {self.d_out}")
+        if self.group_coef and self.group_size is None:
+            raise ValueError("group_coef needs group_size (or --group_heads)")
+        if self.group_size is not None and self.group_size > self.n_features:
+            raise ValueError(f"group_size {self.group_size} is more than the {self.n_features} features")
 
     @property
     def n_features(self) -> int:
@@ -67,6 +71,11 @@ class TranscoderConfig(TranscoderOptions):
     @property
     def active(self) -> int:
         return resolve_k(self.k, self.k_ratio, self.n_features)
+
+    @property
+    def n_groups(self) -> int:
+        """Feature groups of the group lasso (the last one may be smaller); 0 without groups."""
+        return -(-self.n_features // self.group_size) if self.group_size else 0
 
 
 @dataclass
@@ -88,6 +97,16 @@ class TranscoderOutput:
         """Mean number of non-zero codes per row."""
         nonzero = (self.z != 0).sum() if self.codes is None else (self.codes.values != 0).sum()
         return nonzero.item() / self.y_hat.shape[0]
+
+    def group_energy(self, group_size: int, n_groups: int) -> torch.Tensor:
+        """[batch, groups]: the sum of z^2 over each group's features (differentiable)."""
+        rows = self.y_hat.shape[0]
+        if self.codes is None:
+            groups = torch.arange(self.z.shape[1], device=self.z.device) // group_size
+            return self.z.new_zeros(rows, n_groups).index_add(1, groups, self.z.pow(2))
+        flat = self.codes.rows * n_groups + self.codes.features // group_size
+        energy = self.codes.values.new_zeros(rows * n_groups).index_add(0, flat, self.codes.values.pow(2))
+        return energy.view(rows, n_groups)
 
 
 SPARSE_DENSITY = 1 / 16
@@ -146,14 +165,18 @@ class CrossLayerTranscoder(nn.Module):
             else None
         )
         self.register_buffer("batchtopk_threshold", torch.zeros(()))
-        for side, d in (("src", cfg.d_in), ("tgt", cfg.d_out)):
+        for side, d, mode in (("src", cfg.d_in, cfg.normalize_source), ("tgt", cfg.d_out, cfg.normalize_target)):
             self.register_buffer(f"{side}_mean", torch.zeros(d))
             self.register_buffer(f"{side}_std", torch.ones(d))
+            if mode == "whiten":  # [d, d] C^-1/2 and C^1/2 of the side's covariance
+                self.register_buffer(f"{side}_whitener", torch.eye(d))
+                self.register_buffer(f"{side}_unwhitener", torch.eye(d))
 
     # normalisation ------------------------------------------------------------------
-    def set_statistics(self, src_mean, src_std, tgt_mean, tgt_std) -> None:
-        """Store the pair's per-dim statistics and start b_dec at the (normalised) target mean."""
-        store_statistics(self, src_mean, src_std, tgt_mean, tgt_std)
+    def set_statistics(self, src_mean, src_std, tgt_mean, tgt_std, src_cov=None, tgt_cov=None) -> None:
+        """Store the pair's per-dim statistics (and covariances, for whitening) and start b_dec at the
+        (normalised) target mean."""
+        store_statistics(self, src_mean, src_std, tgt_mean, tgt_std, src_cov, tgt_cov)
 
     @torch.no_grad()
     def init_encoder_from(self, x_raw: torch.Tensor, generator: torch.Generator | None = None) -> None:
@@ -166,13 +189,14 @@ class CrossLayerTranscoder(nn.Module):
         self.W_enc.copy_(rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def normalize_source(self, x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, self.src_mean, self.src_std, self.cfg.normalize_source)
+        return normalize(x, self.src_mean, self.src_std, self.cfg.normalize_source, getattr(self, "src_whitener", None))
 
     def normalize_target(self, y: torch.Tensor) -> torch.Tensor:
-        return normalize(y, self.tgt_mean, self.tgt_std, self.cfg.normalize_target)
+        return normalize(y, self.tgt_mean, self.tgt_std, self.cfg.normalize_target, getattr(self, "tgt_whitener", None))
 
     def denormalize_target(self, y: torch.Tensor) -> torch.Tensor:
-        return denormalize(y, self.tgt_mean, self.tgt_std, self.cfg.normalize_target)
+        unwhitener = getattr(self, "tgt_unwhitener", None)
+        return denormalize(y, self.tgt_mean, self.tgt_std, self.cfg.normalize_target, unwhitener)
 
     # the map ---------------------------------------------------------------------------
     @property
@@ -180,10 +204,10 @@ class CrossLayerTranscoder(nn.Module):
         return self.W_enc if self.cfg.tied else self.W_dec
 
     def raw_encoder(self) -> torch.Tensor:  # [features, d_in], reads raw sources
-        return raw_encoder(self.W_enc, self.src_std, self.cfg.normalize_source)
+        return raw_encoder(self.W_enc, self.src_std, self.cfg.normalize_source, getattr(self, "src_whitener", None))
 
     def raw_decoder(self) -> torch.Tensor:  # [features, d_out], writes raw targets
-        return raw_decoder(self.decoder, self.tgt_std, self.cfg.normalize_target)
+        return raw_decoder(self.decoder, self.tgt_std, self.cfg.normalize_target, getattr(self, "tgt_unwhitener", None))
 
     def row_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[features] norms of each feature's encoder row and decoder row."""
@@ -203,8 +227,8 @@ class CrossLayerTranscoder(nn.Module):
 
     @property
     def sparse_training(self) -> bool:
-        """Whether `forward_train` takes the sparse path (topk/batchtopk without an L1 term on z)."""
-        return self.cfg.activation in ("topk", "batchtopk") and self.cfg.l1_coef == 0
+        """Whether `forward_train` takes the sparse path (topk/batchtopk without an L1 or group term on z)."""
+        return self.cfg.activation in ("topk", "batchtopk") and self.cfg.l1_coef == 0 and self.cfg.group_coef == 0
 
     def normalize_decoder(self) -> None:
         """Decoder rows back to unit norm (after an optimizer step)."""
@@ -342,6 +366,11 @@ class CrossLayerTranscoder(nn.Module):
             loss = loss + self.cfg.l1_coef * weighted.sum() / out.y_hat.shape[0]
         if self.cfg.l0_coef and self.log_threshold is not None and out.pre is not None:
             loss = loss + self.cfg.l0_coef * step(out.pre, self.log_threshold.exp(), self.cfg.bandwidth).sum(-1).mean()
+        if self.cfg.group_coef:  # group lasso: sum_g ||z_g||_2 (the square root's gradient taken where z_g != 0)
+            energy = out.group_energy(self.cfg.group_size, self.cfg.n_groups)
+            on = energy > 0
+            norms = torch.where(on, energy, torch.ones_like(energy)).sqrt() * on
+            loss = loss + self.cfg.group_coef * norms.sum(-1).mean()
         return loss
 
     def aux_loss(self, x: torch.Tensor, y: torch.Tensor, out: TranscoderOutput, dead: torch.Tensor) -> torch.Tensor:
@@ -368,3 +397,9 @@ def load_transcoder(folder: str | Path) -> CrossLayerTranscoder | MultiLayerTran
     )
     model.load_state_dict(state)
     return model.eval()
+
+
+if __name__ == "__main__":  # python -m clt.model --clt_dir D: a transcoder's summary
+    from clt.describe import model_main
+
+    model_main()

@@ -62,6 +62,8 @@ class MultiLayerConfig(CodeOptions):
             self.sparsity_coef = 1e-3 if self.activation == "jumprelu" else 0.0
         if min(self.sparsity_coef, self.sparsity_scale) < 0:
             raise ValueError("the sparsity penalty must be >= 0")
+        if "whiten" in (self.normalize_source, self.normalize_target):
+            raise ValueError("whiten is for pairwise transcoders; the multi-layer CLT scales each layer by its stds")
 
     @property
     def n_features(self) -> int:  # per layer

@@ -1,9 +1,13 @@
 """Layer pairs (source hook -> target hook), their canonical names, and clt/configs/<run>.json.
 
 Names: `encoder_layer_{i}` is `L{i}`, a sub-point keeps its suffix (`L1.mlp_in`),
-`init_embedding` is `embed` and `encoder_output` is `out`; a pair is
-`clt_<source>_to_<target>`, e.g. `clt_L0_to_L2` or `clt_L1.mlp_in_to_L1.mlp_out`.
+`init_embedding` is `embed`, `encoder_output` is `out` and `decoder.<point>` is `dec.<point>`; a pair is
+`clt_<source>_to_<target>`, e.g. `clt_L0_to_L2`, `clt_L1.mlp_in_to_L1.mlp_out` or `clt_dec.context_to_dec.glimpse`.
 Saved tensors are `source_<hook>` and `target_<hook>`.
+
+A pair's two sides are both encoder points (a row per (instance, city)) or both decoder points (a row per
+(instance, decoding step), along the tour the collection follows); the glimpse, from the step's context to
+`decoder.glimpse`, is the decoder's one nonlinear block.
 
 A config file:
 
@@ -22,10 +26,12 @@ from pathlib import Path
 
 from policy.checks import check_types
 from policy.io import read_json
-from sae.hooks import parse_layer_hook
+from sae.hooks import DECODER_POINTS, parse_layer_hook
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _SHORT = re.compile(r"^L(\d+)(\.[a-z_]+)?$")
+DECODER_PAIRS = ("decoder.context:decoder.glimpse",)
+"""The decoder pair worth a transcoder: the glimpse (attention over the unvisited cities, then project_out)."""
 _PAIR_NAME = re.compile(r"^clt_(.+)_to_(.+)$")
 
 
@@ -47,6 +53,11 @@ class LayerPair:
         return cls(long_name(match.group(1)), long_name(match.group(2)))
 
     @property
+    def on_decoder(self) -> bool:
+        """Rows are (instance, decoding step) rather than (instance, city)."""
+        return is_decoder_point(self.source)
+
+    @property
     def source_tensor(self) -> str:
         return f"source_{self.source}"
 
@@ -55,24 +66,32 @@ class LayerPair:
         return f"target_{self.target}"
 
 
+def is_decoder_point(hook: str) -> bool:
+    return hook in DECODER_POINTS
+
+
 def short_name(hook: str) -> str:
     if hook == "init_embedding":
         return "embed"
     if hook == "encoder_output":
         return "out"
+    if is_decoder_point(hook):
+        return "dec." + hook.removeprefix("decoder.")
     parsed = parse_layer_hook(hook)
     if parsed is None:
-        raise ValueError(f"{hook!r} cannot be part of a pair: only encoder points (one row per node) can")
+        raise ValueError(f"{hook!r} cannot be part of a pair: it is not an encoder or decoder hook point")
     return f"L{parsed.layer}" + (f".{parsed.point}" if parsed.point else "")
 
 
 def long_name(short: str) -> str:
-    """The inverse of short_name: `L1.mlp_in` -> `encoder_layer_1.mlp_in`."""
+    """The inverse of short_name: `L1.mlp_in` -> `encoder_layer_1.mlp_in`, `dec.glimpse` -> `decoder.glimpse`."""
     if short in ("embed", "out"):
         return {"embed": "init_embedding", "out": "encoder_output"}[short]
+    if short.startswith("dec.") and is_decoder_point("decoder." + short.removeprefix("dec.")):
+        return "decoder." + short.removeprefix("dec.")
     match = _SHORT.match(short)
     if not match:
-        raise ValueError(f"{short!r} is not a short hook name (embed, out, L<i> or L<i>.<point>)")
+        raise ValueError(f"{short!r} is not a short hook name (embed, out, L<i>, L<i>.<point> or dec.<point>)")
     return f"encoder_layer_{match.group(1)}{match.group(2) or ''}"
 
 
@@ -91,6 +110,9 @@ def parse_pairs(spec: str | list[str], hook_names: list[str]) -> list[LayerPair]
             short_name(hook)
         if order[target] <= order[source]:
             raise ValueError(f"pair {item!r}: the target {target} is not downstream of the source {source}")
+        if is_decoder_point(source) != is_decoder_point(target):
+            raise ValueError(f"pair {item!r} mixes an encoder point (a row per city) with a decoder point (a row "
+                             f"per decoding step); pair decoder points together, e.g. {DECODER_PAIRS[0]}")  # fmt: skip
         pairs.append(LayerPair(source, target))
     if not pairs:
         raise ValueError("no layer pairs given")

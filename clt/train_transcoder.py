@@ -31,6 +31,7 @@ import click
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from clt.config import MULTILAYER_ACTIVATIONS, CodeOptions, TranscoderOptions
@@ -43,7 +44,8 @@ from clt.datasets import (
     pair_name,
     pair_path,
 )
-from clt.metrics import layer_reconstructions
+from clt.groups import head_blocks, init_head_groups_
+from clt.metrics import group_activity, layer_reconstructions
 from clt.model import CrossLayerTranscoder, Penalty, Transcoder, TranscoderConfig
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.pair_stats import inspect_pair
@@ -62,7 +64,7 @@ from policy.distributed import (
 from policy.io import read_json, write_json
 from policy.logger import WANDB_MODES, RunLogger
 from policy.options import choice, fields_of, options, resume_option
-from policy.runs import new_run_folder, read_config, resolve_run_dir, stored_path
+from policy.runs import load_policy, new_run_folder, read_config, resolve_run_dir, stored_path
 from sae.model import init_seed
 from sae.runs import clt_runs_dir, record_in_sweep, resume_dictionary_run
 from sae.trainer import DictionaryTrainer
@@ -88,6 +90,10 @@ class TranscoderTrainConfig(TranscoderOptions):
     """Multi-layer only: weights of the per-layer FVUs in the loss [default: all 1]."""
     init: str = choice("random", INITS)
     """Encoder rows random, or pointed at source rows (data: fewer dead features, higher FVU)."""
+    group_heads: bool = False
+    """Group lasso with one feature group per attention head, for a pair whose target is an attention output
+    (encoder_layer_<i>.attn_out, decoder.glimpse): group_size = features / heads, and group h's decoder rows
+    start in head h's output space (clt.groups)."""
     lr: float | None = None
     """Adam learning rate, the peak (see lr_decay) [default: 32e-3 for a pairwise topk/batchtopk transcoder with
     unit decoder rows, the best of 8e-3 to 64e-3 on bench.quality's data sets taken together; 8e-3 with
@@ -108,7 +114,9 @@ class TranscoderTrainConfig(TranscoderOptions):
     state_every: int = 50
     """Save the resumable training state every N steps too (0: at epoch ends only)."""
     log_weights: bool = False
-    """Also log histograms of encoder/decoder row norms at every epoch end."""
+    """Also log histograms of encoder/decoder row norms at every epoch end, and the weights themselves (each
+    checkpoint, every save_freq epochs) as versions of the W&B model artifact `<pair>-weights` (offline: kept for
+    `wandb sync`)."""
     seed: int = 0
     """Seeds the weights, the split and the batch order."""
     device: str = "cpu"
@@ -144,15 +152,20 @@ class TranscoderTrainConfig(TranscoderOptions):
             raise ValueError(f"wandb_mode must be one of {WANDB_MODES}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.group_coef and self.group_size is None and not self.group_heads:
+            raise ValueError("--group_coef needs --group_size or --group_heads")
+        if self.group_heads and self.pair == MULTILAYER:
+            raise ValueError("--group_heads is for a pair whose target is an attention output")
 
     def model_config(self, d_in: int, d_out: int) -> TranscoderConfig:
         return TranscoderConfig(d_in, d_out, **fields_of(self, TranscoderOptions))
 
     def multilayer_config(self, n_layers: int, d: int) -> MultiLayerConfig:
-        pairwise_only = self.tied or self.skip or self.init != "random" or self.l1_coef or self.dictionary_coef
+        pairwise_only = (self.tied or self.skip or self.init != "random" or self.l1_coef or self.dictionary_coef
+                         or self.group_coef or self.group_size)  # fmt: skip
         if self.activation not in MULTILAYER_ACTIVATIONS or pairwise_only:
             raise ValueError(f"the multi-layer transcoder trains {' or '.join(MULTILAYER_ACTIVATIONS)} features, "
-                             "untied, without skip, --init data, L1 or a dictionary penalty")  # fmt: skip
+                             "untied, without skip, --init data, L1, group lasso or a dictionary penalty")  # fmt: skip
         return MultiLayerConfig(n_layers=n_layers, d=d, layer_weights=self.layer_weights,
                                 sparsity_coef=self.l0_coef, **fields_of(self, CodeOptions))  # fmt: skip
 
@@ -170,7 +183,10 @@ def evaluate(model: Transcoder, data: PairDataset | MultiLayerDataset) -> tuple[
     per_layer = [{k: v for k, v in r.summary().items() if k in keep} for r in layers]
     frequency = np.concatenate([r.frequency for r in layers])
     if len(layers) == 1:
-        return {f"val/{k}": v for k, v in per_layer[0].items()}, frequency
+        metrics = {f"val/{k}": v for k, v in per_layer[0].items()}
+        if getattr(model.cfg, "group_size", None):
+            metrics.update({f"val/{k}": v for k, v in group_activity(model, data.val_batches()).items()})
+        return metrics, frequency
     metrics = {f"val/{k}": float(np.mean([m[k] for m in per_layer])) for k in keep}
     metrics["val/l0"] = sum(m["l0"] for m in per_layer)
     metrics.update({f"val/{k}_L{i}": m[k] for i, m in enumerate(per_layer) for k in ("fvu", "l0", "dead_fraction")})
@@ -206,6 +222,7 @@ class TranscoderTrainer(DictionaryTrainer):
         self.total_steps = max_steps or num_epochs * steps
         self.rows_since_fired = torch.zeros(model.feature_count, dtype=torch.long, device=self.device)
         self.logger: RunLogger | None = None
+        self.weights_artifact = f"{cfg.pair}-weights" if cfg.log_weights else None
 
     def batches(self, epoch: int, start_step: int):
         return ((x.to(self.device), y.to(self.device)) for x, y in self.data.train_batches(epoch, start_step))
@@ -297,6 +314,9 @@ def train_step(
     weight = dist.world_size / rows  # DDP averages gradients over ranks
     fvu_terms = err_sum / variance if model.layer_weights is None else model.layer_weights * err_sum / variance
     loss = weight * fvu_terms.sum() + weight * local_rows * model.sparsity_loss(out) + model.dictionary_loss()
+    if model.cfg.align_coef:  # 1 - cos(prediction, target) per row, in the normalised target space
+        cos = F.cosine_similarity(out.y_hat if layered else out.y_hat[None], y3, dim=-1)  # [layer, batch]
+        loss = loss + weight * model.cfg.align_coef * (1 - cos).sum()
     loss = loss + dist.world_size * model.cfg.aux_coef * aux
     for penalty in penalties:
         loss = loss + penalty(model, out)
@@ -319,6 +339,9 @@ def train_step(
              "l0": counts[len(y3)].item() / rows, "dead_fraction": dead.float().mean().item()}  # fmt: skip
     if layered:
         stats.update({f"fvu_L{i}": v for i, v in enumerate(fvu)})
+    if getattr(model.cfg, "group_size", None):  # this rank's rows
+        active = out.group_energy(model.cfg.group_size, model.cfg.n_groups) > 0  # [batch, groups]
+        stats["group_l0"] = active.sum(1).float().mean().item()
     return stats
 
 
@@ -366,11 +389,20 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
         path = pair_path(run_dir, dump_name(cfg.pair, cfg.condition), root)
         data = PairDataset(path, *split, rank=info.rank, world_size=info.world_size)
         val_data = PairDataset(path, *split) if info.enabled else data
+        blocks = None
+        if cfg.group_heads:
+            blocks = head_blocks(load_policy(run_dir, data.dump.metadata["checkpoint_epoch"]).model,
+                                 data.dump.metadata["target_hook"])  # fmt: skip
+            cfg.group_size = data.d_src * cfg.expansion_factor // len(blocks)
         model_cfg = cfg.model_config(data.d_src, data.d_tgt)
         seed = init_seed(f"clt/{cfg.pair}/{model_cfg}", cfg.seed)
         torch.manual_seed(seed)
         model = CrossLayerTranscoder(model_cfg)
-        model.set_statistics(*data.dump.stats("sources"), *data.dump.stats("targets"))
+        sides = (("src_cov", "sources", model_cfg.normalize_source), ("tgt_cov", "targets", model_cfg.normalize_target))
+        covariances = {key: data.dump.covariance(side) for key, side, mode in sides if mode == "whiten"}
+        model.set_statistics(*data.dump.stats("sources"), *data.dump.stats("targets"), **covariances)
+        if blocks is not None and not resume:
+            init_head_groups_(model, blocks)
         if cfg.init == "data" and not resume:
             model.init_encoder_from(next(val_data.train_batches(0))[0], torch.Generator().manual_seed(seed))
     if info.is_main:

@@ -96,7 +96,8 @@ function drawDecisionGraph(d, details) {
 }
 
 function layout(d, nodes, edges, graph, details) {
-  const layers = d.replacement.layers;
+  const encoder = d.replacement.layers;  // a glimpse transcoder's features sit in one more column, "layer" encoder
+  const layers = encoder + (d.nodes.some((n) => n.kind === "feature" && n.layer === encoder) ? 1 : 0);
   const columnOf = (n) => (n.kind === "input" ? 0 : n.kind === "target" ? layers + 1 : n.layer + 1);
   const columns = Array.from({ length: layers + 2 }, () => []);
   for (const n of nodes) columns[columnOf(n)].push(n);
@@ -104,7 +105,7 @@ function layout(d, nodes, edges, graph, details) {
   const tallest = Math.max(...columns.map((c) => c.length));
   const row = Math.max(5, Math.min(14, 900 / tallest)), width = 145 * columns.length, height = 40 + row * tallest;
   const svg = el("svg:svg", { id: "graph", class: "decision-graph", width, height, viewBox: `0 0 ${width} ${height}` });
-  const titles = ["inputs", ...Array.from({ length: layers }, (_, i) => `layer ${i}`), "targets"];
+  const titles = ["inputs", ...Array.from({ length: layers }, (_, i) => (i < encoder ? `layer ${i}` : "glimpse")), "targets"];
   const at = {};
   columns.forEach((column, c) => {
     const x = (width * (c + 0.5)) / columns.length;
@@ -132,7 +133,8 @@ function layout(d, nodes, edges, graph, details) {
       : n.kind === "error" ? el("svg:rect", { ...attrs, x: x - size, y: y - size, width: 2 * size, height: 2 * size, fill: "#9aa5b1" })
       : n.kind === "input" ? el("svg:rect", { ...attrs, x: x - size, y: y - size, width: 2 * size, height: 2 * size, fill: "#7c3aed", transform: `rotate(45 ${x} ${y})` })
       : el("svg:rect", { ...attrs, x: x - 6, y: y - 5, width: 12, height: 10, fill: "#16a34a" });
-    const label = n.kind === "feature" ? `L${n.layer} city ${n.city} #${n.feature}` : n.kind === "error" ? `error L${n.layer} city ${n.city}` : n.kind === "input" ? `input city ${n.city}` : `target city ${n.city}`;
+    const where = n.layer === encoder ? "glimpse" : `L${n.layer}`;
+    const label = n.kind === "feature" ? `${where} city ${n.city} #${n.feature}` : n.kind === "error" ? `error ${where} city ${n.city}` : n.kind === "input" ? `input city ${n.city}` : `target city ${n.city}`;
     mark.addEventListener("mouseenter", () => highlightPaths(graph, n, true, details, label));
     mark.addEventListener("mouseleave", () => highlightPaths(graph, n, false));
     if (n.kind === "feature") mark.addEventListener("click", () => { location.hash = featureHash(d.replacement.dictionaries[n.layer], n.feature); });

@@ -123,6 +123,23 @@ class RunLogger:
                 log.warning("W&B histogram logging failed (%s); continuing with %s only", err, self.path)
                 self.wandb_run = None
 
+    def log_artifact(self, path: str | Path, name: str, alias: str, step: int) -> None:
+        """A file (a weights checkpoint) as a version of the W&B model artifact `name`, tagged `alias`; offline runs
+        keep it for `wandb sync`. metrics.jsonl records which file was logged at which step."""
+        path = Path(path)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "artifact": {"name": name, "alias": alias, "file": path.name}}) + "\n")
+        if self.wandb_run is not None:
+            try:
+                import wandb
+
+                artifact = wandb.Artifact(name, type="model", metadata={"step": step})
+                artifact.add_file(str(path), name=path.name)
+                self.wandb_run.log_artifact(artifact, aliases=[alias])
+            except Exception as err:
+                log.warning("W&B artifact logging failed (%s); continuing with %s only", err, self.path)
+                self.wandb_run = None
+
     def finish(self) -> None:
         if self.wandb_run is not None:
             try:

@@ -69,6 +69,7 @@ class EpochTrainer:
         self.desc = desc
         self.position = Position()
         self.wandb_run_id: str | None = None
+        self.weights_artifact: str | None = None  # set: every checkpoint is also logged as this W&B artifact
 
     # provided by the subclass ------------------------------------------------------------
     def batches(self, epoch: int, start_step: int) -> Iterator:
@@ -134,6 +135,8 @@ class EpochTrainer:
                     if self.is_main and (p.epoch % self.save_freq == 0 or p.epoch == self.num_epochs):
                         path = self.out_dir / "checkpoints" / f"epoch_{p.epoch}.safetensors"
                         save_tensors(path, self.weights(), {"epoch": str(p.epoch)})
+                        if logger is not None and self.weights_artifact:
+                            logger.log_artifact(path, self.weights_artifact, f"epoch_{p.epoch}", p.global_step)
                     self.save_state(logger)
         except Interrupted as err:
             self.save_state(logger)

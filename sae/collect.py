@@ -73,9 +73,16 @@ Route = tuple[DumpWriter, dict[str, str]]
 """A writer and the hooks it takes: {hook name: array name in that dump}."""
 
 
-def collect(hooked: HookedPolicy, batches: Iterator[torch.Tensor], routes: list[Route], total: int) -> np.ndarray:
+def collect(
+    hooked: HookedPolicy,
+    batches: Iterator[torch.Tensor],
+    routes: list[Route],
+    total: int,
+    tours: np.ndarray | None = None,
+) -> np.ndarray:
     """One forward per batch serves every route; returns all instances [N, n, 2].
 
+    Decoder points are read along the policy's greedy tours, or along `tours` [N, n] (teacher forcing) when given.
     Non-finite activations stop the collection with a ValueError (the writers refuse them, and then discard their
     dumps).
     """
@@ -84,7 +91,8 @@ def collect(hooked: HookedPolicy, batches: Iterator[torch.Tensor], routes: list[
     locs_seen, done = [], 0
     with tqdm(total=total, desc="collecting", unit="inst") as bar:
         for locs in batches:
-            cache = hooked.run_with_cache(locs.to(device), names)
+            follow = {} if tours is None else {"actions": torch.as_tensor(tours[done : done + len(locs)])[:, None]}
+            cache = hooked.run_with_cache(locs.to(device), names, **follow)
             rows = {hook: value.reshape(-1, value.shape[-1]) for hook, value in cache.items()}  # [batch * node, d]
             for writer, mapping in routes:
                 try:

@@ -4,6 +4,7 @@ A dump is a folder of `.npy` arrays, one per hook (or per side of a pair):
 
     <dump>/<array>.npy     [rows, dim] float32|float16; row i is (instance i // nodes, node i % nodes)
     <dump>/locs.npy        [instances, nodes, 2] the instances themselves
+    <dump>/<array>_covariance.npy   [dim, dim] float64 covariance of the rows (for whitening)
     <dump>/metadata.json   written last: shapes, dtype, per-dim mean/std, sha256 per file, ...
 
 `DumpWriter` streams rows into `<dump>.partial/` with bounded memory (each batch
@@ -54,19 +55,22 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16")
 METADATA = "metadata.json"
+COVARIANCE_SUFFIX = "_covariance.npy"
 
 
 class RunningStats:
-    """Per-dimension mean and std over streamed rows (Chan et al.'s pairwise merge, float64).
+    """Per-dimension mean and std, and the covariance, over streamed rows (Chan et al.'s pairwise merge, float64).
 
-    Each batch's own mean and spread come from torch (multi-threaded); NaN or Inf in a batch makes them
-    non-finite, which `update` reports by returning False.
+    Each batch's own mean and spread come from torch (multi-threaded; the batch's centred co-moment x_c^T x_c by
+    one float32 GEMM, accumulated in float64); NaN or Inf in a batch makes them non-finite, which `update` reports
+    by returning False.
     """
 
     def __init__(self, dim: int):
         self.count = 0
         self.mean = np.zeros(dim)
         self.m2 = np.zeros(dim)
+        self.comoment = np.zeros((dim, dim))
 
     def update(self, x: np.ndarray | torch.Tensor) -> bool:  # [rows, dim]; False: the batch holds NaN or Inf
         x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.require(x, requirements="W"))
@@ -77,16 +81,23 @@ class RunningStats:
         batch_mean, batch_m2 = batch_mean.numpy(), variance.numpy() * n
         if not (np.isfinite(batch_mean).all() and np.isfinite(batch_m2).all()):
             return False
+        centred = x.float() - torch.from_numpy(batch_mean).float()
+        batch_comoment = (centred.T @ centred).double().numpy()
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean = self.mean + delta * n / total
         self.m2 = self.m2 + batch_m2 + delta**2 * self.count * n / total
+        self.comoment = self.comoment + batch_comoment + np.outer(delta, delta) * self.count * n / total
         self.count = total
         return True
 
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.m2 / max(self.count, 1))
+
+    @property
+    def covariance(self) -> np.ndarray:  # [dim, dim], population (divided by the row count)
+        return self.comoment / max(self.count, 1)
 
 
 def dump_path(path: str | Path) -> Path:
@@ -226,9 +237,12 @@ class DumpWriter:
                 "shape": [self.rows, dim],
                 "mean": self.stats[name].mean.tolist(),
                 "std": self.stats[name].std.tolist(),
+                "covariance_file": f"{name}{COVARIANCE_SUFFIX}",
             }
             for name, dim in self.dims.items()
         }
+        for name in self.dims:
+            np.save(self.partial / arrays[name]["covariance_file"], self.stats[name].covariance, allow_pickle=False)
         self._close_files(sync=True)  # every row on disk before metadata.json says the dump is complete
         hashed = {f"{name}.npy": digest.hexdigest() for name, digest in self.digests.items()}  # as written
         files = {p.name: hashed.get(p.name) or file_sha256(p) for p in sorted(self.partial.glob("*.npy"))}
@@ -293,6 +307,18 @@ class Dump:
     def stats(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         info = self.metadata["arrays"][name]
         return np.asarray(info["mean"], dtype=np.float32), np.asarray(info["std"], dtype=np.float32)
+
+    def covariance(self, name: str) -> np.ndarray:
+        """[dim, dim] float64 covariance of the array's rows, as the collector measured it while writing."""
+        file = self.metadata["arrays"][name].get("covariance_file")
+        if file is None or not (self.path / file).is_file():
+            raise ValueError(f"{self.path} has no covariance of {name} (collected before dumps stored one): "
+                             "collect it again with --overwrite to whiten")  # fmt: skip
+        covariance = np.load(self.path / file, allow_pickle=False)
+        dim = self.metadata["arrays"][name]["shape"][1]
+        if covariance.shape != (dim, dim) or not np.isfinite(covariance).all():
+            raise ValueError(f"{self.path / file}: expected a finite [{dim}, {dim}] covariance")
+        return covariance
 
 
 def open_dump(path: str | Path, verify: bool = False) -> Dump:

@@ -47,6 +47,10 @@ class AttributeConfig:
     """Targets, pruning and checks (flattened into options)."""
     clt: str | None = None
     """A multi-layer CLT run folder [default: the run's newest, else its per-layer mlp_in -> mlp_out transcoders]."""
+    glimpse_clt: str | None = None
+    """Also replace step t's glimpse by a decoder.context -> decoder.glimpse transcoder (a run folder, or `newest`
+    for the run's newest): its features become nodes between the encoder output and the targets (clt.graph.glimpse;
+    needs --glimpse frozen and step >= 1)."""
     checkpoint: int | None = None
     """Policy epoch [default: the one the transcoders were trained on, else the latest]."""
     out: str | None = None
@@ -69,7 +73,7 @@ class AttributeConfig:
 def run(cfg: AttributeConfig) -> tuple[Attribution, Path]:
     """Attribute the decision; returns it and where its JSON went."""
     run_dir = resolve_run_dir(cfg.run_dir)
-    replacement = load_replacement(run_dir, cfg.clt)
+    replacement = load_replacement(run_dir, cfg.clt, cfg.glimpse_clt)
     epoch = cfg.checkpoint if cfg.checkpoint is not None else replacement.checkpoint_epoch
     policy = load_policy(run_dir, epoch, cfg.device)
     if replacement.models[0].b_dec.shape[-1] != policy.config.policy.embed_dim:

@@ -7,6 +7,10 @@ Nodes, in the adjacency's order (as circuit-tracer orders them):
     inputs     I:<city>                     the city's init_embedding; activation 1
     targets    T:<city>                     a candidate's raw pointer score (its tangent), or minus the runner-up's
 
+With a glimpse transcoder (clt.graph.glimpse) its active features at step t are features of "layer" n_layers at
+the current city, after the encoder's, and the glimpse's error is one more error node E:<n_layers>:<current>; the
+targets then sit at layer n_layers + 1.
+
 `adjacency[r, s]` is the direct effect of source s on receiver r's input -- a feature's pre-activation, a target's
 value -- through the frozen linear paths (norms, attention value paths, the glimpse), not through other features:
 the source's activation times the derivative of r's input with respect to it. Each receiver's input is exactly the
@@ -73,37 +77,31 @@ class Graph:
 
 
 def node_list(local: LocalModel) -> list[dict]:
-    nodes = []
-    for layer, features in enumerate(local.features):
-        for city, slot in features.active.nonzero().tolist():
-            feature = int(features.index[city, slot])
-            nodes.append(
-                {
-                    "kind": "feature",
-                    "id": f"F:{layer}:{city}:{feature}",
-                    "layer": layer,
-                    "city": city,
-                    "feature": feature,
-                    "activation": float(local.activations[layer][city, slot]),
-                }
-            )
+    """The nodes in the adjacency's order: features (the encoder's, then the glimpse's), errors (likewise), inputs,
+    targets."""
+    features, errors, glimpse, top = [], [], local.glimpse, local.n_layers
+    for layer, active in enumerate(local.features):
+        for city, slot in active.active.nonzero().tolist():
+            feature = int(active.index[city, slot])
+            activation = float(local.activations[layer][city, slot])
+            features.append({"kind": "feature", "id": f"F:{layer}:{city}:{feature}", "layer": layer, "city": city,
+                             "feature": feature, "activation": activation})  # fmt: skip
     for layer, error in enumerate(local.errors):
         for city in range(local.decision.n):
-            nodes.append(
-                {
-                    "kind": "error",
-                    "id": f"E:{layer}:{city}",
-                    "layer": layer,
-                    "city": city,
-                    "norm": float(error[city].norm()),
-                }
-            )
-    for city in range(local.decision.n):
-        nodes.append({"kind": "input", "id": f"I:{city}", "city": city})
-    for i, city in enumerate(local.targets):
-        against = None if local.against is None else local.against[i]
-        nodes.append({"kind": "target", "id": f"T:{city}", "city": city, "layer": local.n_layers, "against": against})
-    return nodes
+            errors.append({"kind": "error", "id": f"E:{layer}:{city}", "layer": layer, "city": city,
+                           "norm": float(error[city].norm())})  # fmt: skip
+    if glimpse is not None:  # "layer" n_layers, at the current city
+        for feature, activation in zip(glimpse.index.tolist(), glimpse.activations.tolist(), strict=True):
+            features.append({"kind": "feature", "id": f"F:{top}:{glimpse.city}:{feature}", "layer": top,
+                             "city": glimpse.city, "feature": feature, "activation": activation})  # fmt: skip
+        errors.append({"kind": "error", "id": f"E:{top}:{glimpse.city}", "layer": top, "city": glimpse.city,
+                       "norm": float(glimpse.error.norm())})  # fmt: skip
+        top += 1
+    inputs = [{"kind": "input", "id": f"I:{city}", "city": city} for city in range(local.decision.n)]
+    targets = [{"kind": "target", "id": f"T:{city}", "city": city, "layer": top,
+                "against": None if local.against is None else local.against[i]}
+               for i, city in enumerate(local.targets)]  # fmt: skip
+    return features + errors + inputs + targets
 
 
 @torch.no_grad()
@@ -113,9 +111,10 @@ def build_graph(local: LocalModel, target_weights: torch.Tensor, chunk: int = 51
     n, layers = local.decision.n, local.n_layers
     if local.attention == "tangent":
         chunk = max(8, min(chunk, 2**24 // (local.attn[0].pattern.numel())))
-    counts = [int(f.active.sum()) for f in local.features]
-    offsets = [sum(counts[:i]) for i in range(layers + 1)]
-    n_features, n_errors = offsets[-1], layers * n
+    glimpse = local.glimpse
+    counts = [int(f.active.sum()) for f in local.features] + ([len(glimpse.index)] if glimpse is not None else [])
+    offsets = [sum(counts[:i]) for i in range(len(counts) + 1)]
+    n_features, n_errors = offsets[-1], layers * n + (glimpse is not None)
     total = n_features + n_errors + n + len(local.targets)
     adjacency = torch.zeros(total, total, dtype=DTYPE)
 
@@ -143,16 +142,26 @@ def build_graph(local: LocalModel, target_weights: torch.Tensor, chunk: int = 51
             cotangent = torch.zeros(len(c), n, local.d, dtype=DTYPE)
             cotangent[torch.arange(len(c)), c] = features.rows[c, s]
             fill(slice(offsets[layer] + start, offsets[layer] + start + len(c)), cotangent, layer)
-    fill(slice(total - len(local.targets), total), local.target_cotangents(), layers)
+    targets = slice(total - len(local.targets), total)
+    fill(targets, local.target_cotangents(), layers)
+    if glimpse is not None:  # the glimpse features read the context (first, current city), and write the targets
+        fill(slice(offsets[layers], offsets[layers + 1]), glimpse.pre_cotangents(), layers)
+        adjacency[targets, offsets[layers] : offsets[layers + 1]] = glimpse.feature_edges()
+        adjacency[targets, n_features + n_errors - 1] = glimpse.error_edges()
 
-    zeros = [torch.zeros_like(a) for a in local.activations]
-    zero_pres, zero_targets = local.forward(zeros, torch.zeros(layers, n, dtype=DTYPE), torch.zeros(n, dtype=DTYPE))
-    pres, targets = local.forward(local.activations)
+    activations = local.source_activations()
+    zeros = [torch.zeros_like(a) for a in activations]
+    zero_pres, zero_targets = local.forward(zeros, torch.zeros(layers, n, dtype=DTYPE), torch.zeros(n, dtype=DTYPE),
+                                            glimpse_error=0.0)  # fmt: skip
+    pres, target_values = local.forward(activations)
     constants, values = torch.zeros(total, dtype=DTYPE), torch.zeros(total, dtype=DTYPE)
     for i, features in enumerate(local.features):
         constants[offsets[i] : offsets[i + 1]] = zero_pres[i][features.active]
         values[offsets[i] : offsets[i + 1]] = pres[i][features.active]
-    constants[total - len(local.targets) :] = zero_targets
-    values[total - len(local.targets) :] = targets
+    if glimpse is not None:
+        constants[offsets[layers] : offsets[layers + 1]] = zero_pres[layers]
+        values[offsets[layers] : offsets[layers + 1]] = pres[layers]
+    constants[targets] = zero_targets
+    values[targets] = target_values
     values[n_features : n_features + n_errors + n] = 1.0
     return Graph(node_list(local), adjacency, constants, values, n_features, n_errors, n, target_weights.to(DTYPE))

@@ -37,6 +37,9 @@ class InterveneConfig:
     """Which decision (flattened into options)."""
     clt: str | None = None
     """A multi-layer CLT run folder [default: the run's newest, else its per-layer mlp_in -> mlp_out transcoders]."""
+    glimpse_clt: str | None = None
+    """Also splice a decoder.context -> decoder.glimpse transcoder into step t's glimpse (a run folder, or `newest`);
+    its features are then changed as layer <n_layers> at the current city."""
     checkpoint: int | None = None
     """Policy epoch [default: the one the transcoders were trained on, else the latest]."""
     out: str | None = None
@@ -54,7 +57,7 @@ class InterveneConfig:
 
 def run(cfg: InterveneConfig) -> dict:
     run_dir = resolve_run_dir(cfg.run_dir)
-    replacement = load_replacement(run_dir, cfg.clt)
+    replacement = load_replacement(run_dir, cfg.clt, cfg.glimpse_clt)
     epoch = cfg.checkpoint if cfg.checkpoint is not None else replacement.checkpoint_epoch
     policy = load_policy(run_dir, epoch, cfg.device)
     replacement.to(cfg.device)

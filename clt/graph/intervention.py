@@ -4,7 +4,9 @@ Every encoder layer's mlp_out becomes the replacement's prediction from the live
 plus that (layer, city)'s error at the unmodified input (the policy's mlp_out minus the prediction), so that
 without a change the policy computes what it always does. A change sets, scales or zeroes one feature's code at
 one (layer, city), or every feature of the layer there; attention, normalisation, the transcoder's own selection
-of the other features and the glimpse all respond.
+of the other features and the glimpse all respond. With a glimpse transcoder, step t's glimpse is its prediction
+from the live context plus the glimpse's error, and a change at layer n_layers (the current city) acts on its
+features.
 """
 
 from __future__ import annotations
@@ -55,9 +57,9 @@ class Change:
                 "LAYER:CITY:FEATURE=set:VALUE (FEATURE * for every feature)"
             ) from None
 
-    def apply(self, codes: torch.Tensor) -> None:
-        """Change a layer's codes [node, features] in place."""
-        where = (self.city, slice(None) if self.feature is None else self.feature)
+    def apply(self, codes: torch.Tensor, city: int | None = None) -> None:
+        """Change a layer's codes [node, features] in place (at row `city`, default the change's own)."""
+        where = (self.city if city is None else city, slice(None) if self.feature is None else self.feature)
         if self.op == "zero":
             codes[where] = 0
         elif self.op == "scale":
@@ -83,18 +85,36 @@ def live_codes(policy: AttentionModel, replacement: Replacement, locs: torch.Ten
     return codes, [cache[f"encoder_layer_{m}.mlp_out"][0] - replacement.predict(m, codes) for m in range(n)]
 
 
+@torch.no_grad()
+def live_glimpse(policy: AttentionModel, replacement: Replacement, decision: Decision) -> tuple[torch.Tensor, ...]:
+    """(codes [features], error [d]) of the glimpse transcoder at the decision's step: its codes from the policy's
+    context there, and the policy's glimpse minus the transcoder's prediction."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(x: torch.Tensor, name: str) -> None:
+        seen.setdefault(name, x[0, 0])  # the first decoder call of decide is step t
+
+    with HookedPolicy(policy).hooks({"decoder.context": record, "decoder.glimpse": record}):
+        decide(policy, decision, finish=False)
+    codes = replacement.glimpse_codes(seen["decoder.context"][None])[0]
+    return codes, seen["decoder.glimpse"] - replacement.glimpse.decode(codes[None])[0]
+
+
 def spliced_hooks(
     replacement: Replacement,
     errors: list[torch.Tensor],
     changes: list[Change],
     selection: list[torch.Tensor] | None = None,
 ) -> dict[str, HookFn]:
-    """Hooks for one forward pass of one instance: each mlp_out is the (changed) replacement plus its error.
+    """Hooks for one forward pass of one instance: each mlp_out is the (changed) replacement plus its error, and
+    (with a glimpse transcoder, `errors` then ending with the glimpse's [d] error) the first glimpse is the glimpse
+    transcoder's (changed) prediction plus its error.
 
-    `selection` (per layer a [node, features] bool mask) holds which features are active, each at ReLU of its
-    live pre-activation, instead of the transcoder choosing them afresh (a diagnostic: the top-k choice is the
-    one discontinuity of the replacement)."""
+    `selection` (per layer a [node, features] bool mask, then the glimpse's [features]) holds which features are
+    active, each at ReLU of its live pre-activation, instead of the transcoder choosing them afresh (a diagnostic:
+    the top-k choice is the one discontinuity of the replacement)."""
     codes: dict[int, torch.Tensor] = {}
+    n = replacement.n_layers
 
     def encode(x: torch.Tensor, name: str) -> None:
         layer = parse_layer_hook(name).layer
@@ -112,11 +132,39 @@ def spliced_hooks(
         layer = parse_layer_hook(name).layer
         return (replacement.predict(layer, [codes[i] for i in range(layer + 1)]) + errors[layer])[None]
 
-    n = len(errors)
-    return {
+    hooks = {
         **{f"encoder_layer_{i}.mlp_in": encode for i in range(n)},
         **{f"encoder_layer_{i}.mlp_out": swap for i in range(n)},
     }
+    if replacement.glimpse is None:
+        return hooks
+
+    def encode_context(x: torch.Tensor, name: str) -> None:
+        if n in codes:  # step t is the first decoder call; later steps keep the policy's own glimpse
+            return
+        if selection is None:
+            z = replacement.glimpse_codes(x[0, :1])[0].clone()
+        else:
+            rows, bias = replacement.glimpse_encoder()
+            z = torch.relu(x[0, 0] @ rows.T + bias) * selection[n]
+        for change in changes:
+            if change.layer == n:
+                change.apply(z[None], city=0)
+        codes[n] = z
+
+    def swap_glimpse(g: torch.Tensor, name: str) -> torch.Tensor | None:
+        if "glimpse" in codes:
+            return None
+        codes["glimpse"] = replaced = replacement.glimpse.decode(codes[n][None])[0] + errors[n]
+        return replaced.view_as(g)
+
+    return {**hooks, "decoder.context": encode_context, "decoder.glimpse": swap_glimpse}
+
+
+def spliced_errors(policy: AttentionModel, replacement: Replacement, decision: Decision) -> list[torch.Tensor]:
+    """The errors spliced_hooks holds fixed: every layer's [node, d], then (with a glimpse transcoder) the glimpse's."""
+    errors = live_codes(policy, replacement, decision.locs)[1]
+    return errors + ([live_glimpse(policy, replacement, decision)[1]] if replacement.glimpse is not None else [])
 
 
 def run_spliced(
@@ -172,8 +220,13 @@ def intervene(
 ) -> Intervention:
     """Apply `changes` at the decision and report what the policy then does."""
     for change in changes:
-        change.check(replacement.n_layers, decision.n, replacement.n_features)
-    errors = live_codes(policy, replacement, decision.locs)[1]
+        if replacement.glimpse is not None and change.layer == replacement.n_layers:  # the glimpse's features
+            if change.city != decision.current:
+                raise ValueError(f"change {change}: the glimpse's features sit at the current city {decision.current}")
+            change.check(replacement.n_layers + 1, decision.n, replacement.glimpse.cfg.n_features)
+        else:
+            change.check(replacement.n_layers, decision.n, replacement.n_features)
+    errors = spliced_errors(policy, replacement, decision)
     return Intervention(
         decide(policy, decision),
         run_spliced(policy, replacement, decision, errors, []),

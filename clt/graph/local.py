@@ -21,7 +21,8 @@ float32 rounding of the live forward pass (`reproduction_error`).
 
 Targets: the pointer scores at step t (or their differences against a runner-up), each as its tangent at this
 input (clt.graph.pointer): exact here, linear, and with the score's own gradient; the glimpse pattern frozen
-(default) or responding to first order.
+(default) or responding to first order. When the replacement has a glimpse transcoder, the glimpse at step t is
+its features (sources after the encoder's, one more error node) instead: clt.graph.glimpse.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 
 from clt.graph.attention import DTYPE, attention_at
 from clt.graph.decision import Decision
+from clt.graph.glimpse import GlimpseFeatures
 from clt.graph.pointer import PointerTargets
 from clt.graph.replacement import Replacement
 from policy.model import AttentionModel, Normalization
@@ -128,6 +130,11 @@ class LocalModel:
         self.pointer = PointerTargets(policy, decision, x, targets, against, glimpse)
         self.glimpse_pattern = self.pointer.pattern  # [head, node]
         self.live_encoder_output = live["encoder_output"][0].to(DTYPE)
+        self.glimpse = None  # the glimpse transcoder's features at step t, when the replacement has one
+        if replacement.glimpse is not None:
+            if glimpse != "frozen":
+                raise ValueError("with a glimpse transcoder the glimpse is its features: use --glimpse frozen")
+            self.glimpse = GlimpseFeatures.at(replacement, self.pointer)
 
     # building ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -167,9 +174,12 @@ class LocalModel:
         """mlp_out of layer m [node, d]: the replacement's prediction plus the error node, scaled."""
         return self._predicted(m, acts) + self.errors[m] * error_scale[m, :, None]
 
-    def target_values(self, h: torch.Tensor) -> torch.Tensor:
-        """The targets' values [target] at encoder output h (the tangents of clt.graph.pointer)."""
-        return self.pointer.values(h)
+    def target_values(self, h: torch.Tensor, glimpse_acts: torch.Tensor | None = None, glimpse_error: float = 1.0):
+        """The targets' values [target] at encoder output h (the tangents of clt.graph.pointer; with a glimpse
+        transcoder, of clt.graph.glimpse at the glimpse features' activations `glimpse_acts`)."""
+        if self.glimpse is None:
+            return self.pointer.values(h)
+        return self.glimpse.targets(h, glimpse_acts, glimpse_error)
 
     def forward(
         self,
@@ -177,15 +187,20 @@ class LocalModel:
         error_scale: torch.Tensor | None = None,
         input_scale: torch.Tensor | None = None,
         clamp: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        glimpse_error: float = 1.0,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(pre-activations [node, slot] per layer, target values [target]).
 
         `activations` (per layer [node, slot]) are held as given: every source independent, for direct effects.
         Without them each active feature's activation is its pre-activation (the local model's own response),
         except where `clamp` (per layer a (mask, value) pair of [node, slot]) fixes it. `error_scale` [layer, node]
-        and `input_scale` [node] scale the error and input nodes (default 1).
+        and `input_scale` [node] scale the error and input nodes (default 1). With a glimpse transcoder the lists
+        have one more entry, the glimpse features' [slot] (after the layers'), and `glimpse_error` scales its error.
         """
         n = self.decision.n
+        parts = self.n_layers + (self.glimpse is not None)
+        if (activations is not None and len(activations) != parts) or (clamp is not None and len(clamp) != parts):
+            raise ValueError(f"activations and clamp need {parts} entries (layers, then the glimpse's if any)")
         error_scale = torch.ones(self.n_layers, n, dtype=DTYPE) if error_scale is None else error_scale
         x = self.x0 * (torch.ones(n, dtype=DTYPE) if input_scale is None else input_scale)[:, None]
         pres, acts = [], []
@@ -197,7 +212,18 @@ class LocalModel:
                 act = torch.where(clamp[i][0], clamp[i][1], act)
             acts.append(act)
             x = self.norm2[i](h + self._mlp_out(i, acts, error_scale))
-        return pres, self.target_values(x)
+        if self.glimpse is None:
+            return pres, self.target_values(x)
+        pres.append(self.glimpse.pre(x))
+        act = activations[self.n_layers] if activations is not None else pres[-1]
+        if clamp is not None:
+            act = torch.where(clamp[self.n_layers][0], clamp[self.n_layers][1], act)
+        return pres, self.target_values(x, act, glimpse_error)
+
+    def source_activations(self) -> list[torch.Tensor]:
+        """The features' activations at this input, as `forward` takes them: per layer [node, slot], then (with a
+        glimpse transcoder) the glimpse features' [slot]."""
+        return [*self.activations, *([self.glimpse.activations] if self.glimpse is not None else [])]
 
     def backward(self, g: torch.Tensor, layer: int) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Cotangents g [R, node, d] on mlp_in of `layer` (on the encoder output when layer == n_layers) ->
@@ -215,8 +241,9 @@ class LocalModel:
         raise AssertionError("unreachable")
 
     def target_cotangents(self) -> torch.Tensor:
-        """[target, node, d]: the gradient of each target's value with respect to the encoder output."""
-        return self.pointer.cotangents()
+        """[target, node, d]: the gradient of each target's value with respect to the encoder output (the glimpse
+        features held, when there are)."""
+        return self.pointer.cotangents() if self.glimpse is None else self.glimpse.key_cotangents()
 
     def reproduction_error(self) -> float:
         """Largest |local - live| over the encoder output's entries (float32 rounding of the live pass)."""

@@ -64,21 +64,36 @@ class PointerTargets:
         self.value_star = values.detach()  # [target]
         self.gradients = torch.stack(grads)  # [target, node, d]
 
+    def context(self, h: torch.Tensor) -> torch.Tensor:
+        """The step's context [d] at h (decoder.context): W_first h_first + W_current h_current, or the placeholder."""
+        d = self.decision
+        return self.w_first @ h[d.first] + self.w_current @ h[d.current] if d.prefix else self.placeholder
+
     def _pattern(self, h: torch.Tensor) -> torch.Tensor:
         """The glimpse's attention [head, node] over the unvisited cities, from the step query at h."""
         d = self.decision
-        context = self.w_first @ h[d.first] + self.w_current @ h[d.current] if d.prefix else self.placeholder
-        query = (context + self.w_fixed @ h.mean(0)).view(self.heads, -1)  # [head, dh]
+        query = (self.context(h) + self.w_fixed @ h.mean(0)).view(self.heads, -1)  # [head, dh]
         keys = (h @ self.w_key.T).view(len(h), self.heads, -1).transpose(0, 1)  # [head, node, dh]
         logits = (keys @ query[:, :, None]).squeeze(-1) / math.sqrt(self.d // self.heads)
         return torch.softmax(logits.masked_fill(d.visited(), float("-inf")), dim=-1)
 
-    def raw_scores(self, h: torch.Tensor) -> torch.Tensor:
-        """Every city's pointer score [node] at h, with the glimpse pattern frozen or responding."""
+    def glimpse_at(self, h: torch.Tensor) -> torch.Tensor:
+        """The glimpse [d] at h (decoder.glimpse), with the pattern frozen or responding."""
         pattern = self.pattern if self.glimpse == "frozen" else self._pattern(h)
         v = (h @ self.w_val.T).unflatten(-1, (self.heads, -1))  # [node, head, dh]
-        glimpse = (v * pattern.T.unsqueeze(-1)).sum(0).flatten() @ self.w_out.T  # [d]
-        return (h @ self.w_logit.T) @ glimpse / math.sqrt(self.d)
+        return (v * pattern.T.unsqueeze(-1)).sum(0).flatten() @ self.w_out.T
+
+    def raw_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Every city's pointer score [node] at h, with the glimpse pattern frozen or responding."""
+        return (h @ self.w_logit.T) @ self.glimpse_at(h) / math.sqrt(self.d)
+
+    def delta(self) -> torch.Tensor:
+        """[target, node]: each target as a combination of cities' scores (1 at the target, -1 at its runner-up)."""
+        delta = torch.zeros(len(self.targets), len(self.h_star), dtype=DTYPE)
+        delta[torch.arange(len(self.targets)), self.targets] = 1.0
+        if self.against is not None:
+            delta[torch.arange(len(self.targets)), self.against] -= 1.0
+        return delta
 
     def scores(self, h: torch.Tensor) -> torch.Tensor:
         """The targets' true (nonlinear) values at h: scores, or score differences."""

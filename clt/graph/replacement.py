@@ -7,6 +7,10 @@ seen through one interface, in raw activation units:
     pre_i  = mlp_in_i @ encoder(i)[0].T + encoder(i)[1]          [node, features]  (a feature's pre-activation)
     z_i    = codes(i, mlp_in_i)                                  the transcoder's own selection: z = pre where active
     y_m    = decoder_bias(m) + sum_{i <= m} z_i @ decoder(i, m)  the prediction of mlp_out_m
+
+and, optionally, the decoder's glimpse at the decision's step: a `decoder.context -> decoder.glimpse` transcoder
+(clt.collect_pairs' decoder pair), whose features read the step's context and write the glimpse
+(`glimpse_encoder`, `glimpse_codes`, `glimpse_decoder`, `glimpse_bias`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from sae.runs import newest_finished
 
 log = logging.getLogger(__name__)
 
+GLIMPSE_PAIR = "clt_dec.context_to_dec.glimpse"
+"""The pair a glimpse transcoder is trained on (decoder.context -> decoder.glimpse)."""
+
 
 @dataclass
 class Replacement:
@@ -36,9 +43,11 @@ class Replacement:
     folders: list[Path]  # the transcoder run folder(s)
     models: list[CrossLayerTranscoder | MultiLayerTranscoder]  # one multi-layer CLT, or one transcoder per layer
     checkpoint_epoch: int | None  # the policy epoch the transcoders were trained on, when their dumps say
+    glimpse: CrossLayerTranscoder | None = None  # decoder.context -> decoder.glimpse, when the graph includes it
+    glimpse_folder: Path | None = None
 
     def __post_init__(self):
-        for model in self.models:
+        for model in [*self.models, *([self.glimpse] if self.glimpse is not None else [])]:
             if isinstance(model, CrossLayerTranscoder) and model.W_skip is not None:
                 raise ValueError("attribution through a transcoder with a skip path is not supported")
 
@@ -53,13 +62,16 @@ class Replacement:
     def dictionary_ids(self) -> list[str]:
         """Per layer, the id its features have on the site (clt.graph.weights.Dictionary.id)."""
         if self.kind == "multilayer":
-            return [f"clt/{self.folders[0].parent.name}/L{i}" for i in range(self.n_layers)]
-        return [f"clt/{f.parent.name}" for f in self.folders]
+            ids = [f"clt/{self.folders[0].parent.name}/L{i}" for i in range(self.n_layers)]
+        else:
+            ids = [f"clt/{f.parent.name}" for f in self.folders]
+        return ids + ([f"clt/{GLIMPSE_PAIR}"] if self.glimpse is not None else [])  # the glimpse: "layer" n_layers
 
     @property
     def id(self) -> str:
         """What identifies the replacement in a graph: its run folder(s), relative to the runs folder."""
-        return "+".join("/".join(f.parts[-5:]) for f in self.folders)
+        folders = [*self.folders, *([self.glimpse_folder] if self.glimpse_folder is not None else [])]
+        return "+".join("/".join(f.parts[-5:]) for f in folders)
 
     def _model(self, layer: int) -> CrossLayerTranscoder | MultiLayerTranscoder:
         return self.models[0] if self.kind == "multilayer" else self.models[layer]
@@ -91,9 +103,8 @@ class Replacement:
         model = self._model(target)
         if self.kind == "multilayer":
             b, mean, std = model.b_dec[target], model.tgt_mean[target], model.tgt_std[target]
-        else:
-            b, mean, std = model.b_dec, model.tgt_mean, model.tgt_std
-        return denormalize(b.detach(), mean, std, model.cfg.normalize_target)
+            return denormalize(b.detach(), mean, std, model.cfg.normalize_target)
+        return model.denormalize_target(model.b_dec.detach())  # (whitening included)
 
     @torch.no_grad()
     def codes(self, layer: int, mlp_in: torch.Tensor) -> torch.Tensor:
@@ -113,16 +124,45 @@ class Replacement:
                 y = y + codes[i] @ w
         return y
 
+    # the glimpse ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def glimpse_encoder(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [features, d], bias [features]) with pre-activation = raw decoder.context @ rows.T + bias."""
+        model = self.glimpse
+        rows, bias = model.raw_encoder(), model.b_enc
+        if model.cfg.normalize_source != "none":
+            bias = bias - rows @ model.src_mean
+        return rows, bias.detach()
+
+    @torch.no_grad()
+    def glimpse_codes(self, context: torch.Tensor) -> torch.Tensor:
+        """Raw decoder.context [rows, d] -> the glimpse transcoder's codes [rows, features]."""
+        return self.glimpse.encode(context)
+
+    @torch.no_grad()
+    def glimpse_decoder(self) -> torch.Tensor:
+        """[features, d]: what each glimpse feature writes into the raw glimpse."""
+        return self.glimpse.raw_decoder()
+
+    @torch.no_grad()
+    def glimpse_bias(self) -> torch.Tensor:
+        """[d]: the predicted raw glimpse when no feature is active."""
+        return self.glimpse.denormalize_target(self.glimpse.b_dec.detach())
+
     def to(self, device: str | torch.device) -> Replacement:
         self.models = [m.to(device) for m in self.models]
+        self.glimpse = self.glimpse.to(device) if self.glimpse is not None else None
         return self
 
 
-def load_replacement(run_dir: Path, clt_dir: str | Path | None = None) -> Replacement:
+def load_replacement(
+    run_dir: Path, clt_dir: str | Path | None = None, glimpse: str | Path | None = None
+) -> Replacement:
     """The replacement to trace a run's decisions through.
 
     `clt_dir`: a multi-layer CLT run folder. Without it, the run's newest finished multi-layer CLT when it has one,
-    else the newest `encoder_layer_i.mlp_in -> encoder_layer_i.mlp_out` transcoder of every layer.
+    else the newest `encoder_layer_i.mlp_in -> encoder_layer_i.mlp_out` transcoder of every layer. `glimpse`: a
+    `decoder.context -> decoder.glimpse` transcoder folder, or `newest` for the run's newest (None: no glimpse).
     """
     if clt_dir is not None:
         folders = [Path(clt_dir)]
@@ -146,7 +186,21 @@ def load_replacement(run_dir: Path, clt_dir: str | Path | None = None) -> Replac
     if clt_dir is not None and not isinstance(models[0], MultiLayerTranscoder):
         raise ValueError(f"{clt_dir} is a pairwise transcoder: --clt takes a multi-layer CLT run folder")
     kind = "multilayer" if isinstance(models[0], MultiLayerTranscoder) else "per_layer"
-    return Replacement(kind, folders, models, _trained_epoch(folders[0]))
+    glimpse_folder = _glimpse_folder(run_dir, glimpse) if glimpse is not None else None
+    glimpse_model = load_transcoder(glimpse_folder) if glimpse_folder is not None else None
+    return Replacement(kind, folders, models, _trained_epoch(folders[0]), glimpse_model, glimpse_folder)
+
+
+def _glimpse_folder(run_dir: Path, glimpse: str | Path) -> Path:
+    """The glimpse transcoder's folder, checked to be one: finished, and trained on the decoder's glimpse pair."""
+    folder = newest_finished(run_dir, "clt", GLIMPSE_PAIR) if str(glimpse) == "newest" else Path(glimpse)
+    if not (folder / "model.safetensors").is_file() or not (folder / "train_cfg.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a finished transcoder run (train_cfg.json, model.safetensors)")
+    pair = read_json(folder / "train_cfg.json").get("pair")
+    if pair != GLIMPSE_PAIR:
+        raise ValueError(f"{folder} was trained on {pair}, not on the glimpse pair {GLIMPSE_PAIR} "
+                         "(python -m clt.collect_pairs --layer_pairs decoder.context:decoder.glimpse)")  # fmt: skip
+    return folder
 
 
 def _trained_epoch(folder: Path) -> int | None:

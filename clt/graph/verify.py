@@ -15,7 +15,7 @@ import torch
 
 from clt.graph.attribution import Graph
 from clt.graph.decision import Decision
-from clt.graph.intervention import Change, live_codes, run_spliced
+from clt.graph.intervention import Change, live_codes, live_glimpse, run_spliced
 from clt.graph.local import DTYPE, LocalModel
 from clt.graph.replacement import Replacement
 from policy.model import AttentionModel
@@ -23,10 +23,10 @@ from policy.model import AttentionModel
 
 def removal_clamp(local: LocalModel, node: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A clamp (LocalModel.forward) that holds one feature node at 0."""
-    clamp = [
-        (torch.zeros_like(f.active), torch.zeros_like(a))
-        for f, a in zip(local.features, local.activations, strict=True)
-    ]
+    clamp = [(torch.zeros_like(a, dtype=torch.bool), torch.zeros_like(a)) for a in local.source_activations()]
+    if node["layer"] == local.n_layers:  # a glimpse feature
+        clamp[-1][0][:] = local.glimpse.index == node["feature"]
+        return clamp
     features = local.features[node["layer"]]
     clamp[node["layer"]][0][node["city"]] = features.active[node["city"]] & (
         features.index[node["city"]] == node["feature"]
@@ -71,6 +71,9 @@ def verify_live(
     model (at a visited city, say, the glimpse does not read) has no sign to agree with."""
     codes, errors = live_codes(policy, replacement, decision.locs)
     held = [c != 0 for c in codes]
+    if replacement.glimpse is not None:
+        glimpse_codes, glimpse_error = live_glimpse(policy, replacement, decision)
+        errors, held = [*errors, glimpse_error], [*held, glimpse_codes != 0]
 
     def values(changes: list[Change], selection) -> torch.Tensor:
         scores = run_spliced(policy, replacement, decision, errors, changes, False, selection).scores

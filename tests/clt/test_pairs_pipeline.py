@@ -45,7 +45,7 @@ def test_pair_checks(tiny_model):
         parse_pairs("encoder_layer_0:encoder_layer_9", names)
     with pytest.raises(ValueError, match="not downstream"):
         parse_pairs("encoder_layer_1:encoder_layer_0", names)
-    with pytest.raises(ValueError, match="only encoder points"):
+    with pytest.raises(ValueError, match="mixes an encoder point"):
         parse_pairs("encoder_layer_0:decoder.glimpse", names)
     with pytest.raises(ValueError, match="source:target"):
         parse_pairs("encoder_layer_0", names)

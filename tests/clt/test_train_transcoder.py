@@ -183,6 +183,33 @@ def test_train_clt_sh_sweeps_a_grid_records_it_and_prints_the_table(pair_run):
     assert missing.exit_code == 1 and "no sweep 'nope'" in missing.output and "grid" in missing.output
 
 
+def test_train_clt_sh_sweeps_the_config_sparsity_block(pair_run, tmp_path):
+    script = Path(__file__).resolve().parents[2] / "train_clt.sh"
+    config = tmp_path / "grid.json"
+    config.write_text(
+        json.dumps(
+            {
+                "layer_pairs": ["encoder_layer_0.mlp_in:encoder_layer_0.mlp_out"],
+                "sparsity": {"expansion_factors": [2], "k_ratio": [0.25, 0.5]},
+                "sampling": {},
+            }
+        )
+    )
+    command = ["bash", str(script), "--run_dir", str(pair_run), "--no_collect", "--config", str(config),
+               "--epochs", "1", "--eval", "0", "--sweep", "from_config",
+               "--", "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    swept = json.loads((pair_run / "clt" / "sweeps" / "from_config.json").read_text())["runs"]
+    shapes = sorted((load_transcoder(pair_run / f).cfg.n_features, load_transcoder(pair_run / f).cfg.active)
+                    for f in swept)  # fmt: skip
+    assert shapes == [(32, 8), (32, 16)]  # 2x of d=16, a quarter and a half of them active
+    both = subprocess.run([*command[:2], "--k", "4", "--k_ratio", "0.5", *command[2:]], capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
+    assert both.returncode == 2 and "give --k or --k_ratio, not both" in both.stderr
+
+
 def test_resume_of_a_finished_run_needs_a_longer_budget(pair_run):
     out = run(_cfg(pair_run, num_epochs=1))
     weights = (out / "model.safetensors").read_bytes()

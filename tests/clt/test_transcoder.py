@@ -202,7 +202,7 @@ def test_save_and_load_round_trip(tmp_path, kw):
         ({"activation": "gelu"}, "activation"),
         ({"k": 2, "k_ratio": 0.1}, "not both"),
         ({"k": 1000}, "k must be"),
-        ({"normalize_source": "whiten"}, "normalize_source"),
+        ({"normalize_source": "zca"}, "normalize_source"),
         ({"l1_coef": -1.0}, "penalty"),
         ({"dictionary_penalty": "l3"}, "dictionary_penalty"),
     ],

@@ -28,8 +28,16 @@ def test_round_trip_with_streamed_stats(tmp_path):
         mean, std = dump.stats(name)
         np.testing.assert_allclose(mean, values.mean(0), rtol=1e-5)
         np.testing.assert_allclose(std, values.std(0), rtol=1e-5)
+        np.testing.assert_allclose(dump.covariance(name), np.cov(values.T.astype(np.float64), bias=True), rtol=1e-5)
     assert dump.rows == 50 and dump.metadata["dtype"] == "float32"
-    assert set(dump.metadata["sha256"]) == {"a.npy", "b.npy"}
+    assert set(dump.metadata["sha256"]) == {"a.npy", "b.npy", "a_covariance.npy", "b_covariance.npy"}
+
+
+def test_covariance_of_an_older_dump_is_a_clear_error(tmp_path):
+    _write(tmp_path / "d")
+    (tmp_path / "d" / "a_covariance.npy").unlink()  # as dumps collected before covariances were stored
+    with pytest.raises(ValueError, match="no covariance of a .*collect it again with --overwrite"):
+        open_dump(tmp_path / "d").covariance("a")
 
 
 def test_float16_storage(tmp_path):
