@@ -38,7 +38,7 @@ class GlimpseFeatures:
     bias: torch.Tensor  # [slot] encoder biases (the context mean folded in)
     writes: torch.Tensor  # [slot, d] decoder rows into the raw glimpse
     decoder_bias: torch.Tensor  # [d]
-    error: torch.Tensor  # [d] the live glimpse minus the transcoder's prediction, at this input
+    error: torch.Tensor  # [d] the glimpse at this input (pattern frozen, at h*) minus the transcoder's prediction
     activations: torch.Tensor  # [slot] z at this input (= the pre-activations)
     decision: Decision
     pointer: PointerTargets
