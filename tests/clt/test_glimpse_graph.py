@@ -121,8 +121,6 @@ def test_glimpse_features_need_a_frozen_glimpse_and_a_step_past_the_first():
 def test_attribute_with_the_glimpse_features_end_to_end(analysed_run, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(analysed_run, run_dir)
-    registry = run_dir / "sae" / "activation_store.json"
-    registry.write_text(registry.read_text().replace(str(analysed_run), str(run_dir)))
     args = ["--run_dir", str(run_dir), "--layer_pairs", "decoder.context:decoder.glimpse",
             "--num_instances_per_pair", "60"]  # fmt: skip
     assert CliRunner().invoke(collect_cli.main, args).exit_code == 0
