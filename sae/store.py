@@ -61,9 +61,9 @@ COVARIANCE_SUFFIX = "_covariance.npy"
 class RunningStats:
     """Per-dimension mean and std, and the covariance, over streamed rows (Chan et al.'s pairwise merge, float64).
 
-    Each batch's own mean and spread come from torch (multi-threaded; the batch's centred co-moment x_c^T x_c by
-    one float32 GEMM, accumulated in float64); NaN or Inf in a batch makes them non-finite, which `update` reports
-    by returning False.
+    Each batch's own mean (float64) and centred co-moment x_c^T x_c (one GEMM in the rows' precision, float32 for
+    the dumps' rows; its diagonal is the batch's spread) come from torch, multi-threaded, and are merged in
+    float64; NaN or Inf in a batch makes them non-finite, which `update` reports by returning False.
     """
 
     def __init__(self, dim: int):
@@ -77,12 +77,13 @@ class RunningStats:
         n = x.shape[0]
         if n == 0:
             return True
-        variance, batch_mean = torch.var_mean(x.double(), dim=0, correction=0)
-        batch_mean, batch_m2 = batch_mean.numpy(), variance.numpy() * n
-        if not (np.isfinite(batch_mean).all() and np.isfinite(batch_m2).all()):
+        x = x if x.dtype == torch.float64 else x.float()  # float64 rows keep their precision
+        mean = x.mean(0, dtype=torch.float64)
+        centred = x - mean.to(x.dtype)
+        batch_mean, batch_comoment = mean.numpy(), (centred.T @ centred).double().numpy()
+        if not (np.isfinite(batch_mean).all() and np.isfinite(batch_comoment).all()):
             return False
-        centred = x.float() - torch.from_numpy(batch_mean).float()
-        batch_comoment = (centred.T @ centred).double().numpy()
+        batch_m2 = np.diag(batch_comoment).copy()
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean = self.mean + delta * n / total
