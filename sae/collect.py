@@ -91,7 +91,9 @@ def collect(
     locs_seen, done = [], 0
     with tqdm(total=total, desc="collecting", unit="inst") as bar:
         for locs in batches:
-            follow = {} if tours is None else {"actions": torch.as_tensor(tours[done : done + len(locs)])[:, None]}
+            follow = {}
+            if tours is not None:  # [batch, S=1, node], the tours to teacher-force
+                follow["actions"] = torch.as_tensor(tours[done : done + len(locs)], device=device)[:, None]
             cache = hooked.run_with_cache(locs.to(device), names, **follow)
             rows = {hook: value.reshape(-1, value.shape[-1]) for hook, value in cache.items()}  # [batch * node, d]
             for writer, mapping in routes:
