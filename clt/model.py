@@ -86,6 +86,7 @@ class TranscoderOutput:
     z: torch.Tensor | None = None  # [batch, features] codes (dense path)
     pre: torch.Tensor | None = None  # [batch, features] pre-activations (dense path)
     codes: SparseCodes | None = None  # active entries (sparse path)
+    energy: torch.Tensor | None = None  # [batch, groups] group_energy's result, kept for the step's other uses
 
     def fired(self, n_features: int) -> torch.Tensor:
         """[features] bool: which features were non-zero in some row."""
@@ -99,14 +100,18 @@ class TranscoderOutput:
         return nonzero.item() / self.y_hat.shape[0]
 
     def group_energy(self, group_size: int, n_groups: int) -> torch.Tensor:
-        """[batch, groups]: the sum of z^2 over each group's features (differentiable)."""
+        """[batch, groups]: the sum of z^2 over each group's features (differentiable; computed once per output)."""
+        if self.energy is not None:
+            return self.energy
         rows = self.y_hat.shape[0]
         if self.codes is None:
             groups = torch.arange(self.z.shape[1], device=self.z.device) // group_size
-            return self.z.new_zeros(rows, n_groups).index_add(1, groups, self.z.pow(2))
-        flat = self.codes.rows * n_groups + self.codes.features // group_size
-        energy = self.codes.values.new_zeros(rows * n_groups).index_add(0, flat, self.codes.values.pow(2))
-        return energy.view(rows, n_groups)
+            self.energy = self.z.new_zeros(rows, n_groups).index_add(1, groups, self.z.pow(2))
+        else:
+            flat = self.codes.rows * n_groups + self.codes.features // group_size
+            energy = self.codes.values.new_zeros(rows * n_groups).index_add(0, flat, self.codes.values.pow(2))
+            self.energy = energy.view(rows, n_groups)
+        return self.energy
 
 
 SPARSE_DENSITY = 1 / 16

@@ -40,6 +40,8 @@ class GlimpseFeatures:
     decoder_bias: torch.Tensor  # [d]
     error: torch.Tensor  # [d] the glimpse at this input (pattern frozen, at h*) minus the transcoder's prediction
     activations: torch.Tensor  # [slot] z at this input (= the pre-activations)
+    g_star: torch.Tensor  # [d] the glimpse at this input
+    directions: torch.Tensor  # [target, d] (k_c* - k_against*) / sqrt(d): what a unit of glimpse adds to each target
     decision: Decision
     pointer: PointerTargets
 
@@ -57,8 +59,10 @@ class GlimpseFeatures:
         writes = replacement.glimpse_decoder().to(DTYPE)[index]
         decoder_bias = replacement.glimpse_bias().to(DTYPE)
         activations = rows @ context + bias
-        error = pointer.glimpse_at(pointer.h_star) - (decoder_bias + activations @ writes)
-        return cls(index, rows, bias, writes, decoder_bias, error, activations, decision, pointer)
+        g_star = pointer.glimpse_at(pointer.h_star)
+        directions = pointer.delta() @ (pointer.h_star @ pointer.w_logit.T) / math.sqrt(pointer.d)
+        error = g_star - (decoder_bias + activations @ writes)
+        return cls(index, rows, bias, writes, decoder_bias, error, activations, g_star, directions, decision, pointer)
 
     @property
     def city(self) -> int:
@@ -79,27 +83,23 @@ class GlimpseFeatures:
     def glimpse(self, activations: torch.Tensor, error_scale: float = 1.0) -> torch.Tensor:  # [d]
         return self.decoder_bias + activations @ self.writes + self.error * error_scale
 
-    def key_directions(self) -> torch.Tensor:
-        """[target, d]: (k_c* - k_against*) / sqrt(d), what a unit of glimpse adds to each target."""
-        return self.pointer.delta() @ (self.pointer.h_star @ self.pointer.w_logit.T) / math.sqrt(self.pointer.d)
-
     def targets(self, h: torch.Tensor, activations: torch.Tensor, error_scale: float = 1.0) -> torch.Tensor:
         """T [target] at encoder output h with the glimpse features at `activations`."""
         p = self.pointer
         keys = (h - p.h_star) @ p.w_logit.T  # [node, d]: the logit keys' change
-        key_part = p.delta() @ keys @ p.glimpse_at(p.h_star) / math.sqrt(p.d)
-        return self.key_directions() @ self.glimpse(activations, error_scale) + key_part
+        key_part = p.delta() @ keys @ self.g_star / math.sqrt(p.d)
+        return self.directions @ self.glimpse(activations, error_scale) + key_part
 
     def key_cotangents(self) -> torch.Tensor:
         """[target, node, d]: each target's gradient with respect to the encoder output, the features held."""
         p = self.pointer
-        through_key = p.glimpse_at(p.h_star) @ p.w_logit / math.sqrt(p.d)  # [d]
+        through_key = self.g_star @ p.w_logit / math.sqrt(p.d)  # [d]
         return p.delta()[:, :, None] * through_key
 
     def feature_edges(self) -> torch.Tensor:
         """[target, slot]: each glimpse feature's direct effect on each target (activation x derivative)."""
-        return (self.key_directions() @ self.writes.T) * self.activations
+        return (self.directions @ self.writes.T) * self.activations
 
     def error_edges(self) -> torch.Tensor:
         """[target]: the glimpse error node's direct effect on each target."""
-        return self.key_directions() @ self.error
+        return self.directions @ self.error

@@ -81,12 +81,8 @@ class Replacement:
         """(rows [features, d], bias [features]) with pre-activation = raw mlp_in @ rows.T + bias."""
         model = self._model(layer)
         if self.kind == "multilayer":
-            rows, bias, mean = model.raw_encoder(layer), model.b_enc[layer], model.src_mean[layer]
-        else:
-            rows, bias, mean = model.raw_encoder(), model.b_enc, model.src_mean
-        if model.cfg.normalize_source != "none":  # (x - mean) @ rows.T: the mean moves into the bias
-            bias = bias - rows @ mean
-        return rows, bias.detach()
+            return _reading_raw(model.raw_encoder(layer), model.b_enc[layer], model.src_mean[layer], model.cfg)
+        return _reading_raw(model.raw_encoder(), model.b_enc, model.src_mean, model.cfg)
 
     @torch.no_grad()
     def decoder(self, source: int, target: int) -> torch.Tensor | None:
@@ -129,10 +125,7 @@ class Replacement:
     def glimpse_encoder(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows [features, d], bias [features]) with pre-activation = raw decoder.context @ rows.T + bias."""
         model = self.glimpse
-        rows, bias = model.raw_encoder(), model.b_enc
-        if model.cfg.normalize_source != "none":
-            bias = bias - rows @ model.src_mean
-        return rows, bias.detach()
+        return _reading_raw(model.raw_encoder(), model.b_enc, model.src_mean, model.cfg)
 
     @torch.no_grad()
     def glimpse_codes(self, context: torch.Tensor) -> torch.Tensor:
@@ -153,6 +146,14 @@ class Replacement:
         self.models = [m.to(device) for m in self.models]
         self.glimpse = self.glimpse.to(device) if self.glimpse is not None else None
         return self
+
+
+def _reading_raw(rows: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, cfg) -> tuple[torch.Tensor, ...]:
+    """(rows, bias) with pre-activation = raw source @ rows.T + bias: a normalised source's mean moves into the
+    bias ((x - mean) @ rows.T)."""
+    if cfg.normalize_source != "none":
+        bias = bias - rows @ mean
+    return rows, bias.detach()
 
 
 def load_replacement(
