@@ -7,12 +7,13 @@ collected in memory from uniform TSP20 instances; validation rows come from othe
 instances. Both transcoders have 8x expansion (1024 features), k=16, batch 4096, fp32,
 the same initial weights and normalisation (clt.train_transcoder's defaults), and see the
 same batches. clt's side is its trainer's defaults (Adam at 32e-3 with its schedule):
-`train_step` selects with sae.sparse.select_topk (int32-ranked torch.topk), decodes from the active
+`train_step` selects with sae.sparse.select_topk (the compiled kernel of sae.topk_kernel), decodes from the active
 features only (sae.sparse) and also keeps unit-norm decoder rows, dead-feature counters and
 the AuxK loss. The plain one computes everything densely and lets autograd differentiate it
 (z = scatter(torch.topk), y = z @ W_dec), with Adam at --plain_lr. Prints JSON: tokens/s,
 validation FVU after the same tokens, where a step's time goes against the encoder-GEMM
-floor, top-k and batch top-k selection against torch.topk, and the targets (`targets`:
+floor, top-k and batch top-k selection against torch.topk (and against the int32-ranked torch.topk that
+selected before the kernel), and the targets (`targets`:
 >= 3x the plain rows/s at no worse FVU, a step within 2.5x of the GEMM floor, selection
 under 25% of the GEMM, batchtopk within 2x of topk). Then (unless
 --no_scaling) bench.train_scaling's cases: the multi-layer CLT against three pairwise
@@ -123,6 +124,8 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
     gemm_ms = timed(lambda: torch.addmm(b, xb, w.T, out=out), 20)
     topk_ms = timed(lambda: select_topk(out, 16), 20)
     torch_topk_ms = timed(lambda: torch.topk(out, 16, dim=-1, sorted=False), 20)
+    int32_topk_ms = timed(lambda: torch.topk(out.view(torch.int32), 16, dim=-1, sorted=False), 20)
+    same = torch.equal(select_topk(out, 16).features.view(-1, 16).sort(1).values, out.topk(16).indices.sort(1).values)
     batchtopk_ms = timed(lambda: select_batchtopk(out, 16), 20)
     ours.train()
     forward_ms = timed(lambda: ours.forward_train(xb), 20)
@@ -142,6 +145,8 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
         "encoder_gemm_gflop_per_s": round(2 * batch_size * 128 * 1024 / gemm_ms / 1e6, 1),
         "topk_ms": round(topk_ms, 2),
         "torch_topk_ms": round(torch_topk_ms, 2),
+        "int32_torch_topk_ms": round(int32_topk_ms, 2),
+        "topk_same_selection_as_torch": same,
         "batchtopk_ms": round(batchtopk_ms, 2),
         "topk_fraction_of_gemm": round(topk_ms / gemm_ms, 3),
         "clt_forward_ms": round(forward_ms, 2),

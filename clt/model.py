@@ -39,7 +39,15 @@ from clt.jumprelu import jump_relu, step
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.normalization import denormalize, normalize, raw_decoder, raw_encoder, store_statistics
 from sae.model import normalize_rows_, read_model_files, remove_parallel_gradient_, resolve_k, save_model
-from sae.sparse import SparseCodes, auxk_loss, select_batchtopk, select_topk, sparse_decode, update_threshold_
+from sae.sparse import (
+    SparseCodes,
+    auxk_loss,
+    select_batchtopk,
+    select_topk,
+    sparse_decode,
+    topk_rows,
+    update_threshold_,
+)
 
 
 @dataclass
@@ -253,7 +261,7 @@ class CrossLayerTranscoder(nn.Module):
         if act == "jumprelu":
             return jump_relu(pre, self.log_threshold.exp(), self.cfg.bandwidth)
         if act == "topk":
-            values, indices = torch.topk(pre, self.cfg.active, dim=-1, sorted=False)
+            values, indices = topk_rows(pre, self.cfg.active)
             return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
         if self.training:  # batchtopk: k * batch over the whole batch
             codes = select_batchtopk(pre, self.cfg.active)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from policy.io import read_json, save_tensors, write_json
-from sae.sparse import auxk_loss
+from sae.sparse import auxk_loss, topk_rows
 
 
 def init_seed(identity: str, seed: int) -> int:
@@ -155,7 +155,7 @@ class TopKSAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
         pre = self.pre_acts(x)
-        values, indices = torch.topk(pre, self.cfg.active, dim=-1, sorted=False)
+        values, indices = topk_rows(pre, self.cfg.active)
         values = torch.relu(values)
         return SAEOutput(self.decode_sparse(values, indices), values, indices, pre)
 

@@ -1,0 +1,88 @@
+"""sae.sparse.topk_rows (the compiled kernel of sae.topk_kernel on CPU float32) selects what torch.topk selects."""
+
+import pytest
+import torch
+
+from sae.sparse import _kernel_lanes, topk_rows
+
+
+def same_selection(pre: torch.Tensor, k: int) -> None:
+    values, indices = topk_rows(pre, k)
+    assert values.shape == indices.shape == (pre.shape[0], k)
+    assert torch.equal(values, pre.gather(1, indices))
+    assert torch.equal(indices.sort(1).values, torch.topk(pre, k).indices.sort(1).values)
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), [(4096, 1024, 16), (300, 1000, 16), (77, 128, 8), (50, 40, 1),
+                                              (33, 513, 3), (20, 256, 32), (9, 1024, 64)])  # fmt: skip
+def test_same_indices_as_torch_topk(rows, n, k):
+    assert _kernel_lanes(n, k) is not None  # these shapes take the kernel
+    generator = torch.Generator().manual_seed(n + k)
+    same_selection(torch.randn(rows, n, generator=generator), k)
+
+
+def test_structured_rows():
+    """Rows that strain the lane bounds: sorted, reversed, the top k in one lane, negatives only, +-inf."""
+    n, k = 1024, 16
+    ramp = torch.arange(n, dtype=torch.float32)
+    one_lane = torch.randn(n)
+    one_lane[torch.arange(k) * _kernel_lanes(n, k) + 5] = 100 + torch.arange(k, dtype=torch.float32)
+    inf = torch.randn(n)
+    inf[[3, 500]] = float("inf")
+    inf[[7, 9]] = -float("inf")
+    rows = torch.stack([ramp, ramp.flip(0), one_lane, -torch.rand(n) - 1, inf, torch.randn(n) * 1e-30])
+    same_selection(rows, k)
+
+
+def test_ties_keep_the_same_values():
+    """Where entries tie at the k-th value any of them may be kept: the values are torch.topk's, indices distinct."""
+    generator = torch.Generator().manual_seed(0)
+    pre = torch.randint(-3, 4, (200, 512), generator=generator).float()
+    pre[0] = 0.0  # a constant row: more ties than the kernel keeps candidates, torch.topk decides
+    pre[1, ::2] = -0.0
+    values, indices = topk_rows(pre, 16)
+    assert torch.equal(values, pre.gather(1, indices))
+    assert torch.equal(values.sort(1).values, torch.topk(pre, 16).values.sort(1).values)
+    assert all(len(set(row.tolist())) == 16 for row in indices)
+
+
+def test_nan_rows_go_to_torch_topk():
+    pre = torch.randn(10, 256)
+    pre[3, 17] = float("nan")
+    pre[6, :] = float("nan")
+    _, indices = topk_rows(pre, 8)
+    expected = torch.topk(pre, 8, sorted=False)
+    for r in (3, 6):
+        assert torch.equal(indices[r].sort().values, expected.indices[r].sort().values)
+    keep = [r for r in range(10) if r not in (3, 6)]
+    assert torch.equal(indices[keep].sort(1).values, torch.topk(pre[keep], 8).indices.sort(1).values)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_agree(threads):
+    pre = torch.randn(999, 1024, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        same_selection(pre, 16)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_values_carry_the_gradient():
+    pre = torch.randn(64, 512, requires_grad=True)
+    weight = torch.randn(64, 16)
+    values, _ = topk_rows(pre, 16)
+    (values.sort(1).values * weight).sum().backward()
+    ours = pre.grad.clone()
+    pre.grad = None
+    (torch.topk(pre, 16).values.flip(1) * weight).sum().backward()
+    assert torch.equal(ours, pre.grad)
+
+
+@pytest.mark.parametrize(("dtype", "n", "k"), [(torch.float64, 1024, 16), (torch.float32, 100, 16)])
+def test_torch_topk_where_the_kernel_does_not_apply(dtype, n, k):
+    pre = torch.randn(30, n, dtype=dtype)
+    if dtype == torch.float32:
+        assert _kernel_lanes(n, k) is None  # rows too short for two blocks of 64 lanes
+    same_selection(pre, k)
