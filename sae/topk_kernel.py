@@ -1,4 +1,4 @@
-"""A compiled top-k selection for rows of CPU float32 values (numba): torch.topk's selection, 2-3x faster.
+"""A compiled top-k selection for rows of CPU float32 values (numba): torch.topk's selection, about 3x faster.
 
 Each row of n values is read as blocks of `lanes` consecutive values, lane j holding the row's
 entries j, j + lanes, j + 2 lanes, ...:
@@ -12,7 +12,7 @@ entries j, j + lanes, j + 2 lanes, ...:
 5. the smallest candidates are dropped one at a time until k are left.
 
 The k kept are those torch.topk keeps; where several entries tie at the k-th value, which of them
-is kept may differ (the values are the same). A row with a NaN, or with more than `4 k`
+is kept may differ (the values are the same). A row with a NaN, or with `4 k` or more
 candidates (many ties: a constant row), is flagged for the caller to select with torch.topk.
 sae.sparse.topk_rows picks the lanes (4k rounded up to a multiple of 16, two blocks a row at least) and
 falls back to torch.topk where the kernel does not apply.
