@@ -81,27 +81,38 @@ def select_topk(pre: torch.Tensor, k: int) -> SparseCodes:
 
 
 def select_batchtopk(pre: torch.Tensor, k: int) -> SparseCodes:
-    """The k * batch largest of ReLU(pre) over the whole batch (rows keep different counts).
+    """The k * batch largest of ReLU(pre) over the whole batch (rows keep different counts), values unchanged.
 
-    The batch-wide top k * batch, found from each row's top m candidates (m = 4k, then 16k, ...): if every
-    row's m-th largest is below the k * batch-th largest candidate, no entry outside the candidates can rank
-    above it, so the selection among the candidates is the selection. A quarter of the time of one torch.topk
-    over the flattened batch at 4096 x 1024, k=16.
+    On CPU float32 (`_batchtopk_from_bound`) a bound a little below the (k * batch)-th largest value is read
+    off a sample of the entries, the entries at or above it are gathered row by row, and the exact
+    (k * batch)-th largest among them decides: a tenth of the time of one torch.topk over the flattened
+    batch at 4096 x 1024, k=16. Where the sample misjudges (fewer than k * batch reach the bound) or a
+    row holds a NaN, and on other devices and dtypes, that torch.topk.
     """
     batch, n_features = pre.shape
     total = min(k * batch, pre.numel())
-    m = 4 * k
-    while m <= n_features // 2:
-        candidates, features = topk_rows(pre, m)  # [batch, m]
-        values, flat = torch.topk(candidates.flatten(), total, sorted=False)
-        if (candidates.amin(1) < values.min()).all():
-            flat, order = flat.sort()  # row-major: entries grouped by row
-            rows = flat // m
-            return _row_codes(values[order], features.flatten()[flat], rows, batch)
-        m *= 4
+    if pre.device.type == "cpu" and pre.dtype == torch.float32 and total < pre.numel():
+        codes = _batchtopk_from_bound(pre, total)
+        if codes is not None:
+            return codes
     values, flat = torch.topk(pre.flatten(), total, sorted=False)
-    flat, order = flat.sort()
+    flat, order = flat.sort()  # row-major: entries grouped by row
     return _row_codes(values[order], flat % n_features, flat // n_features, batch)
+
+
+def _batchtopk_from_bound(pre: torch.Tensor, total: int) -> SparseCodes | None:
+    """select_batchtopk on CPU float32 through sae.topk_kernel.batch_top; None where it cannot decide."""
+    from sae import topk_kernel  # numba: imported (and compiled, or read from its cache) on first use
+
+    found = topk_kernel.batch_top(pre.detach().contiguous(), total, torch.get_num_threads())
+    if found is None:
+        return None
+    values, columns, counts = found
+    offsets = F.pad(counts.cumsum(0), (1, 0))
+    if pre.requires_grad:  # gathered from pre: they carry its gradient
+        rows = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        values = pre.reshape(-1).index_select(0, rows * pre.shape[1] + columns)
+    return SparseCodes(F.relu(values), columns, offsets)
 
 
 def _row_codes(values: torch.Tensor, features: torch.Tensor, rows: torch.Tensor, batch: int) -> SparseCodes:

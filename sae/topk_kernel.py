@@ -19,6 +19,8 @@ falls back to torch.topk where the kernel does not apply.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import torch
@@ -118,3 +120,84 @@ def topk(pre: torch.Tensor, k: int, lanes: int, threads: int) -> tuple[torch.Ten
     else:
         _select_parallel(*args, threads)
     return indices, torch.from_numpy(redo.view(np.bool_))
+
+
+@njit(nogil=True, parallel=True, boundscheck=False, cache=True)
+def _count_at_least(pre, bound, counts):
+    """counts[r] = how many of row r's values are >= bound; -1 for a row holding a NaN."""
+    for r in prange(pre.shape[0]):
+        row = pre[r]
+        count = 0
+        nan = False
+        for e in range(pre.shape[1]):
+            x = row[e]
+            count += x >= bound
+            nan |= x != x
+        counts[r] = -1 if nan else count
+
+
+@njit(nogil=True, parallel=True, boundscheck=False, cache=True)
+def _gather_at_least(pre, bound, starts, values, indices):
+    """Row r's values >= bound, and their columns, into values[starts[r]:], indices[starts[r]:] in column order."""
+    for r in prange(pre.shape[0]):
+        row = pre[r]
+        q = starts[r]
+        for e in range(pre.shape[1]):
+            x = row[e]
+            if x >= bound:  # rare: a well-predicted branch
+                values[q] = x
+                indices[q] = e
+                q += 1
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _keep_largest(values, columns, counts, threshold, ties):
+    """Of the gathered entries, those > threshold and the first `ties` equal to it: (values, columns, counts)."""
+    kept_values = np.empty(len(values), np.float32)
+    kept_columns = np.empty(len(values), np.int64)
+    kept_counts = np.zeros(len(counts), np.int64)
+    j = 0
+    q = 0
+    for r in range(len(counts)):
+        for _ in range(counts[r]):
+            v = values[j]
+            take = v > threshold or (v == threshold and ties > 0)
+            ties -= v == threshold and take
+            if take:
+                kept_values[q] = v
+                kept_columns[q] = columns[j]
+                kept_counts[r] += 1
+                q += 1
+            j += 1
+    return kept_values[:q], kept_columns[:q], kept_counts
+
+
+def batch_top(pre: torch.Tensor, total: int, threads: int) -> tuple[torch.Tensor, ...] | None:
+    """(values, columns, counts [rows]): the `total` largest entries of a contiguous CPU float32 [rows, n], row by
+    row in column order; None where a row holds a NaN or the sampled bound lets fewer than `total` through.
+
+    A bound a little below the total-th largest value is read off a strided sample of 2^15 entries (the
+    stride visits every column; 4 standard deviations of margin), the entries at or above it are gathered
+    row by row, and the exact total-th largest among them decides (ties: the first in row-major order).
+    """
+    rows, n = pre.shape
+    step = max(1, pre.numel() // 2**15)
+    while math.gcd(step, n) != 1:
+        step += 1
+    sample = pre.reshape(-1)[::step].numpy()
+    expected = total * len(sample) / pre.numel()  # sampled values among the top `total`
+    rank = min(len(sample), math.ceil(expected + 4 * math.sqrt(expected) + 8))
+    bound = np.partition(sample, len(sample) - rank)[len(sample) - rank]  # the rank-th largest sampled value
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    array = pre.numpy()
+    counts = np.empty(rows, np.int64)
+    _count_at_least(array, bound, counts)
+    if (counts < 0).any() or counts.sum() < total:
+        return None
+    starts = np.zeros(rows, np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    values, columns = np.empty(counts.sum(), np.float32), np.empty(counts.sum(), np.int64)
+    _gather_at_least(array, bound, starts, values, columns)
+    threshold = np.partition(values, len(values) - total)[len(values) - total]  # the total-th largest
+    ties = total - int((values > threshold).sum())
+    return tuple(torch.from_numpy(a) for a in _keep_largest(values, columns, counts, threshold, ties))

@@ -25,3 +25,31 @@ def test_batchtopk_is_the_batch_wide_top(spread):
     ref = torch.zeros(pre.numel()).index_put_((flat,), pre.flatten()[flat].relu())
     assert torch.equal(codes.dense(256).flatten(), ref)
     assert codes.offsets[-1] == 8 * 512 and torch.equal(codes.offsets.diff().sum(), torch.tensor(8 * 512))
+
+
+def test_batchtopk_kernel_decides_on_cpu_float32():
+    """The compiled path (sae.topk_kernel.batch_top) is what selects on CPU float32, not its torch fallback."""
+    from sae import topk_kernel
+
+    pre = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
+    values, columns, counts = topk_kernel.batch_top(pre, 8 * 256, threads=2)
+    assert counts.sum() == len(values) == 8 * 256
+    assert torch.equal(values, pre[torch.repeat_interleave(torch.arange(256), counts), columns])
+    assert torch.equal(values.sort().values, torch.topk(pre.flatten(), 8 * 256).values.sort().values)
+
+
+def test_batchtopk_ties_nan_and_gradient():
+    g = torch.Generator().manual_seed(2)
+    ties = torch.randint(-4, 5, (300, 128), generator=g).float()  # thousands tie at the threshold
+    codes = select_batchtopk(ties, 5)
+    entries = set(zip(codes.rows.tolist(), codes.features.tolist(), strict=True))
+    assert codes.offsets[-1] == len(codes.values) == len(entries) == 1500
+    assert torch.equal(codes.values.sort().values, torch.topk(ties.flatten(), 1500).values.relu().sort().values)
+    nan = torch.randn(64, 128, generator=g)
+    nan[5, 7] = float("nan")
+    codes = select_batchtopk(nan, 4)  # torch.topk decides (NaN ranks above everything)
+    assert codes.rows[torch.isnan(codes.values)].tolist() == [5]
+    pre = torch.randn(64, 128, generator=g, requires_grad=True)
+    codes = select_batchtopk(pre, 4)
+    codes.values.sum().backward()
+    assert torch.equal(pre.grad, codes.dense(128).detach().gt(0).float())
