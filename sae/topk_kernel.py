@@ -1,4 +1,4 @@
-"""A compiled top-k selection for rows of CPU float32 values (numba): torch.topk's selection, 4-5x faster.
+"""A compiled top-k selection for rows of CPU float32 values (numba): torch.topk's selection, about 4x faster.
 
 Each row of n values is read as blocks of `lanes` consecutive values, lane j holding the row's
 entries j, j + lanes, j + 2 lanes, ...:
