@@ -126,18 +126,18 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
     val_plain = fvu(plain, x_val, y_val,
                     lambda rows: ours.denormalize_target(plain(ours.normalize_source(rows))))  # fmt: skip
 
-    # the selections against torch.topk on this step's pre-activations, each timed in turn 5 times (medians)
+    # the selections, torch.topk and the GEMM on this step's pre-activations, each timed in turn 5 times (medians)
     out = torch.addmm(ours.b_enc.detach(), xb, ours.W_enc.detach().T)
-    selections = {
+    timings = {
         "topk_ms": lambda: select_topk(out, 16),
         "torch_topk_ms": lambda: torch.topk(out, 16, dim=-1, sorted=False),
         "int32_torch_topk_ms": lambda: torch.topk(out.view(torch.int32), 16, dim=-1, sorted=False),
         "batchtopk_ms": lambda: select_batchtopk(out, 16),
         "encoder_gemm_ms": lambda: torch.addmm(ours.b_enc.detach(), xb, ours.W_enc.detach().T, out=gemm_out),
     }
-    spans = {name: [] for name in selections}
+    spans = {name: [] for name in timings}
     for _ in range(5):
-        for name, fn in selections.items():
+        for name, fn in timings.items():
             spans[name].append(timed(fn, 10))
     ms = {name: statistics.median(values) for name, values in spans.items()}
     same = torch.equal(select_topk(out, 16).features.view(-1, 16).sort(1).values, out.topk(16).indices.sort(1).values)

@@ -18,10 +18,11 @@ same row. sae.sparse uses it for CPU float32 tensors and torch's sparse products
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
+
+from sae.topk_kernel import use_threads
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -101,8 +102,7 @@ def backward(
     x, dy, w_enc, w_dec, values = (t.detach().contiguous() for t in (x, dy, w_enc, w_dec, values))
     features, offsets = features.contiguous().numpy(), offsets.contiguous().numpy()
     n_features = w_dec.shape[0]
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
+    threads = use_threads(torch.get_num_threads())
     starts, entries, rows = _group_by_feature(features, offsets, n_features)
     bounds = np.searchsorted(starts, np.linspace(0, len(entries), threads + 1)).astype(np.int64)
     bounds[0], bounds[-1] = 0, n_features

@@ -156,19 +156,20 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w_enc, w_dec, values, features, offsets = ctx.saved_tensors
-        args = (x, dy, w_enc, w_dec, values, features, offsets, ctx.needs_input_grad[0])
+        needs = ctx.needs_input_grad
         if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (x, dy, w_enc, w_dec)):
             from sae import decode_kernel  # numba: imported (and compiled, or read from its cache) on first use
 
-            grad_x, grad_w_enc, grad_b_enc, grad_w_dec = decode_kernel.backward(*args)
+            grads = decode_kernel.backward(x, dy, w_enc, w_dec, values, features, offsets, needs[0])
         else:
-            grad_x, grad_w_enc, grad_b_enc, grad_w_dec = sparse_products_backward(*args)
-        return grad_x, grad_w_enc, grad_b_enc, grad_w_dec, None, None, None
+            grads = sparse_products_backward(x, dy, w_enc, w_dec, values, features, offsets, needs[:4])
+        return *grads, None, None, None
 
 
-def sparse_products_backward(x, dy, w_enc, w_dec, values, features, offsets, need_x: bool):
-    """(dx or None, dW_enc, db_enc, dW_dec) of the sparse decode by torch's sparse products (any device, dtype):
-    a sampled dense-dense product for g, CSR (features x rows) products for the weights."""
+def sparse_products_backward(x, dy, w_enc, w_dec, values, features, offsets, needs: tuple[bool, ...]):
+    """(dx, dW_enc, db_enc, dW_dec) of the sparse decode by torch's sparse products (any device, dtype): a sampled
+    dense-dense product for g, CSR (features x rows) products for the weights; None where `needs` (whether x,
+    w_enc, b_enc, w_dec need a gradient) says no."""
     codes = SparseCodes(values, features, offsets)
     n_features = w_dec.shape[0]
     index = _index_dtype(max(n_features, len(values)) + 1)
@@ -179,11 +180,11 @@ def sparse_products_backward(x, dy, w_enc, w_dec, values, features, offsets, nee
     z_t, g_t = _transpose(codes, n_features, values, g)  # [features, batch]
     grad_b_enc = torch.zeros(n_features, dtype=g.dtype, device=g.device).index_add_(0, features, g)
     grad_x = None
-    if need_x:
+    if needs[0]:
         g_rows = torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), g, pattern.shape,
                                          check_invariants=False)  # fmt: skip
         grad_x = g_rows @ w_enc
-    return grad_x, g_t @ x, grad_b_enc, z_t @ dy
+    return grad_x, g_t @ x if needs[1] else None, grad_b_enc, z_t @ dy if needs[3] else None
 
 
 def sparse_decode(

@@ -58,18 +58,16 @@ def _select_rows(pre, k, lanes, indices, redo, start, stop):
             redo[r] = 1
             continue
         bound, above = lane_max.min(), lane_max.max()  # >= k lane maxima reach `bound`, fewer than k pass `above`
+        reached = lanes  # lane maxima >= bound
         for _ in range(16):
-            reached = 0
-            for j in range(lanes):
-                reached += lane_max[j] >= bound
             if reached <= k + 2:
                 break
             middle = bound + (above - bound) * np.float32(0.5)
-            reached = 0
+            count = 0
             for j in range(lanes):
-                reached += lane_max[j] >= middle
-            if reached >= k:
-                bound = middle
+                count += lane_max[j] >= middle
+            if count >= k:
+                bound, reached = middle, count
             else:
                 above = middle
         chosen_count = 0
@@ -107,13 +105,19 @@ def _select_parallel(pre, k, lanes, indices, redo, threads):
         _select_rows(pre, k, lanes, indices, redo, t * per, min(rows, (t + 1) * per))
 
 
+def use_threads(threads: int) -> int:
+    """Have numba's parallel loops run on `threads` threads (at least 1, at most its pool); the count used."""
+    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return threads
+
+
 def topk(pre: torch.Tensor, k: int, lanes: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [rows, k], redo [rows] bool) for a contiguous CPU float32 [rows, n] with n >= 2 lanes."""
     rows = pre.shape[0]
     indices = torch.empty(rows, k, dtype=torch.int64)
     redo = np.zeros(rows, np.uint8)
-    threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS, rows))
-    numba.set_num_threads(threads)
+    threads = use_threads(min(threads, rows))
     args = (pre.numpy(), k, lanes, indices.numpy(), redo)
     if threads == 1:
         _select_rows(*args, 0, rows)
@@ -188,7 +192,7 @@ def batch_top(pre: torch.Tensor, total: int, threads: int) -> tuple[torch.Tensor
     expected = total * len(sample) / pre.numel()  # sampled values among the top `total`
     rank = min(len(sample), math.ceil(expected + 4 * math.sqrt(expected) + 8))
     bound = np.partition(sample, len(sample) - rank)[len(sample) - rank]  # the rank-th largest sampled value
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    use_threads(threads)
     array = pre.numpy()
     counts = np.empty(rows, np.int64)
     _count_at_least(array, bound, counts)
