@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from policy.env import generate
 from policy.runs import LoadedPolicy
 from sae.hooks import HookedPolicy
-from sae.store import DumpWriter, NonFiniteRows
+from sae.store import AcceptedRows, DumpWriter, NonFiniteRows
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
@@ -26,6 +27,9 @@ except (OSError, AttributeError):
 
 INSTANCE_CHUNK = 1024
 """Instances are drawn in fixed chunks (seeded by seed and chunk index), so ids do not depend on batch size."""
+
+TRIM_BYTES = 256 * 2**20
+"""Freed heap goes back to the OS after every this many bytes of activations (a trim costs ~10 ms)."""
 
 
 def collection_request(policy: LoadedPolicy, num_instances: int, num_loc: int, distribution: str, seed: int,
@@ -83,31 +87,51 @@ def collect(
     """One forward per batch serves every route; returns all instances [N, n, 2].
 
     Decoder points are read along the policy's greedy tours, or along `tours` [N, n] (teacher forcing) when given.
+    Each batch's rows are checked and added to the statistics here (torch's threads), then written to disk with
+    their checksums on a worker thread while the next batch's forward runs (at most one batch in flight).
     Non-finite activations stop the collection with a ValueError (the writers refuse them, and then discard their
     dumps).
     """
     device = next(hooked.model.parameters()).device
     names = sorted({hook for _, mapping in routes for hook in mapping})
-    locs_seen, done = [], 0
-    with tqdm(total=total, desc="collecting", unit="inst") as bar:
+    locs_seen, done, since_trim = [], 0, 0
+    pending: Future | None = None  # the previous batch's write; the pool's exit waits for it, also on errors
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-writer") as pool, \
+            tqdm(total=total, desc="collecting", unit="inst") as bar:  # fmt: skip
         for locs in batches:
             follow = {}
             if tours is not None:  # [batch, S=1, node], the tours to teacher-force
                 follow["actions"] = torch.as_tensor(tours[done : done + len(locs)], device=device)[:, None]
             cache = hooked.run_with_cache(locs.to(device), names, **follow)
             rows = {hook: value.reshape(-1, value.shape[-1]) for hook, value in cache.items()}  # [batch * node, d]
-            for writer, mapping in routes:
-                try:
-                    writer.write({array: rows[hook] for hook, array in mapping.items()})
-                except NonFiniteRows as err:
-                    hook = next(h for h, a in mapping.items() if a == err.array)
-                    last = done + len(locs) - 1
-                    raise ValueError(f"NaN or Inf in {hook} activations of instances {done}..{last}") from None
+            accepted = [_accept(writer, mapping, rows, done, done + len(locs) - 1) for writer, mapping in routes]
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_store, routes, accepted)
             locs_seen.append(locs.numpy())
             done += len(locs)
-            release_free_memory()
+            since_trim += sum(value.nbytes for value in rows.values())
+            if since_trim >= TRIM_BYTES:
+                release_free_memory()
+                since_trim = 0
             bar.update(len(locs))
+        if pending is not None:
+            pending.result()
     return np.concatenate(locs_seen)
+
+
+def _accept(writer: DumpWriter, mapping: dict[str, str], rows: dict[str, torch.Tensor], first: int, last: int):
+    """A route's arrays of one batch (instances first..last) checked and counted by its writer."""
+    try:
+        return writer.accept({array: rows[hook] for hook, array in mapping.items()})
+    except NonFiniteRows as err:
+        hook = next(h for h, a in mapping.items() if a == err.array)
+        raise ValueError(f"NaN or Inf in {hook} activations of instances {first}..{last}") from None
+
+
+def _store(routes: list[Route], accepted: list[AcceptedRows]) -> None:
+    for (writer, _), rows in zip(routes, accepted, strict=True):
+        writer.store(rows)
 
 
 def hook_dims(hooked: HookedPolicy, names: list[str], num_loc: int) -> dict[str, int]:

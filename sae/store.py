@@ -128,6 +128,15 @@ class NonFiniteRows(ValueError):
         self.array = array
 
 
+@dataclass(frozen=True)
+class AcceptedRows:
+    """A batch DumpWriter.accept checked and placed at rows start..start+count-1, waiting for DumpWriter.store."""
+
+    start: int
+    count: int
+    blocks: dict[str, np.ndarray]  # array name -> [count, dim] contiguous rows in the dump's dtype
+
+
 class DumpWriter:
     """Writes arrays of a known row count into `<path>.partial/`, then moves them to `path`.
 
@@ -160,7 +169,8 @@ class DumpWriter:
             self.abort()
             raise
         self.stats = {name: RunningStats(dim) for name, dim in self.dims.items()}
-        self.cursor = 0
+        self.accepted = 0  # rows checked and placed (accept)
+        self.cursor = 0  # rows on disk (store)
 
     def _allocate(self, name: str, dim: int) -> None:
         """Create `<name>.npy` (header, then its blocks reserved on disk so that a full disk fails here, not mid-way),
@@ -199,6 +209,12 @@ class DumpWriter:
 
     def write(self, arrays: dict[str, np.ndarray | torch.Tensor]) -> None:
         """Append the same number of rows to every array; NaN or Inf in them is refused (NonFiniteRows)."""
+        self.store(self.accept(arrays))
+
+    def accept(self, arrays: dict[str, np.ndarray | torch.Tensor]) -> AcceptedRows:
+        """The checking half of `write`: names, widths, room and NaN/Inf checked, the rows added to the statistics
+        and given their place after every row accepted before; `store` writes them. (sae.collect stores batch i
+        on a worker thread while the policy computes batch i+1.)"""
         if set(arrays) != set(self.dims):
             raise ValueError(f"expected arrays {sorted(self.dims)}, got {sorted(arrays)}")
         arrays = {
@@ -208,21 +224,28 @@ class DumpWriter:
         if len(counts) != 1:
             raise ValueError(f"arrays have different row counts: { {k: v.shape for k, v in arrays.items()} }")
         n = counts.pop()
-        if self.cursor + n > self.rows:
-            raise ValueError(f"writing {n} rows at row {self.cursor} overflows the dump's {self.rows} rows")
+        if self.accepted + n > self.rows:
+            raise ValueError(f"writing {n} rows at row {self.accepted} overflows the dump's {self.rows} rows")
         for name, values in arrays.items():
             if values.shape[1:] != (self.dims[name],):
                 raise ValueError(f"{name}: rows of width {values.shape[1:]}, expected ({self.dims[name]},)")
             if not self.stats[name].update(values):
                 raise NonFiniteRows(name)
-        for name, values in arrays.items():
-            block = np.ascontiguousarray(values, dtype=self.dtype)
+        blocks = {name: np.ascontiguousarray(values, dtype=self.dtype) for name, values in arrays.items()}
+        self.accepted += n
+        return AcceptedRows(self.accepted - n, n, blocks)
+
+    def store(self, rows: AcceptedRows) -> None:
+        """The writing half of `write`: accepted rows to their files (and checksums), in the order accepted."""
+        if rows.start != self.cursor:
+            raise ValueError(f"rows accepted at row {rows.start} stored at row {self.cursor}: store them in order")
+        for name, block in rows.blocks.items():
             self.digests[name].update(block)
             data, position = memoryview(block).cast("B"), self.offsets[name] + self.cursor * block.strides[0]
             while data:  # the blocks were reserved by _allocate, so this cannot hit a full disk
                 written = os.pwrite(self.files[name], data, position)
                 data, position = data[written:], position + written
-        self.cursor += n
+        self.cursor += rows.count
 
     def add_file(self, name: str, array: np.ndarray) -> None:
         """A small extra array saved whole (e.g. the instances)."""

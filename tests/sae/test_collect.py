@@ -85,3 +85,20 @@ def test_two_concurrent_collections_both_register(tiny_run):
         assert p.returncode == 0, err
     registry = json.loads((tiny_run / "sae" / "activation_store.json").read_text())
     assert {"conc0", "conc1"} <= set(registry)
+
+
+def test_nan_in_a_later_batch_names_its_instances_and_leaves_no_dump(tiny_run, tmp_path, monkeypatch):
+    """Batches are written on a worker thread one behind the forward: the error still names the bad batch."""
+    real = HookedPolicy.run_with_cache
+
+    def poisoned(self, locs, names, **kw):
+        cache = real(self, locs, names, **kw)
+        poisoned.calls += 1  # call 1 is hook_dims' probe, then one per batch of 3: call 4 holds instances 6..8
+        return {k: v.clone().fill_(float("nan")) for k, v in cache.items()} if poisoned.calls == 4 else cache
+
+    poisoned.calls = 0
+    monkeypatch.setattr(HookedPolicy, "run_with_cache", poisoned)
+    result = _collect("--run_dir", tiny_run, "--hooks", "encoder_layer_0", "--num_instances", 12, "--batch_size", 3,
+                      "--activations_root", tmp_path, "--name", "poisoned")  # fmt: skip
+    assert result.exit_code == 1 and "NaN or Inf in encoder_layer_0 activations of instances 6..8" in result.output
+    assert not any(tmp_path.rglob("metadata.json")) and not any(tmp_path.rglob("*.partial"))

@@ -33,6 +33,32 @@ def test_round_trip_with_streamed_stats(tmp_path):
     assert set(dump.metadata["sha256"]) == {"a.npy", "b.npy", "a_covariance.npy", "b_covariance.npy"}
 
 
+def test_rows_accepted_ahead_are_stored_in_order(tmp_path):
+    """accept places batches ahead of store (as sae.collect does, one batch ahead); a batch stored out of turn
+    or accepted past the end is refused, and the finished dump equals one written with `write`."""
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(10, 3)).astype(np.float32)
+    with DumpWriter(tmp_path / "d", {"a": 3}, 10) as writer:
+        first, second = writer.accept({"a": data[:4]}), writer.accept({"a": data[4:]})
+        assert (first.start, first.count, second.start) == (0, 4, 4)
+        with pytest.raises(ValueError, match="overflows"):
+            writer.accept({"a": data[:1]})
+        with pytest.raises(ValueError, match="store them in order"):
+            writer.store(second)
+        with pytest.raises(ValueError, match="dump incomplete"):
+            writer.finish({})
+        writer.store(first)
+        writer.store(second)
+        writer.finish({"nodes_per_instance": 5, "num_instances": 2})
+    with DumpWriter(tmp_path / "w", {"a": 3}, 10) as writer:
+        writer.write({"a": data})
+        writer.finish({"nodes_per_instance": 5, "num_instances": 2})
+    ahead, whole = open_dump(tmp_path / "d", verify=True), open_dump(tmp_path / "w", verify=True)
+    np.testing.assert_array_equal(ahead.arrays["a"], data)
+    assert ahead.metadata["sha256"]["a.npy"] == whole.metadata["sha256"]["a.npy"]
+    np.testing.assert_allclose(ahead.covariance("a"), whole.covariance("a"), rtol=1e-6)
+
+
 def test_covariance_of_an_older_dump_is_a_clear_error(tmp_path):
     _write(tmp_path / "d")
     (tmp_path / "d" / "a_covariance.npy").unlink()  # as dumps collected before covariances were stored
