@@ -12,6 +12,7 @@ writes it beside its own).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -74,21 +75,13 @@ def _norm_summary(norms: np.ndarray) -> dict:
     return {"mean": float(norms.mean()), "median": float(np.median(norms)), "p99": float(np.percentile(norms, 99))}
 
 
-def inspect_pair(dump: Dump, val_ratio: float = 0.1, seed: int = 0) -> dict:
+def _blocks(dump: Dump, val_ratio: float, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The dump's (sources, targets) in float64 blocks of BLOCK_ROWS rows, each with its rows' validation mask
+    [rows] (the trainer's split by instance); NaN or Inf is a ValueError naming the first bad row."""
     src, tgt = dump.arrays["sources"], dump.arrays["targets"]
-    n = dump.nodes_per_instance
     _, val_ids = split_instances(dump.num_instances, val_ratio, seed)
     is_val = np.zeros(dump.num_instances, dtype=bool)
     is_val[val_ids] = True
-    train_m, val_m = Moments(src.shape[1], tgt.shape[1]), Moments(src.shape[1], tgt.shape[1])
-    rms = {}  # each side's root mean square entry, from the stored per-dim mean and std
-    for side in ("sources", "targets"):
-        mean, std = (np.asarray(v, np.float64) for v in dump.stats(side))
-        rms[side] = float(np.sqrt((mean**2 + std**2).mean()))
-    norms = {"sources": [], "targets": []}
-    near_zero = {"sources": 0, "targets": 0}
-    cross = np.zeros((src.shape[1], tgt.shape[1]))
-    ss = {"sources": np.zeros((src.shape[1], src.shape[1])), "targets": np.zeros((tgt.shape[1], tgt.shape[1]))}
     src_reader, tgt_reader = RowReader(src), RowReader(tgt)
     for start in range(0, dump.rows, BLOCK_ROWS):
         stop = min(start + BLOCK_ROWS, dump.rows)
@@ -99,7 +92,33 @@ def inspect_pair(dump: Dump, val_ratio: float = 0.1, seed: int = 0) -> dict:
                 bad = start + int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
                 raise ValueError(f"{dump.path}: NaN or Inf in {side} (first at row {bad}): the dump is corrupt; "
                                  "collect it again")  # fmt: skip
-        val_rows = is_val[np.arange(start, start + len(x)) // n]
+        yield x, y, is_val[np.arange(start, stop) // dump.nodes_per_instance]
+
+
+def pair_ridge(dump: Dump, val_ratio: float = 0.1, seed: int = 0) -> dict | None:
+    """inspect_pair's "ridge" alone (what the trainer writes beside its FVU), from a pass that computes nothing
+    else; None without validation instances."""
+    d_src, d_tgt = dump.arrays["sources"].shape[1], dump.arrays["targets"].shape[1]
+    train_m, val_m = Moments(d_src, d_tgt), Moments(d_src, d_tgt)
+    for x, y, val_rows in _blocks(dump, val_ratio, seed):
+        train_m.update(x[~val_rows], y[~val_rows])
+        val_m.update(x[val_rows], y[val_rows])
+    return ridge_baseline(train_m, val_m) if val_m.n else None
+
+
+def inspect_pair(dump: Dump, val_ratio: float = 0.1, seed: int = 0) -> dict:
+    src, tgt = dump.arrays["sources"], dump.arrays["targets"]
+    n = dump.nodes_per_instance
+    train_m, val_m = Moments(src.shape[1], tgt.shape[1]), Moments(src.shape[1], tgt.shape[1])
+    rms = {}  # each side's root mean square entry, from the stored per-dim mean and std
+    for side in ("sources", "targets"):
+        mean, std = (np.asarray(v, np.float64) for v in dump.stats(side))
+        rms[side] = float(np.sqrt((mean**2 + std**2).mean()))
+    norms = {"sources": [], "targets": []}
+    near_zero = {"sources": 0, "targets": 0}
+    cross = np.zeros((src.shape[1], tgt.shape[1]))
+    ss = {"sources": np.zeros((src.shape[1], src.shape[1])), "targets": np.zeros((tgt.shape[1], tgt.shape[1]))}
+    for x, y, val_rows in _blocks(dump, val_ratio, seed):
         train_m.update(x[~val_rows], y[~val_rows])
         val_m.update(x[val_rows], y[val_rows])
         cross += x.T @ y

@@ -48,7 +48,7 @@ from clt.groups import head_blocks, init_head_groups_
 from clt.metrics import group_activity, layer_reconstructions
 from clt.model import CrossLayerTranscoder, Penalty, Transcoder, TranscoderConfig
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
-from clt.pair_stats import inspect_pair
+from clt.pair_stats import pair_ridge
 from policy.checks import check_device, check_types
 from policy.cli import command, explicit_options
 from policy.distributed import (
@@ -428,7 +428,7 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
     if info.is_main:
         metrics, _ = evaluate(model, val_data)
         dumps = val_data.dumps if isinstance(val_data, MultiLayerDataset) else [val_data.dump]
-        ridges = [(inspect_pair(d, cfg.val_ratio, cfg.seed)["ridge"] or {}).get("fvu") for d in dumps]
+        ridges = [(pair_ridge(d, cfg.val_ratio, cfg.seed) or {}).get("fvu") for d in dumps]
         summary = {"pair": cfg.pair, "features": model.feature_count, "k": model.cfg.active,
                    "activation": cfg.activation, "steps": trainer.position.global_step, "ranks": info.world_size,
                    **metrics, "ridge_val_fvu": float(np.mean(ridges)) if None not in ridges else None}  # fmt: skip

@@ -130,7 +130,8 @@ class RowStream:
         order = rng.permutation(len(blocks))
         skip = start_step * self.batch_size  # rows of the epoch's stream before the first batch wanted
         position = 0  # stream row at which the current window starts
-        pending: dict[str, np.ndarray] | None = None
+        carry: dict[str, np.ndarray] | None = None  # rows read but not yet yielded (under one batch)
+        size = self.batch_size
         for w in range(0, len(order), self.window_blocks):
             instances = np.concatenate([blocks[b] for b in order[w : w + self.window_blocks]])
             shuffle = rng.permutation(len(instances) * self.nodes)  # drawn even when skipped: same stream
@@ -138,17 +139,27 @@ class RowStream:
             if position <= skip:
                 continue
             window = {name: read_instances(r, instances, self.nodes)[shuffle] for name, r in self.readers.items()}
-            if pending is None:  # the first window read: drop the rows of skipped batches
-                pending = {name: rows[max(skip - start, 0) :] for name, rows in window.items()}
-            else:
-                pending = {name: np.concatenate([pending[name], window[name]]) for name in window}
-            while len(next(iter(pending.values()))) >= self.batch_size:
-                yield self._slice({name: rows[: self.batch_size] for name, rows in pending.items()})
-                pending = {name: rows[self.batch_size :] for name, rows in pending.items()}
-        if pending is not None and len(next(iter(pending.values()))):
-            yield self._slice(pending)
+            if carry is None:  # the first window read: drop the rows of skipped batches
+                window = {name: rows[max(skip - start, 0) :] for name, rows in window.items()}
+            else:  # the batch the last window began, completed from this one (the only rows copied twice)
+                need = size - _length(carry)
+                carry = {name: np.concatenate([carry[name], window[name][:need]]) for name in window}
+                window = {name: rows[need:] for name, rows in window.items()}
+                if _length(carry) < size:
+                    continue
+                yield self._slice(carry)
+            full = _length(window) // size
+            for b in range(full):
+                yield self._slice({name: rows[b * size : (b + 1) * size] for name, rows in window.items()})
+            carry = {name: rows[full * size :] for name, rows in window.items()}
+        if carry is not None and _length(carry):
+            yield self._slice(carry)
 
     def _slice(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         if self.world_size > 1:
             batch = {name: np.array_split(rows, self.world_size)[self.rank] for name, rows in batch.items()}
         return {name: torch.from_numpy(np.ascontiguousarray(rows)) for name, rows in batch.items()}
+
+
+def _length(rows: dict[str, np.ndarray]) -> int:
+    return len(next(iter(rows.values())))

@@ -167,17 +167,23 @@ def test_inspect_pairs_table_json_and_a_ridge_baseline(pairs_run):
 
 
 def test_ridge_recovers_an_exact_linear_map(tmp_path):
-    from clt.pair_stats import inspect_pair
+    """inspect_pair's ridge, and pair_ridge (the trainer's, computed alone) equal to it, on an exact and a noisy map."""
+    from clt.pair_stats import inspect_pair, pair_ridge
     from sae.store import open_dump
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 5)).astype(np.float32)
     y = (x @ rng.normal(size=(5, 3)) + 0.5).astype(np.float32)
-    with DumpWriter(tmp_path / "lin", {"sources": 5, "targets": 3}, 600) as w:
-        w.write({"sources": x, "targets": y})
-        w.finish({"num_instances": 60, "nodes_per_instance": 10})
-    report = inspect_pair(open_dump(tmp_path / "lin"))
-    assert report["ridge"]["fvu"] < 1e-4
+    noisy = y + rng.normal(size=y.shape).astype(np.float32)
+    for name, target in (("lin", y), ("noisy", noisy)):
+        with DumpWriter(tmp_path / name, {"sources": 5, "targets": 3}, 600) as w:
+            w.write({"sources": x, "targets": target})
+            w.finish({"num_instances": 60, "nodes_per_instance": 10})
+    assert inspect_pair(open_dump(tmp_path / "lin"))["ridge"]["fvu"] < 1e-4
+    for seed in (0, 3):
+        report = inspect_pair(open_dump(tmp_path / "noisy"), val_ratio=0.2, seed=seed)
+        assert pair_ridge(open_dump(tmp_path / "noisy"), val_ratio=0.2, seed=seed) == report["ridge"]
+        assert 0.01 < report["ridge"]["fvu"] < 1
 
 
 def test_generated_locs_are_in_every_pair(pairs_run):
