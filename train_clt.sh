@@ -17,6 +17,8 @@
 #   --lr "LR ..."      learning rates                         [the trainer's default, 32e-3]
 #   --epochs N         epochs per run                         [10]
 #   --eval N           splice each transcoder into the policy on N instances (python -m clt.eval) [1000; 0: skip]
+#   --jobs N           trainings (and evaluations) run at once, each on cores/N threads, each one's output in a
+#                      log file; 1: one after another, output on the terminal  [the cores, at most the runs]
 #   --no_collect       skip pair collection (reuse the dumps)
 #   --sweep NAME       record the runs as <run>/clt/sweeps/NAME.json   [sweep_<date>-<time>]
 #                      (then: python -m clt.summarize --run_dir R --sweep NAME, python -m clt.site.export ... --sweep NAME)
@@ -35,6 +37,7 @@ ACTIVATION="topk"
 LR="default"
 EPOCHS=10
 EVAL=1000
+JOBS=""
 COLLECT=1
 SWEEP="sweep_$(date +%Y%m%d-%H%M%S)"
 EXTRA=()
@@ -53,6 +56,7 @@ while [[ $# -gt 0 ]]; do
     --lr) LR=$2; shift 2 ;;
     --epochs) EPOCHS=$2; shift 2 ;;
     --eval) EVAL=$2; shift 2 ;;
+    --jobs) JOBS=$2; shift 2 ;;
     --no_collect) COLLECT=0; shift ;;
     --sweep) SWEEP=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -61,10 +65,12 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-# --epochs and --eval reach bash arithmetic ([[ -gt ]] evaluates expressions, $(...) included): digits only.
-for name in EPOCHS EVAL; do
-  [[ ${!name} =~ ^[0-9]+$ ]] || { echo "train_clt.sh: --${name,,} must be a whole number, got '${!name}'" >&2; exit 2; }
+# --epochs, --eval and --jobs reach bash arithmetic ([[ -gt ]] evaluates expressions, $(...) included): digits only.
+for name in EPOCHS EVAL JOBS; do
+  [[ -z ${!name} || ${!name} =~ ^[0-9]+$ ]] \
+    || { echo "train_clt.sh: --${name,,} must be a whole number, got '${!name}'" >&2; exit 2; }
 done
+[[ $JOBS != 0 ]] || { echo "train_clt.sh: --jobs must be at least 1" >&2; exit 2; }
 set -o noglob  # the grid lists are split on spaces, never expanded as file patterns
 
 DEFAULT_CONFIG="$(dirname "$0")/clt/configs/$(basename "$RUN_DIR").json"
@@ -95,21 +101,77 @@ SIZES=()
 for k in $K; do SIZES+=("--k=$k"); done
 for r in $K_RATIO; do SIZES+=("--k_ratio=$r"); done
 
+CORES=$(nproc 2>/dev/null || echo 1)
+RUNS=0
+for pair in $PAIRS; do for e in $EXPANSION; do for size in "${SIZES[@]}"; do for act in $ACTIVATION; do for lr in $LR; do
+  RUNS=$((RUNS + 1))
+done; done; done; done; done
+if [[ -z $JOBS ]]; then
+  JOBS=$((CORES < RUNS ? CORES : RUNS))
+  JOBS=$((JOBS > 0 ? JOBS : 1))
+fi
+THREADS=$((CORES / JOBS > 0 ? CORES / JOBS : 1))
+LOGS=""
+if [[ $JOBS -gt 1 ]]; then
+  LOGS=$(mktemp -d "${TMPDIR:-/tmp}/train_clt.XXXXXX")
+  echo "train_clt.sh: $JOBS jobs at a time, $THREADS threads each; their output in $LOGS" >&2
+fi
+LAUNCHED=0
+# Background jobs of a script ignore SIGINT: Ctrl-C (or a TERM) hands them a TERM, which saves a trainer's state.
+trap 'trap - INT TERM; [[ -z $(jobs -p) ]] || kill -TERM $(jobs -p) 2>/dev/null; wait; exit 130' INT TERM
+
+# launch LABEL CMD...: run CMD, or with --jobs > 1 start it in the background once fewer than $JOBS run.
+launch() {
+  local label=$1
+  shift
+  echo "== $label" >&2
+  if [[ $JOBS -eq 1 ]]; then
+    "$@" >&2
+    return
+  fi
+  while [[ $(jobs -rp | wc -l) -ge $JOBS ]]; do wait -n || true; done
+  LAUNCHED=$((LAUNCHED + 1))
+  local log="$LOGS/$LAUNCHED.log"
+  echo "   (log: $log)" >&2
+  (set +e; OMP_NUM_THREADS=$THREADS NUMBA_NUM_THREADS=$THREADS "$@" >"$log" 2>&1; echo $? >"$log.rc") &
+}
+
+# wait_all: wait for the background jobs; if any failed, show the end of its log and stop.
+CHECKED=0
+wait_all() {
+  [[ $JOBS -gt 1 ]] || return 0
+  wait
+  local failed=0 log
+  while [[ $CHECKED -lt $LAUNCHED ]]; do
+    CHECKED=$((CHECKED + 1))
+    log="$LOGS/$CHECKED.log"
+    if [[ ! -f $log.rc || $(<"$log.rc") != 0 ]]; then
+      failed=1
+      echo "train_clt.sh: a job failed; the end of $log:" >&2
+      tail -n 20 "$log" >&2
+    fi
+  done
+  [[ $failed -eq 0 ]] || exit 1
+}
+
 for pair in $PAIRS; do
   for e in $EXPANSION; do for size in "${SIZES[@]}"; do for act in $ACTIVATION; do for lr in $LR; do
-    echo "== $pair: expansion $e, ${size#--}, $act, lr $lr" >&2
     LR_ARG=()
     [[ $lr == default ]] || LR_ARG=(--lr "$lr")
-    "$PYTHON" -m clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" "$size" \
+    launch "$pair: expansion $e, ${size#--}, $act, lr $lr" \
+      "$PYTHON" -m clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" "$size" \
       --activation "$act" ${LR_ARG[@]+"${LR_ARG[@]}"} --num_epochs "$EPOCHS" --sweep "$SWEEP" \
-      ${EXTRA[@]+"${EXTRA[@]}"} >&2
+      ${EXTRA[@]+"${EXTRA[@]}"}
   done; done; done; done
 done
+wait_all
 
 if [[ $EVAL -gt 0 ]]; then
-  "$PYTHON" -m clt.summarize --run_dir "$RUN_DIR" --sweep "$SWEEP" --list | while read -r folder; do
-    "$PYTHON" -m clt.eval --clt_dir "$folder" --num_instances "$EVAL" </dev/null >&2
-  done
+  FOLDERS=$("$PYTHON" -m clt.summarize --run_dir "$RUN_DIR" --sweep "$SWEEP" --list)
+  while read -r folder; do
+    launch "evaluating $folder" "$PYTHON" -m clt.eval --clt_dir "$folder" --num_instances "$EVAL" </dev/null
+  done <<<"$FOLDERS"
+  wait_all
 fi
 
 echo

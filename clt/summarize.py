@@ -87,7 +87,13 @@ def main(folders, run_dir, sweep, as_list):
     """Print validation FVU, L0, dead features and the ridge baseline for transcoder run FOLDERS."""
     with command():
         chosen = chosen_runs(folders, run_dir, sweep)
-        click.echo("\n".join(str(f) for f in chosen) if as_list else format_table(read_summaries(chosen)))
+        if as_list:
+            click.echo("\n".join(str(f) for f in chosen))
+            return
+        rows = read_summaries(chosen)
+        if run_dir:  # a sweep's runs finish in any order (train_clt.sh --jobs): the table goes by the grid
+            rows.sort(key=lambda r: (r["pair"], r["activation"], r["features"], r["k"] or 0, r["lr"] or 0))
+        click.echo(format_table(rows))
 
 
 if __name__ == "__main__":

@@ -210,6 +210,21 @@ def test_train_clt_sh_sweeps_the_config_sparsity_block(pair_run, tmp_path):
     assert both.returncode == 2 and "give --k or --k_ratio, not both" in both.stderr
 
 
+def test_train_clt_sh_reports_a_failed_parallel_job_and_refuses_zero_jobs(pair_run):
+    """With --jobs 2 a failing run's log tail reaches the terminal and the script fails; its sibling still ran."""
+    script = Path(__file__).resolve().parents[2] / "train_clt.sh"
+    command = ["bash", str(script), "--run_dir", str(pair_run), "--no_collect", "--pairs", PAIR, "--expansion", "2",
+               "--k", "2 64", "--epochs", "1", "--eval", "0", "--jobs", "2", "--sweep", "half_bad",
+               "--", "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 1 and "a job failed" in result.stderr and "64" in result.stderr, result.stderr[-2000:]
+    record = json.loads((pair_run / "clt" / "sweeps" / "half_bad.json").read_text())
+    assert len(record["runs"]) == 1 and load_transcoder(pair_run / record["runs"][0]).cfg.active == 2
+    zero = subprocess.run([*command[:2], "--jobs", "0"], capture_output=True, text=True)
+    assert zero.returncode == 2 and "--jobs must be at least 1" in zero.stderr
+
+
 def test_resume_of_a_finished_run_needs_a_longer_budget(pair_run):
     out = run(_cfg(pair_run, num_epochs=1))
     weights = (out / "model.safetensors").read_bytes()
