@@ -69,6 +69,7 @@ done
 for name in EPOCHS EVAL JOBS; do
   [[ -z ${!name} || ${!name} =~ ^[0-9]+$ ]] \
     || { echo "train_clt.sh: --${name,,} must be a whole number, got '${!name}'" >&2; exit 2; }
+  [[ -z ${!name} ]] || printf -v "$name" '%d' "$((10#${!name}))"  # 08 is eight, not a bad octal number
 done
 [[ $JOBS != 0 ]] || { echo "train_clt.sh: --jobs must be at least 1" >&2; exit 2; }
 set -o noglob  # the grid lists are split on spaces, never expanded as file patterns
@@ -106,15 +107,14 @@ RUNS=0
 for pair in $PAIRS; do for e in $EXPANSION; do for size in "${SIZES[@]}"; do for act in $ACTIVATION; do for lr in $LR; do
   RUNS=$((RUNS + 1))
 done; done; done; done; done
-if [[ -z $JOBS ]]; then
-  JOBS=$((CORES < RUNS ? CORES : RUNS))
-  JOBS=$((JOBS > 0 ? JOBS : 1))
-fi
+JOBS=${JOBS:-$CORES}
+JOBS=$((JOBS < RUNS ? JOBS : RUNS))
+JOBS=$((JOBS > 0 ? JOBS : 1))
 THREADS=$((CORES / JOBS > 0 ? CORES / JOBS : 1))
 LOGS=""
 if [[ $JOBS -gt 1 ]]; then
   LOGS=$(mktemp -d "${TMPDIR:-/tmp}/train_clt.XXXXXX")
-  echo "train_clt.sh: $JOBS jobs at a time, $THREADS threads each; their output in $LOGS" >&2
+  echo "train_clt.sh: $JOBS jobs at a time, $THREADS thread(s) each; their output in $LOGS" >&2
 fi
 LAUNCHED=0
 # Background jobs of a script ignore SIGINT: Ctrl-C (or a TERM) hands them a TERM, which saves a trainer's state.
