@@ -103,10 +103,8 @@ for k in $K; do SIZES+=("--k=$k"); done
 for r in $K_RATIO; do SIZES+=("--k_ratio=$r"); done
 
 CORES=$(nproc 2>/dev/null || echo 1)
-RUNS=0
-for pair in $PAIRS; do for e in $EXPANSION; do for size in "${SIZES[@]}"; do for act in $ACTIVATION; do for lr in $LR; do
-  RUNS=$((RUNS + 1))
-done; done; done; done; done
+words() { echo $#; }  # how many words a grid list holds (noglob is on)
+RUNS=$(($(words $PAIRS) * $(words $EXPANSION) * ${#SIZES[@]} * $(words $ACTIVATION) * $(words $LR)))
 JOBS=${JOBS:-$CORES}
 JOBS=$((JOBS < RUNS ? JOBS : RUNS))
 JOBS=$((JOBS > 0 ? JOBS : 1))

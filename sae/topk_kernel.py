@@ -196,11 +196,12 @@ def batch_top(pre: torch.Tensor, total: int, threads: int) -> tuple[torch.Tensor
     array = pre.numpy()
     counts = np.empty(rows, np.int64)
     _count_at_least(array, bound, counts)
-    if (counts < 0).any() or counts.sum() < total:
+    reached = int(counts.sum())
+    if (counts < 0).any() or reached < total:
         return None
     starts = np.zeros(rows, np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
-    values, columns = np.empty(counts.sum(), np.float32), np.empty(counts.sum(), np.int64)
+    values, columns = np.empty(reached, np.float32), np.empty(reached, np.int64)
     _gather_at_least(array, bound, starts, values, columns)
     threshold = np.partition(values, len(values) - total)[len(values) - total]  # the total-th largest
     ties = total - int((values > threshold).sum())
