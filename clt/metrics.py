@@ -16,14 +16,20 @@ def layer_reconstructions(model, batches: Iterable[tuple[torch.Tensor, torch.Ten
     """Stream raw (source, target) batches through the model in eval mode; one Reconstruction per target layer.
 
     A pairwise transcoder maps [batch, d_in] -> [batch, d_out] (one layer); a multi-layer one maps
-    [layer, batch, d] -> [layer, batch, d], its codes [layer, batch, features].
+    [layer, batch, d] -> [layer, batch, d], its codes [layer, batch, features]. A pairwise topk transcoder
+    decodes from its active features only (forward_active: the same metrics without the dense codes).
     """
     was_training = model.training
     model.eval()
     device = model.b_dec.device
     totals = ReconstructionTotals()
+    active = isinstance(model, CrossLayerTranscoder) and model.cfg.activation == "topk"
     for x, y in batches:
         x, y = x.to(device), y.to(device)
+        if active:
+            y_hat, values, features = model.forward_active(x)
+            totals.add_active(y, y_hat, features, values, model.cfg.n_features)
+            continue
         y_hat, z = model(x)
         if y.dim() == 2:  # pairwise: one layer
             y, y_hat, z = y[None], y_hat[None], z[None]

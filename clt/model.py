@@ -370,6 +370,20 @@ class CrossLayerTranscoder(nn.Module):
         out = self.forward_normalized(self.normalize_source(x_raw))
         return self.denormalize_target(out.y_hat), out.z
 
+    def forward_active(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` of a topk transcoder without the dense codes: raw sources -> (raw target prediction,
+        values [batch, k], features [batch, k]), the ReLU'd values of each row's selected features, decoded
+        from those features only."""
+        if self.cfg.activation != "topk":
+            raise ValueError(f"forward_active is for topk transcoders, this one is {self.cfg.activation}")
+        x = self.normalize_source(x_raw)
+        values, features = topk_rows(self.pre_activations(x), self.cfg.active)
+        values = F.relu(values)
+        y = self.decode_sparse(values, features)
+        if self.W_skip is not None:
+            y = y + x @ self.W_skip
+        return self.denormalize_target(y), values, features
+
     # losses -----------------------------------------------------------------------------
     def dictionary_loss(self) -> torch.Tensor:
         """The penalty on the decoder rows (sum of |w| or w^2), as configured; it does not depend on the data."""

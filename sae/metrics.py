@@ -57,12 +57,24 @@ class ReconstructionTotals:
         self.rows = 0
 
     def add(self, y: torch.Tensor, y_hat: torch.Tensor, z: torch.Tensor) -> None:
+        self._add(y, y_hat, counts=(z != 0).double().sum(1), z_sum=z.double().sum(1))  # [layer, features]
+
+    def add_active(self, y: torch.Tensor, y_hat: torch.Tensor, features: torch.Tensor, values: torch.Tensor,
+                   n_features: int) -> None:  # fmt: skip
+        """`add` for one layer ([batch, d]) whose codes are given as their active entries (`features`, `values`,
+        any shape): the same totals without the dense [batch, features] matrix."""
+        features, values = features.flatten(), values.flatten().double()
+        counts = torch.bincount(features[values != 0], minlength=n_features).double()
+        z_sum = values.new_zeros(n_features).index_add_(0, features, values)
+        self._add(y[None], y_hat[None], counts=counts[None], z_sum=z_sum[None])
+
+    def _add(self, y: torch.Tensor, y_hat: torch.Tensor, counts: torch.Tensor, z_sum: torch.Tensor) -> None:
         parts = {
             "sse": (y_hat - y).double().pow(2).sum(1),  # [layer, d]
             "y_sum": y.double().sum(1),
             "y_sq": y.double().pow(2).sum(1),
-            "counts": (z != 0).double().sum(1),  # [layer, features]
-            "z_sum": z.double().sum(1),
+            "counts": counts,  # [layer, features]
+            "z_sum": z_sum,
             "cosine": torch.nn.functional.cosine_similarity(y_hat, y, dim=-1).double().sum(1),  # [layer]
         }
         self.totals = {k: self.totals[k] + v if k in self.totals else v for k, v in parts.items()}

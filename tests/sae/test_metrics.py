@@ -39,3 +39,31 @@ def test_the_sae_and_the_transcoder_report_the_same_fvu_definition():
         y_hat = transcoder(torch.from_numpy(x))[0].numpy()
     batches = [(torch.from_numpy(x[i : i + 16]), torch.from_numpy(x[i : i + 16])) for i in range(0, 200, 16)]
     assert np.isclose(reconstruction(transcoder, batches).fvu, numpy_fvu(x, y_hat), rtol=1e-6)
+
+
+def _dense_totals(model, batches) -> ReconstructionTotals:
+    totals = ReconstructionTotals()
+    with torch.no_grad():
+        for x, y in batches:
+            y_hat, z = model(x)
+            totals.add(y[None], y_hat[None], z[None])
+    return totals
+
+
+def test_a_topk_transcoder_is_measured_from_its_active_features_as_from_its_dense_codes():
+    torch.manual_seed(2)
+    for skip in (False, True):
+        model = CrossLayerTranscoder(TranscoderConfig(12, 6, expansion_factor=4, k=5, skip=skip)).eval()
+        model.set_statistics(torch.randn(12), torch.rand(12) + 0.5, torch.randn(6), torch.rand(6) + 0.5)
+        with torch.no_grad():
+            model.b_enc.copy_(torch.randn(48) - 3)  # some selected entries below zero: ReLU'd values of 0
+            if skip:
+                model.W_skip.copy_(torch.randn(12, 6))
+        batches = [(torch.randn(n, 12) * 2 + 1, torch.randn(n, 6) * 3 - 2) for n in (33, 17, 50)]
+        sparse = reconstruction(model, batches)
+        dense = _dense_totals(model, batches).result()[0]
+        assert (sparse.frequency == 0).any() and (sparse.frequency == dense.frequency).all()
+        assert sparse.l0 == dense.l0 < 5  # entries ReLU'd to zero are not counted
+        np.testing.assert_allclose(sparse.mean_activation, dense.mean_activation, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(sparse.sse, dense.sse, rtol=1e-5)
+        assert np.isclose(sparse.fvu, dense.fvu, rtol=1e-5) and np.isclose(sparse.cosine, dense.cosine, rtol=1e-6)
