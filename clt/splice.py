@@ -27,6 +27,7 @@ import torch
 from clt.model import CrossLayerTranscoder
 from clt.multilayer import MultiLayerTranscoder
 from policy.env import tour_length
+from policy.model import Rollout
 from sae.hooks import HookedPolicy, HookFn, parse_layer_hook
 
 REPLACEMENTS = ("transcoder", "transcoder+error", "mean", "zero")
@@ -99,36 +100,47 @@ def multilayer_hooks(
 
 
 @torch.no_grad()
+def original_rollouts(hooked: HookedPolicy, locs: torch.Tensor, batch_size: int = 256) -> list[Rollout]:
+    """The unmodified policy's greedy rollouts (with log-probabilities), one per batch of `batch_size` instances:
+    what splice_metrics compares against, reusable for every replacement on the same instances."""
+    return [hooked.model(batch, return_log_probs=True) for batch in locs.split(batch_size)]
+
+
+@torch.no_grad()
 def splice_metrics(
     hooked: HookedPolicy,
     locs: torch.Tensor,
     replacements: dict[str, Callable[[], dict[str, HookFn]]],
     batch_size: int = 256,
+    originals: list[Rollout] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Tour length, gap, action agreement and KL for the original policy and each replacement.
 
     `replacements` maps a name to a function that makes one rollout's hooks (pair_hooks,
-    multilayer_hooks); `recovered` is reported for `transcoder` when `mean` is there too.
+    multilayer_hooks); `recovered` is reported for `transcoder` when `mean` is there too. `originals`:
+    original_rollouts(hooked, locs, batch_size), if already computed. A replacement's encoder runs once
+    per batch: its greedy rollout and the one that follows the original tours decode the same encoding.
     """
     sums: dict[str, dict[str, float]] = {name: {} for name in ["original", *replacements]}
 
     def add(name: str, key: str, value: float) -> None:
         sums[name][key] = sums[name].get(key, 0.0) + value
 
+    model = hooked.model
     steps = 0
-    for batch in locs.split(batch_size):
-        original = hooked.model(batch, return_log_probs=True)
+    originals = originals if originals is not None else original_rollouts(hooked, locs, batch_size)
+    for batch, original in zip(locs.split(batch_size), originals, strict=True):
         add("original", "length", tour_length(batch, original.actions[:, 0]).sum().item())
         log_p = original.log_probs  # [batch, 1, step, node]
         p = log_p.exp()
         steps += log_p.shape[0] * log_p.shape[2]
         for name, make_hooks in replacements.items():
-            free = hooked.run_with_hooks(batch, make_hooks())
+            with hooked.hooks(make_hooks()):
+                embeddings = model.encode(batch)
+                free = model(batch, embeddings=embeddings)
+                forced = model(batch, actions=original.actions, return_log_probs=True, embeddings=embeddings).log_probs
             add(name, "length", tour_length(batch, free.actions[:, 0]).sum().item())
             add(name, "same_tour", (free.actions == original.actions).all(-1).sum().item())
-            forced = hooked.run_with_hooks(
-                batch, make_hooks(), actions=original.actions, return_log_probs=True
-            ).log_probs
             add(name, "agreement", (forced.argmax(-1) == log_p.argmax(-1)).sum().item())
             kl = torch.where(p > 0, p * (log_p - forced), torch.zeros_like(p)).sum(-1)  # [batch, 1, step]
             add(name, "kl", kl.sum().item())

@@ -261,18 +261,20 @@ class AttentionModel(nn.Module):
         generator: torch.Generator | None = None,
         return_log_probs: bool = False,
         actions: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
     ) -> Rollout:
         """Build one tour per instance (S=1), or one per start node with `multistart` (S=node).
 
         With `multistart` the first node is forced (its log-probability is not counted).
         `decode` is `greedy` (argmax) or `sample` (from the softmax, using `generator`).
         `actions` ([batch, S, node]) are tours to follow instead (teacher forcing): the
-        log-probabilities are then the policy's at every step of those tours.
+        log-probabilities are then the policy's at every step of those tours. `embeddings`
+        ([batch, node, d]): `encode(locs)`, already computed, for several rollouts of one encoding.
         """
         if decode not in DECODE_TYPES:
             raise ValueError(f"decode must be one of {DECODE_TYPES}, got {decode!r}")
         b, n, _ = locs.shape
-        cache = self.decoder.precompute(self.encode(locs))
+        cache = self.decoder.precompute(self.encode(locs) if embeddings is None else embeddings)
         s = n if multistart else 1
         visited = torch.zeros(b, s, n, dtype=torch.bool, device=locs.device)
         log_likelihood = torch.zeros(b, s, device=locs.device)

@@ -105,3 +105,14 @@ def test_teacher_forcing_follows_given_tours(tiny_model):
     assert torch.equal(tiny_model(locs, multistart=True, actions=starts.actions).actions, starts.actions)
     with pytest.raises(ValueError, match="actions to follow"):
         tiny_model(locs, actions=sampled.actions[:, 0])
+
+
+def test_a_rollout_from_given_embeddings_is_the_rollout_from_the_locations(tiny_model):
+    locs = generate(5, 8, seed=4)
+    with torch.no_grad():
+        embeddings = tiny_model.encode(locs)
+        plain = tiny_model(locs, return_log_probs=True)
+        given = tiny_model(locs, return_log_probs=True, embeddings=embeddings)
+        other = tiny_model(locs, return_log_probs=True, embeddings=tiny_model.encode(generate(5, 8, seed=5)))
+    assert torch.equal(given.actions, plain.actions) and torch.equal(given.log_probs, plain.log_probs)
+    assert not torch.equal(other.log_probs, plain.log_probs)  # the embeddings, not the locations, were decoded
