@@ -2,6 +2,7 @@
 
     python -m clt.eval --clt_dir runs/tsp20_demo/clt/clt_runs/<pair>/<timestamp> [--num_instances 1000] [--json]
     python -m clt.eval --run_dir tsp20_demo --pair clt_L1.mlp_in_to_L1.mlp_out     # the pair's newest run
+    python -m clt.eval FOLDER FOLDER ...      # several runs in one process, e.g. a sweep's (clt.summarize --list)
 
 writes `<clt_dir>/eval/`:
 
@@ -14,6 +15,9 @@ writes `<clt_dir>/eval/`:
 With `--policy_run`, `--checkpoint`, `--distribution` or `--num_loc`, a pairwise transcoder is evaluated on
 that other condition instead (clt.transfer: reconstruction beside the condition's own ridge baseline, splice
 drift), written to `<clt_dir>/eval/transfer/<run>_e<epoch>_<distribution>_n<nodes>.json`.
+
+Several transcoders evaluated in one process share the loaded policies and the unmodified policy's rollouts
+of the splicing instances (`Shared`).
 
 Edges and SAE paths from features.json: `python -m clt.graph.edges --clt_dir D` (the graph layer).
 """
@@ -42,12 +46,13 @@ from clt.datasets import (
 from clt.metrics import layer_reconstructions, reconstruction
 from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.multilayer import MultiLayerTranscoder
-from clt.splice import REPLACEMENTS, multilayer_hooks, pair_hooks, replacement, splice_metrics
+from clt.splice import REPLACEMENTS, multilayer_hooks, original_rollouts, pair_hooks, replacement, splice_metrics
 from clt.transfer import Condition, evaluate_on
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from policy.io import atomic_write, read_json, write_json
+from policy.model import Rollout
 from policy.options import choice, options
 from policy.runs import load_policy, resolve_run_dir
 from sae.hooks import HookedPolicy
@@ -113,6 +118,40 @@ def find_transcoder(cfg: EvalConfig) -> Path:
     return newest_finished(run_dir, "clt", pair_name(run_dir, cfg.pair))
 
 
+class Shared:
+    """What evaluations in one process share: the policies they load (by run, epoch and device) and the
+    unmodified policy's rollouts of the splicing instances (by policy, instances and batch size)."""
+
+    def __init__(self):
+        self._policies: dict[tuple, HookedPolicy] = {}
+        self._originals: dict[tuple, list[Rollout]] = {}
+
+    def policy(self, run_dir: Path, epoch: int | None, device: str) -> HookedPolicy:
+        key = (str(run_dir), epoch, device)
+        if key not in self._policies:
+            self._policies[key] = HookedPolicy(load_policy(run_dir, epoch, device).model)
+        return self._policies[key]
+
+    def originals(self, hooked: HookedPolicy, locs: torch.Tensor, key: tuple, batch_size: int) -> list[Rollout]:
+        """original_rollouts of `locs`, which `key` names (with the policy) among the instances asked for."""
+        key = (id(hooked), *key, batch_size)
+        if key not in self._originals:
+            self._originals[key] = original_rollouts(hooked, locs, batch_size)
+        return self._originals[key]
+
+
+def splice_report(cfg: EvalConfig, shared: Shared, run_dir: Path, meta: dict, fns: dict) -> dict:
+    """splice_metrics of `fns` on cfg.num_instances fresh instances like the dump's (`meta`), with the policy
+    the dump was collected from."""
+    hooked = shared.policy(run_dir, meta["checkpoint_epoch"], cfg.device)
+    nodes, distribution = meta["nodes_per_instance"], meta["distribution"]
+    locs = generate(cfg.num_instances, nodes, distribution, seed=cfg.seed).to(cfg.device)
+    originals = shared.originals(hooked, locs, (cfg.num_instances, nodes, distribution, cfg.seed), cfg.batch_size)
+    report = splice_metrics(hooked, locs, fns, cfg.batch_size, originals)
+    report["instances"] = cfg.num_instances
+    return report
+
+
 def plot(model: CrossLayerTranscoder, result: Reconstruction, folder: Path) -> None:
     """decoder_heatmap.png and feature_frequency.png (written atomically)."""
     import matplotlib
@@ -143,15 +182,17 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def run(cfg: EvalConfig) -> dict:
-    """Evaluate; writes <clt_dir>/eval/ and returns metrics.json's content."""
+def run(cfg: EvalConfig, shared: Shared | None = None) -> dict:
+    """Evaluate; writes <clt_dir>/eval/ and returns metrics.json's content. Evaluations that pass one `shared`
+    load each policy and roll out its unmodified tours once."""
+    shared = shared or Shared()
     folder = find_transcoder(cfg)
     train_cfg = read_json(folder / "train_cfg.json")
     model = load_transcoder(folder).to(cfg.device)
     if isinstance(model, MultiLayerTranscoder):
         if cfg.other_condition:
             raise ValueError("another condition (--policy_run, --checkpoint, ...) is for pairwise transcoders")
-        return run_multilayer(cfg, folder, train_cfg, model)
+        return run_multilayer(cfg, folder, train_cfg, model, shared)
     if cfg.other_condition:
         return run_other_condition(cfg, folder, train_cfg, model)
     run_dir, dump = training_dump(folder, train_cfg)
@@ -164,16 +205,12 @@ def run(cfg: EvalConfig) -> dict:
               "reconstruction": {**result.summary(), "r2_per_dim": result.r2_per_dim.tolist()}}  # fmt: skip
     out = folder / "eval"
     if cfg.num_instances:
-        policy = load_policy(run_dir, meta["checkpoint_epoch"], cfg.device)
-        hooked = HookedPolicy(policy.model)
-        locs = generate(cfg.num_instances, meta["nodes_per_instance"], meta["distribution"], seed=cfg.seed)
         target_mean = torch.from_numpy(dump.stats("targets")[0]).float()
         source, target = meta["source_hook"], meta["target_hook"]
         fns = {
             kind: partial(pair_hooks, source, target, replacement(kind, model, target_mean)) for kind in REPLACEMENTS
         }
-        report["splice"] = splice_metrics(hooked, locs.to(cfg.device), fns, cfg.batch_size)
-        report["splice"]["instances"] = cfg.num_instances
+        report["splice"] = splice_report(cfg, shared, run_dir, meta, fns)
     write_json(out / "features.json", {"frequency": result.frequency.tolist(),
                                        "mean_activation": result.mean_activation.tolist()})  # fmt: skip
     plot(model, result, out)
@@ -199,7 +236,8 @@ def run_other_condition(cfg: EvalConfig, folder: Path, train_cfg: dict, model: C
     return report
 
 
-def run_multilayer(cfg: EvalConfig, folder: Path, train_cfg: dict, model: MultiLayerTranscoder) -> dict:
+def run_multilayer(cfg: EvalConfig, folder: Path, train_cfg: dict, model: MultiLayerTranscoder,
+                   shared: Shared) -> dict:  # fmt: skip
     """A multi-layer CLT: per-layer reconstruction, and splicing of every layer's mlp_out at once and of each alone."""
     n = model.cfg.n_layers
     run_dir = owning_run(folder, train_cfg)
@@ -212,15 +250,12 @@ def run_multilayer(cfg: EvalConfig, folder: Path, train_cfg: dict, model: MultiL
               "k": model.cfg.active, "activation": model.cfg.activation, "validation_rows": layers[0].rows,
               "reconstruction": {f"L{i}": r.summary() for i, r in enumerate(layers)}}  # fmt: skip
     if cfg.num_instances:
-        hooked = HookedPolicy(load_policy(run_dir, meta["checkpoint_epoch"], cfg.device).model)
-        locs = generate(cfg.num_instances, meta["nodes_per_instance"], meta["distribution"], seed=cfg.seed)
         means = data.statistics()[2]
         fns = {kind: partial(multilayer_hooks, model, kind, means) for kind in REPLACEMENTS}
         fns.update(
             {f"transcoder L{m} only": partial(multilayer_hooks, model, "transcoder", means, [m]) for m in range(n)}
         )
-        report["splice"] = splice_metrics(hooked, locs.to(cfg.device), fns, cfg.batch_size)
-        report["splice"]["instances"] = cfg.num_instances
+        report["splice"] = splice_report(cfg, shared, run_dir, meta, fns)
     out = folder / "eval"
     write_json(out / "features.json", {f"L{i}": {"frequency": r.frequency.tolist(),
                                                  "mean_activation": r.mean_activation.tolist()}
@@ -275,12 +310,21 @@ def format_report(report: dict) -> str:
 
 @click.command()
 @options(EvalConfig)
+@click.argument("folders", nargs=-1, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the summary.")
-def main(as_json, **settings):
-    """Evaluate a transcoder: reconstruction on its validation split and splicing into the policy."""
+def main(folders, as_json, **settings):
+    """Evaluate a transcoder: reconstruction on its validation split and splicing into the policy.
+
+    FOLDERS: transcoder run folders to evaluate one after another in this process, each as with --clt_dir
+    (instead of --clt_dir or --run_dir/--pair); they share loaded policies and unmodified rollouts."""
     with command():
-        report = run(EvalConfig(**settings))
-    click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
+        if folders and (settings["clt_dir"] or settings["run_dir"]):
+            raise ValueError("give transcoder FOLDERS, or --clt_dir, or --run_dir with --pair: one of them")
+        cfgs = [EvalConfig(**{**settings, "clt_dir": folder}) for folder in folders] or [EvalConfig(**settings)]
+        shared = Shared()
+        for cfg in cfgs:
+            report = run(cfg, shared)
+            click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,26 @@ def test_cli_writes_metrics_plots_and_edges_with_sae_paths(trained):
     assert text.exit_code == 0 and "recovers" in text.output and "transcoder+error" in text.output
 
 
+def test_several_folders_in_one_process_share_the_policy_and_report_as_one_each(trained, monkeypatch):
+    run_dir, clt_dir, _ = trained
+    other = train(TranscoderTrainConfig(str(run_dir), PAIR, expansion_factor=2, k=2, batch_size=64, num_epochs=1,
+                                        wandb_mode="disabled"))  # fmt: skip
+    alone = []
+    for folder in (clt_dir, other):
+        result = CliRunner().invoke(eval_cli.main, ["--clt_dir", str(folder), "--num_instances", "12", "--json"])
+        assert result.exit_code == 0, result.output
+        alone.append(json.loads((folder / "eval" / "metrics.json").read_text()))
+    loads = []
+    monkeypatch.setattr(eval_cli, "load_policy", lambda *args: loads.append(args) or load_policy(*args))
+    result = CliRunner().invoke(eval_cli.main, [str(clt_dir), str(other), "--num_instances", "12"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("recovers") == 2 and len(loads) == 1
+    together = [json.loads((folder / "eval" / "metrics.json").read_text()) for folder in (clt_dir, other)]
+    assert together == alone and alone[0]["splice"]["transcoder"] != alone[1]["splice"]["transcoder"]
+    both = CliRunner().invoke(eval_cli.main, [str(other), "--clt_dir", str(clt_dir)])
+    assert both.exit_code == 1 and "one of them" in both.output
+
+
 def test_edges_round_trip_and_bad_files_are_refused(tmp_path):
     torch.manual_seed(0)
     model = CrossLayerTranscoder(TranscoderConfig(6, 5, expansion_factor=2, k=2, normalize_source="standard"))
