@@ -83,17 +83,20 @@ if [[ $COLLECT -eq 1 ]]; then
   [[ -n "$CONFIG" ]] && collect+=(--config "$CONFIG")
   "${collect[@]}"
 fi
+# The grid: the flags, else the config's pairs and sparsity block (one line each), else 8x with k 16.
+LISTS=()
+if [[ -n "$CONFIG" ]]; then
+  GRIDS=$("$PYTHON" -m clt.list_pairs "$CONFIG" --grids)
+  mapfile -t LISTS <<<"$GRIDS"
+fi
 if [[ -z "$PAIRS" ]]; then
   [[ -n "$CONFIG" ]] || { echo "train_clt.sh: give --pairs or --config" >&2; exit 2; }
-  PAIRS=$("$PYTHON" -m clt.list_pairs "$CONFIG")
+  PAIRS=${LISTS[0]:-}
 fi
-# The sparsity grid: the flags, else the config's sparsity block, else 8x with k 16.
-if [[ -n "$CONFIG" ]]; then
-  [[ -n "$EXPANSION" ]] || EXPANSION=$("$PYTHON" -m clt.list_pairs "$CONFIG" --grid expansion_factors)
-  if [[ -z "$K" && -z "$K_RATIO" ]]; then
-    K=$("$PYTHON" -m clt.list_pairs "$CONFIG" --grid k)
-    [[ -n "$K" ]] || K_RATIO=$("$PYTHON" -m clt.list_pairs "$CONFIG" --grid k_ratio)
-  fi
+[[ -n "$EXPANSION" ]] || EXPANSION=${LISTS[1]:-}
+if [[ -z "$K" && -z "$K_RATIO" ]]; then
+  K=${LISTS[2]:-}
+  [[ -n "$K" ]] || K_RATIO=${LISTS[3]:-}
 fi
 [[ -n "$EXPANSION" ]] || EXPANSION="8"
 [[ -n "$K" || -n "$K_RATIO" ]] || K="16"
@@ -164,11 +167,16 @@ for pair in $PAIRS; do
 done
 wait_all
 
+# The evaluations: the sweep's folders dealt out to $JOBS processes, each evaluating its share one after another
+# (one process loads the policy and rolls out the unmodified tours once for all of them).
 if [[ $EVAL -gt 0 ]]; then
   FOLDERS=$("$PYTHON" -m clt.summarize --run_dir "$RUN_DIR" --sweep "$SWEEP" --list)
-  while read -r folder; do
-    launch "evaluating $folder" "$PYTHON" -m clt.eval --clt_dir "$folder" --num_instances "$EVAL" </dev/null
-  done <<<"$FOLDERS"
+  mapfile -t FOLDERS <<<"$FOLDERS"
+  for ((job = 0; job < JOBS && job < ${#FOLDERS[@]}; job++)); do
+    SHARE=()
+    for ((i = job; i < ${#FOLDERS[@]}; i += JOBS)); do SHARE+=("${FOLDERS[i]}"); done
+    launch "evaluating ${SHARE[*]}" "$PYTHON" -m clt.eval "${SHARE[@]}" --num_instances "$EVAL" </dev/null
+  done
   wait_all
 fi
 

@@ -1,7 +1,8 @@
 """Print what a pairs config lists: `python -m clt.list_pairs clt/configs/<run>.json` prints its pair names, one per
-line; `--grid expansion_factors|k|k_ratio` prints that list of its `sparsity` block, space-separated.
+line; `--grid expansion_factors|k|k_ratio` prints that list of its `sparsity` block, space-separated; `--grids`
+prints four lines: the pair names, then each of those lists, space-separated.
 
-train_clt.sh reads its default grid (pairs, widths, k) from here.
+train_clt.sh reads its default grid (pairs, widths, k) from here, with one `--grids` call.
 """
 
 from __future__ import annotations
@@ -18,18 +19,28 @@ GRIDS = ("expansion_factors", "k", "k_ratio")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--grid", type=click.Choice(GRIDS), default=None,
               help="Print this list of the config's sparsity block, space-separated, not the pair names.")  # fmt: skip
-def main(config, grid):
+@click.option("--grids", is_flag=True,
+              help="Print four lines: the pair names, expansion_factors, k and k_ratio, space-separated.")  # fmt: skip
+def main(config, grid, grids):
     """Print the pair names that the pairs CONFIG file lists, one per line, or one of its sparsity lists (used by
     train_clt.sh)."""
     with command():
         settings = read_pairs_config(config)
-        if grid is not None:
+        names = [pair_name(item) for item in settings.layer_pairs]
+        if grids:
+            for line in (names, *(getattr(settings, g) for g in GRIDS)):
+                click.echo(" ".join(str(v) for v in line))
+        elif grid is not None:
             click.echo(" ".join(str(v) for v in getattr(settings, grid)))
-            return
-        for item in settings.layer_pairs:
-            if item.count(":") != 1:
-                raise ValueError(f"a layer pair is 'source:target', got {item!r}")
-            click.echo(LayerPair(*(part.strip() for part in item.split(":"))).name)
+        else:
+            click.echo("\n".join(names))
+
+
+def pair_name(item: str) -> str:
+    """The pair name of a config's 'source:target' entry."""
+    if item.count(":") != 1:
+        raise ValueError(f"a layer pair is 'source:target', got {item!r}")
+    return LayerPair(*(part.strip() for part in item.split(":"))).name
 
 
 if __name__ == "__main__":

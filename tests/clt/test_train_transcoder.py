@@ -153,19 +153,20 @@ def test_train_clt_sh_sweeps_a_grid_records_it_and_prints_the_table(pair_run):
     env = {**os.environ, "PYTHON": sys.executable}
     other = run(_cfg(pair_run, num_epochs=1))  # a run of the same pair outside the sweep
     command = ["bash", str(script), "--run_dir", str(pair_run), "--no_collect", "--pairs", PAIR, "--expansion", "2",
-               "--k", "2 4", "--epochs", "1", "--eval", "8", "--sweep", "grid", "--", "--batch_size", "64",
-               "--wandb_mode", "disabled"]  # fmt: skip
+               "--k", "2 4 3", "--epochs", "1", "--eval", "8", "--jobs", "2", "--sweep", "grid", "--",
+               "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    table = lines[-4:-1]
+    table = lines[-5:-1]
     assert table[0].split()[:5] == ["pair", "act", "features", "k", "lr"]
-    assert [line.split()[:4] for line in table[1:]] == [[PAIR, "topk", "32", "2"], [PAIR, "topk", "32", "4"]]
+    assert [line.split()[:4] for line in table[1:]] == [[PAIR, "topk", "32", k] for k in "234"]
     assert all(line.split()[-2].endswith("%") for line in table[1:])  # the splice gap from clt.eval
     assert "--sweep grid --list" in lines[-1]
+    assert result.stderr.count("== evaluating") == 2  # three transcoders dealt out to two processes
     record = json.loads((pair_run / "clt" / "sweeps" / "grid.json").read_text())
     swept = [pair_run / p for p in record["runs"]]
-    assert len(swept) == 2 and other not in swept and all((f / "eval" / "metrics.json").is_file() for f in swept)
+    assert len(swept) == 3 and other not in swept and all((f / "eval" / "metrics.json").is_file() for f in swept)
     listed = CliRunner().invoke(summarize_cli.main, ["--run_dir", str(pair_run), "--sweep", "grid", "--list"])
     assert listed.output.split() == [str(f) for f in swept]
     site = pair_run / "site"
