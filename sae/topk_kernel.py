@@ -13,7 +13,7 @@ entries j, j + lanes, j + 2 lanes, ...:
 The k kept are those torch.topk keeps; where several entries tie at the k-th value, which of them
 is kept may differ (the values are the same). A row with a NaN, or with `4 k` or more
 candidates (many ties: a constant row), is flagged for the caller to select with torch.topk.
-sae.sparse.topk_rows picks the lanes (4k rounded up to a multiple of 16, two blocks a row at least) and
+sae.sparse.topk_rows picks the lanes (8k or 4k rounded up to a multiple of 16, or half a row; two blocks a row) and
 falls back to torch.topk where the kernel does not apply.
 """
 

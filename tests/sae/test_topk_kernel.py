@@ -14,7 +14,8 @@ def same_selection(pre: torch.Tensor, k: int) -> None:
 
 
 @pytest.mark.parametrize(("rows", "n", "k"), [(4096, 1024, 16), (300, 1000, 16), (77, 128, 8), (50, 40, 1),
-                                              (33, 513, 3), (20, 256, 32), (9, 1024, 64)])  # fmt: skip
+                                              (33, 513, 3), (20, 256, 32), (9, 1024, 64),
+                                              (512, 500, 64), (40, 300, 64), (64, 100, 16)])  # fmt: skip
 def test_same_indices_as_torch_topk(rows, n, k):
     assert _kernel_lanes(n, k) is not None  # these shapes take the kernel
     generator = torch.Generator().manual_seed(n + k)
@@ -22,11 +23,14 @@ def test_same_indices_as_torch_topk(rows, n, k):
 
 
 def test_structured_rows():
-    """Rows that strain the lane bounds: sorted, reversed, the top k in one lane, negatives only, +-inf."""
+    """Rows that strain the lane bounds: sorted, reversed, the top k in as few lanes as hold them, negatives only,
+    +-inf."""
     n, k = 1024, 16
+    lanes = _kernel_lanes(n, k)
+    blocks, top = n // lanes, torch.arange(k)
     ramp = torch.arange(n, dtype=torch.float32)
     one_lane = torch.randn(n)
-    one_lane[torch.arange(k) * _kernel_lanes(n, k) + 5] = 100 + torch.arange(k, dtype=torch.float32)
+    one_lane[5 + top // blocks + (top % blocks) * lanes] = 100 + top.float()  # lanes 5, 6, ... filled
     inf = torch.randn(n)
     inf[[3, 500]] = float("inf")
     inf[[7, 9]] = -float("inf")
@@ -80,9 +84,9 @@ def test_values_carry_the_gradient():
     assert torch.equal(ours, pre.grad)
 
 
-@pytest.mark.parametrize(("dtype", "n", "k"), [(torch.float64, 1024, 16), (torch.float32, 100, 16)])
+@pytest.mark.parametrize(("dtype", "n", "k"), [(torch.float64, 1024, 16), (torch.float32, 60, 16)])
 def test_torch_topk_where_the_kernel_does_not_apply(dtype, n, k):
     pre = torch.randn(30, n, dtype=dtype)
     if dtype == torch.float32:
-        assert _kernel_lanes(n, k) is None  # rows too short for two blocks of 64 lanes
+        assert _kernel_lanes(n, k) is None  # rows too short for two blocks of 2k lanes
     same_selection(pre, k)
