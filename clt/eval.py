@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import numpy as np
@@ -46,13 +48,21 @@ from clt.datasets import (
 from clt.metrics import layer_reconstructions, reconstruction
 from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.multilayer import MultiLayerTranscoder
-from clt.splice import REPLACEMENTS, multilayer_hooks, original_rollouts, pair_hooks, replacement, splice_metrics
+from clt.splice import (
+    ABLATIONS,
+    REPLACEMENTS,
+    multilayer_hooks,
+    original_rollouts,
+    pair_hooks,
+    recovered,
+    replacement,
+    splice_metrics,
+)
 from clt.transfer import Condition, evaluate_on
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from policy.io import atomic_write, read_json, write_json
-from policy.model import Rollout
 from policy.options import choice, options
 from policy.runs import load_policy, resolve_run_dir
 from sae.hooks import HookedPolicy
@@ -60,6 +70,7 @@ from sae.metrics import Reconstruction
 from sae.runs import newest_finished, owning_run
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -119,12 +130,13 @@ def find_transcoder(cfg: EvalConfig) -> Path:
 
 
 class Shared:
-    """What evaluations in one process share: the policies they load (by run, epoch and device) and the
-    unmodified policy's rollouts of the splicing instances (by policy, instances and batch size)."""
+    """What evaluations in one process share: the policies they load (by run, epoch and device), and results
+    that do not depend on the transcoder (`once`): the unmodified policy's rollouts of the splicing instances,
+    and a pair's ablations (clt.splice.ABLATIONS), which every transcoder of the pair would repeat."""
 
     def __init__(self):
         self._policies: dict[tuple, HookedPolicy] = {}
-        self._originals: dict[tuple, list[Rollout]] = {}
+        self._results: dict[tuple, object] = {}
 
     def policy(self, run_dir: Path, epoch: int | None, device: str) -> HookedPolicy:
         key = (str(run_dir), epoch, device)
@@ -132,22 +144,30 @@ class Shared:
             self._policies[key] = HookedPolicy(load_policy(run_dir, epoch, device).model)
         return self._policies[key]
 
-    def originals(self, hooked: HookedPolicy, locs: torch.Tensor, key: tuple, batch_size: int) -> list[Rollout]:
-        """original_rollouts of `locs`, which `key` names (with the policy) among the instances asked for."""
-        key = (id(hooked), *key, batch_size)
-        if key not in self._originals:
-            self._originals[key] = original_rollouts(hooked, locs, batch_size)
-        return self._originals[key]
+    def once(self, key: tuple, compute: Callable[[], T]) -> T:
+        """compute() the first time `key` is asked for, its result after."""
+        if key not in self._results:
+            self._results[key] = compute()
+        return self._results[key]
 
 
-def splice_report(cfg: EvalConfig, shared: Shared, run_dir: Path, meta: dict, fns: dict) -> dict:
+def splice_report(cfg: EvalConfig, shared: Shared, run_dir: Path, meta: dict, fns: dict,
+                  ablations: tuple[tuple, dict] | None = None) -> dict:  # fmt: skip
     """splice_metrics of `fns` on cfg.num_instances fresh instances like the dump's (`meta`), with the policy
-    the dump was collected from."""
+    the dump was collected from. `ablations` (a key naming them, their hooks by name): replacements that do not
+    read the transcoder, spliced once per key among the evaluations that share `shared`."""
     hooked = shared.policy(run_dir, meta["checkpoint_epoch"], cfg.device)
-    nodes, distribution = meta["nodes_per_instance"], meta["distribution"]
-    locs = generate(cfg.num_instances, nodes, distribution, seed=cfg.seed).to(cfg.device)
-    originals = shared.originals(hooked, locs, (cfg.num_instances, nodes, distribution, cfg.seed), cfg.batch_size)
+    n, nodes, distribution = cfg.num_instances, meta["nodes_per_instance"], meta["distribution"]
+    instances = (id(hooked), n, nodes, distribution, cfg.seed, cfg.batch_size)  # what the rollouts depend on
+    locs = generate(n, nodes, distribution, seed=cfg.seed).to(cfg.device)
+    originals = shared.once(("originals", *instances), lambda: original_rollouts(hooked, locs, cfg.batch_size))
     report = splice_metrics(hooked, locs, fns, cfg.batch_size, originals)
+    if ablations is not None:
+        key, hooks = ablations
+        report.update(shared.once((*key, *instances), lambda: splice_metrics(hooked, locs, hooks, cfg.batch_size,
+                                                                             originals)))  # fmt: skip
+        if "transcoder" in report:
+            report["transcoder"]["recovered"] = recovered(report)
     report["instances"] = cfg.num_instances
     return report
 
@@ -210,7 +230,9 @@ def run(cfg: EvalConfig, shared: Shared | None = None) -> dict:
         fns = {
             kind: partial(pair_hooks, source, target, replacement(kind, model, target_mean)) for kind in REPLACEMENTS
         }
-        report["splice"] = splice_report(cfg, shared, run_dir, meta, fns)
+        ablations = (("ablations", source, target, target_mean.numpy().tobytes()),
+                     {kind: fns.pop(kind) for kind in ABLATIONS})  # fmt: skip
+        report["splice"] = splice_report(cfg, shared, run_dir, meta, fns, ablations)
     write_json(out / "features.json", {"frequency": result.frequency.tolist(),
                                        "mean_activation": result.mean_activation.tolist()})  # fmt: skip
     plot(model, result, out)

@@ -31,6 +31,8 @@ from policy.model import Rollout
 from sae.hooks import HookedPolicy, HookFn, parse_layer_hook
 
 REPLACEMENTS = ("transcoder", "transcoder+error", "mean", "zero")
+ABLATIONS = ("mean", "zero")
+"""The replacements that do not read the transcoder: one splice serves every transcoder of a pair."""
 
 Replacement = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (source, target) [batch, node, d] -> new target
 

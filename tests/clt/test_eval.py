@@ -125,7 +125,7 @@ def test_cli_writes_metrics_plots_and_edges_with_sae_paths(trained):
     assert text.exit_code == 0 and "recovers" in text.output and "transcoder+error" in text.output
 
 
-def test_several_folders_in_one_process_share_the_policy_and_report_as_one_each(trained, monkeypatch):
+def test_several_folders_in_one_process_share_the_policy_and_the_ablations_and_report_as_alone(trained, monkeypatch):
     run_dir, clt_dir, _ = trained
     other = train(TranscoderTrainConfig(str(run_dir), PAIR, expansion_factor=2, k=2, batch_size=64, num_epochs=1,
                                         wandb_mode="disabled"))  # fmt: skip
@@ -134,11 +134,13 @@ def test_several_folders_in_one_process_share_the_policy_and_report_as_one_each(
         result = CliRunner().invoke(eval_cli.main, ["--clt_dir", str(folder), "--num_instances", "12", "--json"])
         assert result.exit_code == 0, result.output
         alone.append(json.loads((folder / "eval" / "metrics.json").read_text()))
-    loads = []
+    loads, splices = [], []
     monkeypatch.setattr(eval_cli, "load_policy", lambda *args: loads.append(args) or load_policy(*args))
+    monkeypatch.setattr(eval_cli, "splice_metrics", lambda *a: splices.append(sorted(a[2])) or splice_metrics(*a))
     result = CliRunner().invoke(eval_cli.main, [str(clt_dir), str(other), "--num_instances", "12"])
     assert result.exit_code == 0, result.output
     assert result.output.count("recovers") == 2 and len(loads) == 1
+    assert splices == [["transcoder", "transcoder+error"], ["mean", "zero"], ["transcoder", "transcoder+error"]]
     together = [json.loads((folder / "eval" / "metrics.json").read_text()) for folder in (clt_dir, other)]
     assert together == alone and alone[0]["splice"]["transcoder"] != alone[1]["splice"]["transcoder"]
     both = CliRunner().invoke(eval_cli.main, [str(other), "--clt_dir", str(clt_dir)])
