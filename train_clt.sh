@@ -167,14 +167,17 @@ for pair in $PAIRS; do
 done
 wait_all
 
-# The evaluations: the sweep's folders dealt out to $JOBS processes, each evaluating its share one after another
-# (one process loads the policy and rolls out the unmodified tours once for all of them).
+# The evaluations: the sweep's folders, sorted (a pair's together), in $JOBS consecutive shares, each evaluated
+# by one process one after another: it loads the policy and splices the unmodified tours and each pair's
+# ablations once for its share.
 if [[ $EVAL -gt 0 ]]; then
-  FOLDERS=$("$PYTHON" -m clt.summarize --run_dir "$RUN_DIR" --sweep "$SWEEP" --list)
+  FOLDERS=$("$PYTHON" -m clt.summarize --run_dir "$RUN_DIR" --sweep "$SWEEP" --list | sort)
   mapfile -t FOLDERS <<<"$FOLDERS"
-  for ((job = 0; job < JOBS && job < ${#FOLDERS[@]}; job++)); do
-    SHARE=()
-    for ((i = job; i < ${#FOLDERS[@]}; i += JOBS)); do SHARE+=("${FOLDERS[i]}"); done
+  COUNT=${#FOLDERS[@]}
+  for ((job = 0; job < JOBS; job++)); do
+    FROM=$((job * COUNT / JOBS))
+    SHARE=("${FOLDERS[@]:FROM:(job + 1) * COUNT / JOBS - FROM}")
+    [[ ${#SHARE[@]} -gt 0 ]] || continue
     launch "evaluating ${SHARE[*]}" "$PYTHON" -m clt.eval "${SHARE[@]}" --num_instances "$EVAL" </dev/null
   done
   wait_all
