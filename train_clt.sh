@@ -17,8 +17,9 @@
 #   --lr "LR ..."      learning rates                         [the trainer's default, 32e-3]
 #   --epochs N         epochs per run                         [10]
 #   --eval N           splice each transcoder into the policy on N instances (python -m clt.eval) [1000; 0: skip]
-#   --jobs N           trainings (and evaluations) run at once, each on cores/N threads, each one's output in a
-#                      log file; 1: one after another, output on the terminal  [the cores, at most the runs]
+#   --jobs N           processes that train the runs (then evaluate them) side by side, each on cores/N threads,
+#                      each one's output in a log file; 1: one process, output on the terminal
+#                      [the cores, at most the runs]
 #   --no_collect       skip pair collection (reuse the dumps)
 #   --sweep NAME       record the runs as <run>/clt/sweeps/NAME.json   [sweep_<date>-<time>]
 #                      (then: python -m clt.summarize --run_dir R --sweep NAME, python -m clt.site.export ... --sweep NAME)
@@ -117,6 +118,8 @@ if [[ $JOBS -gt 1 ]]; then
   LOGS=$(mktemp -d "${TMPDIR:-/tmp}/train_clt.XXXXXX")
   echo "train_clt.sh: $JOBS jobs at a time, $THREADS thread(s) each; their output in $LOGS" >&2
 fi
+QUEUE=$(mktemp -d "${TMPDIR:-/tmp}/train_clt_queue.XXXXXX")  # the trainings' command lines (clt.train_many)
+trap 'rm -rf "$QUEUE"' EXIT
 LAUNCHED=0
 # Background jobs of a script ignore SIGINT: Ctrl-C (or a TERM) hands them a TERM, which saves a trainer's state.
 trap 'trap - INT TERM; [[ -z $(jobs -p) ]] || kill -TERM $(jobs -p) 2>/dev/null; wait; exit 130' INT TERM
@@ -155,15 +158,22 @@ wait_all() {
   [[ $failed -eq 0 ]] || exit 1
 }
 
+# The trainings: one queued command line per run (NUL-separated arguments), trained by $JOBS clt.train_many
+# workers that claim them in turn, each in one process (the start of a process, ~6 s, is paid once per worker).
+QUEUED=0
 for pair in $PAIRS; do
   for e in $EXPANSION; do for size in "${SIZES[@]}"; do for act in $ACTIVATION; do for lr in $LR; do
     LR_ARG=()
     [[ $lr == default ]] || LR_ARG=(--lr "$lr")
-    launch "$pair: expansion $e, ${size#--}, $act, lr $lr" \
-      "$PYTHON" -m clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" "$size" \
-      --activation "$act" ${LR_ARG[@]+"${LR_ARG[@]}"} --num_epochs "$EPOCHS" --sweep "$SWEEP" \
-      ${EXTRA[@]+"${EXTRA[@]}"}
+    QUEUED=$((QUEUED + 1))
+    echo "== run $QUEUED: $pair, expansion $e, ${size#--}, $act, lr $lr" >&2
+    printf '%s\0' --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" "$size" --activation "$act" \
+      ${LR_ARG[@]+"${LR_ARG[@]}"} --num_epochs "$EPOCHS" --sweep "$SWEEP" ${EXTRA[@]+"${EXTRA[@]}"} \
+      >"$QUEUE/$(printf '%06d' "$QUEUED").args"
   done; done; done; done
+done
+for ((job = 1; job <= JOBS; job++)); do
+  launch "training worker $job of $JOBS" "$PYTHON" -m clt.train_many "$QUEUE"
 done
 wait_all
 
