@@ -118,7 +118,7 @@ if [[ $JOBS -gt 1 ]]; then
   LOGS=$(mktemp -d "${TMPDIR:-/tmp}/train_clt.XXXXXX")
   echo "train_clt.sh: $JOBS jobs at a time, $THREADS thread(s) each; their output in $LOGS" >&2
 fi
-QUEUE=$(mktemp -d "${TMPDIR:-/tmp}/train_clt_queue.XXXXXX")  # the trainings' command lines (clt.train_many)
+QUEUE=$(mktemp -d "${TMPDIR:-/tmp}/train_clt_queue.XXXXXX")  # the trainings' command lines (clt.run_queue)
 trap 'rm -rf "$QUEUE"' EXIT
 LAUNCHED=0
 # Background jobs of a script ignore SIGINT: Ctrl-C (or a TERM) hands them a TERM, which saves a trainer's state.
@@ -158,8 +158,8 @@ wait_all() {
   [[ $failed -eq 0 ]] || exit 1
 }
 
-# The trainings: one queued command line per run (NUL-separated arguments), trained by $JOBS clt.train_many
-# workers that claim them in turn, each in one process (the start of a process, ~6 s, is paid once per worker).
+# The trainings: one queued command line per run (NUL-separated words), run by $JOBS clt.run_queue workers that
+# claim them in turn, each in one process (the start of a process, ~6 s, is paid once per worker, not per run).
 QUEUED=0
 for pair in $PAIRS; do
   for e in $EXPANSION; do for size in "${SIZES[@]}"; do for act in $ACTIVATION; do for lr in $LR; do
@@ -167,13 +167,13 @@ for pair in $PAIRS; do
     [[ $lr == default ]] || LR_ARG=(--lr "$lr")
     QUEUED=$((QUEUED + 1))
     echo "== run $QUEUED: $pair, expansion $e, ${size#--}, $act, lr $lr" >&2
-    printf '%s\0' --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" "$size" --activation "$act" \
-      ${LR_ARG[@]+"${LR_ARG[@]}"} --num_epochs "$EPOCHS" --sweep "$SWEEP" ${EXTRA[@]+"${EXTRA[@]}"} \
+    printf '%s\0' clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" "$size" \
+      --activation "$act" ${LR_ARG[@]+"${LR_ARG[@]}"} --num_epochs "$EPOCHS" --sweep "$SWEEP" ${EXTRA[@]+"${EXTRA[@]}"} \
       >"$QUEUE/$(printf '%06d' "$QUEUED").args"
   done; done; done; done
 done
 for ((job = 1; job <= JOBS; job++)); do
-  launch "training worker $job of $JOBS" "$PYTHON" -m clt.train_many "$QUEUE"
+  launch "training worker $job of $JOBS" "$PYTHON" -m clt.run_queue "$QUEUE"
 done
 wait_all
 

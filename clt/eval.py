@@ -16,8 +16,8 @@ With `--policy_run`, `--checkpoint`, `--distribution` or `--num_loc`, a pairwise
 that other condition instead (clt.transfer: reconstruction beside the condition's own ridge baseline, splice
 drift), written to `<clt_dir>/eval/transfer/<run>_e<epoch>_<distribution>_n<nodes>.json`.
 
-Several transcoders evaluated in one process share the loaded policies and the unmodified policy's rollouts
-of the splicing instances (`Shared`).
+Several transcoders evaluated in one process share the loaded policies, the unmodified policy's rollouts
+of the splicing instances and each pair's mean and zero ablations (`Shared`).
 
 Edges and SAE paths from features.json: `python -m clt.graph.edges --clt_dir D` (the graph layer).
 """
@@ -204,7 +204,7 @@ def _save(fig, path: Path) -> None:
 
 def run(cfg: EvalConfig, shared: Shared | None = None) -> dict:
     """Evaluate; writes <clt_dir>/eval/ and returns metrics.json's content. Evaluations that pass one `shared`
-    load each policy and roll out its unmodified tours once."""
+    load each policy, roll out its unmodified tours and splice each pair's ablations once."""
     shared = shared or Shared()
     folder = find_transcoder(cfg)
     train_cfg = read_json(folder / "train_cfg.json")
@@ -338,7 +338,8 @@ def main(folders, as_json, **settings):
     """Evaluate a transcoder: reconstruction on its validation split and splicing into the policy.
 
     FOLDERS: transcoder run folders to evaluate one after another in this process, each as with --clt_dir
-    (instead of --clt_dir or --run_dir/--pair); they share loaded policies and unmodified rollouts."""
+    (instead of --clt_dir or --run_dir/--pair); they share loaded policies, unmodified rollouts and each pair's
+    ablations."""
     with command():
         if folders and (settings["clt_dir"] or settings["run_dir"]):
             raise ValueError("give transcoder FOLDERS, or --clt_dir, or --run_dir with --pair: one of them")

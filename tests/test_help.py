@@ -17,7 +17,7 @@ CLIS = [
     "clt.collect_pairs",
     "clt.inspect_pairs",
     "clt.train_transcoder",
-    "clt.train_many",
+    "clt.run_queue",
     "clt.summarize",
     "clt.list_pairs",
     "clt.eval",
