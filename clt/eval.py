@@ -333,7 +333,8 @@ def format_report(report: dict) -> str:
 @click.command()
 @options(EvalConfig)
 @click.argument("folders", nargs=-1, type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print metrics.json instead of the summary.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print metrics.json instead of the summary (with several FOLDERS, one JSON line each).")  # fmt: skip
 def main(folders, as_json, **settings):
     """Evaluate a transcoder: reconstruction on its validation split and splicing into the policy.
 
@@ -347,7 +348,10 @@ def main(folders, as_json, **settings):
         shared = Shared()
         for cfg in cfgs:
             report = run(cfg, shared)
-            click.echo(json.dumps(report, indent=1) if as_json else format_report(report))
+            if as_json:
+                click.echo(json.dumps(report, indent=None if len(cfgs) > 1 else 1))
+            else:
+                click.echo(format_report(report))
 
 
 if __name__ == "__main__":

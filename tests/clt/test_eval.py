@@ -143,6 +143,8 @@ def test_several_folders_in_one_process_share_the_policy_and_the_ablations_and_r
     assert splices == [["transcoder", "transcoder+error"], ["mean", "zero"], ["transcoder", "transcoder+error"]]
     together = [json.loads((folder / "eval" / "metrics.json").read_text()) for folder in (clt_dir, other)]
     assert together == alone and alone[0]["splice"]["transcoder"] != alone[1]["splice"]["transcoder"]
+    lines = CliRunner().invoke(eval_cli.main, [str(clt_dir), str(other), "--num_instances", "12", "--json"])
+    assert [json.loads(line) for line in lines.stdout.splitlines()] == alone  # one JSON line each
     both = CliRunner().invoke(eval_cli.main, [str(other), "--clt_dir", str(clt_dir)])
     assert both.exit_code == 1 and "one of them" in both.output
 
