@@ -97,7 +97,19 @@ def _blocks(dump: Dump, val_ratio: float, seed: int) -> Iterator[tuple[np.ndarra
 
 def pair_ridge(dump: Dump, val_ratio: float = 0.1, seed: int = 0) -> dict | None:
     """inspect_pair's "ridge" alone (what the trainer writes beside its FVU), from a pass that computes nothing
-    else; None without validation instances."""
+    else; None without validation instances. Fitted once per process for a dump's content (its files' sha256)
+    and split, so that a worker training several transcoders of one pair (clt.run_queue) pays it once."""
+    meta = dump.metadata
+    key = (str(dump.path), meta.get("created"), tuple(sorted(meta.get("sha256", {}).items())), val_ratio, seed)
+    if key not in _RIDGES:
+        _RIDGES[key] = _fit_pair_ridge(dump, val_ratio, seed)
+    return dict(_RIDGES[key]) if _RIDGES[key] is not None else None
+
+
+_RIDGES: dict[tuple, dict | None] = {}  # pair_ridge's results in this process
+
+
+def _fit_pair_ridge(dump: Dump, val_ratio: float, seed: int) -> dict | None:
     d_src, d_tgt = dump.arrays["sources"].shape[1], dump.arrays["targets"].shape[1]
     train_m, val_m = Moments(d_src, d_tgt), Moments(d_src, d_tgt)
     for x, y, val_rows in _blocks(dump, val_ratio, seed):

@@ -186,6 +186,25 @@ def test_ridge_recovers_an_exact_linear_map(tmp_path):
         assert 0.01 < report["ridge"]["fvu"] < 1
 
 
+def test_the_ridge_is_fitted_once_per_dump_content_and_split(tmp_path, monkeypatch):
+    from clt import pair_stats
+    from sae.store import open_dump
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 4)).astype(np.float32)
+    fits = []
+    fit = pair_stats._fit_pair_ridge
+    monkeypatch.setattr(pair_stats, "_fit_pair_ridge", lambda *args: fits.append(args[1:]) or fit(*args))
+    results = []
+    for scale in (1.0, 3.0):  # the second collection overwrites the first with other targets
+        with DumpWriter(tmp_path / "d", {"sources": 4, "targets": 2}, 400, overwrite=True) as w:
+            w.write({"sources": x, "targets": x[:, :2] * scale + rng.normal(size=(400, 2)).astype(np.float32)})
+            w.finish({"num_instances": 40, "nodes_per_instance": 10})
+        results += [pair_stats.pair_ridge(open_dump(tmp_path / "d"), 0.2, seed) for seed in (0, 0, 1)]
+    assert fits == [(0.2, 0), (0.2, 1)] * 2  # the same dump and split: fitted once; a new collection: again
+    assert results[0] == results[1] != results[3] and results[0] is not results[1]
+
+
 def test_generated_locs_are_in_every_pair(pairs_run):
     a = np.load(_dir(pairs_run, "clt_L0_to_L1") / "locs.npy")
     assert a.shape == (40, 10, 2)
