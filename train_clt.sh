@@ -168,8 +168,8 @@ for pair in $PAIRS; do
     QUEUED=$((QUEUED + 1))
     echo "== run $QUEUED: $pair, expansion $e, ${size#--}, $act, lr $lr" >&2
     printf '%s\0' clt.train_transcoder --run_dir "$RUN_DIR" --pair "$pair" --expansion_factor "$e" "$size" \
-      --activation "$act" ${LR_ARG[@]+"${LR_ARG[@]}"} --num_epochs "$EPOCHS" --sweep "$SWEEP" ${EXTRA[@]+"${EXTRA[@]}"} \
-      >"$QUEUE/$(printf '%06d' "$QUEUED").args"
+      --activation "$act" ${LR_ARG[@]+"${LR_ARG[@]}"} --num_epochs "$EPOCHS" --sweep "$SWEEP" \
+      ${EXTRA[@]+"${EXTRA[@]}"} >"$QUEUE/$(printf '%06d' "$QUEUED").args"
   done; done; done; done
 done
 for ((job = 1; job <= JOBS; job++)); do
