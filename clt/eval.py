@@ -227,11 +227,12 @@ def run(cfg: EvalConfig, shared: Shared | None = None) -> dict:
     if cfg.num_instances:
         target_mean = torch.from_numpy(dump.stats("targets")[0]).float()
         source, target = meta["source_hook"], meta["target_hook"]
-        fns = {
+        hooks = {
             kind: partial(pair_hooks, source, target, replacement(kind, model, target_mean)) for kind in REPLACEMENTS
         }
+        fns = {kind: make for kind, make in hooks.items() if kind not in ABLATIONS}
         ablations = (("ablations", source, target, target_mean.numpy().tobytes()),
-                     {kind: fns.pop(kind) for kind in ABLATIONS})  # fmt: skip
+                     {kind: hooks[kind] for kind in ABLATIONS})  # fmt: skip
         report["splice"] = splice_report(cfg, shared, run_dir, meta, fns, ablations)
     write_json(out / "features.json", {"frequency": result.frequency.tolist(),
                                        "mean_activation": result.mean_activation.tolist()})  # fmt: skip

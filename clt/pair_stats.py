@@ -95,6 +95,9 @@ def _blocks(dump: Dump, val_ratio: float, seed: int) -> Iterator[tuple[np.ndarra
         yield x, y, is_val[np.arange(start, stop) // dump.nodes_per_instance]
 
 
+_RIDGES: dict[tuple, dict | None] = {}  # pair_ridge's results in this process
+
+
 def pair_ridge(dump: Dump, val_ratio: float = 0.1, seed: int = 0) -> dict | None:
     """inspect_pair's "ridge" alone (what the trainer writes beside its FVU), from a pass that computes nothing
     else; None without validation instances. Fitted once per process for a dump's content (its files' sha256)
@@ -104,9 +107,6 @@ def pair_ridge(dump: Dump, val_ratio: float = 0.1, seed: int = 0) -> dict | None
     if key not in _RIDGES:
         _RIDGES[key] = _fit_pair_ridge(dump, val_ratio, seed)
     return dict(_RIDGES[key]) if _RIDGES[key] is not None else None
-
-
-_RIDGES: dict[tuple, dict | None] = {}  # pair_ridge's results in this process
 
 
 def _fit_pair_ridge(dump: Dump, val_ratio: float, seed: int) -> dict | None:
