@@ -32,7 +32,8 @@ from clt.graph.replacement import Replacement, load_replacement
 from clt.graph.trace import TraceOptions, attribute
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from policy.env import generate
-from policy.runs import load_policy, resolve_run_dir
+from policy.loading import load_policy
+from policy.runs import resolve_run_dir
 from sae.hooks import HookedPolicy
 
 SCENARIOS = ("tsp20_decision", "tsp20_tour", "tsp100_decision")

@@ -27,7 +27,7 @@ import click
 import numpy as np
 import torch
 
-from policy.runs import load_policy
+from policy.loading import load_policy
 from sae.collect import collect, instance_batches
 from sae.hooks import HookedPolicy
 from sae.store import DumpWriter

@@ -18,8 +18,8 @@ import click
 import torch
 
 from policy.env import generate
+from policy.loading import load_policy
 from policy.model import AttentionModel
-from policy.runs import load_policy
 from policy.train import train_step
 
 

@@ -27,7 +27,7 @@ from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.train_transcoder import TrainingForward, train_step
 from policy.distributed import init_distributed, shutdown, synchronize
 from policy.env import generate
-from policy.runs import load_policy
+from policy.loading import load_policy
 from sae.hooks import HookedPolicy
 
 BATCH = 4096

@@ -31,8 +31,8 @@ from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS
 from policy.io import file_sha256
+from policy.loading import load_policy
 from policy.options import choice, options
-from policy.runs import load_policy
 from sae.collect import collect, collection_request, hook_dims, instance_batches, provenance
 from sae.hooks import HookedPolicy
 from sae.runs import activations_root, clt_activations_dir

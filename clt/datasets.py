@@ -17,9 +17,10 @@ import torch
 
 from clt.normalization import Normalizer
 from clt.pairs import parse_pairs
-from policy.runs import LoadedPolicy, check_name, list_checkpoints, read_config
+from policy.loading import LoadedPolicy, read_config
+from policy.runs import check_name, list_checkpoints
 from sae.data import RowStream, split_instances
-from sae.hooks import hook_names
+from sae.hook_names import hook_names
 from sae.runs import clt_activations_dir, owning_run
 from sae.store import Dump, open_dump, read_registry, registered_dump
 

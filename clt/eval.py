@@ -63,8 +63,9 @@ from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
 from policy.io import atomic_write, read_json, write_json
+from policy.loading import load_policy
 from policy.options import choice, options
-from policy.runs import load_policy, resolve_run_dir
+from policy.runs import resolve_run_dir
 from sae.hooks import HookedPolicy
 from sae.metrics import Reconstruction
 from sae.runs import newest_finished, owning_run

@@ -33,8 +33,9 @@ from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS
 from policy.io import atomic_write, read_json, write_json
+from policy.loading import LoadedPolicy, load_policy
 from policy.options import options
-from policy.runs import LoadedPolicy, check_name, load_policy, resolve_run_dir
+from policy.runs import check_name, resolve_run_dir
 from sae.runs import finished_runs
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import torch
 
 from clt.model import CrossLayerTranscoder
 from policy.model import AttentionModel
-from sae.hooks import parse_layer_hook
+from sae.hook_names import parse_layer_hook
 
 
 def head_blocks(policy: AttentionModel, target_hook: str) -> list[torch.Tensor]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from policy.checks import check_types
 from policy.io import read_json
-from sae.hooks import DECODER_POINTS, parse_layer_hook
+from sae.hook_names import DECODER_POINTS, parse_layer_hook
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _SHORT = re.compile(r"^L(\d+)(\.[a-z_]+)?$")

@@ -28,7 +28,8 @@ from clt.model import CrossLayerTranscoder
 from clt.multilayer import MultiLayerTranscoder
 from policy.env import tour_length
 from policy.model import Rollout
-from sae.hooks import HookedPolicy, HookFn, parse_layer_hook
+from sae.hook_names import parse_layer_hook
+from sae.hooks import HookedPolicy, HookFn
 
 REPLACEMENTS = ("transcoder", "transcoder+error", "mean", "zero")
 ABLATIONS = ("mean", "zero")

@@ -62,9 +62,10 @@ from policy.distributed import (
     synchronize,
 )
 from policy.io import read_json, write_json
+from policy.loading import load_policy, read_config
 from policy.logger import WANDB_MODES, RunLogger
 from policy.options import choice, fields_of, options, resume_option
-from policy.runs import load_policy, new_run_folder, read_config, resolve_run_dir, stored_path
+from policy.runs import new_run_folder, resolve_run_dir, stored_path
 from sae.model import init_seed
 from sae.runs import clt_runs_dir, record_in_sweep, resume_dictionary_run
 from sae.trainer import DictionaryTrainer

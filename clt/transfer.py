@@ -21,7 +21,7 @@ from clt.model import CrossLayerTranscoder
 from clt.pair_stats import Moments, ridge_baseline
 from clt.splice import pair_hooks, recovered, replacement, splice_metrics
 from policy.env import generate
-from policy.runs import LoadedPolicy
+from policy.loading import LoadedPolicy
 from sae.hooks import HookedPolicy
 
 

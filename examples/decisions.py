@@ -20,7 +20,8 @@ from clt.graph.pointer import GLIMPSES
 from clt.graph.replacement import load_replacement
 from clt.graph.trace import TraceOptions, attribute
 from policy.env import generate
-from policy.runs import load_policy, resolve_run_dir
+from policy.loading import load_policy
+from policy.runs import resolve_run_dir
 
 
 @click.command()

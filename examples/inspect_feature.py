@@ -22,7 +22,8 @@ import torch
 from clt.graph.weights import Dictionary, find_dictionaries, norm_scales, virtual_weights
 from clt.splice import pair_hooks, splice_metrics
 from policy.env import generate
-from policy.runs import load_policy, resolve_run_dir
+from policy.loading import load_policy
+from policy.runs import resolve_run_dir
 from sae.hooks import HookedPolicy
 
 

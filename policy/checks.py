@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 _SIMPLE = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
@@ -36,6 +34,8 @@ def check_types(cfg) -> None:
 
 def check_device(device: str) -> str:
     """A torch device this machine has: `--device cuda` without CUDA is a one-line error, not a torch assert."""
+    import torch  # here, not at the top: check_types serves the torch-free bookkeeping modules (clt.pairs)
+
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as err:

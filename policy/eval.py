@@ -22,9 +22,9 @@ from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate, tour_length
 from policy.inference import check_memory, solve, trajectories_per_instance
+from policy.loading import load_policy
 from policy.options import choice, options
 from policy.reference import SOLVERS, reference_tours
-from policy.runs import load_policy
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,13 @@ from policy import __version__
 from policy.checks import check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS, generate
-from policy.io import file_sha256, save_tensors, write_json
+from policy.io import file_sha256, write_json
+from policy.loading import load_policy
 from policy.model import AttentionModel
 from policy.options import choice, options
 from policy.rl4co import load_checkpoint
-from policy.runs import check_name, load_policy
+from policy.runs import check_name
+from policy.torch_files import save_tensors
 
 
 @dataclass

@@ -20,8 +20,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +62,12 @@ def write_json(path: str | Path, obj) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    """Save tensors as safetensors (contiguous, detached, on CPU)."""
-    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata))
-
-
 def save_npy(path: str | Path, array: np.ndarray) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.save(f, array)
 
     return atomic_write(path, write)
-
-
-def save_torch(path: str | Path, obj) -> Path:
-    """torch.save for tensors and plain containers only; read back with weights_only=True."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def file_sha256(path: Path) -> str:

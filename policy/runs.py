@@ -1,5 +1,7 @@
-"""Policy run folders: resolving `--run_dir`, reading its config, listing and loading checkpoints,
-and the bookkeeping every trainer shares (safe names, new timestamped folders, resumed settings).
+"""Policy run folders, without torch: resolving `--run_dir`, listing its checkpoints, and the bookkeeping every
+trainer shares (safe names, new timestamped folders, resumed settings). Reading the policy itself (its config,
+weights and model) is policy.loading's; this module stays free of torch so that the commands that only keep
+the books (clt.summarize, clt.list_pairs) start in a fraction of a second (tests/test_layers.py).
 
 A native run (written by `python -m policy.train`):
 
@@ -27,19 +29,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
-from policy.io import file_sha256, read_json
-from policy.kool import convert_state_dict as convert_kool
-from policy.kool import kool_config, read_kool_checkpoint
-from policy.model import AttentionModel, PolicyConfig
-from policy.rl4co import convert_state_dict, read_policy_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +41,7 @@ PACKAGED_RUNS_DIR = Path(__file__).resolve().parents[1] / "runs"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 _NATIVE_CKPT = re.compile(r"^epoch_(\d+)\.safetensors$")
 _RL4CO_CKPT = re.compile(r"^checkpoint_epoch_(\d+)\.ckpt$")
-_KOOL_CKPT = re.compile(r"^epoch-(\d+)\.pt$")
+KOOL_CHECKPOINT = re.compile(r"^epoch-(\d+)\.pt$")
 
 
 def check_name(name: str, what: str = "run name") -> str:
@@ -82,45 +72,6 @@ def resolve_run_dir(run_dir: str | Path) -> Path:
     raise FileNotFoundError(f"no run directory {str(run_dir)!r}; runs found: {', '.join(known) or 'none'}")
 
 
-@dataclass
-class RunConfig:
-    """What a run's config.json says about the policy and the instances it was trained on."""
-
-    policy: PolicyConfig
-    num_loc: int
-    distribution: str
-    raw: dict
-
-
-def read_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.json"
-    if not path.is_file() and (run_dir / "args.json").is_file():  # attention-learn-to-route
-        raw = read_json(run_dir / "args.json")
-        if not isinstance(raw, dict):
-            raise ValueError(f"{run_dir / 'args.json'}: expected a JSON object")
-        return RunConfig(*kool_config(raw, str(run_dir / "args.json")), raw)
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.json (nor a Kool args.json): is it a run directory?")
-    raw = read_json(path)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    if "policy" in raw:  # native
-        policy = PolicyConfig.from_dict(raw["policy"])
-        env = raw.get("env", {})
-        return RunConfig(policy, int(env.get("num_loc", 20)), env.get("distribution", "uniform"), raw)
-    missing = [k for k in ("embed_dim", "n_encoder_layers", "num_heads", "num_loc") if k not in raw]
-    if missing:
-        raise ValueError(f"{path}: neither a native config (no 'policy' key) nor an RL4CO one (missing {missing})")
-    policy = PolicyConfig(
-        embed_dim=raw["embed_dim"],
-        num_encoder_layers=raw["n_encoder_layers"],
-        num_heads=raw["num_heads"],
-        normalization=raw.get("normalization", "batch"),
-        temperature=raw.get("temperature", 1.0),
-    )
-    return RunConfig(policy, int(raw["num_loc"]), raw.get("distribution", "uniform"), raw)
-
-
 def list_checkpoints(run_dir: Path) -> dict[int, Path]:
     """Epoch -> checkpoint file: native `checkpoints/epoch_<N>.safetensors`, RL4CO
     `checkpoints/checkpoint_epoch_<N>.ckpt`, Kool `epoch-<N>.pt` (in the run folder itself)."""
@@ -132,60 +83,10 @@ def list_checkpoints(run_dir: Path) -> dict[int, Path]:
             found[int(match.group(1))] = path
     if (run_dir / "args.json").is_file():
         for path in sorted(run_dir.glob("epoch-*.pt")):
-            match = _KOOL_CKPT.match(path.name)
+            match = KOOL_CHECKPOINT.match(path.name)
             if match:
                 found[int(match.group(1))] = path
     return dict(sorted(found.items()))
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Native, RL4CO or Kool weights, with native key names."""
-    if _KOOL_CKPT.match(path.name) and (path.parent / "args.json").is_file():
-        return convert_kool(read_kool_checkpoint(path))
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
-    return convert_state_dict(read_policy_state_dict(path))
-
-
-@dataclass
-class LoadedPolicy:
-    model: AttentionModel
-    config: RunConfig
-    run_dir: Path
-    epoch: int
-    checkpoint: Path
-
-    @cached_property
-    def checkpoint_sha256(self) -> str:
-        return file_sha256(self.checkpoint)
-
-
-def load_policy(
-    run_dir: str | Path, checkpoint: int | None = None, device: str | torch.device = "cpu", num_heads: int | None = None
-) -> LoadedPolicy:
-    """The policy of a run in eval mode, from epoch `checkpoint` or the latest one.
-
-    `num_heads` overrides the heads the run's config names (Kool's args.json does not record them: 8).
-    """
-    run = resolve_run_dir(run_dir)
-    config = read_config(run)
-    if num_heads is not None:
-        config.policy = PolicyConfig(**{**config.policy.to_dict(), "num_heads": num_heads})
-    checkpoints = list_checkpoints(run)
-    if not checkpoints:
-        raise FileNotFoundError(
-            f"{run} holds no checkpoint (checkpoints/epoch_<N>.safetensors, checkpoints/checkpoint_epoch_<N>.ckpt, "
-            "or a Kool epoch-<N>.pt)"
-        )
-    epoch = max(checkpoints) if checkpoint is None else checkpoint
-    if epoch not in checkpoints:
-        raise FileNotFoundError(f"{run} has no checkpoint for epoch {epoch}; available: {list(checkpoints)}")
-    path = checkpoints[epoch]
-    model = AttentionModel.from_weights(config.policy, read_weights(path), source=str(path))
-    return LoadedPolicy(model.to(device), config, run, epoch, path)
 
 
 def stored_path(run_dir: Path, path: Path) -> str:

@@ -24,8 +24,8 @@ from policy.cli import command
 from policy.inference import AUGMENTS, DECODE_MODES, solve
 from policy.instances import read_instances
 from policy.io import save_npy
+from policy.loading import load_policy
 from policy.options import choice, options
-from policy.runs import load_policy
 
 log = logging.getLogger(__name__)
 

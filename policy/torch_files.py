@@ -1,4 +1,5 @@
-"""Every `torch.load` of the project goes through `load_torch_file`.
+"""Every `torch.load` of the project goes through `load_torch_file`; tensors are written by `save_tensors`
+(safetensors) and `save_torch` (torch.save of plain containers), atomically (policy.io).
 
 `torch.load` is more than an unpickler: a zip archive that holds `constants.pkl`
 is handed to `torch.jit.load`, which runs the TorchScript code stored in the file
@@ -26,6 +27,9 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from policy.io import atomic_write
 
 ACCEPTED = "a torch.save zip of tensors, or torch's legacy (pre-1.6) tensor pickle"
 
@@ -163,3 +167,14 @@ def load_torch_file(path: str | Path, map_location="cpu", stub_objects: bool = F
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, TypeError, KeyError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable PyTorch file ({reason})") from err
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """Save tensors as safetensors (contiguous, detached, on CPU)."""
+    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(plain, str(tmp), metadata=metadata))
+
+
+def save_torch(path: str | Path, obj) -> Path:
+    """torch.save for tensors and plain containers only; read back with weights_only=True."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))

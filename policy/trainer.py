@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from policy.io import save_tensors, save_torch
 from policy.logger import RunLogger, truncate_metrics
 from policy.signals import GracefulStop, Interrupted
-from policy.torch_files import load_torch_file
+from policy.torch_files import load_torch_file, save_tensors, save_torch
 
 log = logging.getLogger(__name__)
 

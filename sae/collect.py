@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from policy.env import generate
-from policy.runs import LoadedPolicy
+from policy.loading import LoadedPolicy
 from sae.hooks import HookedPolicy
 from sae.store import AcceptedRows, DumpWriter, NonFiniteRows
 

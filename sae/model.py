@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from policy.io import read_json, save_tensors, write_json
+from policy.io import read_json, write_json
+from policy.torch_files import save_tensors
 from sae.sparse import auxk_loss, topk_rows
 
 

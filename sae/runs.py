@@ -9,8 +9,8 @@
     runs/<run>/clt/attribution/<decision>.json  attribution graphs (clt.graph.attribute), .safetensors beside
 
 A dictionary run (SAE or transcoder) is finished when its `model.safetensors` exists: the trainers
-write it last. The policy-run bookkeeping (`load_policy`, `resolve_run_dir`, `check_name`, ...)
-lives in policy.runs and is importable from here too, as the sae and clt packages share it.
+write it last. The policy-run bookkeeping (`resolve_run_dir`, `check_name`, ...) lives in policy.runs and is
+importable from here too, as the sae and clt packages share it; like it, this module never imports torch.
 """
 
 from __future__ import annotations
@@ -22,13 +22,9 @@ from pathlib import Path
 
 from policy.io import locked, read_json, write_json
 from policy.runs import (  # noqa: F401  (re-exported: the run bookkeeping sae and clt share)
-    LoadedPolicy,
-    RunConfig,
     check_name,
     list_checkpoints,
-    load_policy,
     new_run_folder,
-    read_config,
     resolve_run_dir,
     resume_folder,
     resumed_settings,

@@ -14,8 +14,8 @@ from clt import collect_pairs, train_transcoder
 from clt.site import export as export_docs
 from policy import eval as policy_eval
 from policy import solve
+from policy.loading import load_policy
 from policy.rl4co import load_checkpoint
-from policy.runs import load_policy
 from policy.torch_files import UnsafeFileError, identify, load_torch_file
 from sae import collect_activations, train_topk
 

@@ -29,9 +29,11 @@ from clt.graph.replacement import load_replacement
 from clt.graph.trace import Attribution, TraceOptions, attribute
 from policy.checks import check_device, check_types
 from policy.cli import command
-from policy.io import save_tensors, write_json
+from policy.io import write_json
+from policy.loading import load_policy
 from policy.options import options, split_nested
-from policy.runs import check_name, load_policy, resolve_run_dir
+from policy.runs import check_name, resolve_run_dir
+from policy.torch_files import save_tensors
 from sae.runs import attribution_dir
 
 log = logging.getLogger(__name__)

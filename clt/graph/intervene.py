@@ -23,8 +23,9 @@ from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import tour_length
 from policy.io import write_json
+from policy.loading import load_policy
 from policy.options import options, split_nested
-from policy.runs import load_policy, resolve_run_dir
+from policy.runs import resolve_run_dir
 
 
 @dataclass

@@ -19,7 +19,8 @@ import torch
 from clt.graph.decision import Decision, Outcome, decide
 from clt.graph.replacement import Replacement
 from policy.model import AttentionModel
-from sae.hooks import HookedPolicy, HookFn, parse_layer_hook
+from sae.hook_names import parse_layer_hook
+from sae.hooks import HookedPolicy, HookFn
 
 OPS = ("zero", "scale", "set")
 _CHANGE = re.compile(r"^(\d+):(\d+):(\d+|\*)=(zero|scale|set)(?::(.+))?$")

@@ -26,7 +26,7 @@ from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.multilayer import MultiLayerTranscoder
 from clt.normalization import denormalize
 from policy.io import read_json
-from policy.runs import read_config
+from policy.loading import read_config
 from sae.runs import newest_finished
 
 log = logging.getLogger(__name__)

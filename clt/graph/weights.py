@@ -33,7 +33,7 @@ from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.multilayer import MultiLayerTranscoder
 from clt.pairs import LayerPair
 from policy.model import AttentionModel
-from sae.hooks import parse_layer_hook
+from sae.hook_names import parse_layer_hook
 from sae.model import TopKSAE, load_sae
 from sae.runs import is_finished, newest_runs
 

@@ -40,9 +40,11 @@ from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import generate, tour_length
 from policy.io import atomic_write, read_json
+from policy.loading import load_policy
 from policy.options import options
-from policy.runs import load_policy, resolve_run_dir
-from sae.hooks import HookedPolicy, parse_layer_hook
+from policy.runs import resolve_run_dir
+from sae.hook_names import parse_layer_hook
+from sae.hooks import HookedPolicy
 from sae.model import SAEConfig
 from sae.runs import newest_runs, sweep_runs
 

@@ -22,8 +22,8 @@ from clt.graph.trace import TraceOptions, attribute, choose_targets
 from clt.graph.verify import verify_local
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from policy.env import generate
+from policy.loading import load_policy
 from policy.model import AttentionModel, PolicyConfig
-from policy.runs import load_policy
 
 
 def random_setup(normalization: str, seed: int = 0):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from policy.runs import load_policy
+from policy.loading import load_policy
 from sae.collect import instance_batches
 from sae.hooks import HookedPolicy
 from sae.store import open_dump, read_registry

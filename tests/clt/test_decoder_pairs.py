@@ -13,8 +13,9 @@ from clt import collect_pairs as collect_cli
 from clt import eval as eval_cli
 from clt import train_transcoder as train_cli
 from clt.pairs import LayerPair, parse_pairs
-from policy.runs import load_policy
-from sae.hooks import HookedPolicy, hook_names
+from policy.loading import load_policy
+from sae.hook_names import hook_names
+from sae.hooks import HookedPolicy
 from sae.store import open_dump
 
 GLIMPSE = "clt_dec.context_to_dec.glimpse"

@@ -18,7 +18,7 @@ from clt.splice import pair_hooks, replacement, splice_metrics
 from clt.train_transcoder import TranscoderTrainConfig
 from clt.train_transcoder import run as train
 from policy.env import generate
-from policy.runs import load_policy
+from policy.loading import load_policy
 from sae import collect_activations
 from sae.hooks import HookedPolicy
 from sae.model import SAEConfig, TopKSAE

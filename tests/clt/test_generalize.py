@@ -11,7 +11,7 @@ from clt import generalize as generalize_cli
 from clt import train_transcoder as train_cli
 from clt.model import load_transcoder
 from clt.transfer import Condition, evaluate_on
-from policy.runs import load_policy
+from policy.loading import load_policy
 
 PAIR = "clt_L1.mlp_in_to_L1.mlp_out"
 HOOKS = "encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"

@@ -13,7 +13,7 @@ from clt.datasets import PairDataset, open_pair
 from clt.normalization import Normalizer
 from clt.pairs import LayerPair, parse_pairs, read_pairs_config
 from policy.env import generate
-from policy.runs import load_policy
+from policy.loading import load_policy
 from sae.hooks import HookedPolicy
 from sae.store import DumpWriter, NonFiniteRows, read_registry
 

@@ -15,7 +15,7 @@ from clt.groups import head_blocks, init_head_groups_
 from clt.model import CrossLayerTranscoder, TranscoderConfig, load_transcoder
 from clt.normalization import whitening
 from clt.train_transcoder import train_step
-from policy.runs import load_policy
+from policy.loading import load_policy
 from sae.store import open_dump
 
 PAIR = "clt_L0.mlp_in_to_L0.mlp_out"

@@ -6,8 +6,9 @@ import torch
 
 from policy.env import generate, is_valid_tour
 from policy.inference import solve
+from policy.loading import load_policy
 from policy.reference import reference_lengths
-from policy.runs import PACKAGED_RUNS_DIR, load_policy
+from policy.runs import PACKAGED_RUNS_DIR
 
 DEMO = PACKAGED_RUNS_DIR / "tsp20_demo"
 

@@ -11,10 +11,12 @@ from click.testing import CliRunner
 from policy import eval as eval_cli
 from policy import train as train_cli
 from policy.checks import check_device, check_types
-from policy.io import save_tensors, write_json
+from policy.io import write_json
+from policy.loading import load_policy
 from policy.logger import resolve_wandb_mode
 from policy.model import PolicyConfig
-from policy.runs import check_name, load_policy
+from policy.runs import check_name
+from policy.torch_files import save_tensors
 
 
 def test_names_with_a_trailing_newline_are_refused():
@@ -154,7 +156,7 @@ def test_disk_full_while_saving_weights_is_one_line_and_leaves_no_temp_file(anal
     import errno
     import shutil
 
-    import policy.io
+    import policy.torch_files
     from sae import train_topk
 
     run = tmp_path / "run"
@@ -163,7 +165,7 @@ def test_disk_full_while_saving_weights_is_one_line_and_leaves_no_temp_file(anal
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(policy.io, "save_file", full)
+    monkeypatch.setattr(policy.torch_files, "save_file", full)
     args = ["--run_dir", str(run), "--hook", "encoder_layer_0", "--k", "2", "--expansion_factor", "2",
             "--num_epochs", "1", "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
     result = CliRunner().invoke(train_topk.main, args)

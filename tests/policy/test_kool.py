@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from policy import eval as eval_cli
 from policy import import_run
 from policy.env import tour_length
-from policy.runs import load_policy
+from policy.loading import load_policy
 from sae import collect_activations
 
 KOOL = Path(__file__).resolve().parents[1] / "fixtures" / "kool_am_tsp20"

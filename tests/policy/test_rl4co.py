@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from policy.loading import load_policy
 from policy.rl4co import load_checkpoint, read_lightning_checkpoint
-from policy.runs import load_policy
 from policy.torch_files import RestrictedUnpickler, Stub
 
 TOL = 1e-5

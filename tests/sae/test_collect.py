@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from policy.runs import load_policy
+from policy.loading import load_policy
 from sae import collect_activations as collect_cli
 from sae.hooks import HookedPolicy
 from sae.store import open_dump, read_registry

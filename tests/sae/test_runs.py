@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from policy.runs import list_checkpoints, load_policy, resolve_run_dir
+from policy.loading import load_policy
+from policy.runs import list_checkpoints, resolve_run_dir
 from sae.runs import activations_root, clt_activations_dir, sae_activations_dir, sae_runs_dir
 
 
