@@ -26,7 +26,7 @@ def main(config, grid, grids):
     train_clt.sh)."""
     with command():
         settings = read_pairs_config(config)
-        names = [pair_name(item) for item in settings.layer_pairs]
+        names = [LayerPair.from_spec(item).name for item in settings.layer_pairs]
         if grids:
             for line in (names, *(getattr(settings, g) for g in GRIDS)):
                 click.echo(" ".join(str(v) for v in line))
@@ -34,13 +34,6 @@ def main(config, grid, grids):
             click.echo(" ".join(str(v) for v in getattr(settings, grid)))
         else:
             click.echo("\n".join(names))
-
-
-def pair_name(item: str) -> str:
-    """The pair name of a config's 'source:target' entry."""
-    if item.count(":") != 1:
-        raise ValueError(f"a layer pair is 'source:target', got {item!r}")
-    return LayerPair(*(part.strip() for part in item.split(":"))).name
 
 
 if __name__ == "__main__":

@@ -52,6 +52,14 @@ class LayerPair:
             raise ValueError(f"{name!r} is not a pair name (clt_<source>_to_<target>, e.g. clt_L0_to_L2)")
         return cls(long_name(match.group(1)), long_name(match.group(2)))
 
+    @classmethod
+    def from_spec(cls, item: str) -> LayerPair:
+        """A config's `source:target` entry (spaces around either hook allowed), not yet checked against a policy's
+        hooks (parse_pairs does that)."""
+        if item.count(":") != 1:
+            raise ValueError(f"a layer pair is 'source:target', got {item!r}")
+        return cls(*(part.strip() for part in item.split(":")))
+
     @property
     def on_decoder(self) -> bool:
         """Rows are (instance, decoding step) rather than (instance, city)."""
@@ -101,9 +109,8 @@ def parse_pairs(spec: str | list[str], hook_names: list[str]) -> list[LayerPair]
     order = {name: i for i, name in enumerate(hook_names)}
     pairs = []
     for item in filter(None, items):
-        if item.count(":") != 1:
-            raise ValueError(f"a layer pair is 'source:target', got {item!r}")
-        source, target = (part.strip() for part in item.split(":"))
+        pair = LayerPair.from_spec(item)
+        source, target = pair.source, pair.target
         for hook in (source, target):
             if hook not in order:
                 raise ValueError(f"unknown hook {hook!r} in pair {item!r}; valid names: {', '.join(hook_names)}")
@@ -113,7 +120,7 @@ def parse_pairs(spec: str | list[str], hook_names: list[str]) -> list[LayerPair]
         if is_decoder_point(source) != is_decoder_point(target):
             raise ValueError(f"pair {item!r} mixes an encoder point (a row per city) with a decoder point (a row "
                              f"per decoding step); pair decoder points together, e.g. {DECODER_PAIRS[0]}")  # fmt: skip
-        pairs.append(LayerPair(source, target))
+        pairs.append(pair)
     if not pairs:
         raise ValueError("no layer pairs given")
     names = [p.name for p in pairs]

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from clt import collect_pairs as collect_cli
 from clt import inspect_pairs as inspect_cli
+from clt import list_pairs as list_pairs_cli
 from clt.datasets import PairDataset, open_pair
 from clt.normalization import Normalizer
 from clt.pairs import LayerPair, parse_pairs, read_pairs_config
@@ -50,6 +51,20 @@ def test_pair_checks(tiny_model):
     with pytest.raises(ValueError, match="source:target"):
         parse_pairs("encoder_layer_0", names)
     assert len(parse_pairs(["encoder_layer_0:encoder_output"], names)) == 1
+
+
+def test_list_pairs_prints_a_configs_pair_names_and_grids_and_refuses_a_malformed_entry(tmp_path):
+    config = tmp_path / "pairs.json"
+    config.write_text(json.dumps({"layer_pairs": [" encoder_layer_0 : encoder_layer_2", "encoder_layer_1.mlp_in:"
+                                                  "encoder_layer_1.mlp_out"], "sparsity": {"k": [8, 16]}}))  # fmt: skip
+    result = CliRunner().invoke(list_pairs_cli.main, [str(config)])
+    assert result.exit_code == 0 and result.output == "clt_L0_to_L2\nclt_L1.mlp_in_to_L1.mlp_out\n"
+    result = CliRunner().invoke(list_pairs_cli.main, [str(config), "--grids"])
+    assert result.output.splitlines() == ["clt_L0_to_L2 clt_L1.mlp_in_to_L1.mlp_out", "8", "8 16", ""]
+    config.write_text(json.dumps({"layer_pairs": ["encoder_layer_0:encoder_layer_1:encoder_layer_2"]}))
+    result = CliRunner().invoke(list_pairs_cli.main, [str(config)])
+    assert result.exit_code == 1 and "a layer pair is 'source:target'" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_shipped_demo_config():
