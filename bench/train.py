@@ -1,21 +1,23 @@
 """Transcoder training speed and quality: clt's trainer against a plain dense PyTorch TopK transcoder.
 
-    python -m bench.train [--tokens 2000000] [--threads 2]
+    python -m bench.train [--tokens 2000000] [--seeds 3] [--threads 2]
 
 Data: `encoder_layer_1.mlp_in -> encoder_layer_1.mlp_out` of runs/tsp20_demo (d=128),
 collected in memory from uniform TSP20 instances; validation rows come from other
 instances. Both transcoders have 8x expansion (1024 features), k=16, batch 4096, fp32,
-the same initial weights and normalisation (clt.train_transcoder's defaults), and see the
-same batches (slices of the rows shuffled once), stepping in turn so that a machine whose speed
+the same initial weights (one set per seed, `--seeds` of them) and normalisation (clt.train_transcoder's
+defaults), and see the same batches (slices of the rows shuffled once), stepping in turn so that a machine whose speed
 drifts slows both alike. clt's side is its trainer's defaults (Adam at 32e-3 with its schedule):
 `train_step` selects with sae.sparse.select_topk (the compiled kernel of sae.topk_kernel), decodes from
 the active features only (sae.sparse, its backward compiled in sae.decode_kernel) and also keeps
 unit-norm decoder rows, dead-feature counters and the AuxK loss. The plain one computes everything
 densely and lets autograd differentiate it (z = scatter(torch.topk), y = z @ W_dec), with Adam at
---plain_lr. Prints JSON: tokens/s (all steps but the first, which compiles), validation FVU after the
-same tokens, the median step against the encoder-GEMM floor (timed every 10th step beside them), top-k
-and batch top-k selection against torch.topk and the GEMM (each timed in turn, medians of 5), and the
-targets (`targets`: >= 3x the plain rows/s at no worse FVU, a step within 2.5x of the GEMM floor,
+--plain_lr. Prints JSON: tokens/s (all steps of every seed but each one's first; the first compiles),
+validation FVU after the same tokens per seed and its median (on this pair clt's FVU moves by up to a third
+with the initial weights, the plain one's by a tenth: one seed cannot tell the two apart), the median step
+against the encoder-GEMM floor (timed every 10th step beside them), top-k and batch top-k selection against
+torch.topk and the GEMM (each timed in turn, medians of 5), and the
+targets (`targets`: >= 3x the plain rows/s at no worse median FVU, a step within 2.5x of the GEMM floor,
 selection under 25% of the GEMM, batchtopk within 2x of topk). Then (unless
 --no_scaling) bench.train_scaling's cases: the multi-layer CLT against three pairwise
 transcoders of the same total width, and 2 DDP ranks against 1 process.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from typing import NamedTuple
 
 import click
 import torch
@@ -67,33 +70,25 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-@click.command()
-@click.option("--run_dir", default="tsp20_demo", help="Run whose policy produces the pair.")
-@click.option("--tokens", default=2_000_000, help="Training rows per implementation.")
-@click.option("--train_instances", default=10_000, help="Instances whose rows are cycled for training.")
-@click.option("--val_instances", default=2_000, help="Other instances for validation.")
-@click.option("--batch_size", default=4096, help="Rows per step.")
-@click.option("--plain_lr", default=4e-3, help="Adam learning rate of the plain transcoder (clt's is its default).")
-@click.option("--threads", default=2, help="torch threads.")
-@click.option("--scaling/--no_scaling", default=True, help="Also the multi-layer and 2-process DDP cases.")
-def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, threads, scaling):
-    """Print JSON: training tokens/s and validation FVU, clt vs plain dense TopK transcoder."""
-    torch.set_num_threads(threads)
-    xs, ys = collect_layers(run_dir, train_instances, seed=1)
-    xs_val, ys_val = collect_layers(run_dir, val_instances, seed=10**6)
-    x, y, x_val, y_val = xs[1], ys[1], xs_val[1], ys_val[1]  # encoder_layer_1.mlp_in -> .mlp_out
-    torch.manual_seed(0)
-    train_cfg = TranscoderTrainConfig(run_dir=run_dir, pair="bench", expansion_factor=8, k=16, batch_size=batch_size)
-    cfg = train_cfg.model_config(128, 128)
+class Race(NamedTuple):
+    """Both trainers after the same steps from one seed's initial weights, and their step times [s]."""
+
+    ours: CrossLayerTranscoder
+    plain: DenseTopK
+    ours_times: list[float]
+    plain_times: list[float]
+    gemm_times: list[float]  # the encoder GEMM at the current weights, every 10th step
+
+
+def race(x, y, batches: list[slice], train_cfg: TranscoderTrainConfig, plain_lr: float, seed: int) -> Race:
+    """The two trainers from seed's weights, stepping in turn on the same batches, and every 10th step the floor
+    (the encoder GEMM at this step's weights) timed beside them: a machine whose speed drifts slows all three
+    alike."""
+    torch.manual_seed(seed)
+    cfg = train_cfg.model_config(x.shape[1], y.shape[1])
     ours = CrossLayerTranscoder(cfg)
     ours.set_statistics(x.mean(0), x.std(0), y.mean(0), y.std(0))
     plain = DenseTopK(ours)
-    steps = tokens // batch_size
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]  # shuffled once: a batch is a slice, as the trainer's loader hands it over
-    batches = [slice(start, start + batch_size) for start in range(0, len(x) - batch_size + 1, batch_size)]
-    batches = [batches[i % len(batches)] for i in range(steps)]
-
     opt_ours = torch.optim.Adam(ours.parameters(), lr=train_cfg.lr)
     opt_plain = torch.optim.Adam(plain.parameters(), lr=plain_lr)
     counters = torch.zeros(cfg.n_features, dtype=torch.long)
@@ -105,26 +100,63 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
         loss.backward()
         opt_plain.step()
 
-    # the two trainers step in turn on the same batch, and every 10th step the floor (the encoder GEMM at
-    # this step's weights) is timed beside them: a machine whose speed drifts slows all three alike
-    xb, gemm_out = ours.normalize_source(x[batches[0]]), torch.empty(batch_size, cfg.n_features)
-    ours_times, plain_times, gemm_times = [], [], []
+    xb = ours.normalize_source(x[batches[0]])
+    gemm_out = torch.empty(len(xb), cfg.n_features)
+    result = Race(ours, plain, [], [], [])
     for step, rows in enumerate(batches):
-        opt_ours.param_groups[0]["lr"] = train_cfg.lr * lr_factor(step, steps, train_cfg.lr_decay)
+        opt_ours.param_groups[0]["lr"] = train_cfg.lr * lr_factor(step, len(batches), train_cfg.lr_decay)
         start = time.perf_counter()
         train_step(ours, opt_ours, x[rows], y[rows], counters)
-        ours_times.append(time.perf_counter() - start)
+        result.ours_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         plain_step(rows)
-        plain_times.append(time.perf_counter() - start)
+        result.plain_times.append(time.perf_counter() - start)
         if step % 10 == 0:
             w, b = ours.W_enc.detach(), ours.b_enc.detach()
-            gemm_times.append(timed(lambda: torch.addmm(b, xb, w.T, out=gemm_out), 3) / 1e3)  # noqa: B023
-    ours_s, plain_s = sum(ours_times[1:]), sum(plain_times[1:])  # the first step compiles the kernels
+            result.gemm_times.append(timed(lambda: torch.addmm(b, xb, w.T, out=gemm_out), 3) / 1e3)  # noqa: B023
     ours.eval()
-    val_ours = fvu(ours, x_val, y_val, lambda rows: ours(rows)[0])
-    val_plain = fvu(plain, x_val, y_val,
-                    lambda rows: ours.denormalize_target(plain(ours.normalize_source(rows))))  # fmt: skip
+    return result
+
+
+def validation_fvus(r: Race, x_val: torch.Tensor, y_val: torch.Tensor) -> tuple[float, float]:
+    """(clt's, the plain transcoder's) validation FVU, in raw target units."""
+    ours = fvu(r.ours, x_val, y_val, lambda rows: r.ours(rows)[0])
+    plain = fvu(r.plain, x_val, y_val, lambda rows: r.ours.denormalize_target(r.plain(r.ours.normalize_source(rows))))
+    return ours, plain
+
+
+@click.command()
+@click.option("--run_dir", default="tsp20_demo", help="Run whose policy produces the pair.")
+@click.option("--tokens", default=2_000_000, help="Training rows per implementation (and seed).")
+@click.option("--train_instances", default=10_000, help="Instances whose rows are cycled for training.")
+@click.option("--val_instances", default=2_000, help="Other instances for validation.")
+@click.option("--batch_size", default=4096, help="Rows per step.")
+@click.option("--plain_lr", default=4e-3, help="Adam learning rate of the plain transcoder (clt's is its default).")
+@click.option("--seeds", default=3, help="Initial weights to train both from (seeds 0..N-1); FVUs compared by median.")
+@click.option("--threads", default=2, help="torch threads.")
+@click.option("--scaling/--no_scaling", default=True, help="Also the multi-layer and 2-process DDP cases.")
+def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, seeds, threads, scaling):
+    """Print JSON: training tokens/s and validation FVU, clt vs plain dense TopK transcoder."""
+    if seeds < 1:
+        raise click.BadParameter("needs at least one seed", param_hint="--seeds")
+    torch.set_num_threads(threads)
+    xs, ys = collect_layers(run_dir, train_instances, seed=1)
+    xs_val, ys_val = collect_layers(run_dir, val_instances, seed=10**6)
+    x, y, x_val, y_val = xs[1], ys[1], xs_val[1], ys_val[1]  # encoder_layer_1.mlp_in -> .mlp_out
+    train_cfg = TranscoderTrainConfig(run_dir=run_dir, pair="bench", expansion_factor=8, k=16, batch_size=batch_size)
+    steps = tokens // batch_size
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]  # shuffled once: a batch is a slice, as the trainer's loader hands it over
+    batches = [slice(start, start + batch_size) for start in range(0, len(x) - batch_size + 1, batch_size)]
+    batches = [batches[i % len(batches)] for i in range(steps)]
+    races = [race(x, y, batches, train_cfg, plain_lr, seed) for seed in range(seeds)]
+    val_ours, val_plain = zip(*(validation_fvus(r, x_val, y_val) for r in races), strict=True)
+    ours = races[0].ours  # the selections below are timed on seed 0's trained encoder
+    ours_times = [t for r in races for t in r.ours_times[1:]]  # each race's first step (the first one compiles)
+    plain_times = [t for r in races for t in r.plain_times[1:]]
+    gemm_times = [t for r in races for t in r.gemm_times]
+    ours_s, plain_s = sum(ours_times), sum(plain_times)
+    xb, gemm_out = ours.normalize_source(x[batches[0]]), torch.empty(batch_size, ours.cfg.n_features)
 
     # the selections, torch.topk and the GEMM on this step's pre-activations, each timed in turn 5 times (medians)
     out = torch.addmm(ours.b_enc.detach(), xb, ours.W_enc.detach().T)
@@ -143,8 +175,8 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
     same = torch.equal(select_topk(out, 16).features.view(-1, 16).sort(1).values, out.topk(16).indices.sort(1).values)
     ours.train()
     forward_ms = timed(lambda: ours.forward_train(xb), 20)
-    ours_step_ms = statistics.median(ours_times[1:]) * 1e3
-    plain_step_ms = statistics.median(plain_times[1:]) * 1e3
+    ours_step_ms = statistics.median(ours_times) * 1e3
+    plain_step_ms = statistics.median(plain_times) * 1e3
     gemm_ms = statistics.median(gemm_times) * 1e3
     topk_ms, batchtopk_ms = ms["topk_ms"], ms["batchtopk_ms"]
     result = {
@@ -152,11 +184,14 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
         "threads": threads,
         "shape": {"d": 128, "features": 1024, "k": 16, "batch": batch_size, "dtype": "float32"},
         "tokens": steps * batch_size,
-        "clt_tokens_per_s": round((steps - 1) * batch_size / ours_s),
-        "plain_dense_tokens_per_s": round((steps - 1) * batch_size / plain_s),
+        "seeds": seeds,
+        "clt_tokens_per_s": round(len(ours_times) * batch_size / ours_s),
+        "plain_dense_tokens_per_s": round(len(plain_times) * batch_size / plain_s),
         "speedup": round(plain_s / ours_s, 2),
-        "clt_val_fvu": round(val_ours, 5),
-        "plain_dense_val_fvu": round(val_plain, 5),
+        "clt_val_fvu": round(statistics.median(val_ours), 5),
+        "plain_dense_val_fvu": round(statistics.median(val_plain), 5),
+        "clt_val_fvu_per_seed": [round(v, 5) for v in val_ours],
+        "plain_dense_val_fvu_per_seed": [round(v, 5) for v in val_plain],
         "encoder_gemm_ms": round(gemm_ms, 2),
         "encoder_gemm_gflop_per_s": round(2 * batch_size * 128 * 1024 / gemm_ms / 1e6, 1),
         "topk_ms": round(topk_ms, 2),
@@ -175,7 +210,7 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
     }
     result["targets"] = {
         "speedup_at_least_3x": result["speedup"] >= 3,
-        "fvu_no_worse_than_plain": val_ours <= val_plain,
+        "fvu_no_worse_than_plain": statistics.median(val_ours) <= statistics.median(val_plain),
         "step_within_2.5x_of_gemm_floor": gemm_ms / ours_step_ms >= 0.4,
         "topk_under_25%_of_gemm": topk_ms < 0.25 * ms["encoder_gemm_ms"],
         "batchtopk_within_2x_of_topk": batchtopk_ms <= 2 * topk_ms,
