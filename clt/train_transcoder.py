@@ -370,11 +370,10 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
     run_dir = resolve_run_dir(cfg.run_dir)
     cfg.pair = pair_name(run_dir, cfg.pair)
     pair_dir = clt_runs_dir(run_dir, cfg.pair)
+    out_dir = None
     if resume:
         out_dir, cfg = resume_dictionary_run(pair_dir, TranscoderTrainConfig, cfg.to_json(), explicit, RESUMABLE,
                                              budget=("num_epochs", "num_tokens"), penalties=cfg.penalties)  # fmt: skip
-    else:
-        out_dir = broadcast_from_main(new_run_folder(pair_dir) if info.is_main else None, info)
     root = Path(cfg.activations_root) if cfg.activations_root else None
     split = (cfg.batch_size, cfg.val_ratio, cfg.seed)
     if cfg.pair == MULTILAYER:
@@ -409,6 +408,8 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
     if info.is_main:
         for dump in val_data.dumps if isinstance(val_data, MultiLayerDataset) else [val_data.dump]:
             log.info("training on %s", dump.describe())
+    if out_dir is None:  # made once the data and the model are ready: a run that cannot start leaves no folder
+        out_dir = broadcast_from_main(new_run_folder(pair_dir) if info.is_main else None, info)
     model.to(cfg.device)
     trainer = TranscoderTrainer(cfg, out_dir, model, data, val_data, info)
     if resume:

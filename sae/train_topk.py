@@ -183,11 +183,10 @@ def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = (
     """
     run_dir = resolve_run_dir(cfg.run_dir)
     hook_dir = sae_runs_dir(run_dir, cfg.hook)
+    out_dir = None
     if resume:
         out_dir, cfg = resume_dictionary_run(hook_dir, SAETrainConfig, asdict(cfg), explicit, RESUMABLE,
                                              budget=("num_epochs",))  # fmt: skip
-    else:
-        out_dir = new_run_folder(hook_dir)
     name, dump = find_dump(run_dir, cfg.hook, cfg.dataset)
     log.info("training on %s", dump.describe())
     cfg.dataset = name
@@ -199,6 +198,7 @@ def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = (
     sae_cfg = cfg.sae_config(dump.arrays[cfg.hook].shape[1])
     torch.manual_seed(init_seed(f"sae/{cfg.hook}/{sae_cfg}", cfg.seed))
     model = TopKSAE(sae_cfg, torch.from_numpy(dump.stats(cfg.hook)[0])).to(cfg.device)
+    out_dir = out_dir or new_run_folder(hook_dir)  # made only now: a run that cannot start leaves no folder
     trainer = SAETrainer(cfg, out_dir, model, train, val)
     if resume:
         trainer.resume(cfg.device)

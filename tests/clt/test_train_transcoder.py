@@ -132,8 +132,11 @@ def _assert_same_weights(a_dir, b_dir):
      ("encoder_layer_0:encoder_layer_9", "unknown hook")],
 )  # fmt: skip
 def test_bad_pair_is_a_clear_error(pair_run, pair, message):
+    runs = pair_run / "clt" / "clt_runs"
+    before = sorted(runs.rglob("*"))
     result = CliRunner().invoke(train_cli.main, [*_args(pair_run)[:2], "--pair", pair, "--wandb_mode", "disabled"])
     assert result.exit_code == 1 and message in result.output
+    assert sorted(runs.rglob("*")) == before  # a run that cannot start leaves no (empty) run folder
 
 
 def test_nan_in_a_batch_is_a_clear_error(pair_run, tmp_path):

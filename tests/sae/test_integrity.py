@@ -147,6 +147,7 @@ def test_dangling_entries_are_named_skipped_and_replaced(tiny_run, tmp_path):
     assert named.exit_code == 1 and "which no longer exists" in named.output, named.output
     newest = CliRunner().invoke(train_topk.main, train)
     assert newest.exit_code == 1 and "no registered activation dump" in newest.output, newest.output
+    assert not (run / "sae" / "sae_runs").exists()  # runs that cannot start leave no (empty) run folders
     assert CliRunner().invoke(collect_activations.main, collect).exit_code == 0  # in the run this time
     assert read_registry(run)["ext"]["path"] == str(run / "sae" / "activations" / "ext")
     assert CliRunner().invoke(train_topk.main, [*train, "--dataset", "ext", "--k", "2"]).exit_code == 0
