@@ -270,15 +270,17 @@ class CrossLayerTranscoder(nn.Module):
             return codes.dense(self.cfg.n_features)
         return pre * (pre > self.batchtopk_threshold)
 
+    def add_skip(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y plus the skip path's x @ W_skip, if the transcoder has one (normalised spaces)."""
+        return y if self.W_skip is None else y + x @ self.W_skip
+
     def forward_normalized(self, x: torch.Tensor) -> TranscoderOutput:
         """The map in normalised spaces: x is a normalised source."""
         return self._dense_from(x, self.pre_activations(x))
 
     def _dense_from(self, x: torch.Tensor, pre: torch.Tensor) -> TranscoderOutput:
         z = self.sparsify(pre)
-        y = z @ self.decoder + self.b_dec
-        if self.W_skip is not None:
-            y = y + x @ self.W_skip
+        y = self.add_skip(z @ self.decoder + self.b_dec, x)
         return TranscoderOutput(y, z=z, pre=pre)
 
     def forward_train(self, x: torch.Tensor, chunk: int | None = None) -> TranscoderOutput:
@@ -308,9 +310,7 @@ class CrossLayerTranscoder(nn.Module):
             else:
                 codes = select_batchtopk(self.pre_activations(x), self.cfg.active)
                 update_threshold_(self.batchtopk_threshold, codes.values)
-        y = sparse_decode(x, self.W_enc, self.b_enc, self.decoder, codes) + self.b_dec
-        if self.W_skip is not None:
-            y = y + x @ self.W_skip
+        y = self.add_skip(sparse_decode(x, self.W_enc, self.b_enc, self.decoder, codes) + self.b_dec, x)
         return TranscoderOutput(y, codes=codes)
 
     def _pre_workspace(self, rows: int, like: torch.Tensor) -> torch.Tensor:
@@ -340,8 +340,7 @@ class CrossLayerTranscoder(nn.Module):
         pre_s = (x[rows] * self.W_enc[features]).sum(-1) + self.b_enc[features]  # [entries]
         values = F.relu(pre_s) if theta is None else jump_relu(pre_s, theta[features], self.cfg.bandwidth)
         y = F.embedding_bag(features, self.decoder, offsets[:-1], mode="sum", per_sample_weights=values) + self.b_dec
-        if self.W_skip is not None:
-            y = y + x @ self.W_skip
+        y = self.add_skip(y, x)
         return TranscoderOutput(y, pre=pre, codes=SparseCodes(values, features, offsets))
 
     def encode(self, x_raw: torch.Tensor) -> torch.Tensor:
@@ -379,10 +378,7 @@ class CrossLayerTranscoder(nn.Module):
         x = self.normalize_source(x_raw)
         values, features = topk_rows(self.pre_activations(x), self.cfg.active)
         values = F.relu(values)
-        y = self.decode_sparse(values, features)
-        if self.W_skip is not None:
-            y = y + x @ self.W_skip
-        return self.denormalize_target(y), values, features
+        return self.denormalize_target(self.add_skip(self.decode_sparse(values, features), x)), values, features
 
     # losses -----------------------------------------------------------------------------
     def dictionary_loss(self) -> torch.Tensor:
