@@ -1,6 +1,6 @@
 """Activation collection benchmark; prints one JSON object.
 
-    python -m bench.collect [--run_dir tsp20_demo] [--num_instances 4096] [--big_gb 2.0]
+    python -m bench.collect [--run_dir tsp20_demo] [--num_instances 4096] [--big_gb 2.0] [--device cpu]
 
 1. Rows/s collecting every `encoder_layer_{i}` output of the run's policy, side by side:
    - `encoder_floor`: the encoder's forward alone on the same batches (no hooks, no copies, no writes,
@@ -11,6 +11,9 @@
      copied to numpy lists and concatenated at the end (the way earlier SAE code did it).
 2. Peak RSS (VmHWM, see bench/peak.py) of a separate `python -m sae.collect_activations`
    process writing a dump of about `--big_gb` GB, against the dump's size on disk.
+
+With `--device cuda` the policy runs on the GPU (the floor's instances are moved there before the clock starts, the
+collector's are drawn on the CPU and moved, as sae.collect_activations does); the clock waits for the GPU.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import click
 import numpy as np
 import torch
 
+from bench.timing import clock
+from policy.checks import check_device
 from policy.loading import load_policy
 from sae.collect import collect, instance_batches
 from sae.hooks import HookedPolicy
@@ -46,8 +51,8 @@ def naive_collect(hooked: HookedPolicy, batches, keep: list[str]) -> dict[str, n
     return {name: np.concatenate([a.reshape(-1, a.shape[-1]) for a in stored[name]]) for name in keep}
 
 
-def time_collectors(run_dir: str, num_instances: int, batch_size: int, repeats: int) -> dict:
-    loaded = load_policy(run_dir)
+def time_collectors(run_dir: str, num_instances: int, batch_size: int, repeats: int, device: torch.device) -> dict:
+    loaded = load_policy(run_dir, device=device)
     hooked = HookedPolicy(loaded.model)
     n = loaded.config.num_loc
     names = [f"encoder_layer_{i}" for i in range(len(loaded.model.layers))]
@@ -56,29 +61,29 @@ def time_collectors(run_dir: str, num_instances: int, batch_size: int, repeats: 
     def batches():
         return instance_batches(num_instances, n, "uniform", 0, batch_size)
 
-    hooked.run_with_cache(next(batches()), names)  # warm-up
-    ready = list(batches())
+    hooked.run_with_cache(next(batches()).to(device), names)  # warm-up
+    ready = [locs.to(device) for locs in batches()]
 
     def floor_seconds() -> float:
-        tic = time.perf_counter()
+        tic = clock(device)
         with torch.no_grad():
             for locs in ready:  # the floor: the encoder alone, no hooks, no copies, no writes, instances ready
                 hooked.model.encode(locs)
-        return time.perf_counter() - tic
+        return clock(device) - tic
 
     def collector_seconds() -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            tic = time.perf_counter()
+            tic = clock(device)
             with DumpWriter(Path(tmp) / "dump", dict.fromkeys(names, loaded.config.policy.embed_dim), rows) as writer:
                 collect(hooked, batches(), [(writer, {k: k for k in names})], num_instances)
                 writer.finish({})
-            return time.perf_counter() - tic
+            return clock(device) - tic
 
     timings = [(floor_seconds(), collector_seconds()) for _ in range(repeats)]  # interleaved: both see the same load
     floor, fast = min(t[0] for t in timings), min(t[1] for t in timings)
-    tic = time.perf_counter()
-    naive_collect(hooked, batches(), names)
-    naive = time.perf_counter() - tic
+    tic = clock(device)
+    naive_collect(hooked, (locs.to(device) for locs in batches()), names)
+    naive = clock(device) - tic
     return {
         "instances": num_instances,
         "rows": rows,
@@ -92,7 +97,7 @@ def time_collectors(run_dir: str, num_instances: int, batch_size: int, repeats: 
     }
 
 
-def peak_rss_of_big_dump(run_dir: str, gigabytes: float, batch_size: int) -> dict:
+def peak_rss_of_big_dump(run_dir: str, gigabytes: float, batch_size: int, device: torch.device) -> dict:
     loaded = load_policy(run_dir)
     n, d, layers = loaded.config.num_loc, loaded.config.policy.embed_dim, len(loaded.model.layers)
     bytes_per_instance = n * d * 4 * layers
@@ -103,7 +108,7 @@ def peak_rss_of_big_dump(run_dir: str, gigabytes: float, batch_size: int) -> dic
         peak_file = Path(tmp) / "peak.json"
         cmd = [sys.executable, "-m", "bench.peak", str(peak_file), "sae.collect_activations", "--run_dir",
                str(run_copy), "--num_instances", str(num_instances), "--batch_size", str(batch_size),
-               "--activations_root", tmp, "--name", "bench_big"]  # fmt: skip
+               "--activations_root", tmp, "--name", "bench_big", "--device", str(device)]  # fmt: skip
         tic = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         seconds = time.perf_counter() - tic
@@ -123,12 +128,18 @@ def peak_rss_of_big_dump(run_dir: str, gigabytes: float, batch_size: int) -> dic
 @click.option("--batch_size", default=512, help="Instances per forward pass.")
 @click.option("--big_gb", default=2.0, help="Size of the dump whose peak RSS is measured (0 to skip).")
 @click.option("--repeats", default=3, help="Floor and collector timed this many times, interleaved; the best of each.")
-def main(run_dir, num_instances, batch_size, big_gb, repeats):
+@click.option("--device", default="cpu", help="torch device the policy runs on (cpu, cuda, cuda:1).")
+def main(run_dir, num_instances, batch_size, big_gb, repeats, device):
     """Time activation collection against the naive way, and measure peak memory on a big dump."""
+    try:
+        device = torch.device(check_device(device))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    result.update(time_collectors(run_dir, num_instances, batch_size, repeats))
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    result.update(time_collectors(run_dir, num_instances, batch_size, repeats, device))
     if big_gb > 0:
-        result.update(peak_rss_of_big_dump(run_dir, big_gb, batch_size))
+        result.update(peak_rss_of_big_dump(run_dir, big_gb, batch_size, device))
     click.echo(json.dumps(result, indent=2))
 
 

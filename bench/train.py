@@ -1,6 +1,6 @@
 """Transcoder training speed and quality: clt's trainer against a plain dense PyTorch TopK transcoder.
 
-    python -m bench.train [--tokens 2000000] [--seeds 3] [--threads 2]
+    python -m bench.train [--tokens 2000000] [--seeds 3] [--threads 2] [--device cpu]
 
 Data: `encoder_layer_1.mlp_in -> encoder_layer_1.mlp_out` of runs/tsp20_demo (d=128),
 collected in memory from uniform TSP20 instances; validation rows come from other
@@ -20,23 +20,28 @@ torch.topk and the GEMM (each timed in turn, medians of 5), and the
 targets (`targets`: >= 3x the plain rows/s at no worse median FVU, a step within 2.5x of the GEMM floor,
 selection under 25% of the GEMM, batchtopk within 2x of topk). Then (unless
 --no_scaling) bench.train_scaling's cases: the multi-layer CLT against three pairwise
-transcoders of the same total width, and 2 DDP ranks against 1 process.
+transcoders of the same total width, and 2 DDP ranks against 1 process (on the CPU).
+
+`--device cuda` runs the race and the selections on the GPU (the rows are collected on the CPU, then moved), where
+the selections are torch.topk's and the sparse decode's backward dense GEMMs (sae.sparse); every timing then waits
+for the GPU (torch.cuda.synchronize) before it reads the clock.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import time
 from typing import NamedTuple
 
 import click
 import torch
 from torch import nn
 
+from bench.timing import clock
 from bench.train_scaling import collect_layers, ddp_case, multilayer_case
 from clt.model import CrossLayerTranscoder
 from clt.train_transcoder import TranscoderTrainConfig, lr_factor, train_step
+from policy.checks import check_device
 from sae.sparse import select_batchtopk, select_topk
 
 
@@ -62,12 +67,13 @@ def fvu(model, x_val, y_val, predict) -> float:
         return ((y_hat - y_val).pow(2).sum() / (y_val - y_val.mean(0)).pow(2).sum()).item()
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Milliseconds per call of fn, after one untimed call."""
     fn()
-    start = time.perf_counter()
+    start = clock(device)
     for _ in range(repeats):
         fn()
-    return (time.perf_counter() - start) / repeats * 1e3
+    return (clock(device) - start) / repeats * 1e3
 
 
 class Race(NamedTuple):
@@ -86,12 +92,12 @@ def race(x, y, batches: list[slice], train_cfg: TranscoderTrainConfig, plain_lr:
     alike."""
     torch.manual_seed(seed)
     cfg = train_cfg.model_config(x.shape[1], y.shape[1])
-    ours = CrossLayerTranscoder(cfg)
+    ours = CrossLayerTranscoder(cfg).to(x.device)  # initialised on the CPU: the same weights on every device
     ours.set_statistics(x.mean(0), x.std(0), y.mean(0), y.std(0))
     plain = DenseTopK(ours)
     opt_ours = torch.optim.Adam(ours.parameters(), lr=train_cfg.lr)
     opt_plain = torch.optim.Adam(plain.parameters(), lr=plain_lr)
-    counters = torch.zeros(cfg.n_features, dtype=torch.long)
+    counters = torch.zeros(cfg.n_features, dtype=torch.long, device=x.device)
 
     def plain_step(rows):
         xn, yn = ours.normalize_source(x[rows]), ours.normalize_target(y[rows])
@@ -101,19 +107,20 @@ def race(x, y, batches: list[slice], train_cfg: TranscoderTrainConfig, plain_lr:
         opt_plain.step()
 
     xb = ours.normalize_source(x[batches[0]])
-    gemm_out = torch.empty(len(xb), cfg.n_features)
+    gemm_out = torch.empty(len(xb), cfg.n_features, device=x.device)
     result = Race(ours, plain, [], [], [])
     for step, rows in enumerate(batches):
         opt_ours.param_groups[0]["lr"] = train_cfg.lr * lr_factor(step, len(batches), train_cfg.lr_decay)
-        start = time.perf_counter()
+        start = clock(x.device)
         train_step(ours, opt_ours, x[rows], y[rows], counters)
-        result.ours_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
+        result.ours_times.append(clock(x.device) - start)
+        start = clock(x.device)
         plain_step(rows)
-        result.plain_times.append(time.perf_counter() - start)
+        result.plain_times.append(clock(x.device) - start)
         if step % 10 == 0:
             w, b = ours.W_enc.detach(), ours.b_enc.detach()
-            result.gemm_times.append(timed(lambda: torch.addmm(b, xb, w.T, out=gemm_out), 3) / 1e3)  # noqa: B023
+            gemm_ms = timed(lambda: torch.addmm(b, xb, w.T, out=gemm_out), 3, x.device)  # noqa: B023
+            result.gemm_times.append(gemm_ms / 1e3)
     ours.eval()
     return result
 
@@ -134,18 +141,24 @@ def validation_fvus(r: Race, x_val: torch.Tensor, y_val: torch.Tensor) -> tuple[
 @click.option("--plain_lr", default=4e-3, help="Adam learning rate of the plain transcoder (clt's is its default).")
 @click.option("--seeds", default=3, help="Initial weights to train both from (seeds 0..N-1); FVUs compared by median.")
 @click.option("--threads", default=2, help="torch threads.")
-@click.option("--scaling/--no_scaling", default=True, help="Also the multi-layer and 2-process DDP cases.")
-def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, seeds, threads, scaling):
+@click.option("--scaling/--no_scaling", default=True, help="Also the multi-layer and 2-process DDP cases (CPU).")
+@click.option("--device", default="cpu", help="torch device of the race and the selections (cpu, cuda, cuda:1).")
+def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, seeds, threads, scaling, device):
     """Print JSON: training tokens/s and validation FVU, clt vs plain dense TopK transcoder."""
     if seeds < 1:
         raise click.BadParameter("needs at least one seed", param_hint="--seeds")
+    try:
+        device = torch.device(check_device(device))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
     torch.set_num_threads(threads)
     xs, ys = collect_layers(run_dir, train_instances, seed=1)
     xs_val, ys_val = collect_layers(run_dir, val_instances, seed=10**6)
-    x, y, x_val, y_val = xs[1], ys[1], xs_val[1], ys_val[1]  # encoder_layer_1.mlp_in -> .mlp_out
+    # encoder_layer_1.mlp_in -> .mlp_out
+    x, y, x_val, y_val = (t[1].to(device) for t in (xs, ys, xs_val, ys_val))
     train_cfg = TranscoderTrainConfig(run_dir=run_dir, pair="bench", expansion_factor=8, k=16, batch_size=batch_size)
     steps = tokens // batch_size
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).to(device)
     x, y = x[order], y[order]  # shuffled once: a batch is a slice, as the trainer's loader hands it over
     batches = [slice(start, start + batch_size) for start in range(0, len(x) - batch_size + 1, batch_size)]
     batches = [batches[i % len(batches)] for i in range(steps)]
@@ -156,7 +169,7 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
     plain_times = [t for r in races for t in r.plain_times[1:]]
     gemm_times = [t for r in races for t in r.gemm_times]
     ours_s, plain_s = sum(ours_times), sum(plain_times)
-    xb, gemm_out = ours.normalize_source(x[batches[0]]), torch.empty(batch_size, ours.cfg.n_features)
+    xb, gemm_out = ours.normalize_source(x[batches[0]]), torch.empty(batch_size, ours.cfg.n_features, device=device)
 
     # the selections, torch.topk and the GEMM on this step's pre-activations, each timed in turn 5 times (medians)
     out = torch.addmm(ours.b_enc.detach(), xb, ours.W_enc.detach().T)
@@ -170,17 +183,17 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
     spans = {name: [] for name in timings}
     for _ in range(5):
         for name, fn in timings.items():
-            spans[name].append(timed(fn, 10))
+            spans[name].append(timed(fn, 10, device))
     ms = {name: statistics.median(values) for name, values in spans.items()}
     same = torch.equal(select_topk(out, 16).features.view(-1, 16).sort(1).values, out.topk(16).indices.sort(1).values)
     ours.train()
-    forward_ms = timed(lambda: ours.forward_train(xb), 20)
+    forward_ms = timed(lambda: ours.forward_train(xb), 20, device)
     ours_step_ms = statistics.median(ours_times) * 1e3
     plain_step_ms = statistics.median(plain_times) * 1e3
     gemm_ms = statistics.median(gemm_times) * 1e3
     topk_ms, batchtopk_ms = ms["topk_ms"], ms["batchtopk_ms"]
     result = {
-        "device": "cpu",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "threads": threads,
         "shape": {"d": 128, "features": 1024, "k": 16, "batch": batch_size, "dtype": "float32"},
         "tokens": steps * batch_size,

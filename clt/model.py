@@ -100,7 +100,9 @@ class TranscoderOutput:
         """[features] bool: which features were non-zero in some row."""
         if self.codes is None:
             return (self.z != 0).any(0)
-        return torch.bincount(self.codes.features, weights=self.codes.values.detach(), minlength=n_features) > 0
+        nonzero = (self.codes.values != 0).to(self.codes.values.dtype)
+        # index_add_, not bincount: no GPU sync to size the output
+        return nonzero.new_zeros(n_features).index_add_(0, self.codes.features, nonzero) > 0
 
     def l0(self) -> float:
         """Mean number of non-zero codes per row."""

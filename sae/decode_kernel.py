@@ -12,8 +12,8 @@ gradient of y = codes @ W_dec:
 The entries are grouped by feature with a counting sort; each thread then owns a range of features
 (about equal entry counts) and walks their entries once, reading W_dec[f] from cache and dy[r], x[r]
 row by row: the three per-feature sums and g come from one pass, and no two threads write the
-same row. sae.sparse uses it for CPU float32 tensors and torch's sparse products elsewhere
-(CUDA, float64); the results agree to float32 rounding (tests).
+same row. sae.sparse uses it for CPU float32 tensors, torch's sparse products for other CPU dtypes (float64)
+and dense GEMMs on GPUs; the results agree to float32 rounding (tests).
 """
 
 from __future__ import annotations

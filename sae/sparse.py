@@ -37,7 +37,8 @@ class SparseCodes(NamedTuple):
     @property
     def rows(self) -> torch.Tensor:  # [nnz] row of each entry
         counts = self.offsets.diff()
-        return torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+        rows = torch.arange(len(counts), device=counts.device)
+        return torch.repeat_interleave(rows, counts, output_size=len(self.values))  # the size given: no GPU sync
 
     def dense(self, n_features: int) -> torch.Tensor:
         """The [batch, features] matrix."""
@@ -168,15 +169,17 @@ class _SparseDecode(torch.autograd.Function):
             from sae import decode_kernel  # numba: imported (and compiled, or read from its cache) on first use
 
             grads = decode_kernel.backward(x, dy, w_enc, w_dec, values, features, offsets, needs[0])
-        else:
+        elif x.device.type == "cpu":
             grads = sparse_products_backward(x, dy, w_enc, w_dec, values, features, offsets, needs[:4])
+        else:
+            grads = dense_products_backward(x, dy, w_enc, w_dec, values, features, offsets, needs[:4])
         return *grads, None, None, None
 
 
 def sparse_products_backward(x, dy, w_enc, w_dec, values, features, offsets, needs: tuple[bool, ...]):
-    """(dx, dW_enc, db_enc, dW_dec) of the sparse decode by torch's sparse products (any device, dtype): a sampled
-    dense-dense product for g, CSR (features x rows) products for the weights; None where `needs` (whether x,
-    w_enc, b_enc, w_dec need a gradient) says no."""
+    """(dx, dW_enc, db_enc, dW_dec) of the sparse decode by torch's sparse products (any device, dtype; used on the
+    CPU for dtypes the compiled kernel does not take): a sampled dense-dense product for g, CSR (features x rows)
+    products for the weights; None where `needs` (whether x, w_enc, b_enc, w_dec need a gradient) says no."""
     codes = SparseCodes(values, features, offsets)
     n_features = w_dec.shape[0]
     index = _index_dtype(max(n_features, len(values)) + 1)
@@ -192,6 +195,20 @@ def sparse_products_backward(x, dy, w_enc, w_dec, values, features, offsets, nee
                                          check_invariants=False)  # fmt: skip
         grad_x = g_rows @ w_enc
     return grad_x, g_t @ x if needs[1] else None, grad_b_enc, z_t @ dy if needs[3] else None
+
+
+def dense_products_backward(x, dy, w_enc, w_dec, values, features, offsets, needs: tuple[bool, ...]):
+    """sparse_products_backward's gradients by dense GEMMs: g gathered entry by entry, then g and the codes scattered
+    into [batch, features] matrices. On a GPU these GEMMs cost less than cuSPARSE's sparse products and the sort
+    that transposes the codes (bench.train --device cuda), so every device but the CPU takes this path."""
+    rows = SparseCodes(values, features, offsets).rows
+    g = (dy[rows] * w_dec[features]).sum(-1) * (values > 0)  # [nnz] dL/dpre at the active entries (ReLU)
+    shape = (len(offsets) - 1, w_dec.shape[0])  # [batch, features]
+    g_dense = g.new_zeros(shape).index_put_((rows, features), g)
+    grad_x = g_dense @ w_enc if needs[0] else None
+    grad_w_enc = g_dense.T @ x if needs[1] else None
+    grad_w_dec = values.new_zeros(shape).index_put_((rows, features), values).T @ dy if needs[3] else None
+    return grad_x, grad_w_enc, g_dense.sum(0), grad_w_dec
 
 
 def sparse_decode(

@@ -1,4 +1,4 @@
-"""On CUDA the selections and the sparse decode's backward take torch's paths (torch.topk, sparse products), not the
+"""On CUDA the selections and the sparse decode's backward take torch's paths (torch.topk, dense GEMMs), not the
 CPU kernels: they must select and differentiate as the CPU does. Skipped without a CUDA device."""
 
 import pytest

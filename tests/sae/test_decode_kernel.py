@@ -4,7 +4,7 @@ the dense map in float64."""
 import pytest
 import torch
 
-from sae.sparse import SparseCodes, select_topk, sparse_decode
+from sae.sparse import SparseCodes, dense_products_backward, select_topk, sparse_decode, sparse_products_backward
 
 
 def dense_grads(x, w_enc, b_enc, w_dec, mask, dy):
@@ -25,12 +25,10 @@ def uneven_codes(pre: torch.Tensor, generator: torch.Generator) -> SparseCodes:
     return SparseCodes(pre[rows, flat].relu(), flat, torch.nn.functional.pad(counts.cumsum(0), (1, 0)))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("select", ["topk", "uneven"])
-def test_kernel_gradients_are_the_dense_maps(threads, select):
-    """Every gradient (x included), with features never selected, rows with no entries and negative
-    pre-activations kept (their ReLU value is 0: no gradient to the encoder)."""
-    g = torch.Generator().manual_seed(threads)
+def hard_case(seed: int, select: str):
+    """(x, w_enc, b_enc, w_dec, codes, mask, dy) with features never selected, rows with no entries (uneven) and
+    negative pre-activations kept (their ReLU value is 0: no gradient to the encoder)."""
+    g = torch.Generator().manual_seed(seed)
     rows, d_in, d_out, n_features = 300, 24, 20, 256
     x = torch.randn(rows, d_in, generator=g)
     w_enc, w_dec = torch.randn(n_features, d_in, generator=g) * 0.1, torch.randn(n_features, d_out, generator=g)
@@ -42,6 +40,14 @@ def test_kernel_gradients_are_the_dense_maps(threads, select):
     mask = torch.zeros(rows, n_features)
     mask[codes.rows, codes.features] = 1.0
     dy = torch.randn(rows, d_out, generator=g)
+    return x, w_enc, b_enc, w_dec, codes, mask, dy
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("select", ["topk", "uneven"])
+def test_kernel_gradients_are_the_dense_maps(threads, select):
+    """Every gradient (x included), in hard_case's cases."""
+    x, w_enc, b_enc, w_dec, codes, mask, dy = hard_case(threads, select)
     leaves = [t.clone().requires_grad_() for t in (x, w_enc, b_enc, w_dec)]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -54,6 +60,19 @@ def test_kernel_gradients_are_the_dense_maps(threads, select):
     for name, a, b in zip(("x", "W_enc", "b_enc", "W_dec"), got, want, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backward", [sparse_products_backward, dense_products_backward])
+@pytest.mark.parametrize("select", ["topk", "uneven"])
+def test_torch_paths_give_the_dense_maps_gradients(backward, select):
+    """The backwards that other dtypes (sparse products) and devices (dense products: GPUs) take, called on the
+    CPU in float64 on hard_case's cases."""
+    x, w_enc, b_enc, w_dec, codes, mask, dy = hard_case(3, select)
+    got = backward(x.double(), dy.double(), w_enc.double(), w_dec.double(), codes.values.double(), codes.features,
+                   codes.offsets, (True, True, True, True))  # fmt: skip
+    want = dense_grads(x, w_enc, b_enc, w_dec, mask, dy)
+    for name, a, b in zip(("x", "W_enc", "b_enc", "W_dec"), got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)  # codes.values were computed in float32
 
 
 def test_kernel_and_torch_paths_agree():
