@@ -30,8 +30,7 @@ import click
 import numpy as np
 import torch
 
-from bench.timing import clock
-from policy.checks import check_device
+from bench.timing import cli_device, clock
 from policy.loading import load_policy
 from sae.collect import collect, instance_batches
 from sae.hooks import HookedPolicy
@@ -131,10 +130,7 @@ def peak_rss_of_big_dump(run_dir: str, gigabytes: float, batch_size: int, device
 @click.option("--device", default="cpu", help="torch device the policy runs on (cpu, cuda, cuda:1).")
 def main(run_dir, num_instances, batch_size, big_gb, repeats, device):
     """Time activation collection against the naive way, and measure peak memory on a big dump."""
-    try:
-        device = torch.device(check_device(device))
-    except ValueError as err:
-        raise click.UsageError(str(err)) from err
+    device = cli_device(device)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     result.update(time_collectors(run_dir, num_instances, batch_size, repeats, device))

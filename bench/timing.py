@@ -1,8 +1,19 @@
-"""Wall-clock reads that are right on CUDA too, for the benchmarks."""
+"""Devices and wall-clock reads for the benchmarks, right on CUDA too."""
 
 import time
 
+import click
 import torch
+
+from policy.checks import check_device
+
+
+def cli_device(name: str) -> torch.device:
+    """The torch device that --device names; a one-line usage error where this machine has none such."""
+    try:
+        return torch.device(check_device(name))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
 
 
 def clock(device: torch.device) -> float:

@@ -37,11 +37,10 @@ import click
 import torch
 from torch import nn
 
-from bench.timing import clock
+from bench.timing import cli_device, clock
 from bench.train_scaling import collect_layers, ddp_case, multilayer_case
 from clt.model import CrossLayerTranscoder
 from clt.train_transcoder import TranscoderTrainConfig, lr_factor, train_step
-from policy.checks import check_device
 from sae.sparse import select_batchtopk, select_topk
 
 
@@ -147,10 +146,7 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
     """Print JSON: training tokens/s and validation FVU, clt vs plain dense TopK transcoder."""
     if seeds < 1:
         raise click.BadParameter("needs at least one seed", param_hint="--seeds")
-    try:
-        device = torch.device(check_device(device))
-    except ValueError as err:
-        raise click.UsageError(str(err)) from err
+    device = cli_device(device)
     torch.set_num_threads(threads)
     xs, ys = collect_layers(run_dir, train_instances, seed=1)
     xs_val, ys_val = collect_layers(run_dir, val_instances, seed=10**6)

@@ -6,6 +6,7 @@ import sys
 
 import click
 import pytest
+from click.testing import CliRunner
 
 CLIS = [
     "policy.train",
@@ -30,6 +31,7 @@ CLIS = [
     "clt.site.screenshots",
     "bench.train",
     "bench.train_scaling",
+    "bench.collect",
     "bench.attribution",
 ]
 
@@ -46,3 +48,9 @@ def test_every_option_has_help(module):
 def test_runs_as_a_module(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True).stdout
     assert out.startswith(f"Usage: python -m {module}")
+
+
+@pytest.mark.parametrize("module", ["bench.train", "bench.collect"])
+def test_a_bench_device_this_machine_lacks_is_a_usage_error(module):
+    result = CliRunner().invoke(importlib.import_module(module).main, ["--device", "cuda:99"])
+    assert result.exit_code == 2 and "--device cuda:99" in result.output and "Traceback" not in result.output
