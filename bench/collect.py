@@ -30,7 +30,7 @@ import click
 import numpy as np
 import torch
 
-from bench.timing import cli_device, clock
+from bench.timing import cli_device, clock, device_name
 from policy.loading import load_policy
 from sae.collect import collect, instance_batches
 from sae.hooks import HookedPolicy
@@ -132,7 +132,7 @@ def main(run_dir, num_instances, batch_size, big_gb, repeats, device):
     """Time activation collection against the naive way, and measure peak memory on a big dump."""
     device = cli_device(device)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    result["device"] = device_name(device)
     result.update(time_collectors(run_dir, num_instances, batch_size, repeats, device))
     if big_gb > 0:
         result.update(peak_rss_of_big_dump(run_dir, big_gb, batch_size, device))

@@ -16,6 +16,11 @@ def cli_device(name: str) -> torch.device:
         raise click.UsageError(str(err)) from err
 
 
+def device_name(device: torch.device) -> str:
+    """What the JSON reports as the device: the GPU's model on CUDA ("NVIDIA H200"), else cpu, mps, ..."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
 def clock(device: torch.device) -> float:
     """time.perf_counter() once the device has done the work queued so far (CUDA runs asynchronously)."""
     if device.type == "cuda":

@@ -37,7 +37,7 @@ import click
 import torch
 from torch import nn
 
-from bench.timing import cli_device, clock
+from bench.timing import cli_device, clock, device_name
 from bench.train_scaling import collect_layers, ddp_case, multilayer_case
 from clt.model import CrossLayerTranscoder
 from clt.train_transcoder import TranscoderTrainConfig, lr_factor, train_step
@@ -189,7 +189,7 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
     gemm_ms = statistics.median(gemm_times) * 1e3
     topk_ms, batchtopk_ms = ms["topk_ms"], ms["batchtopk_ms"]
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "device": device_name(device),
         "threads": threads,
         "shape": {"d": 128, "features": 1024, "k": 16, "batch": batch_size, "dtype": "float32"},
         "tokens": steps * batch_size,
