@@ -50,21 +50,21 @@ class SparseCodes(NamedTuple):
 def topk_rows(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) [batch, k]: each row's k largest entries, in no particular order (torch.topk's selection).
 
-    For CPU float32 rows the compiled kernel of sae.topk_kernel selects (at 4096 x 1024, k=16, 2.6-3.7x faster
-    than torch.topk on the rows' bits read as int32, 3.3-4.9x than on the floats); where entries tie at the
-    k-th value, which of them is kept may differ from torch.topk. The values are gathered from `pre`, so they
-    carry its gradient. Elsewhere (CUDA, other dtypes, rows too short for the kernel), and for the rows the
-    kernel leaves (NaN, many ties), torch.topk.
+    For CPU float32 rows the compiled kernel of sae.topk_kernel selects (at 4096 x 1024, k=16, 2 threads, 4.2-4.5x
+    faster than torch.topk on the rows' bits read as int32, 4.3-5.7x than on the floats); where entries tie at the
+    k-th value, which of them is kept may differ from torch.topk. Where `pre` needs a gradient the values are
+    gathered from it, so they carry that gradient. Elsewhere (CUDA, other dtypes, rows too short for the kernel),
+    and for the rows the kernel leaves (NaN, many ties), torch.topk.
     """
     lanes = _kernel_lanes(pre.shape[-1], k)
     if pre.device.type != "cpu" or pre.dtype != torch.float32 or pre.dim() != 2 or lanes is None:
         return torch.topk(pre, k, dim=-1, sorted=False)
     from sae import topk_kernel  # numba: imported (and compiled, or read from its cache) on first use
 
-    indices, redo = topk_kernel.topk(pre.detach().contiguous(), k, lanes, torch.get_num_threads())
+    values, indices, redo = topk_kernel.topk(pre.detach().contiguous(), k, lanes, torch.get_num_threads())
     if redo.any():
-        indices[redo] = torch.topk(pre.detach()[redo], k, dim=-1, sorted=False).indices
-    return pre.gather(-1, indices), indices
+        values[redo], indices[redo] = torch.topk(pre.detach()[redo], k, dim=-1, sorted=False)
+    return (pre.gather(-1, indices) if pre.requires_grad else values), indices
 
 
 def _kernel_lanes(n: int, k: int) -> int | None:

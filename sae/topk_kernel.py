@@ -1,12 +1,13 @@
-"""A compiled top-k selection for rows of CPU float32 values (numba): torch.topk's selection, about 4x faster.
+"""A compiled top-k selection for rows of CPU float32 values (numba): torch.topk's selection, 4-6x faster.
 
 Each row of n values is read as blocks of `lanes` consecutive values, lane j holding the row's
 entries j, j + lanes, j + 2 lanes, ...:
 
 1. m[j], the maximum of lane j (elementwise maxima of the blocks: vectorised);
 2. a bound t with at least k lane maxima >= t, and at most k + 2 where a few halvings of the interval
-   [min m, max m] find one (each halving counts the maxima above a value: vectorised). k lanes hold a
-   value >= t, so the row's k-th largest value is >= t;
+   [min m, max m] find one (each halving counts the maxima above a value: vectorised; the previous row's
+   bound is tried first, which saves about one halving). k lanes hold a value >= t, so the row's k-th
+   largest value is >= t;
 3. the candidates, every value >= t (they sit in the lanes whose maximum is >= t): usually k and a few;
 4. the smallest candidates are dropped one at a time until k are left.
 
@@ -27,9 +28,28 @@ import torch
 from numba import njit, prange
 
 
+@njit(nogil=True, boundscheck=False, fastmath={"nnan"}, inline="always", cache=True)
+def _min_max(values):
+    """(min, max) of values holding no NaN: the NaN-free promise lets the reduction vectorise (0.1 ms a step)."""
+    low = high = values[0]
+    for j in range(1, len(values)):
+        low = min(low, values[j])
+        high = max(high, values[j])
+    return low, high
+
+
+@njit(nogil=True, boundscheck=False, inline="always", cache=True)
+def _lanes_at_least(values, bound):
+    """How many values are >= bound, counted in int32 (vectorises wider than int64 counts)."""
+    count = np.int32(0)
+    for j in range(len(values)):
+        count += np.int32(values[j] >= bound)
+    return count
+
+
 @njit(nogil=True, boundscheck=False, cache=True)
-def _select_rows(pre, k, lanes, indices, redo, start, stop):
-    """Rows start:stop of pre [rows, n] -> indices [rows, k]; redo[r] = 1 where torch.topk must decide.
+def _select_rows(pre, k, lanes, values, indices, redo, start, stop):
+    """Rows start:stop of pre [rows, n] -> values, indices [rows, k]; redo[r] = 1 where torch.topk must decide.
 
     The candidates are gathered without a branch per value (a count advanced by the comparison):
     which values pass the bound is unpredictable, and a mispredicted branch costs more than a store.
@@ -41,6 +61,7 @@ def _select_rows(pre, k, lanes, indices, redo, start, stop):
     chosen = np.empty(lanes, np.int64)
     cand = np.empty(cap + blocks + 1, np.float32)  # room for one more lane past the cap
     cand_index = np.empty(cap + blocks + 1, np.int32)
+    guess = np.float32(np.nan)
     for r in range(start, stop):
         row = pre[r]
         view = row[: blocks * lanes].reshape(blocks, lanes)
@@ -57,15 +78,19 @@ def _select_rows(pre, k, lanes, indices, redo, start, stop):
         if nan:
             redo[r] = 1
             continue
-        bound, above = lane_max.min(), lane_max.max()  # >= k lane maxima reach `bound`, fewer than k pass `above`
+        bound, above = _min_max(lane_max)  # >= k lane maxima reach `bound`, fewer than k pass `above`
         reached = lanes  # lane maxima >= bound
+        if bound < guess < above:  # the previous row's bound, tried first: rows alike need fewer halvings
+            count = _lanes_at_least(lane_max, guess)
+            if count >= k:
+                bound, reached = guess, count
+            else:
+                above = guess
         for _ in range(16):
             if reached <= k + 2:
                 break
             middle = bound + (above - bound) * np.float32(0.5)
-            count = 0
-            for j in range(lanes):
-                count += lane_max[j] >= middle
+            count = _lanes_at_least(lane_max, middle)
             if count >= k:
                 bound, reached = middle, count
             else:
@@ -76,7 +101,13 @@ def _select_rows(pre, k, lanes, indices, redo, start, stop):
             chosen_count += lane_max[j] >= bound
         count = 0
         for c in range(chosen_count):
-            for e in range(chosen[c], n, lanes):
+            j = chosen[c]
+            for b in range(blocks):  # a fixed trip count: unrolled
+                x = view[b, j]
+                cand[count] = x
+                cand_index[count] = b * lanes + j
+                count += x >= bound
+            for e in range(blocks * lanes + j, n, lanes):  # the row's tail (n not a multiple of lanes)
                 x = row[e]
                 cand[count] = x
                 cand_index[count] = e
@@ -94,15 +125,17 @@ def _select_rows(pre, k, lanes, indices, redo, start, stop):
             count -= 1
             cand[low] = cand[count]
             cand_index[low] = cand_index[count]
+        values[r, :] = cand[:k]
         indices[r, :] = cand_index[:k]
+        guess = bound
 
 
 @njit(nogil=True, parallel=True, boundscheck=False, cache=True)
-def _select_parallel(pre, k, lanes, indices, redo, threads):
+def _select_parallel(pre, k, lanes, values, indices, redo, threads):
     rows = pre.shape[0]
     per = (rows + threads - 1) // threads
     for t in prange(threads):
-        _select_rows(pre, k, lanes, indices, redo, t * per, min(rows, (t + 1) * per))
+        _select_rows(pre, k, lanes, values, indices, redo, t * per, min(rows, (t + 1) * per))
 
 
 def use_threads(threads: int) -> int:
@@ -112,18 +145,19 @@ def use_threads(threads: int) -> int:
     return threads
 
 
-def topk(pre: torch.Tensor, k: int, lanes: int, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices [rows, k], redo [rows] bool) for a contiguous CPU float32 [rows, n] with n >= 2 lanes."""
+def topk(pre: torch.Tensor, k: int, lanes: int, threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, indices [rows, k], redo [rows] bool) for a contiguous CPU float32 [rows, n] with n >= 2 lanes; the
+    rows marked redo hold no selection."""
     rows = pre.shape[0]
-    indices = torch.empty(rows, k, dtype=torch.int64)
+    values, indices = torch.empty(rows, k), torch.empty(rows, k, dtype=torch.int64)
     redo = np.zeros(rows, np.uint8)
     threads = use_threads(min(threads, rows))
-    args = (pre.numpy(), k, lanes, indices.numpy(), redo)
+    args = (pre.numpy(), k, lanes, values.numpy(), indices.numpy(), redo)
     if threads == 1:
         _select_rows(*args, 0, rows)
     else:
         _select_parallel(*args, threads)
-    return indices, torch.from_numpy(redo.view(np.bool_))
+    return values, indices, torch.from_numpy(redo.view(np.bool_))
 
 
 @njit(nogil=True, parallel=True, boundscheck=False, cache=True)

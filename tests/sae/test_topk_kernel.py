@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sae.sparse import _kernel_lanes, topk_rows
 
@@ -36,6 +38,35 @@ def test_structured_rows():
     inf[[7, 9]] = -float("inf")
     rows = torch.stack([ramp, ramp.flip(0), one_lane, -torch.rand(n) - 1, inf, torch.randn(n) * 1e-30])
     same_selection(rows, k)
+
+
+SPECIALS = [float("inf"), -float("inf"), 0.0, -0.0, 3.4e38, -3.4e38, 1e-45]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.sampled_from([(128, 8), (300, 16), (257, 4), (1024, 16)]),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([1e-30, 1.0, 1e30]),
+    rounded=st.booleans(),
+    shift=st.sampled_from([0.0, 1e3]),
+    specials=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 1023), st.sampled_from(SPECIALS)), max_size=24),
+)
+def test_any_rows_keep_torch_topk_values(shape, seed, scale, rounded, shift, specials):
+    """Whatever the rows hold (ties, signed zeros, +-inf, huge and tiny values; rows alike, or far apart so that the
+    previous row's bound misleads), the kept values are torch.topk's and the indices distinct."""
+    n, k = shape
+    generator = torch.Generator().manual_seed(seed)
+    pre = torch.randn(8, n, generator=generator) * scale
+    pre = pre.round() if rounded else pre
+    pre += shift * torch.randn(8, 1, generator=generator)
+    for row, column, value in specials:
+        pre[row, column % n] = value
+    assert _kernel_lanes(n, k) is not None
+    values, indices = topk_rows(pre, k)
+    assert torch.equal(values, pre.gather(1, indices))
+    assert torch.equal(values.sort(1).values, torch.topk(pre, k).values.sort(1).values)
+    assert all(len(set(row.tolist())) == k for row in indices)
 
 
 def test_ties_keep_the_same_values():
