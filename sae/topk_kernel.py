@@ -174,18 +174,81 @@ def _count_at_least(pre, bound, counts):
         counts[r] = -1 if nan else count
 
 
-@njit(nogil=True, parallel=True, boundscheck=False, cache=True)
-def _gather_at_least(pre, bound, starts, values, indices):
-    """Row r's values >= bound, and their columns, into values[starts[r]:], indices[starts[r]:] in column order."""
-    for r in prange(pre.shape[0]):
+@njit(nogil=True, boundscheck=False, cache=True)
+def _gather_rows(pre, bound, lanes, starts, values, indices, start, stop):
+    """Rows start:stop's values >= bound, and their columns, into values[starts[r]:], indices[starts[r]:] (a row's
+    in lane order). The rows hold no NaN. As in _select_rows, only the lanes whose maximum reaches the bound are read
+    again, appending without a branch per value: a branch on each value mispredicts at every hit (1.4 against 0.85 ms
+    at 4096 x 1024 and 20 hits a row, 2 threads)."""
+    n = pre.shape[1]
+    blocks = n // lanes
+    lane_max = np.empty(lanes, np.float32)
+    chosen = np.empty(lanes, np.int64)
+    hit_values = np.empty(n + 1, np.float32)  # each append writes one past the hits so far
+    hit_columns = np.empty(n + 1, np.int64)
+    for r in range(start, stop):
         row = pre[r]
+        view = row[: blocks * lanes].reshape(blocks, lanes)
+        lane_max[:] = view[0]
+        for b in range(1, blocks):
+            np.maximum(lane_max, view[b], lane_max)
+        for e in range(blocks * lanes, n):
+            lane_max[e - blocks * lanes] = max(lane_max[e - blocks * lanes], row[e])
+        chosen_count = 0
+        for j in range(lanes):
+            chosen[chosen_count] = j
+            chosen_count += lane_max[j] >= bound
+        hits = 0
+        for c in range(chosen_count):
+            j = chosen[c]
+            for b in range(blocks):
+                x = view[b, j]
+                hit_values[hits] = x
+                hit_columns[hits] = b * lanes + j
+                hits += x >= bound
+            for e in range(blocks * lanes + j, n, lanes):  # the row's tail
+                x = row[e]
+                hit_values[hits] = x
+                hit_columns[hits] = e
+                hits += x >= bound
         q = starts[r]
-        for e in range(pre.shape[1]):
-            x = row[e]
-            if x >= bound:  # rare: a well-predicted branch
-                values[q] = x
-                indices[q] = e
-                q += 1
+        values[q : q + hits] = hit_values[:hits]
+        indices[q : q + hits] = hit_columns[:hits]
+
+
+@njit(nogil=True, parallel=True, boundscheck=False, cache=True)
+def _gather_parallel(pre, bound, lanes, starts, values, indices, threads):
+    rows = pre.shape[0]
+    per = (rows + threads - 1) // threads
+    for t in prange(threads):
+        _gather_rows(pre, bound, lanes, starts, values, indices, t * per, min(rows, (t + 1) * per))
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _kth_largest(values, rank):
+    """The rank-th largest (1-based) of float32 values holding no NaN: a histogram of 4096 equal bins between the
+    smallest and the largest value finds the bin that holds it (the bins keep the values' order), a partition of that
+    bin's values the value. 0.2 against np.partition's 0.54 ms for 82k gathered values."""
+    low, high = values.min(), values.max()
+    if not (high > low and np.isfinite(high - low)):  # one value, or +-inf among them
+        return np.partition(values, len(values) - rank)[len(values) - rank]
+    bins = 4096
+    scale = bins / (np.float64(high) - np.float64(low))
+    counts = np.zeros(bins + 1, np.int64)  # the largest value falls in bin `bins`
+    for v in values:
+        counts[int((np.float64(v) - low) * scale)] += 1
+    above, b = 0, bins  # values in the bins above bin b
+    while above + counts[b] < rank:
+        above += counts[b]
+        b -= 1
+    members = np.empty(counts[b], np.float32)
+    q = 0
+    for v in values:
+        if int((np.float64(v) - low) * scale) == b:
+            members[q] = v
+            q += 1
+    within = rank - above  # its rank among bin b's values
+    return np.partition(members, len(members) - within)[len(members) - within]
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -212,11 +275,12 @@ def _keep_largest(values, columns, counts, threshold, ties):
 
 def batch_top(pre: torch.Tensor, total: int, threads: int) -> tuple[torch.Tensor, ...] | None:
     """(values, columns, counts [rows]): the `total` largest entries of a contiguous CPU float32 [rows, n], row by
-    row in column order; None where a row holds a NaN or the sampled bound lets fewer than `total` through.
+    row (within a row in no particular order); None where a row holds a NaN or the sampled bound lets fewer than
+    `total` through.
 
     A bound a little below the total-th largest value is read off a strided sample of 2^15 entries (the
     stride visits every column; 4 standard deviations of margin), the entries at or above it are gathered
-    row by row, and the exact total-th largest among them decides (ties: the first in row-major order).
+    row by row, and the exact total-th largest among them decides (ties: the first gathered).
     """
     rows, n = pre.shape
     step = max(1, pre.numel() // 2**15)
@@ -226,7 +290,7 @@ def batch_top(pre: torch.Tensor, total: int, threads: int) -> tuple[torch.Tensor
     expected = total * len(sample) / pre.numel()  # sampled values among the top `total`
     rank = min(len(sample), math.ceil(expected + 4 * math.sqrt(expected) + 8))
     bound = np.partition(sample, len(sample) - rank)[len(sample) - rank]  # the rank-th largest sampled value
-    use_threads(threads)
+    threads = use_threads(min(threads, rows))
     array = pre.numpy()
     counts = np.empty(rows, np.int64)
     _count_at_least(array, bound, counts)
@@ -236,7 +300,7 @@ def batch_top(pre: torch.Tensor, total: int, threads: int) -> tuple[torch.Tensor
     starts = np.zeros(rows, np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
     values, columns = np.empty(reached, np.float32), np.empty(reached, np.int64)
-    _gather_at_least(array, bound, starts, values, columns)
-    threshold = np.partition(values, len(values) - total)[len(values) - total]  # the total-th largest
+    _gather_parallel(array, bound, max(1, min(128, n // 2)), starts, values, columns, threads)
+    threshold = _kth_largest(values, total)
     ties = total - int((values > threshold).sum())
     return tuple(torch.from_numpy(a) for a in _keep_largest(values, columns, counts, threshold, ties))

@@ -27,15 +27,21 @@ def test_batchtopk_is_the_batch_wide_top(spread):
     assert codes.offsets[-1] == 8 * 512 and torch.equal(codes.offsets.diff().sum(), torch.tensor(8 * 512))
 
 
-def test_batchtopk_kernel_decides_on_cpu_float32():
-    """The compiled path (sae.topk_kernel.batch_top) is what selects on CPU float32, not its torch fallback."""
+@pytest.mark.parametrize(("rows", "n", "threads"), [(256, 512, 2), (64, 300, 2), (77, 1000, 1), (40, 129, 2),
+                                                    (33, 3, 2)])  # fmt: skip
+def test_batchtopk_kernel_decides_on_cpu_float32(rows, n, threads):
+    """The compiled path (sae.topk_kernel.batch_top) is what selects on CPU float32, not its torch fallback, and
+    keeps the batch-wide top entries, rows whose width is no multiple of its lanes included."""
     from sae import topk_kernel
 
-    pre = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))
-    values, columns, counts = topk_kernel.batch_top(pre, 8 * 256, threads=2)
-    assert counts.sum() == len(values) == 8 * 256
-    assert torch.equal(values, pre[torch.repeat_interleave(torch.arange(256), counts), columns])
-    assert torch.equal(values.sort().values, torch.topk(pre.flatten(), 8 * 256).values.sort().values)
+    pre = torch.randn(rows, n, generator=torch.Generator().manual_seed(n))
+    total = min(8, n - 1) * rows
+    values, columns, counts = topk_kernel.batch_top(pre, total, threads=threads)
+    assert counts.sum() == len(values) == total
+    kept_rows = torch.repeat_interleave(torch.arange(rows), counts)
+    assert torch.equal(values, pre[kept_rows, columns])
+    expected = torch.topk(pre.flatten(), total).indices
+    assert torch.equal((kept_rows * n + columns).sort().values, expected.sort().values)
 
 
 def test_batchtopk_ties_nan_and_gradient():

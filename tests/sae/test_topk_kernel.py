@@ -1,5 +1,6 @@
 """sae.sparse.topk_rows (the compiled kernel of sae.topk_kernel on CPU float32) selects what torch.topk selects."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -67,6 +68,29 @@ def test_any_rows_keep_torch_topk_values(shape, seed, scale, rounded, shift, spe
     assert torch.equal(values, pre.gather(1, indices))
     assert torch.equal(values.sort(1).values, torch.topk(pre, k).values.sort(1).values)
     assert all(len(set(row.tolist())) == k for row in indices)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    size=st.integers(1, 3000),
+    seed=st.integers(0, 2**31 - 1),
+    kind=st.sampled_from(["normal", "integers", "constant", "heavy", "tiny"]),
+    specials=st.lists(st.sampled_from(SPECIALS), max_size=4),
+    where=st.floats(0, 1),
+)
+def test_kth_largest_is_the_partitions(size, seed, kind, specials, where):
+    """batchtopk's threshold (sae.topk_kernel._kth_largest, a histogram then a partition of one bin) is
+    np.partition's value for any rank, with ties, +-inf, huge and subnormal values."""
+    from sae.topk_kernel import _kth_largest
+
+    rng = np.random.default_rng(seed)
+    normal = rng.standard_normal(size)
+    values = {"normal": normal, "integers": rng.integers(-3, 4, size), "constant": np.ones(size),
+              "heavy": normal**9 * 1e30, "tiny": normal * 1e-44}[kind]  # fmt: skip
+    values = np.concatenate([values.astype(np.float32), np.array(specials, np.float32)])
+    rank = 1 + int(where * (len(values) - 1))
+    expected = np.partition(values, len(values) - rank)[len(values) - rank]
+    assert _kth_largest(values, rank) == expected
 
 
 def test_ties_keep_the_same_values():
