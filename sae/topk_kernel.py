@@ -47,31 +47,64 @@ def _lanes_at_least(values, bound):
     return count
 
 
+@njit(nogil=True, boundscheck=False, inline="always", cache=True)
+def _lane_maxima(row, lanes, lane_max):
+    """lane_max[j] = the largest of row[j], row[j + lanes], ... (vectorised; a NaN in a lane makes its maximum NaN)."""
+    blocks = len(row) // lanes
+    view = row[: blocks * lanes].reshape(blocks, lanes)
+    lane_max[:] = view[0]
+    for b in range(1, blocks):
+        np.maximum(lane_max, view[b], lane_max)  # NaN propagates
+    for e in range(blocks * lanes, len(row)):
+        x = row[e]
+        if not x <= lane_max[e - blocks * lanes]:
+            lane_max[e - blocks * lanes] = x
+
+
+@njit(nogil=True, boundscheck=False, inline="always", cache=True)
+def _append_at_least(row, lanes, lane_max, bound, chosen, out_values, out_columns, cap):
+    """The values >= bound (and their columns) of the lanes whose maximum reaches it, into out_values and out_columns,
+    lane by lane; stops after the lane that brings their count to `cap`. Returns the count.
+
+    Each value is stored and the count advanced by the comparison, without a branch: which values pass is
+    unpredictable, and a mispredicted branch costs more than a store (out_* hold one lane more than `cap`).
+    """
+    blocks = len(row) // lanes
+    view = row[: blocks * lanes].reshape(blocks, lanes)
+    chosen_count = 0
+    for j in range(lanes):
+        chosen[chosen_count] = j
+        chosen_count += lane_max[j] >= bound
+    count = 0
+    for c in range(chosen_count):
+        j = chosen[c]
+        for b in range(blocks):  # a fixed trip count: unrolled
+            x = view[b, j]
+            out_values[count] = x
+            out_columns[count] = b * lanes + j
+            count += x >= bound
+        for e in range(blocks * lanes + j, len(row), lanes):  # the row's tail (n not a multiple of lanes)
+            x = row[e]
+            out_values[count] = x
+            out_columns[count] = e
+            count += x >= bound
+        if count >= cap:
+            break
+    return count
+
+
 @njit(nogil=True, boundscheck=False, cache=True)
 def _select_rows(pre, k, lanes, values, indices, redo, start, stop):
-    """Rows start:stop of pre [rows, n] -> values, indices [rows, k]; redo[r] = 1 where torch.topk must decide.
-
-    The candidates are gathered without a branch per value (a count advanced by the comparison):
-    which values pass the bound is unpredictable, and a mispredicted branch costs more than a store.
-    """
-    n = pre.shape[1]
-    blocks = n // lanes
+    """Rows start:stop of pre [rows, n] -> values, indices [rows, k]; redo[r] = 1 where torch.topk must decide."""
     cap = 4 * k
     lane_max = np.empty(lanes, np.float32)
     chosen = np.empty(lanes, np.int64)
-    cand = np.empty(cap + blocks + 1, np.float32)  # room for one more lane past the cap
-    cand_index = np.empty(cap + blocks + 1, np.int32)
+    cand = np.empty(cap + pre.shape[1] // lanes + 1, np.float32)  # room for one more lane past the cap
+    cand_index = np.empty(len(cand), np.int32)
     guess = np.float32(np.nan)
     for r in range(start, stop):
         row = pre[r]
-        view = row[: blocks * lanes].reshape(blocks, lanes)
-        lane_max[:] = view[0]
-        for b in range(1, blocks):
-            np.maximum(lane_max, view[b], lane_max)  # NaN propagates
-        for e in range(blocks * lanes, n):
-            x = row[e]
-            if not x <= lane_max[e - blocks * lanes]:
-                lane_max[e - blocks * lanes] = x
+        _lane_maxima(row, lanes, lane_max)
         nan = False
         for j in range(lanes):
             nan |= lane_max[j] != lane_max[j]
@@ -95,25 +128,7 @@ def _select_rows(pre, k, lanes, values, indices, redo, start, stop):
                 bound, reached = middle, count
             else:
                 above = middle
-        chosen_count = 0
-        for j in range(lanes):
-            chosen[chosen_count] = j
-            chosen_count += lane_max[j] >= bound
-        count = 0
-        for c in range(chosen_count):
-            j = chosen[c]
-            for b in range(blocks):  # a fixed trip count: unrolled
-                x = view[b, j]
-                cand[count] = x
-                cand_index[count] = b * lanes + j
-                count += x >= bound
-            for e in range(blocks * lanes + j, n, lanes):  # the row's tail (n not a multiple of lanes)
-                x = row[e]
-                cand[count] = x
-                cand_index[count] = e
-                count += x >= bound
-            if count >= cap:
-                break
+        count = _append_at_least(row, lanes, lane_max, bound, chosen, cand, cand_index, cap)
         if count >= cap:
             redo[r] = 1
             continue
@@ -177,40 +192,18 @@ def _count_at_least(pre, bound, counts):
 @njit(nogil=True, boundscheck=False, cache=True)
 def _gather_rows(pre, bound, lanes, starts, values, indices, start, stop):
     """Rows start:stop's values >= bound, and their columns, into values[starts[r]:], indices[starts[r]:] (a row's
-    in lane order). The rows hold no NaN. As in _select_rows, only the lanes whose maximum reaches the bound are read
-    again, appending without a branch per value: a branch on each value mispredicts at every hit (1.4 against 0.85 ms
-    at 4096 x 1024 and 20 hits a row, 2 threads)."""
+    entries in lane order). The rows hold no NaN. As in _select_rows, only the lanes whose maximum reaches the bound
+    are read again: a branch on each value mispredicted at every hit (1.4 against 0.85 ms at 4096 x 1024, 20 hits a
+    row, 2 threads)."""
     n = pre.shape[1]
-    blocks = n // lanes
     lane_max = np.empty(lanes, np.float32)
     chosen = np.empty(lanes, np.int64)
-    hit_values = np.empty(n + 1, np.float32)  # each append writes one past the hits so far
-    hit_columns = np.empty(n + 1, np.int64)
+    hit_values = np.empty(n + n // lanes + 1, np.float32)
+    hit_columns = np.empty(len(hit_values), np.int64)
     for r in range(start, stop):
         row = pre[r]
-        view = row[: blocks * lanes].reshape(blocks, lanes)
-        lane_max[:] = view[0]
-        for b in range(1, blocks):
-            np.maximum(lane_max, view[b], lane_max)
-        for e in range(blocks * lanes, n):
-            lane_max[e - blocks * lanes] = max(lane_max[e - blocks * lanes], row[e])
-        chosen_count = 0
-        for j in range(lanes):
-            chosen[chosen_count] = j
-            chosen_count += lane_max[j] >= bound
-        hits = 0
-        for c in range(chosen_count):
-            j = chosen[c]
-            for b in range(blocks):
-                x = view[b, j]
-                hit_values[hits] = x
-                hit_columns[hits] = b * lanes + j
-                hits += x >= bound
-            for e in range(blocks * lanes + j, n, lanes):  # the row's tail
-                x = row[e]
-                hit_values[hits] = x
-                hit_columns[hits] = e
-                hits += x >= bound
+        _lane_maxima(row, lanes, lane_max)
+        hits = _append_at_least(row, lanes, lane_max, bound, chosen, hit_values, hit_columns, n)  # a cap never passed
         q = starts[r]
         values[q : q + hits] = hit_values[:hits]
         indices[q : q + hits] = hit_columns[:hits]
