@@ -7,11 +7,11 @@ collected in memory from uniform TSP20 instances; validation rows come from othe
 instances. Both transcoders have 8x expansion (1024 features), k=16, batch 4096, fp32,
 the same initial weights (one set per seed, `--seeds` of them) and normalisation (clt.train_transcoder's
 defaults), and see the same batches (slices of the rows shuffled once), stepping in turn so that a machine whose speed
-drifts slows both alike. clt's side is its trainer's defaults (Adam at 32e-3 with its schedule):
+drifts slows both alike. clt's side is its trainer's defaults (sae.trainer.adam at 32e-3 with its schedule):
 `train_step` selects with sae.sparse.select_topk (the compiled kernel of sae.topk_kernel), decodes from
 the active features only (sae.sparse, its backward compiled in sae.decode_kernel) and also keeps
 unit-norm decoder rows, dead-feature counters and the AuxK loss. The plain one computes everything
-densely and lets autograd differentiate it (z = scatter(torch.topk), y = z @ W_dec), with Adam at
+densely and lets autograd differentiate it (z = scatter(torch.topk), y = z @ W_dec), with the same Adam at
 --plain_lr. Prints JSON: tokens/s (all steps of every seed but each one's first; the first compiles),
 validation FVU after the same tokens per seed and its median (on this pair clt's FVU moves by up to a third
 with the initial weights, the plain one's by a tenth: one seed cannot tell the two apart, and the median of three
@@ -43,6 +43,7 @@ from bench.train_scaling import collect_layers, ddp_case, multilayer_case
 from clt.model import CrossLayerTranscoder
 from clt.train_transcoder import TranscoderTrainConfig, lr_factor, train_step
 from sae.sparse import select_batchtopk, select_topk
+from sae.trainer import adam
 
 
 class DenseTopK(nn.Module):
@@ -95,8 +96,8 @@ def race(x, y, batches: list[slice], train_cfg: TranscoderTrainConfig, plain_lr:
     ours = CrossLayerTranscoder(cfg).to(x.device)  # initialised on the CPU: the same weights on every device
     ours.set_statistics(x.mean(0), x.std(0), y.mean(0), y.std(0))
     plain = DenseTopK(ours)
-    opt_ours = torch.optim.Adam(ours.parameters(), lr=train_cfg.lr)
-    opt_plain = torch.optim.Adam(plain.parameters(), lr=plain_lr)
+    opt_ours = adam(ours.parameters(), train_cfg.lr)  # the trainer's Adam (fused where torch has it), for both
+    opt_plain = adam(plain.parameters(), plain_lr)
     counters = torch.zeros(cfg.n_features, dtype=torch.long, device=x.device)
 
     def plain_step(rows):

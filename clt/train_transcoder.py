@@ -68,7 +68,7 @@ from policy.options import choice, fields_of, options, resume_option
 from policy.runs import new_run_folder, resolve_run_dir, stored_path
 from sae.model import init_seed
 from sae.runs import clt_runs_dir, record_in_sweep, resume_dictionary_run
-from sae.trainer import DictionaryTrainer
+from sae.trainer import DictionaryTrainer, adam
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ class TranscoderTrainer(DictionaryTrainer):
             self.forward = DistributedDataParallel(TrainingForward(model), device_ids=device_ids)
         self.steps_per_epoch = steps
         self.device = model.b_dec.device
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        self.optimizer = adam(model.parameters(), cfg.lr)
         self.total_steps = max_steps or num_epochs * steps
         self.rows_since_fired = torch.zeros(model.feature_count, dtype=torch.long, device=self.device)
         self.logger: RunLogger | None = None

@@ -35,7 +35,7 @@ from sae.metrics import ReconstructionTotals
 from sae.model import SAEConfig, SAEOptions, TopKSAE, init_seed
 from sae.runs import resume_dictionary_run, sae_runs_dir
 from sae.store import Dump, read_registry, registered_dump
-from sae.trainer import DictionaryTrainer
+from sae.trainer import DictionaryTrainer, adam
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class SAETrainer(DictionaryTrainer):
         self.cfg, self.model, self.train, self.val = cfg, model, train, val
         self.steps_per_epoch = train.steps_per_epoch
         self.device = model.b_dec.device
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        self.optimizer = adam(model.parameters(), cfg.lr)
         self.rows_since_fired = torch.zeros(model.cfg.n_latents, dtype=torch.long, device=self.device)
 
     def batches(self, epoch: int, start_step: int):

@@ -7,6 +7,17 @@ import torch
 from policy.trainer import EpochTrainer
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """The dictionary trainers' Adam: torch's fused one (one pass over each tensor: 0.12 against 0.33 ms a step for a
+    1024 x 128 transcoder on 2 CPU threads) where this torch has it for the parameters' device (CPU since torch
+    2.4), else its default. Resuming needs a torch that has it too (the flag is in the optimizer's state)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # no fused Adam for this device in this torch
+        return torch.optim.Adam(params, lr=lr)
+
+
 class DictionaryTrainer(EpochTrainer):
     """An EpochTrainer for a sparse dictionary: `model`, `optimizer` and the [latents] counter `rows_since_fired`
     (rows since each latent last fired) are what a checkpoint and a resumed run need."""

@@ -91,3 +91,23 @@ def test_kernel_and_torch_paths_agree():
         results.append(torch.autograd.grad((y * dy.to(dtype)).sum(), leaves))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_grouping_is_a_stable_sort_by_feature(threads):
+    """The counting sort that orders the entries by feature (each thread placing its own rows) keeps row order
+    within a feature, for any thread count: a stable argsort's order; rows without entries included."""
+    from sae.decode_kernel import _group_by_feature
+
+    g = torch.Generator().manual_seed(threads)
+    counts = torch.randint(0, 6, (50,), generator=g)
+    offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0)).numpy()
+    features = torch.randint(0, 20, (int(counts.sum()),), generator=g).numpy()
+    starts, entries, rows = _group_by_feature(features, offsets, 20, threads)
+    want = features.argsort(kind="stable")
+    assert (entries == want).all()
+    assert (rows == torch.repeat_interleave(torch.arange(50), counts).numpy()[want]).all()
+    assert (
+        starts
+        == torch.nn.functional.pad(torch.bincount(torch.from_numpy(features), minlength=20).cumsum(0), (1, 0)).numpy()
+    ).all()

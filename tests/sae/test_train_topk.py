@@ -119,3 +119,24 @@ def test_resume_after_a_kill_before_the_first_save_leaves_older_runs_alone(dumpe
         assert (older / "model.safetensors").read_bytes() == weights and _epochs_logged(older) == [1]
     finally:
         shutil.rmtree(killed)
+
+
+def test_dictionary_adam_steps_like_torchs_adam():
+    """sae.trainer.adam (both dictionary trainers' optimizer) is fused where this torch has a fused CPU Adam
+    (2.4 on) and takes the steps torch's default Adam takes, to float32 rounding."""
+    from sae.trainer import adam
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 16)), torch.nn.Parameter(torch.randn(16))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, reference = adam(params, 1e-2), torch.optim.Adam(twins, lr=1e-2)
+    version = tuple(int(v) for v in torch.__version__.split(".")[:2])
+    assert ours.defaults.get("fused") is (True if version >= (2, 4) else None)
+    for step in range(5):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, grad in zip(params, twins, grads, strict=True):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        ours.step()
+        reference.step()
+        for p, q in zip(params, twins, strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"step {step}")
