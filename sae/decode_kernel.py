@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from sae.topk_kernel import use_threads
+from sae.topk_kernel import thread_rows, use_threads
 
 
 @njit(nogil=True, parallel=True, boundscheck=False, cache=True)
@@ -34,7 +34,8 @@ def _group_by_feature(features, offsets, n_features, threads):
     batch = len(offsets) - 1
     counts = np.zeros((threads, n_features), np.int64)  # counts[t, f]: feature f's entries in thread t's rows
     for t in prange(threads):
-        for j in range(offsets[t * batch // threads], offsets[(t + 1) * batch // threads]):
+        start, stop = thread_rows(t, batch, threads)
+        for j in range(offsets[start], offsets[stop]):
             counts[t, features[j]] += 1
     starts = np.empty(n_features + 1, np.int64)
     fill = np.empty((threads, n_features), np.int64)  # where thread t places its next entry of feature f
@@ -48,7 +49,8 @@ def _group_by_feature(features, offsets, n_features, threads):
     entries = np.empty(len(features), np.int64)
     rows = np.empty(len(features), np.int64)
     for t in prange(threads):
-        for r in range(t * batch // threads, (t + 1) * batch // threads):
+        start, stop = thread_rows(t, batch, threads)
+        for r in range(start, stop):
             for j in range(offsets[r], offsets[r + 1]):
                 q = fill[t, features[j]]
                 entries[q] = j

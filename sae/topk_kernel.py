@@ -93,6 +93,14 @@ def _append_at_least(row, lanes, lane_max, bound, chosen, out_values, out_column
     return count
 
 
+@njit(nogil=True, inline="always", cache=True)
+def thread_rows(t, rows, threads):
+    """(start, stop): the rows thread t of `threads` takes, ceil(rows / threads) each (the last ones may get fewer, or
+    none)."""
+    per = (rows + threads - 1) // threads
+    return min(rows, t * per), min(rows, (t + 1) * per)
+
+
 @njit(nogil=True, boundscheck=False, cache=True)
 def _select_rows(pre, k, lanes, values, indices, redo, start, stop):
     """Rows start:stop of pre [rows, n] -> values, indices [rows, k]; redo[r] = 1 where torch.topk must decide."""
@@ -147,10 +155,9 @@ def _select_rows(pre, k, lanes, values, indices, redo, start, stop):
 
 @njit(nogil=True, parallel=True, boundscheck=False, cache=True)
 def _select_parallel(pre, k, lanes, values, indices, redo, threads):
-    rows = pre.shape[0]
-    per = (rows + threads - 1) // threads
     for t in prange(threads):
-        _select_rows(pre, k, lanes, values, indices, redo, t * per, min(rows, (t + 1) * per))
+        start, stop = thread_rows(t, pre.shape[0], threads)
+        _select_rows(pre, k, lanes, values, indices, redo, start, stop)
 
 
 def use_threads(threads: int) -> int:
@@ -211,10 +218,9 @@ def _gather_rows(pre, bound, lanes, starts, values, indices, start, stop):
 
 @njit(nogil=True, parallel=True, boundscheck=False, cache=True)
 def _gather_parallel(pre, bound, lanes, starts, values, indices, threads):
-    rows = pre.shape[0]
-    per = (rows + threads - 1) // threads
     for t in prange(threads):
-        _gather_rows(pre, bound, lanes, starts, values, indices, t * per, min(rows, (t + 1) * per))
+        start, stop = thread_rows(t, pre.shape[0], threads)
+        _gather_rows(pre, bound, lanes, starts, values, indices, start, stop)
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
