@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from bench.timing import cli_device, clock, device_name
+from policy.heap import keep_freed_memory
 from policy.loading import load_policy
 from sae.collect import collect, instance_batches
 from sae.hooks import HookedPolicy
@@ -131,6 +132,7 @@ def peak_rss_of_big_dump(run_dir: str, gigabytes: float, batch_size: int, device
 def main(run_dir, num_instances, batch_size, big_gb, repeats, device):
     """Time activation collection against the naive way, and measure peak memory on a big dump."""
     device = cli_device(device)
+    keep_freed_memory()  # as the collector does: the floor, the collector and the naive way alike
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     result["device"] = device_name(device)
     result.update(time_collectors(run_dir, num_instances, batch_size, repeats, device))

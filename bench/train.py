@@ -42,6 +42,7 @@ from bench.timing import cli_device, clock, device_name
 from bench.train_scaling import collect_layers, ddp_case, multilayer_case
 from clt.model import CrossLayerTranscoder
 from clt.train_transcoder import TranscoderTrainConfig, lr_factor, train_step
+from policy.heap import keep_freed_memory
 from sae.sparse import select_batchtopk, select_topk
 from sae.trainer import adam
 
@@ -150,6 +151,7 @@ def main(run_dir, tokens, train_instances, val_instances, batch_size, plain_lr, 
         raise click.BadParameter("needs at least one seed", param_hint="--seeds")
     device = cli_device(device)
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as the dictionary trainers do: both sides' freed tensors stay in the heap
     xs, ys = collect_layers(run_dir, train_instances, seed=1)
     xs_val, ys_val = collect_layers(run_dir, val_instances, seed=10**6)
     # encoder_layer_1.mlp_in -> .mlp_out

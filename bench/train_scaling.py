@@ -27,6 +27,7 @@ from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.train_transcoder import TrainingForward, train_step
 from policy.distributed import init_distributed, shutdown, synchronize
 from policy.env import generate
+from policy.heap import keep_freed_memory
 from policy.loading import load_policy
 from sae.hooks import HookedPolicy
 
@@ -107,6 +108,7 @@ def ddp_case(run_dir: str, tokens: int) -> dict:
 
 def run_worker(run_dir: str, tokens: int, threads: int) -> None:
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as the trainers do
     info, _ = init_distributed("cpu")
     xs, ys = collect_layers(run_dir, 4_000, seed=1)
     x, y = xs[1], ys[1]
@@ -138,6 +140,7 @@ def main(run_dir, tokens, threads, worker):
         run_worker(run_dir, tokens, threads)
         return
     torch.set_num_threads(threads)
+    keep_freed_memory()
     click.echo(json.dumps({**multilayer_case(run_dir, tokens), **ddp_case(run_dir, tokens)}, indent=1))
 
 

@@ -6,7 +6,6 @@ one forward pass per batch feeds every dump that is being written.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -15,21 +14,17 @@ import torch
 from tqdm import tqdm
 
 from policy.env import generate
+from policy.heap import keep_freed_memory, release_free_memory
 from policy.loading import LoadedPolicy
 from sae.hooks import HookedPolicy
 from sae.store import AcceptedRows, DumpWriter, NonFiniteRows
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.malloc_trim  # noqa: B018 (glibc only)
-except (OSError, AttributeError):
-    _LIBC = None
 
 INSTANCE_CHUNK = 1024
 """Instances are drawn in fixed chunks (seeded by seed and chunk index), so ids do not depend on batch size."""
 
 TRIM_BYTES = 256 * 2**20
-"""Freed heap goes back to the OS after every this many bytes of activations (a trim costs ~10 ms)."""
+"""Freed heap goes back to the OS after every this many bytes of activations (a trim costs ~10 ms): the heap keeps a
+batch's freed blocks for the next one (policy.heap), and without trims its resident size creeps up with the dump."""
 
 
 def collection_request(policy: LoadedPolicy, num_instances: int, num_loc: int, distribution: str, seed: int,
@@ -62,17 +57,6 @@ def instance_batches(
         yield buffer
 
 
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-    Each batch allocates and frees tens of MB of activations; glibc keeps such freed
-    blocks in its heap once its dynamic mmap threshold has grown, so without a trim
-    the resident size creeps up with the size of the dump.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 Route = tuple[DumpWriter, dict[str, str]]
 """A writer and the hooks it takes: {hook name: array name in that dump}."""
 
@@ -90,8 +74,9 @@ def collect(
     Each batch's rows are checked and added to the statistics here (torch's threads), then written to disk with
     their checksums on a worker thread while the next batch's forward runs (at most one batch in flight).
     Non-finite activations stop the collection with a ValueError (the writers refuse them, and then discard their
-    dumps).
+    dumps). Freed memory stays in the process's heap for the next batch (policy.heap.keep_freed_memory).
     """
+    keep_freed_memory()
     device = next(hooked.model.parameters()).device
     names = sorted({hook for _, mapping in routes for hook in mapping})
     locs_seen, done, since_trim = [], 0, 0

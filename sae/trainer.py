@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from policy.heap import keep_freed_memory
+from policy.logger import RunLogger
 from policy.trainer import EpochTrainer
 
 
@@ -25,6 +27,12 @@ class DictionaryTrainer(EpochTrainer):
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     rows_since_fired: torch.Tensor
+
+    def fit(self, logger: RunLogger | None) -> None:
+        """EpochTrainer.fit, with each step's freed tensors kept in the process's heap for the next step
+        (policy.heap.keep_freed_memory: 1.2-3.5 ms of page faults a step at bench.train's shape otherwise)."""
+        keep_freed_memory()
+        super().fit(logger)
 
     def weights(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()
