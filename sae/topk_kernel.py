@@ -161,9 +161,17 @@ def _select_parallel(pre, k, lanes, values, indices, redo, threads):
 
 
 def use_threads(threads: int) -> int:
-    """Have numba's parallel loops run on `threads` threads (at least 1, at most its pool); the count used."""
+    """Have numba's parallel loops run on `threads` threads (at least 1, at most its pool); the count used.
+
+    The first call launches numba's OpenMP pool, which sets OpenMP's thread count to the pool's size
+    (NUMBA_NUM_THREADS: every core unless set) in the OpenMP runtime torch's parallel ops use as well; torch's own count
+    (torch.set_num_threads, OMP_NUM_THREADS) is put back. Left changed, a trainer asked for one thread ran torch's
+    elementwise ops on every core, and two such processes side by side (or two DDP ranks) ran 4-8x slower."""
+    torch_threads = torch.get_num_threads()
     threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
     return threads
 
 

@@ -1,5 +1,9 @@
 """sae.sparse.topk_rows (the compiled kernel of sae.topk_kernel on CPU float32) selects what torch.topk selects."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +149,26 @@ def test_torch_topk_where_the_kernel_does_not_apply(dtype, n, k):
     if dtype == torch.float32:
         assert _kernel_lanes(n, k) is None  # rows too short for two blocks of 2k lanes
     same_selection(pre, k)
+
+
+KEEPS_TORCH_THREADS = """
+import torch
+torch.set_num_threads(1)
+from sae.sparse import select_topk, sparse_decode
+pre = torch.randn(64, 256)
+codes = select_topk(pre, 8)  # the first kernel launches numba's pool of NUMBA_NUM_THREADS = 2
+x = torch.randn(64, 32)
+w_enc, w_dec = torch.randn(256, 32, requires_grad=True), torch.randn(256, 16, requires_grad=True)
+sparse_decode(x, w_enc, torch.zeros(256), w_dec, codes).sum().backward()
+print(torch.get_num_threads())
+"""
+
+
+def test_numbas_pool_leaves_torchs_thread_count_alone():
+    """numba's OpenMP pool set OpenMP's thread count to its own size when it launched, so a trainer asked for one
+    thread ran torch's parallel ops on every core after its first kernel (two such processes side by side ran 2-3x
+    slower, two DDP ranks 2.3x)."""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", KEEPS_TORCH_THREADS], capture_output=True, text=True, env=env,
+                         check=True).stdout  # fmt: skip
+    assert out.split() == ["1"]
