@@ -166,7 +166,7 @@ def use_threads(threads: int) -> int:
     The first call launches numba's OpenMP pool, which sets OpenMP's thread count to the pool's size
     (NUMBA_NUM_THREADS: every core unless set) in the OpenMP runtime torch's parallel ops use as well; torch's own count
     (torch.set_num_threads, OMP_NUM_THREADS) is put back. Left changed, a trainer asked for one thread ran torch's
-    elementwise ops on every core, and two such processes side by side (or two DDP ranks) ran 4-8x slower."""
+    elementwise ops on every core, and two such processes side by side (or two DDP ranks) ran 2-8x slower on 2 cores."""
     torch_threads = torch.get_num_threads()
     threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -37,7 +38,9 @@ def test_freed_blocks_are_reused_not_faulted_in_again():
     """glibc hands the 5 MB a step freed back to the OS (more than its 2 MB trim threshold) and faults the pages
     in again the next step (~1,300 faults; clt's trainer at bench.train's shape: 900-2,500 a step); after
     keep_freed_memory, as the dictionary trainers and the collectors run, the step reuses them."""
-    out = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, check=True).stdout
+    user_set = [k for k in os.environ if k == "GLIBC_TUNABLES" or (k.startswith("MALLOC_") and k.endswith("_"))]
+    env = {k: v for k, v in os.environ.items() if k not in user_set}  # glibc's defaults, whatever this shell set
+    out = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, check=True, env=env).stdout
     default, kept, faults = out.split()
     assert int(default) > 1000  # the pattern faults under glibc's defaults
     assert kept == "True"
