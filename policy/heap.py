@@ -32,14 +32,20 @@ def _glibc() -> ctypes.CDLL | None:
 _LIBC = _glibc()
 
 
+def user_malloc_settings() -> list[str]:
+    """The environment variables by which the user set glibc's malloc: GLIBC_TUNABLES where it holds
+    glibc.malloc.*, and MALLOC_*_."""
+    names = [name for name in os.environ if name.startswith("MALLOC_") and name.endswith("_")]
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        names.append("GLIBC_TUNABLES")
+    return names
+
+
 def keep_freed_memory() -> bool:
     """Let glibc keep up to TRIM_THRESHOLD of freed memory for reuse and serve blocks under MMAP_THRESHOLD from its
-    heap, for the rest of this process; True if set. Settings the user gave glibc (GLIBC_TUNABLES'
-    glibc.malloc.*, MALLOC_*_ variables) are left as they are."""
-    user_set = "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "") or any(
-        name.startswith("MALLOC_") and name.endswith("_") for name in os.environ
-    )
-    if _LIBC is None or user_set:
+    heap, for the rest of this process; True if set. Settings the user gave glibc (`user_malloc_settings`) are left
+    as they are."""
+    if _LIBC is None or user_malloc_settings():
         return False
     mmap_set = _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     return bool(mmap_set and _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

@@ -38,7 +38,7 @@ def test_freed_blocks_are_reused_not_faulted_in_again():
     """glibc hands the 5 MB a step freed back to the OS (more than its 2 MB trim threshold) and faults the pages
     in again the next step (~1,300 faults; clt's trainer at bench.train's shape: 900-2,500 a step); after
     keep_freed_memory, as the dictionary trainers and the collectors run, the step reuses them."""
-    user_set = [k for k in os.environ if k == "GLIBC_TUNABLES" or (k.startswith("MALLOC_") and k.endswith("_"))]
+    user_set = heap.user_malloc_settings()
     env = {k: v for k, v in os.environ.items() if k not in user_set}  # glibc's defaults, whatever this shell set
     out = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, check=True, env=env).stdout
     default, kept, faults = out.split()
