@@ -8,7 +8,12 @@
      (both timed `--repeats` times, interleaved, best of each, so that a noisy machine loads both alike);
    - `collector`: sae.collect_activations' path (encoder-only forward, streamed to a dump on disk);
    - `naive`: a full greedy rollout with a forward hook on every hook point, everything
-     copied to numpy lists and concatenated at the end (the way earlier SAE code did it).
+     copied to numpy lists and concatenated at the end (the way earlier SAE code did it);
+   - where the collector's time beyond the floor goes: its statistics (sae.store.RunningStats: mean, spread and
+     covariance of every hook's rows, on torch's threads) and the dumps' sha256 (one core, on the writer thread),
+     each timed alone on the same rows; `collector_fraction_bound` is floor / (floor + statistics + sha256 / threads),
+     what a collector doing that work could reach if the checksum shared the cores perfectly and nothing else
+     (hooks, page-cache writes, the threads' contention) cost time.
 2. Peak RSS (VmHWM, see bench/peak.py) of a separate `python -m sae.collect_activations`
    process writing a dump of about `--big_gb` GB, against the dump's size on disk.
 
@@ -18,6 +23,7 @@ collector's are drawn on the CPU and moved, as sae.collect_activations does); th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -35,7 +41,7 @@ from policy.heap import keep_freed_memory
 from policy.loading import load_policy
 from sae.collect import collect, instance_batches
 from sae.hooks import HookedPolicy
-from sae.store import DumpWriter
+from sae.store import DumpWriter, RunningStats
 
 
 def naive_collect(hooked: HookedPolicy, batches, keep: list[str]) -> dict[str, np.ndarray]:
@@ -81,6 +87,7 @@ def time_collectors(run_dir: str, num_instances: int, batch_size: int, repeats: 
 
     timings = [(floor_seconds(), collector_seconds()) for _ in range(repeats)]  # interleaved: both see the same load
     floor, fast = min(t[0] for t in timings), min(t[1] for t in timings)
+    statistics_s, sha256_s = overhead_seconds(hooked, ready, names, loaded.config.policy.embed_dim)
     tic = clock(device)
     naive_collect(hooked, (locs.to(device) for locs in batches()), names)
     naive = clock(device) - tic
@@ -94,7 +101,30 @@ def time_collectors(run_dir: str, num_instances: int, batch_size: int, repeats: 
         "collector_fraction_of_floor": round(floor / fast, 3),
         "naive_rows_per_s": round(rows / naive),
         "speedup": round(naive / fast, 2),
+        "floor_seconds": round(floor, 3),
+        "statistics_seconds": round(statistics_s, 3),
+        "sha256_seconds": round(sha256_s, 3),
+        "collector_fraction_bound": round(floor / (floor + statistics_s + sha256_s / torch.get_num_threads()), 3),
     }
+
+
+def overhead_seconds(
+    hooked: HookedPolicy, ready: list[torch.Tensor], names: list[str], dim: int
+) -> tuple[float, float]:
+    """(statistics, sha256) seconds of the collector's work on the rows of `ready`'s batches, each timed alone
+    (the rows on the CPU first, where the collector computes both)."""
+    stats = {name: RunningStats(dim) for name in names}
+    statistics_s = sha256_s = 0.0
+    for locs in ready:
+        for name, value in hooked.run_with_cache(locs, names).items():
+            rows = value.reshape(-1, value.shape[-1]).cpu()  # [batch * node, d]
+            tic = time.perf_counter()
+            stats[name].update(rows)
+            statistics_s += time.perf_counter() - tic
+            tic = time.perf_counter()
+            hashlib.sha256(rows.numpy())
+            sha256_s += time.perf_counter() - tic
+    return statistics_s, sha256_s
 
 
 def peak_rss_of_big_dump(run_dir: str, gigabytes: float, batch_size: int, device: torch.device) -> dict:
