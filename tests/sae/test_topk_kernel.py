@@ -166,7 +166,7 @@ print(torch.get_num_threads())
 
 def test_numbas_pool_leaves_torchs_thread_count_alone():
     """numba's OpenMP pool set OpenMP's thread count to its own size when it launched, so a trainer asked for one
-    thread ran torch's parallel ops on every core after its first kernel (two such processes side by side ran 2-3x
+    thread ran torch's parallel ops on every core after its first kernel (two such processes side by side ran 2-8x
     slower, two DDP ranks 2.3x)."""
     env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", KEEPS_TORCH_THREADS], capture_output=True, text=True, env=env,
