@@ -19,7 +19,8 @@ import click
 import numpy as np
 import torch
 
-from clt.graph.weights import Dictionary, find_dictionaries, norm_scales, virtual_weights
+from clt.dictionaries import Dictionary, find_dictionaries
+from clt.graph.weights import norm_scales, virtual_weights
 from clt.splice import pair_hooks, splice_metrics
 from policy.env import generate
 from policy.loading import load_policy

@@ -18,7 +18,8 @@ import click
 import numpy as np
 import torch
 
-from clt.graph.weights import find_dictionaries, norm_scales, virtual_weights
+from clt.dictionaries import find_dictionaries
+from clt.graph.weights import norm_scales, virtual_weights
 from policy.env import generate
 from policy.loading import load_policy
 from policy.runs import resolve_run_dir

@@ -22,6 +22,7 @@ CLIS = [
     "clt.summarize",
     "clt.list_pairs",
     "clt.eval",
+    "clt.label",
     "clt.generalize",
     "clt.graph.edges",
     "clt.graph.attribute",

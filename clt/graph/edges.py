@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from clt.datasets import PairDataset, training_dump
-from clt.graph.weights import sae_dictionary, transcoder_dictionary, virtual_weights
+from clt.dictionaries import sae_dictionary, transcoder_dictionary
+from clt.graph.weights import virtual_weights
 from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.pairs import LayerPair
 from policy.checks import check_device, check_types

@@ -60,7 +60,7 @@ class Replacement:
         return self.models[0].cfg.n_features
 
     def dictionary_ids(self) -> list[str]:
-        """Per layer, the id its features have on the site (clt.graph.weights.Dictionary.id)."""
+        """Per layer, the id its features have on the site (clt.dictionaries.Dictionary.id)."""
         if self.kind == "multilayer":
             ids = [f"clt/{self.folders[0].parent.name}/L{i}" for i in range(self.n_layers)]
         else:

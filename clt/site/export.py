@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from clt.dictionaries import Dictionary, find_dictionaries
 from clt.graph.decision import Decision, greedy_tour
 from clt.graph.gallery import add_to_gallery, for_site
 from clt.graph.replacement import load_replacement
 from clt.graph.trace import TraceOptions, attribute
-from clt.graph.weights import Dictionary, find_dictionaries, norm_scales, stream_position, virtual_weights
+from clt.graph.weights import norm_scales, stream_position, virtual_weights
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import generate, tour_length

@@ -150,7 +150,7 @@ def test_path_scale_is_the_exact_residual_path_when_attention_is_silenced(normal
 
 
 def test_virtual_weights_sum_over_every_layer_a_clt_feature_writes(analysed_run):
-    from clt.graph.weights import load_transcoder_dictionaries
+    from clt.dictionaries import load_transcoder_dictionaries
     from sae.runs import finished_runs
 
     folder = finished_runs(analysed_run, "clt")["clt_multilayer"][-1]
