@@ -40,7 +40,7 @@ import torch
 from scipy.stats import rankdata
 
 from clt.dictionaries import Dictionary
-from policy.geometry import CITY, DESCRIPTORS, STEP, city_descriptors, step_descriptors
+from policy.geometry import DESCRIPTORS, STEP, city_descriptors, step_descriptors
 from policy.model import AttentionModel
 from sae.hooks import HookedPolicy
 
@@ -242,10 +242,15 @@ def label_features(acts: np.ndarray, rows: Rows, opts: LabelOptions | None = Non
             entry["score"] = round(float(folded[best]), 4)
         else:
             entry.update(_label(f, names[best], candidates[f, best], ranks, ev, sample, plain[f], opts, rows))
+            high, where = candidates[f, best] >= 0.5, "current city in " if rows.kind == "step" else ""
             if names[best] == "spot":
                 entry["spot"] = {"centre": [round(float(c), 4) for c in centre[f]]}
+                at = f"a spot at ({centre[f, 0]:.2f}, {centre[f, 1]:.2f})"
+                entry["label"] = f"{where}{at if high else 'away from ' + at}, AUROC {entry['score']:.2f}"
             elif names[best] == "half_plane":
-                entry["half_plane"] = _line(normal[f], rows.xy, ev, f)
+                line = entry["half_plane"] = _line(normal[f] if high else -normal[f], rows.xy, ev, f)
+                (a, b), c = line["normal"], line["offset"]
+                entry["label"] = f"{where}the half-plane {a:.2f} x {b:+.2f} y > {c:.2f}, AUROC {entry['score']:.2f}"
             else:
                 entry.update(_beside(acts[:, f], rows.values[:, rows.names.index(names[best])], names[best]))
         out.append(entry)
@@ -266,13 +271,9 @@ def _label(
     """The label of a feature whose best candidate passed: phrase, category, and a conjunction where it helps."""
     high = auroc >= 0.5
     score = auroc if high else 1 - auroc
-    if name in ("spot", "half_plane"):
-        category = "spot" if name == "spot" else "separator"
-        where = "current city in a spot" if rows.kind == "step" and name == "spot" else name.replace("_", "-")
-        if rows.kind == "step" and name == "half_plane":
-            where = "current city in a half-plane"
-        return {"category": category, "descriptor": name, "direction": "high" if high else "low",
-                "label": f"{where}, AUROC {score:.2f}", "score": round(float(score), 4)}  # fmt: skip
+    if name in ("spot", "half_plane"):  # the phrase names the fitted spot or line (label_features)
+        return {"category": "spot" if name == "spot" else "separator", "descriptor": name,
+                "direction": "high" if high else "low", "score": round(float(score), 4)}  # fmt: skip
     d = DESCRIPTORS[name]
     phrase = d.phrase if high else d.low_phrase
     result = {"category": d.category, "descriptor": name, "direction": "high" if high else "low",
@@ -344,10 +345,11 @@ def census(entries: list[dict]) -> dict:
             "shares": {c: round(counts[c] / max(live, 1), 4) for c in CATEGORIES}}  # fmt: skip
 
 
-def city_rows(locs: np.ndarray, tours: np.ndarray) -> Rows:
-    """Rows (instance, city) of instances [batch, node, 2], with `tours` [batch, node] for the tour descriptors."""
-    values = city_descriptors(locs, tours)
-    return Rows(list(CITY), np.stack([values[n].ravel() for n in CITY], 1), locs.reshape(-1, 2),
+def city_rows(locs: np.ndarray, tours: np.ndarray, generator_clusters: np.ndarray | None = None) -> Rows:
+    """Rows (instance, city) of instances [batch, node, 2], with `tours` [batch, node] for the tour descriptors (and
+    the generator's cluster labels [batch, node] for clustered instances, when known)."""
+    values = city_descriptors(locs, tours, generator_clusters)
+    return Rows(list(values), np.stack([v.ravel() for v in values.values()], 1), locs.reshape(-1, 2),
                 _relative(locs).reshape(-1, 2), locs.shape[1], "city")  # fmt: skip
 
 

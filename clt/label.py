@@ -38,7 +38,7 @@ from clt.dictionaries import find_dictionaries
 from clt.feature_labels import CATEGORIES, LabelOptions, city_rows, label_dictionary, measure, step_rows
 from policy.checks import check_device, check_types
 from policy.cli import command
-from policy.env import DISTRIBUTIONS, generate
+from policy.env import DISTRIBUTIONS, generate, generate_clusters
 from policy.io import write_json
 from policy.loading import load_policy
 from policy.options import options
@@ -98,14 +98,22 @@ def run(cfg: LabelConfig) -> dict[str, dict]:
     dicts = find_dictionaries(run_dir, cfg.dictionary)
     num_loc = cfg.num_loc or policy.config.num_loc
     distribution = cfg.distribution or policy.config.distribution
-    locs = generate(cfg.num_instances, num_loc, distribution, seed=cfg.instance_seed)
+    clusters = None  # the generator's own cluster labels, for clustered instances
+    if distribution == "clustered":
+        locs, clusters = generate_clusters(cfg.num_instances, num_loc, seed=cfg.instance_seed)
+    else:
+        locs = generate(cfg.num_instances, num_loc, distribution, seed=cfg.instance_seed)
     hooks = sorted({h for d in dicts for h in d.hooks})
     log.info("measuring %d dictionaries on %d fresh %s instances of %d cities", len(dicts), len(locs), distribution,
              num_loc)  # fmt: skip
     cache, greedy = measure(policy.model, locs.to(cfg.device), hooks)
     rows = {}
     if any(not HookedPolicy.is_decoder_point(d.read_hook) for d in dicts):
-        rows["city"] = city_rows(locs.numpy().astype(np.float64), two_opt(locs, greedy).numpy())
+        rows["city"] = city_rows(
+            locs.numpy().astype(np.float64),
+            two_opt(locs, greedy).numpy(),
+            None if clusters is None else clusters.numpy(),
+        )
     if any(HookedPolicy.is_decoder_point(d.read_hook) for d in dicts):
         rows["step"] = step_rows(locs.numpy().astype(np.float64), greedy.numpy())
     documents: dict[Path, dict] = {}

@@ -184,16 +184,96 @@ function highlight(svg, key, on, details, dictId, page) {
     el("div", { text: `${page.downstream.length} downstream, ${page.upstream.length} upstream features listed on its page` }));
 }
 
+// ---- feature labels (clt.label) and the Features tab ---------------------------------------------------
+// A feature's label row: [category index, label, score, null, frequency, [[descriptor, AUROC] x3]].
+function labelRow(dictId, index) {
+  const labels = SITE.dictionaries[dictId]?.labels;
+  const row = labels?.features[index];
+  return row ? { category: labels.categories[row[0]], label: row[1], score: row[2], null: row[3], frequency: row[4], top: row[5] } : null;
+}
+
+function labelBlock(dictId, index) {
+  const l = labelRow(dictId, index);
+  if (!l) return [el("p", { class: "note", text: "Not labelled: run `python -m clt.label --run_dir <run> --all`, then export again." })];
+  const field = SITE.dictionaries[dictId].labels.field[index];
+  return [el("div", { class: "feature-label" }, el("span", { class: `category cat-${l.category.split(" ")[0]}`, text: l.category }), el("span", { class: "label-text", text: l.label })),
+    el("p", { class: "note", text: `score ${fmt(l.score, 3)} (folded AUROC of the label as a detector of the feature's firing), null threshold ${fmt(l.null, 3)} (99th percentile over instance permutations); fires on ${pct(l.frequency, 2)} of the export's nodes.` }),
+    el("div", { class: "columns" },
+      el("div", {}, el("h3", { text: "Best descriptors (AUROC; the band: chance to the null)" }), drawDescriptorBars(l)),
+      el("div", {}, el("h3", { text: "Receptive field (mean activation over the unit square)" }), drawField(field)))];
+}
+
+function drawDescriptorBars(l) {
+  const width = 340, row = 22, height = row * l.top.length + 24, x0 = 130, scale = (a) => x0 + (width - x0 - 10) * a;
+  const svg = el("svg:svg", { class: "descriptor-bars", width, height, viewBox: `0 0 ${width} ${height}` });
+  const nullWidth = Math.max(0, scale(l.null) - scale(1 - l.null));
+  svg.append(el("svg:rect", { x: scale(1 - l.null), y: 0, width: nullWidth, height: height - 20, fill: "#e4e7eb" }));
+  l.top.forEach(([name, auroc], i) => {
+    const folded = Math.max(auroc, 1 - auroc);
+    svg.append(el("svg:text", { x: x0 - 6, y: row * i + 15, "text-anchor": "end", "font-size": 11, text: name + (auroc < 0.5 ? " (low)" : "") }),
+      el("svg:rect", { x: scale(0.5), y: row * i + 4, width: Math.max(1, scale(folded) - scale(0.5)), height: row - 8, fill: "#2563eb" }),
+      el("svg:text", { x: scale(folded) + 3, y: row * i + 15, "font-size": 10, text: fmt(folded, 2) }));
+  });
+  for (const a of [0, 0.5, 1]) svg.append(el("svg:text", { x: scale(a), y: height - 6, "text-anchor": "middle", "font-size": 10, text: String(a) }));
+  return svg;
+}
+
+function drawField(field) {
+  const side = Math.round(Math.sqrt(field.length)), size = 180, cell = size / side, top = Math.max(...field, 1e-9);
+  const svg = el("svg:svg", { class: "field", width: size + 2, height: size + 2, viewBox: `-1 -1 ${size + 2} ${size + 2}` });
+  field.forEach((v, k) => {
+    const i = k % side, j = Math.floor(k / side);  // row-major from the bottom left
+    const rect = el("svg:rect", { x: i * cell, y: size - (j + 1) * cell, width: cell, height: cell, fill: heat(v / top), stroke: "#e4e7eb" });
+    rect.append(el("svg:title", { text: `x ${(i / side).toFixed(2)}-${((i + 1) / side).toFixed(2)}, y ${(j / side).toFixed(2)}-${((j + 1) / side).toFixed(2)}: mean ${fmt(v, 3)}` }));
+    svg.append(rect);
+  });
+  return svg;
+}
+
+// Every labelled feature of every dictionary, searchable by label, category, dictionary and index.
+function renderFeatureSearch() {
+  const entries = [];
+  for (const [id, dict] of Object.entries(SITE.dictionaries)) {
+    if (!dict.labels) continue;
+    dict.labels.features.forEach((_, index) => entries.push({ id, index, ...labelRow(id, index) }));
+  }
+  const input = el("input", { type: "search", id: "feature-search", placeholder: "search: a label, a category (spot, boundary, ...), a dictionary, an index (#42)", size: 60 });
+  const count = el("span", { class: "note" });
+  const holder = el("div", { class: "scroll" });
+  const show = () => {
+    const words = input.value.toLowerCase().split(/\s+/).filter(Boolean);
+    const hits = entries.filter((e) => words.every((w) => (w.startsWith("#") ? String(e.index) === w.slice(1)
+      : `${labelOf(e.id)} ${e.id} ${e.category} ${e.label} ${e.index}`.toLowerCase().includes(w))));
+    count.textContent = `${hits.length} of ${entries.length} features`;
+    holder.replaceChildren(table(["dictionary", "feature", "category", "label", "score", "fires"],
+      hits.slice(0, 200).map((e) => [el("span", { text: labelOf(e.id) }), el("a", { href: featureHash(e.id, e.index), text: `#${e.index}` }), e.category, e.label, fmt(e.score, 3), pct(e.frequency, 2)])));
+  };
+  input.addEventListener("input", show);
+  content.append(el("h2", { text: "Features" }),
+    el("p", { class: "note", text: "Each feature is labelled by measured geometry (python -m clt.label): the descriptor that best detects where it fires, with its AUROC, when that beats both 0.8 and the feature's own permutation null; otherwise unexplained, rare or dead." }),
+    el("div", { class: "controls" }, input, count), holder);
+  if (!entries.length) holder.append(el("div", { class: "empty", text: "No labels in this export: run `python -m clt.label --run_dir <run> --all`, then `python -m clt.site.export` again." }));
+  else show();
+  input.focus();
+}
+
 // ---- feature page --------------------------------------------------------------------------------
 function renderFeature(dictId, index) {
   const page = pageOf(dictId, index);
   const dict = SITE.dictionaries[dictId];
+  if (!dict || !(index >= 0 && index < dict.features)) {
+    content.append(el("div", { class: "empty", text: `There is no feature ${index} of ${dictId} in this export.` }));
+    return;
+  }
   if (!page) {
-    content.append(el("div", { class: "empty", text: `Feature ${index} of ${dictId} is not in this export (only the most active features are).` }));
+    content.append(el("h2", { text: `${dict.label} feature #${index}` }),
+      el("p", { class: "note", text: `${dict.kind} reading ${dict.read_hook}, writing ${dict.writes.join(", ")}. Maps and histograms are exported for the most active features; this one has its label and receptive field.` }),
+      ...labelBlock(dictId, index));
     return;
   }
   content.append(el("h2", { text: `${dict.label} feature #${index}` }),
     el("p", { class: "note", text: `${dict.kind} reading ${dict.read_hook}, writing ${dict.writes.join(", ")}. Fires on ${pct(page.frequency, 2)} of nodes; mean activation ${fmt(page.mean, 3)}; max ${fmt(page.max, 3)}.` }),
+    ...labelBlock(dictId, index),
     el("h3", { text: "Top-activating instances (cities coloured by activation; the policy's greedy tour; the square is its first city)" }),
     el("div", { class: "maps" }, ...page.top_instances.map((t) => drawMap(t, page.max))),
     el("div", { class: "columns" },
@@ -258,6 +338,7 @@ function route() {
   for (const link of document.querySelectorAll("#tabs a")) link.classList.toggle("active", link.dataset.tab === active);
   if (tab === "sae" || tab === "clt") renderGraphTab(tab, a);
   else if (tab === "feature") renderFeature(decodeURIComponent(a), Number(b));
+  else if (tab === "features") renderFeatureSearch();
   else if (tab === "decisions") renderDecisionList();
   else if (tab === "decision") renderDecision(decodeURIComponent(a));
   else renderOverview();

@@ -4,6 +4,11 @@
 "use strict";
 
 const DECISIONS = window.DECISIONS || [];
+// Short tags drawn beside labelled feature nodes (the category of the feature's label, clt.label).
+const TAGS = { boundary: "hull", spot: "spot", separator: "side", "density / cluster": "dens", "tour structure": "tour", "decoding state": "step" };
+// A graph whose removal predictions fail in the live policy is flagged: below this Pearson r it is not faithful.
+const FAITHFUL_R = 0.5;
+const faithful = (d) => d.verification?.live?.pearson_r === undefined || d.verification.live.pearson_r >= FAITHFUL_R;
 const decisionHash = (name) => `#/decision/${encodeURIComponent(name)}`;
 
 function renderDecisionList() {
@@ -16,9 +21,10 @@ function renderDecisionList() {
     const live = d.verification?.live || {};
     return [el("a", { href: decisionHash(d.name), text: d.name }), String(d.step), String(d.policy_tour[d.step]),
       d.candidates.slice(0, 3).map((c) => `${c.city} (${pct(c.probability)})`).join(", "),
-      fmt(d.scores.graph.replacement, 3), fmt(d.scores.graph.completeness, 3), fmt(live.pearson_r, 3), pct(live.sign_agreement)];
+      fmt(d.scores.graph.replacement, 3), fmt(d.scores.graph.completeness, 3), fmt(live.pearson_r, 3), pct(live.sign_agreement),
+      faithful(d) ? "yes" : `NOT FAITHFUL (r < ${FAITHFUL_R})`];
   });
-  content.append(table(["decision", "step", "picks", "candidates", "replacement", "completeness", "r (live)", "sign (live)"], rows),
+  content.append(table(["decision", "step", "picks", "candidates", "replacement", "completeness", "r (live)", "sign (live)", "faithful"], rows),
     el("p", { class: "note", text: "Each graph traces one choice through the local replacement model: the transcoders' active features at every (layer, city), an error node per (layer, city), the cities' input embeddings, and the target (the chosen city's pointer score minus the runner-up's, by default). Edges are exact direct effects in that model; r and sign agreement compare the graph's predicted effect of removing each of the most influential features with the live policy's response." }));
 }
 
@@ -32,6 +38,8 @@ function renderDecision(name) {
   const live = d.verification?.live || {}, local = d.verification?.local || {};
   content.append(el("h2", { text: `Decision ${d.name}: step ${d.step}, the policy picks city ${picks}` }),
     el("p", { class: "note", text: `Run ${d.run} (epoch ${d.checkpoint_epoch}), replacement ${d.replacement.id}. Replacement score ${fmt(d.scores.graph.replacement, 3)}, completeness ${fmt(d.scores.graph.completeness, 3)}; removal checks on ${local.features ?? 0} features: local model max relative error ${local.max_relative_error?.toExponential(1) ?? "-"}, live policy r ${fmt(live.pearson_r, 3)}, sign agreement ${pct(live.sign_agreement)}.` }));
+  if (!faithful(d)) content.append(el("div", { class: "empty not-faithful", text: `Not faithful: removing this graph's most influential features in the live policy moves the decision unlike the graph predicts (r ${fmt(live.pearson_r, 3)} < ${FAITHFUL_R}). Read its edges as the replacement model's, not the policy's.` }));
+  if (d.in_words) content.append(el("p", { class: "in-words", text: `In words: ${d.in_words}` }));
   const controls = el("div", { class: "controls" });
   const nodeSlider = el("input", { type: "range", id: "node-threshold", min: "5", max: String(Math.round(100 * d.options.node_threshold)), value: String(Math.round(100 * d.options.node_threshold)) });
   const edgeSlider = el("input", { type: "range", id: "edge-threshold", min: "5", max: String(Math.round(100 * d.options.edge_threshold)), value: String(Math.round(100 * d.options.edge_threshold)) });
@@ -134,7 +142,11 @@ function layout(d, nodes, edges, graph, details) {
       : n.kind === "input" ? el("svg:rect", { ...attrs, x: x - size, y: y - size, width: 2 * size, height: 2 * size, fill: "#7c3aed", transform: `rotate(45 ${x} ${y})` })
       : el("svg:rect", { ...attrs, x: x - 6, y: y - 5, width: 12, height: 10, fill: "#16a34a" });
     const where = n.layer === encoder ? "glimpse" : `L${n.layer}`;
-    const label = n.kind === "feature" ? `${where} city ${n.city} #${n.feature}` : n.kind === "error" ? `error ${where} city ${n.city}` : n.kind === "input" ? `input city ${n.city}` : `target city ${n.city}`;
+    const label = n.kind === "feature" ? `${where} city ${n.city} #${n.feature}${n.label ? `: ${n.label}` : ""}` : n.kind === "error" ? `error ${where} city ${n.city}` : n.kind === "input" ? `input city ${n.city}` : `target city ${n.city}`;
+    if (n.kind === "feature" && n.category) mark.append(el("svg:title", { text: label }));
+    if (n.kind === "feature" && n.category && !["unexplained", "rare", "dead"].includes(n.category)) {
+      nodeLayer.append(el("svg:text", { class: "node-tag", x: x + size + 2, y: y + 3, text: TAGS[n.category] || n.category }));
+    }
     mark.addEventListener("mouseenter", () => highlightPaths(graph, n, true, details, label));
     mark.addEventListener("mouseleave", () => highlightPaths(graph, n, false));
     if (n.kind === "feature") mark.addEventListener("click", () => { location.hash = featureHash(d.replacement.dictionaries[n.layer], n.feature); });
@@ -169,7 +181,7 @@ function highlightPaths(graph, node, on, details, label) {
   for (const { edge, path } of graph.paths) path.classList.toggle("dim", !((down.has(edge.source) && down.has(edge.target)) || (up.has(edge.source) && up.has(edge.target))));
   for (const [id, mark] of Object.entries(graph.marks)) mark.classList.toggle("dim", !related.has(id));
   const facts = [`influence on the targets ${fmt(node.influence, 4)}`];
-  if (node.kind === "feature") facts.push(`activation ${fmt(node.activation, 3)}`, `pre-activation from biases ${fmt(node.constant, 3)}`);
+  if (node.kind === "feature") facts.push(`label: ${node.label || "not labelled"}`, `activation ${fmt(node.activation, 3)}`, `pre-activation from biases ${fmt(node.constant, 3)}`);
   if (node.kind === "error") facts.push(`error norm ${fmt(node.norm, 3)}`);
   if (node.kind === "target") facts.push(`value ${fmt(node.value, 3)}${node.against !== null && node.against !== undefined ? ` (score ${node.city} - score ${node.against})` : ""}`);
   details.replaceChildren(el("h3", { text: label }), ...facts.map((f) => el("div", { text: f })),

@@ -43,15 +43,23 @@ def generate(
     if distribution == "uniform":
         return torch.rand(num_instances, num_loc, 2, generator=generator)
     if distribution == "clustered":
-        return _clustered(num_instances, num_loc, generator)
+        return _clustered(num_instances, num_loc, generator)[0]
     locs = torch.rand(num_instances, num_loc, 2, generator=generator)
     half = num_loc // 2
-    locs[:, :half] = _clustered(num_instances, half, generator)
+    locs[:, :half] = _clustered(num_instances, half, generator)[0]
     return locs[:, torch.randperm(num_loc, generator=generator)]
 
 
-def _clustered(num_instances: int, num_loc: int, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian clusters: each node picks one of 3..7 centres and a per-cluster std."""
+def generate_clusters(num_instances: int, num_loc: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`generate(num_instances, num_loc, "clustered", seed)` and the generator's own cluster of each node ->
+    ([batch, node, 2], [batch, node] cluster ids)."""
+    if num_loc < MIN_NODES or num_instances < 1:
+        raise ValueError(f"need num_loc >= {MIN_NODES} and num_instances >= 1, got {num_loc}, {num_instances}")
+    return _clustered(num_instances, num_loc, torch.Generator().manual_seed(seed))
+
+
+def _clustered(num_instances: int, num_loc: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian clusters: each node picks one of 3..7 centres and a per-cluster std -> (locs, each node's centre)."""
     num_clusters = torch.randint(3, 8, (num_instances, 1), generator=generator)
     centres = torch.rand(num_instances, 7, 2, generator=generator) * 0.8 + 0.1  # [batch, 7, 2]
     stds = torch.rand(num_instances, 7, 1, generator=generator) * 0.05 + 0.05  # [batch, 7, 1]
@@ -59,7 +67,7 @@ def _clustered(num_instances: int, num_loc: int, generator: torch.Generator) -> 
     centre = torch.gather(centres, 1, which[..., None].expand(-1, -1, 2))
     std = torch.gather(stds, 1, which[..., None])
     noise = torch.randn(num_instances, num_loc, 2, generator=generator)
-    return (centre + std * noise).clamp(0.0, 1.0)
+    return (centre + std * noise).clamp(0.0, 1.0), which
 
 
 def check_locs(locs: torch.Tensor) -> torch.Tensor:

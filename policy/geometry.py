@@ -78,6 +78,21 @@ DESCRIPTORS: dict[str, Descriptor] = {
     "cluster_boundary": Descriptor(
         "bool", "density / cluster", "cities on their cluster's boundary", "cities inside their cluster"
     ),
+    "generator_cluster_size": Descriptor(
+        "continuous", "density / cluster", "cities in large generated clusters", "cities in small generated clusters"
+    ),
+    "generator_centre_distance": Descriptor(
+        "continuous",
+        "density / cluster",
+        "cities far from their generated cluster's centre",
+        "cities at their generated cluster's centre",
+    ),
+    "generator_cluster_boundary": Descriptor(
+        "bool",
+        "density / cluster",
+        "cities on their generated cluster's boundary",
+        "cities inside their generated cluster",
+    ),
     # place in a near-optimal tour
     "tour_edge_short": Descriptor(
         "continuous", "tour structure", "a long shorter tour edge", "a short shorter tour edge"
@@ -126,6 +141,7 @@ CITY = ("x", "y", "rel_x", "rel_y", "radius", "pc1", "pc2", "on_hull", "onion_de
 STEP = ("step_fraction", "current_to_first", "nearest_unvisited", "unvisited_nearby", "current_on_hull",
         "current_radius")  # fmt: skip
 DECISION = ("distance_from_current", "rank_from_current", "visited")
+GENERATOR = ("generator_cluster_size", "generator_centre_distance", "generator_cluster_boundary")
 
 
 def check_instances(locs) -> np.ndarray:
@@ -181,6 +197,19 @@ def clusters(points: np.ndarray, nn1: np.ndarray) -> np.ndarray:
     return fcluster(linkage(points, "single"), t=2.0 * nn1.mean(), criterion="distance")
 
 
+def cluster_descriptors(p: np.ndarray, ids: np.ndarray, spread: float) -> tuple[np.ndarray, ...]:
+    """[n] each: the size of the city's cluster as a share of n, its distance to the cluster's mean / spread, and
+    whether it is a vertex of its cluster's hull."""
+    n = len(p)
+    size, centre_distance, boundary = np.zeros(n), np.zeros(n), np.zeros(n)
+    for c in np.unique(ids):
+        members = np.flatnonzero(ids == c)
+        size[members] = len(members) / n
+        centre_distance[members] = np.linalg.norm(p[members] - p[members].mean(0), axis=1) / spread
+        boundary[members[hull_vertices(p[members])]] = 1.0
+    return size, centre_distance, boundary
+
+
 def _instance_descriptors(p: np.ndarray, dist: np.ndarray, tour: np.ndarray) -> dict[str, np.ndarray]:
     n = len(p)
     centred = p - p.mean(0)
@@ -190,15 +219,7 @@ def _instance_descriptors(p: np.ndarray, dist: np.ndarray, tour: np.ndarray) -> 
     minor = np.array([-major[1], major[0]])
     nearest = np.sort(dist + np.diag(np.full(n, np.inf)), axis=1)  # [n, n] row i: distances to the others, sorted
     depth = onion_layers(p)
-    ids = clusters(p, nearest[:, 0])
-    size = np.zeros(n)
-    centre_distance = np.zeros(n)
-    boundary = np.zeros(n)
-    for c in np.unique(ids):
-        members = np.flatnonzero(ids == c)
-        size[members] = len(members) / n
-        centre_distance[members] = np.linalg.norm(p[members] - p[members].mean(0), axis=1) / spread
-        boundary[members[hull_vertices(p[members])]] = 1.0
+    size, centre_distance, boundary = cluster_descriptors(p, clusters(p, nearest[:, 0]), spread)
     position = np.empty(n, dtype=np.int64)
     position[tour] = np.arange(n)
     before, after = tour[(position - 1) % n], tour[(position + 1) % n]
@@ -232,7 +253,7 @@ def _instance_descriptors(p: np.ndarray, dist: np.ndarray, tour: np.ndarray) -> 
     }
 
 
-def city_descriptors(locs, tours) -> dict[str, np.ndarray]:
+def city_descriptors(locs, tours, generator_clusters=None) -> dict[str, np.ndarray]:
     """Every per-city descriptor, name -> [batch, node].
 
     - x, y: absolute position. rel_x, rel_y: (p_i - c) / s. radius: |p_i - c| / s.
@@ -247,6 +268,8 @@ def city_descriptors(locs, tours) -> dict[str, np.ndarray]:
     - tour_edge_short / tour_edge_long: the shorter / longer of the city's two edges in `tours`; tour_to_nn: one of
       them goes to its nearest neighbour; turn_angle: the angle between the incoming and the outgoing edge
       (0 = straight on, pi = back).
+    - With `generator_clusters` [batch, node] (the clustered generator's own labels, policy.env.generate_clusters):
+      generator_cluster_size, generator_centre_distance, generator_cluster_boundary, as the cluster_* ones.
     """
     locs = check_instances(locs)
     tours = np.asarray(tours)
@@ -254,7 +277,14 @@ def city_descriptors(locs, tours) -> dict[str, np.ndarray]:
         raise ValueError(f"tours must be [batch, node] = {list(locs.shape[:2])}, got {list(tours.shape)}")
     dist = distances(locs)
     rows = [_instance_descriptors(p, d, t) for p, d, t in zip(locs, dist, tours, strict=True)]
-    return {name: np.stack([r[name] for r in rows]) for name in CITY}
+    out = {name: np.stack([r[name] for r in rows]) for name in CITY}
+    if generator_clusters is not None:
+        centred = locs - locs.mean(1, keepdims=True)
+        spreads = np.sqrt((centred**2).sum(-1).mean(1)) + 1e-12
+        per = [cluster_descriptors(p, ids, s) for p, ids, s in zip(locs, np.asarray(generator_clusters), spreads,
+                                                                   strict=True)]  # fmt: skip
+        out.update({name: np.stack([r[i] for r in per]) for i, name in enumerate(GENERATOR)})
+    return out
 
 
 def step_descriptors(locs, tours) -> dict[str, np.ndarray]:

@@ -23,6 +23,8 @@ CLIS = [
     "clt.list_pairs",
     "clt.eval",
     "clt.label",
+    "clt.census",
+    "bench.labels",
     "clt.generalize",
     "clt.graph.edges",
     "clt.graph.attribute",

@@ -32,6 +32,7 @@ COMMANDS = [  # module, config class, extra required settings
     ("clt.generalize", "GeneralizeConfig", {**REQUIRED, "pair": "clt_L0_to_L1", "conditions": ("a", "b")}),
     ("clt.graph.edges", "EdgesConfig", {"clt_dir": "a_transcoder"}),
     ("clt.label", "LabelConfig", {**REQUIRED, "dictionary": ("a_folder", "another")}),
+    ("clt.census", "CensusConfig", {"run_dirs": ("a", "b")}),
     ("clt.site.export", "ExportConfig", REQUIRED),
     ("clt.graph.attribute", "AttributeConfig", {**REQUIRED, "decision": DecisionOptions(step=3, seed=1)}),
     ("clt.graph.intervene", "InterveneConfig",

@@ -24,6 +24,7 @@ from pathlib import Path
 import click
 
 from clt.graph.decision import DecisionOptions
+from clt.graph.explain import attach_labels, in_words
 from clt.graph.gallery import add_to_gallery, for_site
 from clt.graph.replacement import load_replacement
 from clt.graph.trace import Attribution, TraceOptions, attribute
@@ -89,6 +90,8 @@ def run(cfg: AttributeConfig) -> tuple[Attribution, Path]:
         "instance": instance,
     }
     result = attribute(policy.model, replacement, decision, cfg.trace, source)
+    attach_labels(result.doc, replacement)  # from clt.label's eval/labels.json, where the dictionaries have one
+    result.doc["in_words"] = in_words(result.doc)
     out = Path(cfg.out) if cfg.out else attribution_dir(run_dir) / f"{check_name(name, 'decision name')}.json"
     if cfg.full_graph:
         save_tensors(out.with_suffix(".safetensors"), result.tensors())
@@ -126,7 +129,8 @@ def format_summary(doc: dict) -> str:
     ]
     for f in doc["top_features"][:8]:
         effects = ", ".join(f"{t} {v:+.3f}" for t, v in f["total_effect"].items())
-        lines.append(f"  {f['id']:<16} influence {f['influence']:.4f}   {effects}")
+        label = f"   {f['label']}" if "label" in f else ""
+        lines.append(f"  {f['id']:<16} influence {f['influence']:.4f}   {effects}{label}")
     v = doc["verification"]
     if v:
         live, held = v["live"], v["live"]["selection_held"]
@@ -134,6 +138,8 @@ def format_summary(doc: dict) -> str:
                      f"relative error {v['local']['max_relative_error']:.1e}; (b) live policy, Pearson r "
                      f"{live['pearson_r']:.3f}, sign agreement {live['sign_agreement']:.1%} (with the transcoders' "
                      f"selection held: r {held['pearson_r']:.3f}, {held['sign_agreement']:.1%})")  # fmt: skip
+    if doc.get("in_words"):
+        lines.append(f"in words: {doc['in_words']}")
     c = doc["checks"]
     lines.append(
         f"exactness: contributions + constants - inputs {c['max_completeness_error']:.1e}, targets vs the "

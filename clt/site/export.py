@@ -11,7 +11,10 @@ and, on fresh instances run through the policy, for each dictionary's most activ
   transcoders), `residual` (the other pairwise transcoders), `multilayer` (the multi-layer CLT's layers);
 - attribution graphs (clt.graph.trace) of an early, a middle and a late decision of `--decisions` fresh instances,
   through the run's multi-layer CLT (else its per-layer mlp transcoders), for the Decisions tab; their most
-  influential features get feature pages.
+  influential features get feature pages;
+- every feature's label (clt.label's `eval/labels.json`, where the dictionary has one) and its receptive field (mean
+  activation on a 6 x 6 grid of the unit square), so that every feature is found by the Features tab's search and has
+  a page, with maps and histograms for the shown ones.
 
 Writes `<out>/site.json` and `<out>/site.js` (the same object as `window.SITE_DATA = ...;`, so that
 docs/index.html also works from the file system, where browsers refuse fetch). Schema `tsp-interp.site/1`.
@@ -32,7 +35,9 @@ import torch
 from tqdm import tqdm
 
 from clt.dictionaries import Dictionary, find_dictionaries
+from clt.feature_labels import CATEGORIES
 from clt.graph.decision import Decision, greedy_tour
+from clt.graph.explain import attach_labels, in_words
 from clt.graph.gallery import add_to_gallery, for_site
 from clt.graph.replacement import load_replacement
 from clt.graph.trace import TraceOptions, attribute
@@ -117,9 +122,12 @@ def r4(values) -> list[float]:
 
 
 @torch.no_grad()
-def measure(d: Dictionary, cache: dict[str, torch.Tensor], cfg: ExportConfig, n_nodes: int, also=()) -> dict:
-    """Frequency and mean activation of every feature, and the shown features' activations [n, node]: the most
-    active ones, and the live ones among `also` (features the decisions' graphs name)."""
+def measure(
+    d: Dictionary, cache: dict[str, torch.Tensor], cfg: ExportConfig, n_nodes: int, cells: torch.Tensor, also=()
+) -> dict:
+    """Frequency, mean activation and receptive field (rows' grid `cells`) of every feature, and the shown
+    features' activations [n, node]: the most active ones, and the live ones among `also` (features the decisions'
+    graphs name)."""
     z = d.codes(cache).float().cpu()  # [instances * node, features]
     frequency, mean = (z > 0).float().mean(0).numpy(), z.mean(0).numpy()
     alive = np.flatnonzero(frequency > 0)
@@ -127,7 +135,38 @@ def measure(d: Dictionary, cache: dict[str, torch.Tensor], cfg: ExportConfig, n_
     shown = np.concatenate([shown, [j for j in sorted(set(also) - set(shown.tolist())) if frequency[j] > 0]])
     shown = shown.astype(np.int64)
     acts = z[:, shown].T.reshape(len(shown), -1, n_nodes).numpy()  # [shown, instances, node]
-    return {"frequency": frequency, "mean": mean, "shown": shown, "acts": acts}
+    return {"frequency": frequency, "mean": mean, "shown": shown, "acts": acts, "field": receptive_field(z, cells)}
+
+
+FIELD = 6  # cells per side of the receptive-field maps
+
+
+def receptive_field(z: torch.Tensor, cells: torch.Tensor) -> np.ndarray:
+    """[features, FIELD * FIELD] every feature's mean activation over the rows whose city lies in each cell of a
+    FIELD x FIELD grid of the unit square (row-major from the bottom left; 0 where no city fell)."""
+    total = torch.zeros(FIELD * FIELD, z.shape[1]).index_add_(0, cells, z)
+    count = torch.bincount(cells, minlength=FIELD * FIELD).clamp(min=1)
+    return (total / count[:, None]).T.numpy()
+
+
+def labels_of(d: Dictionary) -> dict[int, dict] | None:
+    """feature -> its entry in clt.label's `<folder>/eval/labels.json`, or None when the dictionary is unlabelled."""
+    path = d.folder / "eval" / "labels.json"
+    if not path.is_file():
+        return None
+    section = read_json(path).get("dictionaries", {}).get(d.id)
+    return None if section is None else {int(e["index"]): e for e in section["labels"]}
+
+
+def label_table(labels: dict[int, dict] | None, stats: dict) -> dict | None:
+    """Every feature's label for the search and the label-only pages: [category index, label, score, null,
+    frequency, the three best candidates as [descriptor, AUROC]], and each feature's receptive field."""
+    if labels is None:
+        return None
+    categories = [*CATEGORIES, "rare", "dead"]
+    rows = [[categories.index(e["category"]), e["label"], e["score"], e["null"], sig4(stats["frequency"][j]),
+             [[t["descriptor"], t["auroc"]] for t in e["top"][:3]]] for j, e in sorted(labels.items())]  # fmt: skip
+    return {"categories": categories, "features": rows, "field": [r4(f) for f in stats["field"]]}
 
 
 def feature_page(d: Dictionary, j: int, acts: np.ndarray, stats: dict, cfg: ExportConfig) -> dict:
@@ -234,6 +273,8 @@ def decision_graphs(run_dir: Path, cfg: ExportConfig) -> list[dict]:
                       "checkpoint_sha256": policy.checkpoint_sha256,
                       "instance": {"seed": seed, "num_loc": n, "distribution": distribution}}  # fmt: skip
             doc = attribute(policy.model, replacement, Decision(locs, tour[:step]), TraceOptions(), source).doc
+            attach_labels(doc, replacement)
+            doc["in_words"] = in_words(doc)
             entries.append(for_site(doc, f"seed{seed}_step{step}"))
     return entries
 
@@ -278,9 +319,12 @@ def run(cfg: ExportConfig) -> Path:
         tours = policy.model(locs).actions[:, 0]  # [instances, node] greedy
     decisions = decision_graphs(run_dir, cfg)
     wanted = graph_features(decisions)
-    stats, pages = {}, {}
+    ij = (locs.reshape(-1, 2).cpu() * FIELD).long().clamp(0, FIELD - 1)
+    cells = ij[:, 1] * FIELD + ij[:, 0]  # row-major from the bottom left
+    stats, pages, labels = {}, {}, {}
     for d in tqdm(dicts, desc="features"):
-        stats[d.id] = measure(d, cache, cfg, n_nodes, wanted.get(d.id, ()))
+        stats[d.id] = measure(d, cache, cfg, n_nodes, cells, wanted.get(d.id, ()))
+        labels[d.id] = labels_of(d)
         pages[d.id] = {int(j): feature_page(d, j, a, stats[d.id], cfg)
                        for j, a in zip(stats[d.id]["shown"], stats[d.id]["acts"], strict=True)}  # fmt: skip
     scales = [s.cpu() for s in norm_scales(policy.model, locs)]
@@ -305,6 +349,7 @@ def run(cfg: ExportConfig) -> Path:
                 "features": d.n_features,
                 "alive_fraction": float((stats[d.id]["frequency"] > 0).mean()),
                 "feature_pages": list(pages[d.id].values()),
+                "labels": label_table(labels[d.id], stats[d.id]),
             }
             for d in dicts
         },

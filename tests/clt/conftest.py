@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from clt import collect_pairs as collect_cli
+from clt import label as label_cli
 from clt.site import export as export_docs
 from clt.site.server import DOCS_DIR, SITE_FILES
 from clt.train_transcoder import TranscoderTrainer
@@ -48,13 +49,18 @@ def ctrl_c_at_step(monkeypatch):
 
 @pytest.fixture(scope="session")
 def site_dir(analysed_run, tmp_path_factory) -> Path:
-    """The repository's site (index.html, app.js, style.css) with the analysed tiny run exported into its data/:
-    5 features per dictionary, 3 maps per feature, at most 40 edges per graph."""
+    """The repository's site (index.html, app.js, style.css) with a labelled copy of the analysed tiny run exported
+    into its data/: 5 features per dictionary, 3 maps per feature, at most 40 edges per graph."""
     docs = tmp_path_factory.mktemp("site") / "docs"
     docs.mkdir()
     for name in SITE_FILES:
         shutil.copy(DOCS_DIR / name, docs / name)
-    args = ["--run_dir", str(analysed_run), "--out", str(docs / "data"), "--num_instances", "24", "--features", "5",
+    run_dir = docs.parent / "tiny"  # a copy, labelled (clt.label) so that the pages show labels
+    shutil.copytree(analysed_run, run_dir)
+    labelled = CliRunner().invoke(label_cli.main, ["--run_dir", str(run_dir), "--all", "--num_instances", "40",
+                                                   "--permutations", "10", "--min_auroc", "0.51"])  # fmt: skip
+    assert labelled.exit_code == 0, labelled.output
+    args = ["--run_dir", str(run_dir), "--out", str(docs / "data"), "--num_instances", "24", "--features", "5",
             "--top_instances", "3", "--edges", "40"]  # fmt: skip
     result = CliRunner().invoke(export_docs.main, args)
     assert result.exit_code == 0, result.output

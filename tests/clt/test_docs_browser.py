@@ -5,6 +5,7 @@ Skipped where no browser is installed, unless REQUIRE_BROWSER=1 (CI sets it): th
 
 import json
 import os
+from urllib.parse import quote
 
 import pytest
 
@@ -204,3 +205,56 @@ def test_the_screenshots_include_a_decision(site_dir, tmp_path):
     shots = take_screenshots(site_dir, tmp_path)
     assert [p.name for p in shots] == ["overview.png", "clt_graph.png", "feature.png", "decision.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in shots)
+
+
+def test_a_feature_page_shows_its_label_score_and_receptive_field(browser, site):
+    url, data = site
+    dict_id, spec = next((k, v) for k, v in data["dictionaries"].items() if v["labels"])
+    with_page = {p["index"] for p in spec["feature_pages"]}
+    label_only = next(i for i in range(spec["features"]) if i not in with_page)
+    for index in (min(with_page), label_only):
+        open_page(browser, url + f"#/feature/{quote(dict_id, safe='')}/{index}", ".feature-label")
+        category, label = spec["labels"]["features"][index][:2]
+        assert browser.find_element(By.CSS_SELECTOR, ".feature-label .label-text").text == label
+        category_name = spec["labels"]["categories"][category]
+        assert browser.find_element(By.CSS_SELECTOR, ".feature-label .category").text == category_name
+        assert browser.find_elements(By.CSS_SELECTOR, "svg.field rect") and browser.find_elements(
+            By.CSS_SELECTOR, "svg.descriptor-bars rect"
+        )
+        assert console_errors(browser) == []
+
+
+def search(browser, url: str, words: str) -> list[str]:
+    open_page(browser, url + "#/features", "#feature-search")
+    box = browser.find_element(By.ID, "feature-search")
+    box.clear()
+    box.send_keys(words)
+    return [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#content table tr")[1:]]
+
+
+def test_the_search_finds_features_by_category_and_by_index(browser, site):
+    url, data = site
+    labelled = [(k, i, row) for k, v in data["dictionaries"].items() if v["labels"]
+                for i, row in enumerate(v["labels"]["features"])]  # fmt: skip
+    categories = data["dictionaries"][labelled[0][0]]["labels"]["categories"]
+    category = categories[labelled[0][2][0]]
+    expected = sum(categories[row[0]] == category for _, _, row in labelled)
+    rows = search(browser, url, category)
+    assert len(rows) == min(expected, 200) and all(category in r for r in rows)
+    rows = search(browser, url, "#3")
+    assert rows and all(" #3 " in f" {r} " for r in rows)
+    assert len(rows) == sum(i == 3 for _, i, _ in labelled)
+    assert console_errors(browser) == []
+
+
+def test_decision_graph_nodes_show_their_labels(browser, site_dir):
+    decisions = json.loads((site_dir / "data" / "decisions.json").read_text())
+    labelled = next(n for d in decisions for n in d["nodes"] if n["kind"] == "feature" and n.get("label"))
+    with serve(site_dir) as url:
+        entry = next(d for d in decisions if labelled in d["nodes"])
+        open_page(browser, url + f"#/decision/{entry['name']}", "#graph .node.feature")
+        assert entry["in_words"] in browser.find_element(By.CSS_SELECTOR, ".in-words").text
+        node = browser.find_element(By.CSS_SELECTOR, f"#graph .node[data-id='{labelled['id']}']")
+        assert labelled["label"] in node.find_element(By.TAG_NAME, "title").get_attribute("textContent")
+        browser.execute_script("arguments[0].dispatchEvent(new Event('mouseenter'))", node)
+        assert f"label: {labelled['label']}" in browser.find_element(By.ID, "details").text

@@ -57,3 +57,21 @@ def test_label_json_prints_the_documents(run_copy):
 def test_bad_options_are_one_line_errors(run_copy, extra, message):
     result = CliRunner().invoke(label.main, ["--run_dir", str(run_copy), *extra])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_attribution_graph_nodes_carry_their_labels_and_the_summary_speaks_them(run_copy, tmp_path):
+    from clt.graph import attribute as attribute_cli
+
+    result = CliRunner().invoke(label.main, ["--run_dir", str(run_copy), "--all", "--num_instances", "40",
+                                             "--permutations", "10", "--min_auroc", "0.51"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "graph.json"
+    args = ["--run_dir", str(run_copy), "--seed", "3", "--step", "2", "--out", str(out), "--verify", "0"]
+    result = CliRunner().invoke(attribute_cli.main, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    nodes = [n for n in doc["nodes"] if n["kind"] == "feature"]
+    assert nodes and all("label" in n and "category" in n for n in nodes)
+    assert doc["in_words"].startswith(f"city {doc['policy_tour'][2]}") and "in words: city" in result.output
+    top = doc["top_features"][0]
+    assert top["label"].split(",")[0].split(" (")[0] in doc["in_words"] or "rare" in top["label"]

@@ -97,3 +97,17 @@ def test_every_descriptor_is_described_and_degenerate_instances_work():
 def test_bad_instances_are_refused_in_one_line(bad):
     with pytest.raises(ValueError, match="instances"):
         city_descriptors(bad, np.zeros(bad.shape[:2], dtype=int))
+
+
+def test_the_generators_own_clusters_come_with_its_instances():
+    import torch
+
+    from policy.env import generate, generate_clusters
+
+    locs, ids = generate_clusters(6, 30, seed=4)
+    assert torch.equal(locs, generate(6, 30, "clustered", seed=4))
+    d = city_descriptors(locs.numpy(), np.tile(np.arange(30), (6, 1)), ids.numpy())
+    for b in range(6):
+        sizes = np.bincount(ids[b].numpy())[ids[b].numpy()] / 30
+        assert d["generator_cluster_size"][b] == pytest.approx(sizes)
+    assert set(d) - set(CITY) == {"generator_cluster_size", "generator_centre_distance", "generator_cluster_boundary"}
