@@ -17,6 +17,7 @@
 #   --lr "LR ..."      learning rates                         [the trainer's default, 32e-3]
 #   --epochs N         epochs per run                         [10]
 #   --eval N           splice each transcoder into the policy on N instances (python -m clt.eval) [1000; 0: skip]
+#   --no_labels        do not label the features (clt.eval labels each transcoder's features by default)
 #   --jobs N           processes that train the runs (then evaluate them) side by side, each on cores/N threads,
 #                      each one's output in a log file; 1: one process, output on the terminal
 #                      [the cores, at most the runs]
@@ -38,6 +39,7 @@ ACTIVATION="topk"
 LR="default"
 EPOCHS=10
 EVAL=1000
+LABELS=()
 JOBS=""
 COLLECT=1
 SWEEP="sweep_$(date +%Y%m%d-%H%M%S)"
@@ -48,6 +50,7 @@ usage() { sed -n '2,/^set -euo/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --run_dir) RUN_DIR=$2; shift 2 ;;
+    --no_labels) LABELS=(--no_labels); shift ;;
     --config) CONFIG=$2; shift 2 ;;
     --pairs) PAIRS=$2; shift 2 ;;
     --expansion) EXPANSION=$2; shift 2 ;;
@@ -188,7 +191,7 @@ if [[ $EVAL -gt 0 ]]; then
     FROM=$((job * COUNT / JOBS))
     SHARE=("${FOLDERS[@]:FROM:(job + 1) * COUNT / JOBS - FROM}")
     [[ ${#SHARE[@]} -gt 0 ]] || continue
-    launch "evaluating ${SHARE[*]}" "$PYTHON" -m clt.eval "${SHARE[@]}" --num_instances "$EVAL" </dev/null
+    launch "evaluating ${SHARE[*]}" "$PYTHON" -m clt.eval "${SHARE[@]}" --num_instances "$EVAL" "${LABELS[@]}" </dev/null
   done
   wait_all
 fi

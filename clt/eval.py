@@ -6,6 +6,7 @@
 
 writes `<clt_dir>/eval/`:
 
+    labels.json             every feature labelled by measured geometry (clt.feature_labels; --no_labels skips it)
     metrics.json            reconstruction on the validation split (FVU, R^2 per target channel, cosine,
                             L0, dead and rare features) and splicing (clt.splice) for each replacement
     features.json           per feature: activation frequency and mean activation (the attribution scores)
@@ -45,6 +46,7 @@ from clt.datasets import (
     pair_name,
     training_dump,
 )
+from clt.feature_labels import Instances, LabelOptions, label_folders
 from clt.metrics import layer_reconstructions, reconstruction
 from clt.model import CrossLayerTranscoder, load_transcoder
 from clt.multilayer import MultiLayerTranscoder
@@ -96,6 +98,11 @@ class EvalConfig:
     """With another condition: the instance distribution [default: the training dump's]."""
     num_loc: int | None = None
     """With another condition: nodes per instance [default: the training dump's]."""
+    labels: bool = True
+    """Also label every feature by measured geometry (clt.feature_labels, as python -m clt.label) into
+    eval/labels.json; --no_labels skips it."""
+    label_instances: int = 2000
+    """Fresh instances the labels are measured on."""
     device: str = "cpu"
     """torch device."""
 
@@ -110,6 +117,8 @@ class EvalConfig:
             raise ValueError("give --clt_dir, or --run_dir with --pair")
         if self.run_dir is not None and self.pair is None:
             raise ValueError("--run_dir needs --pair")
+        if self.labels and self.label_instances < 4:
+            raise ValueError(f"label_instances must be at least 4, got {self.label_instances}")
         if self.num_instances < 0 or self.batch_size < 1:
             raise ValueError("num_instances must be >= 0 and batch_size positive")
         if self.distribution is not None and self.distribution not in DISTRIBUTIONS:
@@ -238,9 +247,20 @@ def run(cfg: EvalConfig, shared: Shared | None = None) -> dict:
     write_json(out / "features.json", {"frequency": result.frequency.tolist(),
                                        "mean_activation": result.mean_activation.tolist()})  # fmt: skip
     plot(model, result, out)
+    report["labels"] = label_features(cfg, run_dir, folder)
     report["config"] = asdict(cfg)
     write_json(out / "metrics.json", report)
     return report
+
+
+def label_features(cfg: EvalConfig, run_dir: Path, folder: Path) -> dict | None:
+    """With cfg.labels: eval/labels.json (clt.feature_labels) and each dictionary's census, else None."""
+    if not cfg.labels:
+        return None
+    (doc,) = label_folders(
+        run_dir, [folder], Instances(cfg.label_instances), LabelOptions(), device=cfg.device
+    ).values()
+    return {name: section["census"] for name, section in doc["dictionaries"].items()}
 
 
 def run_other_condition(cfg: EvalConfig, folder: Path, train_cfg: dict, model: CrossLayerTranscoder) -> dict:
@@ -284,6 +304,7 @@ def run_multilayer(cfg: EvalConfig, folder: Path, train_cfg: dict, model: MultiL
     write_json(out / "features.json", {f"L{i}": {"frequency": r.frequency.tolist(),
                                                  "mean_activation": r.mean_activation.tolist()}
                                        for i, r in enumerate(layers)})  # fmt: skip
+    report["labels"] = label_features(cfg, run_dir, folder)
     report["config"] = asdict(cfg)
     write_json(out / "metrics.json", report)
     return report
@@ -329,6 +350,9 @@ def format_report(report: dict) -> str:
             f"  transcoder recovers {splice['transcoder'].get('recovered', float('nan')):.1%}"
             " of the mean-ablation damage"
         )
+    for name, c in (report.get("labels") or {}).items():
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in c["shares"].items() if v)
+        lines.append(f"labels {name}: {c['live']} live of {c['features']} features; {shares or 'none labelled'}")
     return "\n".join(lines)
 
 

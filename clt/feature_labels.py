@@ -32,17 +32,28 @@ The algorithm (`label_features`, on rows a dictionary produced for fresh instanc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from scipy.stats import rankdata
+from tqdm import tqdm
 
-from clt.dictionaries import Dictionary
+from clt.dictionaries import Dictionary, find_dictionaries
+from policy.env import generate, generate_clusters
 from policy.geometry import DESCRIPTORS, STEP, city_descriptors, step_descriptors
+from policy.io import write_json
+from policy.loading import load_policy
 from policy.model import AttentionModel
+from policy.reference import two_opt
 from sae.hooks import HookedPolicy
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "tsp-interp.labels/1"
 
 CATEGORIES = ("boundary", "spot", "separator", "density / cluster", "tour structure", "decoding state", "unexplained")
 GRID = 32  # cells per side of the unit square on which spatial candidates are scored
@@ -395,3 +406,53 @@ def label_dictionary(d: Dictionary, cache: dict[str, torch.Tensor], rows: Rows, 
     labels = label_features(acts, rows, opts)
     return {"kind": d.kind, "read_hook": d.read_hook, "rows": rows.kind, "features": d.n_features,
             "census": census(labels), "labels": labels}  # fmt: skip
+
+
+@dataclass
+class Instances:
+    """The fresh instances features are labelled on."""
+
+    num_instances: int = 2000
+    num_loc: int | None = None
+    """[default: the run's]"""
+    distribution: str | None = None
+    """[default: the run's]"""
+    seed: int = 97531
+
+
+def label_folders(run_dir: Path, folders, instances: Instances, opts: LabelOptions, checkpoint: int | None = None,
+                  device: str = "cpu") -> dict[str, dict]:  # fmt: skip
+    """Label the dictionaries of the given run folders (none: the newest finished of every hook and pair) on fresh
+    instances; writes `<folder>/eval/labels.json` for each (schema: clt.label) and returns {path: document}."""
+    policy = load_policy(run_dir, checkpoint, device)
+    dicts = find_dictionaries(run_dir, folders)
+    num_loc = instances.num_loc or policy.config.num_loc
+    distribution = instances.distribution or policy.config.distribution
+    clusters = None  # the generator's own cluster labels, for clustered instances
+    if distribution == "clustered":
+        locs, clusters = generate_clusters(instances.num_instances, num_loc, seed=instances.seed)
+    else:
+        locs = generate(instances.num_instances, num_loc, distribution, seed=instances.seed)
+    log.info("labelling %d dictionaries on %d fresh %s instances of %d cities", len(dicts), len(locs), distribution,
+             num_loc)  # fmt: skip
+    cache, greedy = measure(policy.model, locs.to(device), sorted({h for d in dicts for h in d.hooks}))
+    rows = {}
+    if any(not HookedPolicy.is_decoder_point(d.read_hook) for d in dicts):
+        rows["city"] = city_rows(locs.numpy().astype(np.float64), two_opt(locs, greedy).numpy(),
+                                 None if clusters is None else clusters.numpy())  # fmt: skip
+    if any(HookedPolicy.is_decoder_point(d.read_hook) for d in dicts):
+        rows["step"] = step_rows(locs.numpy().astype(np.float64), greedy.numpy())
+    documents: dict[Path, dict] = {}
+    for d in tqdm(dicts, desc="labelling"):
+        kind = "step" if HookedPolicy.is_decoder_point(d.read_hook) else "city"
+        doc = documents.setdefault(d.folder / "eval" / "labels.json", {
+            "schema": SCHEMA, "folder": str(d.folder), "run_dir": str(run_dir),
+            "instances": {"num_instances": len(locs), "num_loc": num_loc, "distribution": distribution,
+                          "seed": instances.seed, "checkpoint_epoch": policy.epoch,
+                          "tours": "2-opt from the policy's greedy tours (city rows); the greedy tours (step rows)"},
+            "options": asdict(opts), "dictionaries": {},
+        })  # fmt: skip
+        doc["dictionaries"][d.id] = label_dictionary(d, {h: cache[h] for h in d.hooks}, rows[kind], opts)
+    for path, doc in documents.items():
+        write_json(path, doc)
+    return {str(p): doc for p, doc in documents.items()}

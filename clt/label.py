@@ -7,7 +7,8 @@ Fresh instances (a seed training and splicing never use) go through the policy g
 are scored against policy.geometry's descriptors with a permutation null (clt.feature_labels: the algorithm, the
 scores and the thresholds). Tour descriptors use 2-opt improvements of the policy's greedy tours.
 
-Writes `<dictionary folder>/eval/labels.json`, schema `tsp-interp.labels/1`:
+Writes `<dictionary folder>/eval/labels.json` (clt.feature_labels.label_folders; clt.eval writes it too), schema
+`tsp-interp.labels/1`:
 
     schema, folder, run_dir
     instances     {num_instances, num_loc, distribution, seed, checkpoint_epoch, tours}
@@ -25,30 +26,16 @@ Writes `<dictionary folder>/eval/labels.json`, schema `tsp-interp.labels/1`:
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import click
-import numpy as np
-import torch
-from tqdm import tqdm
 
-from clt.dictionaries import find_dictionaries
-from clt.feature_labels import CATEGORIES, LabelOptions, city_rows, label_dictionary, measure, step_rows
+from clt.feature_labels import CATEGORIES, Instances, LabelOptions, label_folders
 from policy.checks import check_device, check_types
 from policy.cli import command
-from policy.env import DISTRIBUTIONS, generate, generate_clusters
-from policy.io import write_json
-from policy.loading import load_policy
+from policy.env import DISTRIBUTIONS
 from policy.options import options
-from policy.reference import two_opt
 from policy.runs import resolve_run_dir
-from sae.hooks import HookedPolicy
-
-log = logging.getLogger(__name__)
-
-SCHEMA = "tsp-interp.labels/1"
 
 
 @dataclass(kw_only=True)
@@ -94,42 +81,8 @@ class LabelConfig(LabelOptions):
 def run(cfg: LabelConfig) -> dict[str, dict]:
     """Label; returns {labels.json path: its document}."""
     run_dir = resolve_run_dir(cfg.run_dir)
-    policy = load_policy(run_dir, cfg.checkpoint, cfg.device)
-    dicts = find_dictionaries(run_dir, cfg.dictionary)
-    num_loc = cfg.num_loc or policy.config.num_loc
-    distribution = cfg.distribution or policy.config.distribution
-    clusters = None  # the generator's own cluster labels, for clustered instances
-    if distribution == "clustered":
-        locs, clusters = generate_clusters(cfg.num_instances, num_loc, seed=cfg.instance_seed)
-    else:
-        locs = generate(cfg.num_instances, num_loc, distribution, seed=cfg.instance_seed)
-    hooks = sorted({h for d in dicts for h in d.hooks})
-    log.info("measuring %d dictionaries on %d fresh %s instances of %d cities", len(dicts), len(locs), distribution,
-             num_loc)  # fmt: skip
-    cache, greedy = measure(policy.model, locs.to(cfg.device), hooks)
-    rows = {}
-    if any(not HookedPolicy.is_decoder_point(d.read_hook) for d in dicts):
-        rows["city"] = city_rows(
-            locs.numpy().astype(np.float64),
-            two_opt(locs, greedy).numpy(),
-            None if clusters is None else clusters.numpy(),
-        )
-    if any(HookedPolicy.is_decoder_point(d.read_hook) for d in dicts):
-        rows["step"] = step_rows(locs.numpy().astype(np.float64), greedy.numpy())
-    documents: dict[Path, dict] = {}
-    for d in tqdm(dicts, desc="labelling"):
-        kind = "step" if HookedPolicy.is_decoder_point(d.read_hook) else "city"
-        doc = documents.setdefault(d.folder / "eval" / "labels.json", {
-            "schema": SCHEMA, "folder": str(d.folder), "run_dir": str(run_dir),
-            "instances": {"num_instances": cfg.num_instances, "num_loc": num_loc, "distribution": distribution,
-                          "seed": cfg.instance_seed, "checkpoint_epoch": policy.epoch,
-                          "tours": "2-opt from the policy's greedy tours (city rows); the greedy tours (step rows)"},
-            "options": asdict(cfg.scoring), "dictionaries": {},
-        })  # fmt: skip
-        doc["dictionaries"][d.id] = label_dictionary(d, {h: cache[h] for h in d.hooks}, rows[kind], cfg.scoring)
-    for path, doc in documents.items():
-        write_json(path, doc)
-    return {str(p): doc for p, doc in documents.items()}
+    instances = Instances(cfg.num_instances, cfg.num_loc, cfg.distribution, cfg.instance_seed)
+    return label_folders(run_dir, cfg.dictionary, instances, cfg.scoring, cfg.checkpoint, cfg.device)
 
 
 def format_census(documents: dict[str, dict]) -> str:
@@ -150,7 +103,6 @@ def format_census(documents: dict[str, dict]) -> str:
 def main(as_json, **settings):
     """Label every feature of a run's SAEs and transcoders by measured geometry, with scores and a null control."""
     with command():
-        torch.set_grad_enabled(False)
         documents = run(LabelConfig(**settings))
     if as_json:
         click.echo(json.dumps(documents))

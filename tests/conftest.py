@@ -178,7 +178,7 @@ def analysed_run(tiny_run, tmp_path_factory) -> Path:
         (train_transcoder.main, ["--pair", "clt_L0.mlp_in_to_L0.mlp_out", *small]),
         (train_transcoder.main, ["--pair", "clt_L1.mlp_in_to_L1.mlp_out", *small]),
         (train_transcoder.main, ["--multilayer", *small]),
-        (clt_eval.main, ["--pair", "clt_L0.mlp_in_to_L0.mlp_out", "--num_instances", "8"]),
+        (clt_eval.main, ["--pair", "clt_L0.mlp_in_to_L0.mlp_out", "--num_instances", "8", "--label_instances", "20"]),
         (
             generalize.main,
             ["--pair", "clt_L0.mlp_in_to_L0.mlp_out", "--conditions", f"{run_dir},:clustered", "--num_instances", "8"],

@@ -85,7 +85,9 @@ def test_train_and_splice_a_glimpse_transcoder(decoder_run):
     assert result.exit_code == 0, result.output
     assert f"{GLIMPSE}: validation FVU" in result.output
     folder = sorted((decoder_run / "clt" / "clt_runs" / GLIMPSE).iterdir())[-1]
-    result = CliRunner().invoke(eval_cli.main, ["--clt_dir", str(folder), "--num_instances", "16"])
+    result = CliRunner().invoke(
+        eval_cli.main, ["--clt_dir", str(folder), "--num_instances", "16", "--label_instances", "20"]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((folder / "eval" / "metrics.json").read_text())
     splice = metrics["splice"]

@@ -100,10 +100,22 @@ def test_cli_writes_metrics_plots_and_edges_with_sae_paths(trained):
     before_eval = CliRunner().invoke(edges_cli.main, ["--clt_dir", str(fresh)])
     assert before_eval.exit_code == 1 and "run python -m clt.eval --clt_dir" in before_eval.output
     shutil.rmtree(fresh)
-    args = ["--clt_dir", str(clt_dir), "--num_instances", "16", "--batch_size", "8", "--json"]
+    args = [
+        "--clt_dir",
+        str(clt_dir),
+        "--num_instances",
+        "16",
+        "--label_instances",
+        "20",
+        "--batch_size",
+        "8",
+        "--json",
+    ]
     result = CliRunner().invoke(eval_cli.main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{") :])
+    labels = json.loads((clt_dir / "eval" / "labels.json").read_text())  # labelled by default (clt.feature_labels)
+    assert labels["instances"]["num_instances"] == 20 and report["labels"].keys() == labels["dictionaries"].keys()
     made = CliRunner().invoke(edges_cli.main, edges)
     assert made.exit_code == 0 and "edges" in made.output, made.output
     out = clt_dir / "eval"
@@ -121,7 +133,9 @@ def test_cli_writes_metrics_plots_and_edges_with_sae_paths(trained):
     assert graph["paths"] and len(graph["paths"][0]["nodes"]) == 3
     feature = next(n for n in graph["nodes"] if n["kind"] == "clt_feature")
     assert feature["id"] == f"tiny/{PAIR}/{clt_dir.name}/feature/0" and len(feature["top_targets"]) == 5
-    text = CliRunner().invoke(eval_cli.main, ["--run_dir", str(run_dir), "--pair", PAIR, "--num_instances", "8"])
+    text = CliRunner().invoke(
+        eval_cli.main, ["--run_dir", str(run_dir), "--pair", PAIR, "--num_instances", "8", "--label_instances", "20"]
+    )
     assert text.exit_code == 0 and "recovers" in text.output and "transcoder+error" in text.output
 
 
@@ -131,19 +145,25 @@ def test_several_folders_in_one_process_share_the_policy_and_the_ablations_and_r
                                         wandb_mode="disabled"))  # fmt: skip
     alone = []
     for folder in (clt_dir, other):
-        result = CliRunner().invoke(eval_cli.main, ["--clt_dir", str(folder), "--num_instances", "12", "--json"])
+        result = CliRunner().invoke(
+            eval_cli.main, ["--clt_dir", str(folder), "--num_instances", "12", "--label_instances", "20", "--json"]
+        )
         assert result.exit_code == 0, result.output
         alone.append(json.loads((folder / "eval" / "metrics.json").read_text()))
     loads, splices = [], []
     monkeypatch.setattr(eval_cli, "load_policy", lambda *args: loads.append(args) or load_policy(*args))
     monkeypatch.setattr(eval_cli, "splice_metrics", lambda *a: splices.append(sorted(a[2])) or splice_metrics(*a))
-    result = CliRunner().invoke(eval_cli.main, [str(clt_dir), str(other), "--num_instances", "12"])
+    result = CliRunner().invoke(
+        eval_cli.main, [str(clt_dir), str(other), "--num_instances", "12", "--label_instances", "20"]
+    )
     assert result.exit_code == 0, result.output
     assert result.output.count("recovers") == 2 and len(loads) == 1
     assert splices == [["transcoder", "transcoder+error"], ["mean", "zero"], ["transcoder", "transcoder+error"]]
     together = [json.loads((folder / "eval" / "metrics.json").read_text()) for folder in (clt_dir, other)]
     assert together == alone and alone[0]["splice"]["transcoder"] != alone[1]["splice"]["transcoder"]
-    lines = CliRunner().invoke(eval_cli.main, [str(clt_dir), str(other), "--num_instances", "12", "--json"])
+    lines = CliRunner().invoke(
+        eval_cli.main, [str(clt_dir), str(other), "--num_instances", "12", "--label_instances", "20", "--json"]
+    )
     assert [json.loads(line) for line in lines.stdout.splitlines()] == alone  # one JSON line each
     both = CliRunner().invoke(eval_cli.main, [str(other), "--clt_dir", str(clt_dir)])
     assert both.exit_code == 1 and "one of them" in both.output

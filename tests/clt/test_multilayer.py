@@ -148,7 +148,7 @@ def test_whole_model_splice_reproduces_tours_with_error_terms(layers_run):
 
     folder = run(TranscoderTrainConfig(str(layers_run), "clt_multilayer", expansion_factor=2, k=3, batch_size=64,
                                        num_epochs=1, wandb_mode="disabled"))  # fmt: skip
-    args = ["--clt_dir", str(folder), "--num_instances", "12", "--batch_size", "6", "--json"]
+    args = ["--clt_dir", str(folder), "--num_instances", "12", "--label_instances", "20", "--batch_size", "6", "--json"]
     result = CliRunner().invoke(eval_cli.main, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{") :])
@@ -235,6 +235,8 @@ def test_a_multilayer_clt_trains_and_evaluates_on_another_conditions_dumps(layer
     for own in ("clt_L0.mlp_in_to_L0.mlp_out", "clt_L1.mlp_in_to_L1.mlp_out"):
         shutil.rmtree(run / "clt" / "activations" / own)  # evaluation must read the mixed dumps, not these
     folder = max((run / "clt" / "clt_runs" / "clt_multilayer").iterdir())
-    result = CliRunner().invoke(eval_cli.main, ["--clt_dir", str(folder), "--num_instances", "4", "--json"])
+    result = CliRunner().invoke(
+        eval_cli.main, ["--clt_dir", str(folder), "--num_instances", "4", "--label_instances", "20", "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output[result.output.index("{") :])["validation_rows"] > 0

@@ -156,7 +156,7 @@ def test_train_clt_sh_sweeps_a_grid_records_it_and_prints_the_table(pair_run):
     env = {**os.environ, "PYTHON": sys.executable}
     other = run(_cfg(pair_run, num_epochs=1))  # a run of the same pair outside the sweep
     command = ["bash", str(script), "--run_dir", str(pair_run), "--no_collect", "--pairs", PAIR, "--expansion", "2",
-               "--k", "2 4 3", "--epochs", "1", "--eval", "8", "--jobs", "2", "--sweep", "grid", "--",
+               "--k", "2 4 3", "--epochs", "1", "--eval", "8", "--no_labels", "--jobs", "2", "--sweep", "grid", "--",
                "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -170,6 +170,7 @@ def test_train_clt_sh_sweeps_a_grid_records_it_and_prints_the_table(pair_run):
     record = json.loads((pair_run / "clt" / "sweeps" / "grid.json").read_text())
     swept = [pair_run / p for p in record["runs"]]
     assert len(swept) == 3 and other not in swept and all((f / "eval" / "metrics.json").is_file() for f in swept)
+    assert not any((f / "eval" / "labels.json").exists() for f in swept)  # --no_labels reached clt.eval
     listed = CliRunner().invoke(summarize_cli.main, ["--run_dir", str(pair_run), "--sweep", "grid", "--list"])
     assert listed.output.split() == [str(f) for f in swept]
     site = pair_run / "site"
