@@ -11,7 +11,8 @@ and checks it by removing its most influential features (clt.graph.verify). Writ
     <run>/clt/attribution/<decision>.safetensors  the full graph: adjacency (rows receive), constants, values,
                                                   node influence, node and edge masks
 
-(or --out), prints a summary, and with --export adds the graph to the site's Decisions tab.
+(or --out; the default name ends with the attention and glimpse modes, so that graphs of one decision in two modes
+keep both files), prints a summary, and with --export adds the graph to the site's Decisions tab.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class AttributeConfig:
     checkpoint: int | None = None
     """Policy epoch [default: the one the transcoders were trained on, else the latest]."""
     out: str | None = None
-    """The graph's JSON path (the .safetensors goes beside it) [default: <run>/clt/attribution/<decision>.json]."""
+    """The graph's JSON path (the .safetensors goes beside it) [default:
+    <run>/clt/attribution/<decision>_attention-<mode>_glimpse-<mode>.json]."""
     export: str | None = None
     """Also add the graph to the site data in this folder (docs/data) for the Decisions tab."""
     full_graph: bool = True
@@ -92,7 +94,8 @@ def run(cfg: AttributeConfig) -> tuple[Attribution, Path]:
     result = attribute(policy.model, replacement, decision, cfg.trace, source)
     attach_labels(result.doc, replacement)  # from clt.label's eval/labels.json, where the dictionaries have one
     result.doc["in_words"] = in_words(result.doc)
-    out = Path(cfg.out) if cfg.out else attribution_dir(run_dir) / f"{check_name(name, 'decision name')}.json"
+    mode = f"_attention-{cfg.trace.attention}_glimpse-{cfg.trace.glimpse}"  # runs in other modes keep their files
+    out = Path(cfg.out) if cfg.out else attribution_dir(run_dir) / f"{check_name(name + mode, 'decision name')}.json"
     if cfg.full_graph:
         save_tensors(out.with_suffix(".safetensors"), result.tensors())
     write_json(out, result.doc)
@@ -138,6 +141,11 @@ def format_summary(doc: dict) -> str:
                      f"relative error {v['local']['max_relative_error']:.1e}; (b) live policy, Pearson r "
                      f"{live['pearson_r']:.3f}, sign agreement {live['sign_agreement']:.1%} (with the transcoders' "
                      f"selection held: r {held['pearson_r']:.3f}, {held['sign_agreement']:.1%})")  # fmt: skip
+        if "gradient_x_activation" in live:
+            g = live["gradient_x_activation"]
+            verdict = "beats" if live["pearson_r"] > g["pearson_r"] else "does not beat"
+            lines.append(f"baseline: gradient x activation in the live policy, r {g['pearson_r']:.3f}, sign agreement "
+                         f"{g['sign_agreement']:.1%}: the graph {verdict} it")  # fmt: skip
     if doc.get("in_words"):
         lines.append(f"in words: {doc['in_words']}")
     c = doc["checks"]

@@ -64,10 +64,15 @@ class Outcome(NamedTuple):
         return torch.tensor([self.tour], device=self.scores.device)
 
 
-@torch.no_grad()
-def decide(model: AttentionModel, decision: Decision, finish: bool = True) -> Outcome:
+def decide(model: AttentionModel, decision: Decision, finish: bool = True, grad: bool = False) -> Outcome:
     """Run the policy (with whatever hooks are attached) along the decision's prefix, then greedily to the end
-    (with `finish` False: only step t, and the tour is the prefix and the choice there)."""
+    (with `finish` False: only step t, and the tour is the prefix and the choice there). Without autograd unless
+    `grad`."""
+    with torch.set_grad_enabled(grad):
+        return _decide(model, decision, finish)
+
+
+def _decide(model: AttentionModel, decision: Decision, finish: bool) -> Outcome:
     locs = decision.locs[None]
     cache = model.decoder.precompute(model.encode(locs))
     visited = decision.visited()[None, None]  # [batch=1, S=1, node]

@@ -106,6 +106,7 @@ def spliced_hooks(
     errors: list[torch.Tensor],
     changes: list[Change],
     selection: list[torch.Tensor] | None = None,
+    gains: list[torch.Tensor] | None = None,
 ) -> dict[str, HookFn]:
     """Hooks for one forward pass of one instance: each mlp_out is the (changed) replacement plus its error, and
     (with a glimpse transcoder, `errors` then ending with the glimpse's [d] error) the first glimpse is the glimpse
@@ -113,7 +114,9 @@ def spliced_hooks(
 
     `selection` (per layer a [node, features] bool mask, then the glimpse's [features]) holds which features are
     active, each at ReLU of its live pre-activation, instead of the transcoder choosing them afresh (a diagnostic:
-    the top-k choice is the one discontinuity of the replacement)."""
+    the top-k choice is the one discontinuity of the replacement).
+    `gains` (shaped as `selection`, ones) multiply the codes: the gradient of an output with respect to a gain is
+    gradient x activation of that feature (clt.graph.verify's baseline)."""
     codes: dict[int, torch.Tensor] = {}
     n = replacement.n_layers
 
@@ -127,7 +130,7 @@ def spliced_hooks(
         for change in changes:
             if change.layer == layer:
                 change.apply(z)
-        codes[layer] = z
+        codes[layer] = z if gains is None else z * gains[layer]
 
     def swap(y: torch.Tensor, name: str) -> torch.Tensor:
         layer = parse_layer_hook(name).layer
@@ -151,7 +154,7 @@ def spliced_hooks(
         for change in changes:
             if change.layer == n:
                 change.apply(z[None], city=0)
-        codes[n] = z
+        codes[n] = z if gains is None else z * gains[n]
 
     def swap_glimpse(g: torch.Tensor, name: str) -> torch.Tensor | None:
         if "glimpse" in codes:
@@ -176,11 +179,12 @@ def run_spliced(
     changes: list[Change],
     finish: bool = True,
     selection: list[torch.Tensor] | None = None,
+    gains: list[torch.Tensor] | None = None,
 ) -> Outcome:
     """The decision in the policy with the replacement spliced in, the errors fixed and `changes` applied
-    (`selection`: see spliced_hooks)."""
-    with HookedPolicy(policy).hooks(spliced_hooks(replacement, errors, changes, selection)):
-        return decide(policy, decision, finish)
+    (`selection`, `gains`: see spliced_hooks; with gains, autograd records the pass)."""
+    with HookedPolicy(policy).hooks(spliced_hooks(replacement, errors, changes, selection, gains)):
+        return decide(policy, decision, finish, grad=gains is not None)
 
 
 @dataclass

@@ -110,9 +110,9 @@ class Replacement:
             return model.encode_layer(layer, mlp_in)
         return model.encode(mlp_in)
 
-    @torch.no_grad()
     def predict(self, target: int, codes: list[torch.Tensor]) -> torch.Tensor:
-        """Raw mlp_out of `target` [node, d] from the codes of layers 0..target (a list of [node, features])."""
+        """Raw mlp_out of `target` [node, d] from the codes of layers 0..target (a list of [node, features]);
+        differentiable in the codes (the weights are constants)."""
         y = self.decoder_bias(target).expand(codes[0].shape[0], -1)
         for i in range(target + 1):
             w = self.decoder(i, target)

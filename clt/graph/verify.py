@@ -6,7 +6,8 @@
     normalisation, the transcoders' selection and the glimpse all respond. Pearson r and sign agreement between
     predicted and measured target changes say how far the linear explanation holds. Measured again with the
     transcoders' selection held (`selection_held`), they separate what top-k's re-selection costs from what the
-    attention patterns' response costs.
+    attention patterns' response costs. Beside them, the same r and sign agreement for gradient x activation in
+    that live policy (`gradient_x_activation`): the one-line baseline a graph has to beat.
 """
 
 from __future__ import annotations
@@ -48,6 +49,47 @@ def verify_local(local: LocalModel, graph: Graph, features: list[int], total: to
     return {"features": len(features), "max_relative_error": worst}
 
 
+def distinct_margins(targets: list[int], against: list[int] | None) -> list[int]:
+    """The target columns that are not another's mirror: with targets [A, B] against [B, A], score A - score B and
+    score B - score A are one margin with two signs, and would count every removal twice (and pull Pearson's r
+    toward 1); the first of each such pair is kept."""
+    if against is None:
+        return list(range(len(targets)))
+    seen, keep = set(), []
+    for i, pair in enumerate(zip(targets, against, strict=True)):
+        if frozenset(pair) not in seen:
+            seen.add(frozenset(pair))
+            keep.append(i)
+    return keep
+
+
+def gradient_x_activation(policy: AttentionModel, replacement: Replacement, decision: Decision,
+                          errors: list[torch.Tensor], nodes: list[dict], targets: list[int],
+                          against: list[int] | None) -> torch.Tensor:  # fmt: skip
+    """[node, target] the one-line baseline a graph must beat: gradient x activation of each target value (score,
+    or score difference) with respect to each feature node, in the live policy with the replacement spliced in and
+    the errors held, attention and normalisation free (plain autograd). The removal effect it predicts is minus
+    this."""
+    codes, _ = live_codes(policy, replacement, decision.locs)
+    held = [c != 0 for c in codes]  # the gradient of top-k: its selection held, each feature differentiable
+    if replacement.glimpse is not None:
+        held.append(live_glimpse(policy, replacement, decision)[0] != 0)
+    gains = [torch.ones(h.shape, dtype=codes[0].dtype, requires_grad=True) for h in held]
+    with torch.enable_grad():  # callers may run without autograd
+        scores = run_spliced(policy, replacement, decision, errors, [], False, held, gains).scores
+        values = scores[targets] if against is None else scores[targets] - scores[against]
+        grads_per_target = [torch.autograd.grad(values[j], gains, retain_graph=j + 1 < len(targets), allow_unused=True)
+                            for j in range(len(targets))]  # fmt: skip
+    out = torch.zeros(len(nodes), len(targets), dtype=DTYPE)
+    for j, grads in enumerate(grads_per_target):
+        for i, node in enumerate(nodes):
+            g = grads[node["layer"]]
+            if g is not None:
+                at = node["feature"] if node["layer"] == len(codes) else (node["city"], node["feature"])  # glimpse: [f]
+                out[i, j] = float(g[at])
+    return out
+
+
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.to(DTYPE) - x.to(DTYPE).mean(), y.to(DTYPE) - y.to(DTYPE).mean()
     denominator = float(x.norm() * y.norm())
@@ -66,7 +108,8 @@ def verify_live(
     against: list[int] | None = None,
 ) -> dict:
     """(b): Pearson r and sign agreement between predicted (-total effect) and measured target changes (score
-    differences against `against` when given), with the selection free and with it held. Signs are compared on
+    differences against `against` when given; a margin and its mirror count once), with the selection free and with
+    it held. Signs are compared on
     the (feature, target) pairs the graph predicts an effect for: a feature with no path to a target in the local
     model (at a visited city, say, the glimpse does not read) has no sign to agree with."""
     codes, errors = live_codes(policy, replacement, decision.locs)
@@ -82,20 +125,33 @@ def verify_live(
     if not features:
         return {"features": 0, "pearson_r": float("nan"), "sign_agreement": float("nan"), "removals": []}
     predicted = torch.stack([-total[:, s] for s in features])  # [feature, target]
+    distinct = distinct_margins(targets, against)
+    baseline = -gradient_x_activation(policy, replacement, decision, errors, [graph.nodes[s] for s in features],
+                                      targets, against)  # fmt: skip
     report = {"features": len(features)}
     for selection, key in ((None, None), (held, "selection_held")):
         base = values([], selection)
         changes = [Change(graph.nodes[s]["layer"], graph.nodes[s]["city"], graph.nodes[s]["feature"]) for s in features]
         measured = torch.stack([values([c], selection) - base for c in changes])
-        signed = predicted.abs() > 1e-12 * predicted.abs().max()  # pairs the graph gives an effect (a path) at all
-        agree = torch.sign(predicted[signed]) == torch.sign(measured[signed])
-        part = {"pearson_r": pearson(predicted.flatten(), measured.flatten()),
+        p, m = predicted[:, distinct], measured[:, distinct]  # each margin once
+        signed = p.abs() > 1e-12 * p.abs().max()  # pairs the graph gives an effect (a path) at all
+        agree = torch.sign(p[signed]) == torch.sign(m[signed])
+        part = {"pearson_r": pearson(p.flatten(), m.flatten()),
                 "sign_agreement": float(agree.to(DTYPE).mean()) if agree.numel() else float("nan"),
                 "pairs": int(signed.sum())}  # fmt: skip
         if key is None:
             report.update(part)
-            report["removals"] = [{"id": graph.nodes[s]["id"], "predicted": p.tolist(), "measured": m.tolist()}
-                                  for s, p, m in zip(features, predicted, measured, strict=True)]  # fmt: skip
+            report["removals"] = [
+                {"id": graph.nodes[s]["id"], "predicted": p.tolist(), "measured": m.tolist(),
+                 "gradient_x_activation": b.tolist()}
+                for s, p, m, b in zip(features, predicted, measured, baseline, strict=True)
+            ]  # fmt: skip
+            g = baseline[:, distinct]
+            g_agree = torch.sign(g[signed]) == torch.sign(m[signed])
+            report["gradient_x_activation"] = {
+                "pearson_r": pearson(g.flatten(), m.flatten()),
+                "sign_agreement": float(g_agree.to(DTYPE).mean()) if g_agree.numel() else float("nan"),
+            }
         else:
             report[key] = part
     return report

@@ -1,0 +1,53 @@
+"""clt.graph.verify: the live check counts each margin once."""
+
+import pytest
+import torch
+
+from clt.graph.decision import Decision, greedy_tour
+from clt.graph.replacement import load_replacement
+from clt.graph.trace import TraceOptions, attribute
+from clt.graph.verify import distinct_margins, pearson
+from policy.env import generate
+from policy.loading import load_policy
+
+
+def test_mirrored_margins_are_counted_once():
+    assert distinct_margins([3, 5], [5, 3]) == [0]
+    assert distinct_margins([3, 5, 7], [5, 3, 3]) == [0, 2]
+    assert distinct_margins([3, 5], None) == [0, 1]
+
+
+def test_the_live_r_of_two_mirrored_targets_is_the_r_of_one_margin(analysed_run):
+    """Two targets A, B against their runner-ups B, A: the live check's r is that of the margin A - B alone (with both
+    columns every removal would count twice, with opposite signs)."""
+    replacement = load_replacement(analysed_run)
+    policy = load_policy(analysed_run, replacement.checkpoint_epoch).model
+    locs = generate(1, 10, seed=7)[0]
+    options = TraceOptions(verify=6, max_targets=2, target_prob=1.0)
+    doc = attribute(policy, replacement, Decision(locs, greedy_tour(policy, locs)[:3]), options, {}).doc
+    (a, b), against = doc["targets"], doc["against"]
+    assert against == [b, a]
+    live = doc["verification"]["live"]
+    first = [torch.tensor([r[k][0] for r in live["removals"]], dtype=torch.float64) for k in ("predicted", "measured")]
+    assert live["pearson_r"] == pytest.approx(pearson(*first), abs=1e-12)
+    both = [
+        torch.tensor([r[k] for r in live["removals"]], dtype=torch.float64).flatten() for k in ("predicted", "measured")
+    ]
+    assert abs(live["pearson_r"] - pearson(*both)) > 1e-9
+
+
+def test_gradient_x_activation_equals_the_tangent_graphs_total_effects(analysed_run):
+    """The baseline is plain autograd in the live policy; the tangent graph (attention and glimpse patterns
+    responding to first order, BatchNorm affine) is the same first-order model, so their removal predictions agree:
+    a check of both."""
+    replacement = load_replacement(analysed_run)
+    policy = load_policy(analysed_run, replacement.checkpoint_epoch).model
+    assert policy.cfg.normalization == "batch"
+    locs = generate(1, 10, seed=11)[0]
+    options = TraceOptions(verify=8, attention="tangent", glimpse="tangent")
+    doc = attribute(policy, replacement, Decision(locs, greedy_tour(policy, locs)[:4]), options, {}).doc
+    live = doc["verification"]["live"]
+    predicted = torch.tensor([r["predicted"] for r in live["removals"]], dtype=torch.float64)
+    baseline = torch.tensor([r["gradient_x_activation"] for r in live["removals"]], dtype=torch.float64)
+    assert (predicted - baseline).abs().max() <= 1e-4 * predicted.abs().max()
+    assert live["gradient_x_activation"]["pearson_r"] == pytest.approx(live["pearson_r"], abs=1e-4)
