@@ -200,11 +200,12 @@ function labelBlock(dictId, index) {
     el("p", { class: "note", text: `score ${fmt(l.score, 3)} (folded AUROC of the label as a detector of the feature's firing), null threshold ${fmt(l.null, 3)} (99th percentile over instance permutations); fires on ${pct(l.frequency, 2)} of the export's nodes.` }),
     el("div", { class: "columns" },
       el("div", {}, el("h3", { text: "Best descriptors (AUROC; the band: chance to the null)" }), drawDescriptorBars(l)),
-      el("div", {}, el("h3", { text: "Receptive field (mean activation over the unit square)" }), drawField(field)))];
+      el("div", {}, el("h3", { text: "Receptive field (mean activation over the unit square)" }),
+        field.length ? drawField(field) : el("p", { class: "note", text: "It never fires on the export's instances." })))];
 }
 
 function drawDescriptorBars(l) {
-  const width = 340, row = 22, height = row * l.top.length + 24, x0 = 130, scale = (a) => x0 + (width - x0 - 10) * a;
+  const width = 360, row = 22, height = row * l.top.length + 24, x0 = 130, scale = (a) => x0 + (width - x0 - 40) * a;
   const svg = el("svg:svg", { class: "descriptor-bars", width, height, viewBox: `0 0 ${width} ${height}` });
   const nullWidth = Math.max(0, scale(l.null) - scale(1 - l.null));
   svg.append(el("svg:rect", { x: scale(1 - l.null), y: 0, width: nullWidth, height: height - 20, fill: "#e4e7eb" }));

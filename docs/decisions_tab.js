@@ -72,7 +72,7 @@ function featureLink(d, id) {
 // the nodes and edges within the thresholds are laid out, so a stricter threshold gives a more compact graph.
 function drawDecisionGraph(d, details) {
   const holder = el("div", { class: "decision-graph-holder" });
-  const graph = { holder, marks: {}, paths: [], city: null };
+  const graph = { holder, marks: {}, tags: {}, paths: [], city: null };
   const ranked = d.nodes.filter((n) => n.kind === "feature" || n.kind === "error").sort((a, b) => b.influence - a.influence);
   const rankedEdges = [...d.edges].sort((a, b) => b.score - a.score);
   // The fewest nodes (features, errors) and edges, strongest first, carrying that share of the full graph's influence.
@@ -98,6 +98,7 @@ function drawDecisionGraph(d, details) {
   graph.highlightCity = (city) => {
     graph.city = city;
     for (const mark of Object.values(graph.marks)) mark.classList.toggle("dim", city !== null && Number(mark.dataset.city) !== city);
+    for (const [id, tag] of Object.entries(graph.tags)) tag.classList.toggle("dim", city !== null && Number(graph.marks[id].dataset.city) !== city);
     for (const { edge, path } of graph.paths) path.classList.toggle("dim", city !== null && cityOf(edge.source) !== city && cityOf(edge.target) !== city);
   };
   return graph;
@@ -124,6 +125,7 @@ function layout(d, nodes, edges, graph, details) {
   const edgeLayer = el("svg:g"), nodeLayer = el("svg:g"), size = Math.min(4, row / 2);
   graph.paths = [];
   graph.marks = {};
+  graph.tags = {};
   for (const e of edges) {
     const [a, b] = [at[e.source], at[e.target]];
     const mid = (a[0] + b[0]) / 2, strength = Math.abs(e.weight) / strongest;
@@ -145,7 +147,9 @@ function layout(d, nodes, edges, graph, details) {
     const label = n.kind === "feature" ? `${where} city ${n.city} #${n.feature}${n.label ? `: ${n.label}` : ""}` : n.kind === "error" ? `error ${where} city ${n.city}` : n.kind === "input" ? `input city ${n.city}` : `target city ${n.city}`;
     if (n.kind === "feature" && n.category) mark.append(el("svg:title", { text: label }));
     if (n.kind === "feature" && n.category && !["unexplained", "rare", "dead"].includes(n.category)) {
-      nodeLayer.append(el("svg:text", { class: "node-tag", x: x + size + 2, y: y + 3, text: TAGS[n.category] || n.category }));
+      const tag = el("svg:text", { class: "node-tag", x: x + size + 2, y: y + 3, text: TAGS[n.category] || n.category });
+      graph.tags[n.id] = tag;
+      nodeLayer.append(tag);
     }
     mark.addEventListener("mouseenter", () => highlightPaths(graph, n, true, details, label));
     mark.addEventListener("mouseleave", () => highlightPaths(graph, n, false));
@@ -180,6 +184,7 @@ function highlightPaths(graph, node, on, details, label) {
   const related = new Set([...down, ...up]);
   for (const { edge, path } of graph.paths) path.classList.toggle("dim", !((down.has(edge.source) && down.has(edge.target)) || (up.has(edge.source) && up.has(edge.target))));
   for (const [id, mark] of Object.entries(graph.marks)) mark.classList.toggle("dim", !related.has(id));
+  for (const [id, tag] of Object.entries(graph.tags)) tag.classList.toggle("dim", !related.has(id));
   const facts = [`influence on the targets ${fmt(node.influence, 4)}`];
   if (node.kind === "feature") facts.push(`label: ${node.label || "not labelled"}`, `activation ${fmt(node.activation, 3)}`, `pre-activation from biases ${fmt(node.constant, 3)}`);
   if (node.kind === "error") facts.push(`error norm ${fmt(node.norm, 3)}`);

@@ -166,7 +166,8 @@ def label_table(labels: dict[int, dict] | None, stats: dict) -> dict | None:
     categories = [*CATEGORIES, "rare", "dead"]
     rows = [[categories.index(e["category"]), e["label"], e["score"], e["null"], sig4(stats["frequency"][j]),
              [[t["descriptor"], t["auroc"]] for t in e["top"][:3]]] for j, e in sorted(labels.items())]  # fmt: skip
-    return {"categories": categories, "features": rows, "field": [r4(f) for f in stats["field"]]}
+    fields = [r4(f) if stats["frequency"][j] > 0 else [] for j, f in enumerate(stats["field"])]  # [] never fired
+    return {"categories": categories, "features": rows, "field": fields}
 
 
 def feature_page(d: Dictionary, j: int, acts: np.ndarray, stats: dict, cfg: ExportConfig) -> dict:

@@ -57,6 +57,16 @@ def chromium(width: int = 1400, height: int = 1000) -> Iterator:
         driver.quit()
 
 
+def rendered(driver, url: str) -> None:
+    """Open `url` and wait until the page has drawn its content (the site's data scripts take a moment to parse)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script("return document.getElementById('content').children.length > 0")
+    )
+
+
 def column_node(driver, column: int):
     """The first feature of a graph column (clamped to the last column) on the CLT or SAE tab on screen."""
     nodes = driver.find_elements("css selector", "#graph circle.node")
@@ -81,8 +91,8 @@ def hover_feature(driver, column: int = 0) -> None:
 
 
 def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
-    """overview.png, clt_graph.png and feature.png of the site in docs_dir, and decision.png (the first decision,
-    its strongest feature hovered) when the site has decisions."""
+    """overview.png, clt_graph.png, feature.png and features.png (the Features tab, searching "spot") of the site in
+    docs_dir, and decision.png (the first decision, its strongest feature hovered) when the site has decisions."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shots = []
@@ -91,19 +101,23 @@ def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
             if hash_ is None:  # a feature of the second column: it has up- and downstream features
                 open_feature(driver, column=1)
             else:
-                driver.get(url + hash_)
+                rendered(driver, url + hash_)
             if name == "clt_graph":  # each pair of columns on its own scale; a hovered middle feature's edges stand out
                 driver.find_element("id", "per-pair").click()
                 hover_feature(driver, column=1)
             path = out / f"{name}.png"
             driver.find_element("tag name", "body").screenshot(str(path))
             shots.append(path)
+        rendered(driver, url + "#/features")
+        driver.find_element("id", "feature-search").send_keys("spot")
+        shots.append(out / "features.png")
+        driver.find_element("tag name", "body").screenshot(str(shots[-1]))
         decisions = driver.execute_script("return window.DECISIONS || []")
         if decisions:
             from selenium.webdriver import ActionChains
 
             first = decisions[0]
-            driver.get(url + "#/decision/" + first["name"])
+            rendered(driver, url + "#/decision/" + first["name"])
             node = driver.find_element("css selector", f"#graph .node[data-id='{first['top_features'][0]['id']}']")
             ActionChains(driver).move_to_element(node).perform()
             shots.append(out / "decision.png")

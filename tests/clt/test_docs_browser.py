@@ -203,7 +203,7 @@ def test_the_screenshots_include_a_decision(site_dir, tmp_path):
     from clt.site.screenshots import take_screenshots
 
     shots = take_screenshots(site_dir, tmp_path)
-    assert [p.name for p in shots] == ["overview.png", "clt_graph.png", "feature.png", "decision.png"]
+    assert [p.name for p in shots] == ["overview.png", "clt_graph.png", "feature.png", "features.png", "decision.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in shots)
 
 
@@ -211,7 +211,8 @@ def test_a_feature_page_shows_its_label_score_and_receptive_field(browser, site)
     url, data = site
     dict_id, spec = next((k, v) for k, v in data["dictionaries"].items() if v["labels"])
     with_page = {p["index"] for p in spec["feature_pages"]}
-    label_only = next(i for i in range(spec["features"]) if i not in with_page)
+    fields = spec["labels"]["field"]  # [] for a feature that never fired on the export's instances
+    label_only = next(i for i in range(spec["features"]) if i not in with_page and fields[i])
     for index in (min(with_page), label_only):
         open_page(browser, url + f"#/feature/{quote(dict_id, safe='')}/{index}", ".feature-label")
         category, label = spec["labels"]["features"][index][:2]
@@ -222,6 +223,10 @@ def test_a_feature_page_shows_its_label_score_and_receptive_field(browser, site)
             By.CSS_SELECTOR, "svg.descriptor-bars rect"
         )
         assert console_errors(browser) == []
+    silent = [i for i in range(spec["features"]) if not fields[i]]
+    if silent:
+        open_page(browser, url + f"#/feature/{quote(dict_id, safe='')}/{silent[0]}", ".feature-label")
+        assert "never fires" in browser.find_element(By.ID, "content").text
 
 
 def search(browser, url: str, words: str) -> list[str]:
