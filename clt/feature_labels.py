@@ -188,6 +188,9 @@ def label_features(acts: np.ndarray, rows: Rows, opts: LabelOptions | None = Non
         raise ValueError(f"activations [rows, features] must have {len(rows.values)} rows, got {list(acts.shape)}")
     if not np.isfinite(acts).all():
         raise ValueError("activations hold NaN or Inf")
+    if not np.isfinite(rows.values).all():
+        bad = [n for n, ok in zip(rows.names, np.isfinite(rows.values).all(0), strict=True) if not ok]
+        raise ValueError(f"descriptors {bad} hold NaN or Inf (give every row a value)")
     rng = np.random.default_rng(opts.seed)
     n_rows, n_features = acts.shape
     ev = events(acts)

@@ -25,6 +25,7 @@ CLIS = [
     "clt.label",
     "clt.census",
     "bench.labels",
+    "bench.faithfulness",
     "clt.generalize",
     "clt.graph.edges",
     "clt.graph.attribute",

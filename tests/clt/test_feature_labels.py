@@ -132,5 +132,9 @@ def test_bad_input_is_refused(instances):
         label_features(np.zeros((3, 2)), rows)
     with pytest.raises(ValueError, match="NaN"):
         label_features(np.full((len(rows.values), 1), np.nan), rows)
+    holey = Rows(rows.names, np.where(np.arange(len(rows.names)) == 0, np.nan, rows.values), rows.xy, rows.rel,
+                 rows.per_instance, rows.kind)  # fmt: skip
+    with pytest.raises(ValueError, match=rf"\['{rows.names[0]}'\] hold NaN"):
+        label_features(np.zeros((len(rows.values), 1)), holey)
     with pytest.raises(ValueError, match="min_auroc"):
         LabelOptions(min_auroc=0.4)
