@@ -38,6 +38,8 @@ function renderDecision(name) {
   const live = d.verification?.live || {}, local = d.verification?.local || {};
   content.append(el("h2", { text: `Decision ${d.name}: step ${d.step}, the policy picks city ${picks}` }),
     el("p", { class: "note", text: `Run ${d.run} (epoch ${d.checkpoint_epoch}), replacement ${d.replacement.id}. Replacement score ${fmt(d.scores.graph.replacement, 3)}, completeness ${fmt(d.scores.graph.completeness, 3)}; removal checks on ${local.features ?? 0} features: local model max relative error ${local.max_relative_error?.toExponential(1) ?? "-"}, live policy r ${fmt(live.pearson_r, 3)}, sign agreement ${pct(live.sign_agreement)}.` }));
+  const fidelity = d.verification?.fidelity;
+  if (fidelity) content.append(el("p", { class: "note", text: `The replacement alone (error nodes dropped) picks city ${fidelity.choice}${fidelity.same_choice ? ", as the policy does" : `, NOT the policy's ${picks}`}: ${pct(fidelity.probability_of_policy_choice)} on the policy's choice, KL ${fmt(fidelity.kl, 3)}. The error nodes carry what it misses.` }));
   if (!faithful(d)) content.append(el("div", { class: "empty not-faithful", text: `Not faithful: removing this graph's most influential features in the live policy moves the decision unlike the graph predicts (r ${fmt(live.pearson_r, 3)} < ${FAITHFUL_R}). Read its edges as the replacement model's, not the policy's.` }));
   if (d.in_words) content.append(el("p", { class: "in-words", text: `In words: ${d.in_words}` }));
   const controls = el("div", { class: "controls" });

@@ -135,7 +135,12 @@ def format_summary(doc: dict) -> str:
         label = f"   {f['label']}" if "label" in f else ""
         lines.append(f"  {f['id']:<16} influence {f['influence']:.4f}   {effects}{label}")
     v = doc["verification"]
-    if v:
+    if "fidelity" in v:
+        f = v["fidelity"]
+        lines.append(f"replacement alone (errors dropped): picks {f['choice']} "
+                     f"({'the same city' if f['same_choice'] else 'NOT the policy city'}), "
+                     f"{f['probability_of_policy_choice']:.1%} on the policy's choice, KL {f['kl']:.3f}")  # fmt: skip
+    if "live" in v:
         live, held = v["live"], v["live"]["selection_held"]
         lines.append(f"checks on the {v['local']['features']} most influential features: (a) local model, max "
                      f"relative error {v['local']['max_relative_error']:.1e}; (b) live policy, Pearson r "

@@ -20,7 +20,7 @@ from clt.graph.local import LocalModel
 from clt.graph.pointer import GLIMPSES
 from clt.graph.prune import Pruned, prune, scores
 from clt.graph.replacement import Replacement
-from clt.graph.verify import verify_live, verify_local
+from clt.graph.verify import replacement_fidelity, verify_live, verify_local
 from policy.checks import check_types
 from policy.model import AttentionModel
 from policy.options import choice
@@ -122,7 +122,8 @@ def attribute(
     total = graph.total_effects()
     ranked = torch.argsort(pruned.node_influence[: graph.n_features], descending=True, stable=True).tolist()
     checked = ranked[: options.verify]
-    verification = {}
+    verification = {"fidelity": replacement_fidelity(policy, replacement, decision, outcome.log_probs,
+                                                     outcome.tour[decision.step])}  # fmt: skip
     if checked:
         verification["local"] = verify_local(local, graph, checked, total)
         verification["live"] = verify_live(policy, replacement, decision, graph, checked, total, targets, against)

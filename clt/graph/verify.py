@@ -8,6 +8,7 @@
     transcoders' selection held (`selection_held`), they separate what top-k's re-selection costs from what the
     attention patterns' response costs. Beside them, the same r and sign agreement for gradient x activation in
     that live policy (`gradient_x_activation`): the one-line baseline a graph has to beat.
+(c) `replacement_fidelity`: the decision made by the replacement alone, its error terms dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from clt.graph.attribution import Graph
 from clt.graph.decision import Decision
-from clt.graph.intervention import Change, live_codes, live_glimpse, run_spliced
+from clt.graph.intervention import Change, live_codes, live_glimpse, run_spliced, spliced_errors
 from clt.graph.local import DTYPE, LocalModel
 from clt.graph.replacement import Replacement
 from policy.model import AttentionModel
@@ -47,6 +48,23 @@ def verify_local(local: LocalModel, graph: Graph, features: list[int], total: to
         if scale > 0:
             worst = max(worst, float((removed - base - predicted).abs().max()) / scale)
     return {"features": len(features), "max_relative_error": worst}
+
+
+@torch.no_grad()
+def replacement_fidelity(policy: AttentionModel, replacement: Replacement, decision: Decision, policy_log_probs:
+                         torch.Tensor, policy_choice: int) -> dict:  # fmt: skip
+    """How the replacement alone decides this step: the policy with every feed-forward block (and glimpse) replaced
+    and the error terms dropped. Its choice, whether it is the policy's, the probability it gives the policy's
+    choice, and KL(policy || replacement) over the unvisited cities. A graph's error nodes carry whatever this
+    misses: a poor replacement cannot look good here."""
+    errors = [torch.zeros_like(e) for e in spliced_errors(policy, replacement, decision)]
+    log_q = run_spliced(policy, replacement, decision, errors, [], False).log_probs.to(DTYPE)
+    log_p = policy_log_probs.to(DTYPE)
+    open_ = torch.isfinite(log_p)
+    kl = float((log_p[open_].exp() * (log_p[open_] - log_q[open_])).sum())
+    choice = int(log_q.argmax())
+    return {"choice": choice, "same_choice": choice == policy_choice,
+            "probability_of_policy_choice": float(log_q[policy_choice].exp()), "kl": kl}  # fmt: skip
 
 
 def distinct_margins(targets: list[int], against: list[int] | None) -> list[int]:

@@ -51,3 +51,29 @@ def test_gradient_x_activation_equals_the_tangent_graphs_total_effects(analysed_
     baseline = torch.tensor([r["gradient_x_activation"] for r in live["removals"]], dtype=torch.float64)
     assert (predicted - baseline).abs().max() <= 1e-4 * predicted.abs().max()
     assert live["gradient_x_activation"]["pearson_r"] == pytest.approx(live["pearson_r"], abs=1e-4)
+
+
+def test_replacement_fidelity_is_the_decision_with_the_error_nodes_dropped(analysed_run):
+    from clt.graph.decision import decide
+    from clt.graph.intervention import run_spliced, spliced_errors
+    from clt.graph.verify import replacement_fidelity
+
+    replacement = load_replacement(analysed_run)
+    policy = load_policy(analysed_run, replacement.checkpoint_epoch).model
+    locs = generate(1, 10, seed=13)[0]
+    decision = Decision(locs, greedy_tour(policy, locs)[:5])
+    outcome = decide(policy, decision)
+    fidelity = replacement_fidelity(policy, replacement, decision, outcome.log_probs, outcome.tour[5])
+    errors = spliced_errors(policy, replacement, decision)
+    held = run_spliced(policy, replacement, decision, errors, [], False).log_probs  # errors held: the policy itself
+    dropped = run_spliced(policy, replacement, decision, [e * 0 for e in errors], [], False).log_probs
+    p = outcome.log_probs.exp()
+    open_ = p > 0
+    kl = lambda q: float((p[open_] * (outcome.log_probs[open_] - q[open_])).sum())  # noqa: E731
+    assert abs(kl(held)) < 1e-5 and fidelity["kl"] == pytest.approx(kl(dropped), abs=1e-6)
+    assert fidelity["choice"] == int(dropped.argmax()) and fidelity["same_choice"] == (
+        fidelity["choice"] == outcome.tour[5]
+    )
+    assert fidelity["probability_of_policy_choice"] == pytest.approx(float(dropped[outcome.tour[5]].exp()), abs=1e-6)
+    doc = attribute(policy, replacement, decision, TraceOptions(verify=0), {}).doc
+    assert doc["verification"]["fidelity"] == fidelity
