@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
+from tqdm import tqdm
 
 from clt.graph.decision import DecisionOptions
 from clt.graph.explain import attach_labels, in_words
@@ -65,6 +66,13 @@ class AttributeConfig:
     full_graph: bool = True
     """Also write the full graph as .safetensors beside the JSON (float32 adjacency: 5 MB for TSP20, 110 MB for
     TSP100; --no_full_graph to skip)."""
+    steps: str | None = None
+    """Several decisions of each instance in one process, instead of --step: A-B (inclusive), a comma list, or
+    `all` (every step from 1 that has two candidates, or one with --target score); each graph is written under its
+    own name and a table sums them up."""
+    instances: str | None = None
+    """Several instances, as A-B or a comma list: with --locs their indices (instead of --index), with --seed their
+    seeds (instead of --seed)."""
     device: str = "cpu"
     """torch device."""
 
@@ -73,10 +81,55 @@ class AttributeConfig:
         check_device(self.device)
         if self.out is not None and not self.out.endswith(".json"):
             raise ValueError(f"--out names a .json file, got {self.out!r}")
+        if self.many and self.out is not None:
+            raise ValueError("--out names one graph; with --steps or --instances each goes to <run>/clt/attribution/")
+        if self.steps is not None and self.steps != "all":
+            parse_numbers(self.steps, "--steps")
+        if self.instances is not None:
+            parse_numbers(self.instances, "--instances")
+
+    @property
+    def many(self) -> bool:
+        return self.steps is not None or self.instances is not None
+
+    def decisions(self, num_loc: int) -> list[DecisionOptions]:
+        """Every decision --steps and --instances name (instance-major), or just --step's."""
+        if self.instances is None:
+            where = [self.decision]
+        elif self.decision.locs is not None:
+            where = [replace(self.decision, index=i) for i in parse_numbers(self.instances, "--instances")]
+        else:
+            where = [replace(self.decision, seed=s) for s in parse_numbers(self.instances, "--instances")]
+        if self.steps is None:
+            return where
+        last = num_loc - 1 if self.trace.target == "score" else num_loc - 2  # a difference needs two candidates
+        steps = range(1, last + 1) if self.steps == "all" else parse_numbers(self.steps, "--steps")
+        return [replace(w, step=s) for w in where for s in steps]
+
+
+def parse_numbers(text: str, option: str) -> list[int]:
+    """`3-7` (inclusive) or `1,4,9` -> the numbers; a one-line error for anything else."""
+    try:
+        if "-" in text:
+            low, high = (int(x) for x in text.split("-"))
+            numbers = list(range(low, high + 1))
+        else:
+            numbers = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes A-B or a comma list of numbers, got {text!r}") from None
+    if not numbers or min(numbers) < 0:
+        raise ValueError(f"{option} {text!r} names no number, or a negative one")
+    return numbers
 
 
 def run(cfg: AttributeConfig) -> tuple[Attribution, Path]:
     """Attribute the decision; returns it and where its JSON went."""
+    ((result, out),) = run_all(cfg, [cfg.decision])
+    return result, out
+
+
+def run_all(cfg: AttributeConfig, decisions: list[DecisionOptions]) -> list[tuple[Attribution, Path]]:
+    """Attribute each decision with one loaded policy and replacement; returns each and where its JSON went."""
     run_dir = resolve_run_dir(cfg.run_dir)
     replacement = load_replacement(run_dir, cfg.clt, cfg.glimpse_clt)
     epoch = cfg.checkpoint if cfg.checkpoint is not None else replacement.checkpoint_epoch
@@ -84,7 +137,16 @@ def run(cfg: AttributeConfig) -> tuple[Attribution, Path]:
     if replacement.models[0].b_dec.shape[-1] != policy.config.policy.embed_dim:
         raise ValueError(f"the replacement's width does not match the policy's {policy.config.policy.embed_dim}")
     replacement.to(cfg.device)
-    decision, instance, name = cfg.decision.decision(policy.model, policy.config.num_loc)
+    done = [
+        one(cfg, run_dir, policy, replacement, d) for d in tqdm(decisions, desc="decisions", disable=len(decisions) < 2)
+    ]
+    if cfg.export:
+        add_to_gallery(cfg.export, [for_site(result.doc, out.stem) for result, out in done])
+    return done
+
+
+def one(cfg: AttributeConfig, run_dir: Path, policy, replacement, options: DecisionOptions) -> tuple[Attribution, Path]:
+    decision, instance, name = options.decision(policy.model, policy.config.num_loc)
     source = {
         "run": run_dir.name,
         "checkpoint_epoch": policy.epoch,
@@ -99,9 +161,31 @@ def run(cfg: AttributeConfig) -> tuple[Attribution, Path]:
     if cfg.full_graph:
         save_tensors(out.with_suffix(".safetensors"), result.tensors())
     write_json(out, result.doc)
-    if cfg.export:
-        add_to_gallery(cfg.export, [for_site(result.doc, out.stem)])
     return result, out
+
+
+def format_table(done: list[tuple[Attribution, Path]]) -> str:
+    """One line per decision: the pick, the live check and the baseline, the replacement alone; then the means."""
+    head = f"{'decision':<44}{'picks':>6}{'live r':>8}{'sign':>7}{'grad r':>8}{'beats':>7}{'alone':>7}{'s':>6}"
+    lines, rs, bs = [head], [], []
+    for result, out in done:
+        d = result.doc
+        live = d["verification"].get("live", {})
+        r, g = live.get("pearson_r", float("nan")), live.get("gradient_x_activation", {}).get("pearson_r", float("nan"))
+        fidelity = d["verification"]["fidelity"]
+        rs.append(r)
+        bs.append(g)
+        sign = live.get("sign_agreement", float("nan"))
+        lines.append(f"{out.stem[:43]:<44}{d['policy_tour'][d['step']]:>6}{r:>8.3f}{sign:>7.0%}{g:>8.3f}"
+                     f"{'yes' if r > g + 1e-4 else 'no':>7}{'same' if fidelity['same_choice'] else 'DIFF':>7}"
+                     f"{d['seconds']:>6.1f}")  # fmt: skip
+    finite = [(r, g) for r, g in zip(rs, bs, strict=True) if r == r and g == g]
+    if finite:
+        mean = sum(r for r, _ in finite) / len(finite)
+        median = sorted(r for r, _ in finite)[len(finite) // 2]
+        lines.append(f"{len(done)} decisions: live r mean {mean:.3f}, median {median:.3f}; the graph beats gradient x "
+                     f"activation in {sum(r > g + 1e-4 for r, g in finite)} of {len(finite)}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def format_summary(doc: dict) -> str:
@@ -168,7 +252,16 @@ def main(as_json, **settings):
     """Attribution graph of one decision: which features, at which cities and layers, make the policy pick its city."""
     with command():
         settings = split_nested(AttributeConfig, split_nested(AttributeConfig, settings, "decision"), "trace")
-        result, out = run(AttributeConfig(**settings))
+        cfg = AttributeConfig(**settings)
+        if cfg.many:
+            run_dir = resolve_run_dir(cfg.run_dir)
+            num_loc = cfg.decision.num_loc or load_policy(run_dir, cfg.checkpoint).config.num_loc
+            done = run_all(cfg, cfg.decisions(num_loc))
+        else:
+            result, out = run(cfg)
+    if cfg.many:
+        click.echo(json.dumps([r.doc for r, _ in done]) if as_json else format_table(done))
+        return
     click.echo(json.dumps(result.doc, indent=1) if as_json else format_summary(result.doc))
     if not as_json:
         full = out.with_suffix(".safetensors")

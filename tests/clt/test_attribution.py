@@ -334,3 +334,24 @@ def test_tangent_attention_is_the_attentions_own_first_order_change():
     torch.testing.assert_close(tangent(x_star + delta) - tangent(x_star), jvp, rtol=1e-10, atol=1e-12)
     frozen = attention_at(attn, x_star, "frozen")
     assert (frozen(x_star + delta) - frozen(x_star) - jvp).abs().max() > 1e-3  # the frozen pattern leaves QK out
+
+
+def test_many_decisions_in_one_process_with_a_summary_table(analysed_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(analysed_run, run_dir)
+    args = ["--run_dir", str(run_dir), "--seed", "1", "--step", "1", "--instances", "4-5", "--steps", "all",
+            "--verify", "3", "--no_full_graph"]  # fmt: skip
+    result = CliRunner().invoke(attribute_cli.main, args)
+    assert result.exit_code == 0, result.output
+    written = sorted((run_dir / "clt" / "attribution").glob("*.json"))
+    assert len(written) == 2 * 8  # steps 1..8 of two 10-city instances (step 9 has one candidate left)
+    assert {json.loads(p.read_text())["instance"]["seed"] for p in written} == {4, 5}
+    table = result.stdout.strip().splitlines()
+    assert table[0].split()[:3] == ["decision", "picks", "live"] and len(table) == 1 + 16 + 1
+    assert table[-1].startswith("16 decisions: live r mean") and "beats gradient x activation in" in table[-1]
+    bad = CliRunner().invoke(attribute_cli.main, [*args[:6], "--steps", "3-x"])
+    assert bad.exit_code == 1 and "--steps takes A-B or a comma list" in bad.output
+    out = CliRunner().invoke(attribute_cli.main, [*args, "--out", str(tmp_path / "one.json")])
+    assert out.exit_code == 1 and "--out names one graph" in out.output
