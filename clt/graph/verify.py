@@ -82,17 +82,14 @@ def distinct_margins(targets: list[int], against: list[int] | None) -> list[int]
 
 
 def gradient_x_activation(policy: AttentionModel, replacement: Replacement, decision: Decision,
-                          errors: list[torch.Tensor], nodes: list[dict], targets: list[int],
+                          errors: list[torch.Tensor], held: list[torch.Tensor], nodes: list[dict], targets: list[int],
                           against: list[int] | None) -> torch.Tensor:  # fmt: skip
     """[node, target] the one-line baseline a graph must beat: gradient x activation of each target value (score,
     or score difference) with respect to each feature node, in the live policy with the replacement spliced in and
-    the errors held, attention and normalisation free (plain autograd). The removal effect it predicts is minus
-    this."""
-    codes, _ = live_codes(policy, replacement, decision.locs)
-    held = [c != 0 for c in codes]  # the gradient of top-k: its selection held, each feature differentiable
-    if replacement.glimpse is not None:
-        held.append(live_glimpse(policy, replacement, decision)[0] != 0)
-    gains = [torch.ones(h.shape, dtype=codes[0].dtype, requires_grad=True) for h in held]
+    the errors held, attention and normalisation free (plain autograd). `held` is the transcoders' live selection
+    (per layer [node, features], then the glimpse's [features]): the gradient of top-k holds it. The removal effect
+    it predicts is minus this."""
+    gains = [torch.ones(h.shape, dtype=errors[0].dtype, requires_grad=True) for h in held]
     with torch.enable_grad():  # callers may run without autograd
         scores = run_spliced(policy, replacement, decision, errors, [], False, held, gains).scores
         values = scores[targets] if against is None else scores[targets] - scores[against]
@@ -103,7 +100,8 @@ def gradient_x_activation(policy: AttentionModel, replacement: Replacement, deci
         for i, node in enumerate(nodes):
             g = grads[node["layer"]]
             if g is not None:
-                at = node["feature"] if node["layer"] == len(codes) else (node["city"], node["feature"])  # glimpse: [f]
+                glimpse = node["layer"] == replacement.n_layers  # its gains are [features]
+                at = node["feature"] if glimpse else (node["city"], node["feature"])
                 out[i, j] = float(g[at])
     return out
 
@@ -144,7 +142,7 @@ def verify_live(
         return {"features": 0, "pearson_r": float("nan"), "sign_agreement": float("nan"), "removals": []}
     predicted = torch.stack([-total[:, s] for s in features])  # [feature, target]
     distinct = distinct_margins(targets, against)
-    baseline = -gradient_x_activation(policy, replacement, decision, errors, [graph.nodes[s] for s in features],
+    baseline = -gradient_x_activation(policy, replacement, decision, errors, held, [graph.nodes[s] for s in features],
                                       targets, against)  # fmt: skip
     report = {"features": len(features)}
     for selection, key in ((None, None), (held, "selection_held")):
