@@ -45,7 +45,7 @@ from tqdm import tqdm
 from clt.dictionaries import Dictionary, find_dictionaries
 from policy.env import generate, generate_clusters
 from policy.geometry import DESCRIPTORS, STEP, city_descriptors, step_descriptors
-from policy.io import write_json
+from policy.io import read_json, write_json
 from policy.loading import load_policy
 from policy.model import AttentionModel
 from policy.reference import two_opt
@@ -421,6 +421,16 @@ class Instances:
     distribution: str | None = None
     """[default: the run's]"""
     seed: int = 97531
+
+
+def read_labels(folder: str | Path) -> dict[str, dict[int, dict]]:
+    """The labels clt.label wrote into `<folder>/eval/labels.json`: dictionary id -> feature -> its entry ({} when the
+    folder has none)."""
+    path = Path(folder) / "eval" / "labels.json"
+    if not path.is_file():
+        return {}
+    sections = read_json(path)["dictionaries"]
+    return {name: {int(e["index"]): e for e in section["labels"]} for name, section in sections.items()}
 
 
 def label_folders(run_dir: Path, folders, instances: Instances, opts: LabelOptions, checkpoint: int | None = None,

@@ -8,10 +8,9 @@ choice: the strongest features on the first target with their labels, then their
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
+from clt.feature_labels import read_labels
 from clt.graph.replacement import Replacement
 
 log = logging.getLogger(__name__)
@@ -24,17 +23,16 @@ def label_tables(replacement: Replacement) -> list[dict[int, dict] | None]:
         folders = folders[:1] * replacement.n_layers
     if replacement.glimpse_folder is not None:
         folders = [*folders, replacement.glimpse_folder]
+    read: dict[str, dict] = {}  # each folder's labels.json once (a multi-layer CLT's layers share one)
     tables = []
     for folder, dictionary in zip(folders, replacement.dictionary_ids(), strict=True):
-        path = Path(folder) / "eval" / "labels.json"
-        try:
-            section = json.loads(path.read_text())["dictionaries"][dictionary]
-            tables.append({int(e["index"]): e for e in section["labels"]})
-        except FileNotFoundError:
-            tables.append(None)
-        except (ValueError, KeyError, TypeError) as err:  # a labels.json from elsewhere or damaged: no labels
-            log.warning("ignoring %s: %s", path, err)
-            tables.append(None)
+        if str(folder) not in read:
+            try:
+                read[str(folder)] = read_labels(folder)
+            except (ValueError, KeyError, TypeError) as err:  # a labels.json from elsewhere or damaged: no labels
+                log.warning("ignoring the labels in %s: %s", folder, err)
+                read[str(folder)] = {}
+        tables.append(read[str(folder)].get(dictionary))
     return tables
 
 

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from clt.dictionaries import Dictionary, find_dictionaries
-from clt.feature_labels import CATEGORIES
+from clt.feature_labels import CATEGORIES, read_labels
 from clt.graph.decision import Decision, greedy_tour
 from clt.graph.explain import attach_labels, in_words
 from clt.graph.gallery import add_to_gallery, for_site
@@ -147,15 +147,6 @@ def receptive_field(z: torch.Tensor, cells: torch.Tensor) -> np.ndarray:
     total = torch.zeros(FIELD * FIELD, z.shape[1]).index_add_(0, cells, z)
     count = torch.bincount(cells, minlength=FIELD * FIELD).clamp(min=1)
     return (total / count[:, None]).T.numpy()
-
-
-def labels_of(d: Dictionary) -> dict[int, dict] | None:
-    """feature -> its entry in clt.label's `<folder>/eval/labels.json`, or None when the dictionary is unlabelled."""
-    path = d.folder / "eval" / "labels.json"
-    if not path.is_file():
-        return None
-    section = read_json(path).get("dictionaries", {}).get(d.id)
-    return None if section is None else {int(e["index"]): e for e in section["labels"]}
 
 
 def label_table(labels: dict[int, dict] | None, stats: dict) -> dict | None:
@@ -322,10 +313,12 @@ def run(cfg: ExportConfig) -> Path:
     wanted = graph_features(decisions)
     ij = (locs.reshape(-1, 2).cpu() * FIELD).long().clamp(0, FIELD - 1)
     cells = ij[:, 1] * FIELD + ij[:, 0]  # row-major from the bottom left
-    stats, pages, labels = {}, {}, {}
+    stats, pages, labels, read = {}, {}, {}, {}
     for d in tqdm(dicts, desc="features"):
         stats[d.id] = measure(d, cache, cfg, n_nodes, cells, wanted.get(d.id, ()))
-        labels[d.id] = labels_of(d)
+        if d.folder not in read:
+            read[d.folder] = read_labels(d.folder)  # clt.label's eval/labels.json; a multi-layer CLT's layers share it
+        labels[d.id] = read[d.folder].get(d.id)
         pages[d.id] = {int(j): feature_page(d, j, a, stats[d.id], cfg)
                        for j, a in zip(stats[d.id]["shown"], stats[d.id]["acts"], strict=True)}  # fmt: skip
     scales = [s.cpu() for s in norm_scales(policy.model, locs)]
