@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -92,8 +93,9 @@ class AttributeConfig:
     def many(self) -> bool:
         return self.steps is not None or self.instances is not None
 
-    def decisions(self, num_loc: int) -> list[DecisionOptions]:
-        """Every decision --steps and --instances name (instance-major), or just --step's."""
+    def decisions(self, cities: Callable[[DecisionOptions], int]) -> list[DecisionOptions]:
+        """Every decision --steps and --instances name (instance-major), or just --step's; `cities` gives an
+        instance's number of cities (for `all`)."""
         if self.instances is None:
             where = [self.decision]
         elif self.decision.locs is not None:
@@ -102,9 +104,10 @@ class AttributeConfig:
             where = [replace(self.decision, seed=s) for s in parse_numbers(self.instances, "--instances")]
         if self.steps is None:
             return where
-        last = num_loc - 1 if self.trace.target == "score" else num_loc - 2  # a difference needs two candidates
-        steps = range(1, last + 1) if self.steps == "all" else parse_numbers(self.steps, "--steps")
-        return [replace(w, step=s) for w in where for s in steps]
+        if self.steps != "all":
+            return [replace(w, step=s) for w in where for s in parse_numbers(self.steps, "--steps")]
+        spare = 1 if self.trace.target == "score" else 2  # a difference needs two candidates left
+        return [replace(w, step=s) for w in where for s in range(1, cities(w) - spare + 1)]
 
 
 def parse_numbers(text: str, option: str) -> list[int]:
@@ -122,14 +125,9 @@ def parse_numbers(text: str, option: str) -> list[int]:
     return numbers
 
 
-def run(cfg: AttributeConfig) -> tuple[Attribution, Path]:
-    """Attribute the decision; returns it and where its JSON went."""
-    ((result, out),) = run_all(cfg, [cfg.decision])
-    return result, out
-
-
-def run_all(cfg: AttributeConfig, decisions: list[DecisionOptions]) -> list[tuple[Attribution, Path]]:
-    """Attribute each decision with one loaded policy and replacement; returns each and where its JSON went."""
+def run(cfg: AttributeConfig) -> list[tuple[Attribution, Path]]:
+    """Attribute every decision the config names (one, or those of --steps and --instances) with one loaded policy
+    and replacement; returns each and where its JSON went."""
     run_dir = resolve_run_dir(cfg.run_dir)
     replacement = load_replacement(run_dir, cfg.clt, cfg.glimpse_clt)
     epoch = cfg.checkpoint if cfg.checkpoint is not None else replacement.checkpoint_epoch
@@ -137,6 +135,7 @@ def run_all(cfg: AttributeConfig, decisions: list[DecisionOptions]) -> list[tupl
     if replacement.models[0].b_dec.shape[-1] != policy.config.policy.embed_dim:
         raise ValueError(f"the replacement's width does not match the policy's {policy.config.policy.embed_dim}")
     replacement.to(cfg.device)
+    decisions = cfg.decisions(lambda options: len(options.instance(policy.config.num_loc)[0]))
     done = [
         one(cfg, run_dir, policy, replacement, d) for d in tqdm(decisions, desc="decisions", disable=len(decisions) < 2)
     ]
@@ -253,15 +252,11 @@ def main(as_json, **settings):
     with command():
         settings = split_nested(AttributeConfig, split_nested(AttributeConfig, settings, "decision"), "trace")
         cfg = AttributeConfig(**settings)
-        if cfg.many:
-            run_dir = resolve_run_dir(cfg.run_dir)
-            num_loc = cfg.decision.num_loc or load_policy(run_dir, cfg.checkpoint).config.num_loc
-            done = run_all(cfg, cfg.decisions(num_loc))
-        else:
-            result, out = run(cfg)
+        done = run(cfg)
     if cfg.many:
         click.echo(json.dumps([r.doc for r, _ in done]) if as_json else format_table(done))
         return
+    ((result, out),) = done
     click.echo(json.dumps(result.doc, indent=1) if as_json else format_summary(result.doc))
     if not as_json:
         full = out.with_suffix(".safetensors")
