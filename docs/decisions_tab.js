@@ -22,9 +22,10 @@ function renderDecisionList() {
     return [el("a", { href: decisionHash(d.name), text: d.name }), String(d.step), String(d.policy_tour[d.step]),
       d.candidates.slice(0, 3).map((c) => `${c.city} (${pct(c.probability)})`).join(", "),
       fmt(d.scores.graph.replacement, 3), fmt(d.scores.graph.completeness, 3), fmt(live.pearson_r, 3), pct(live.sign_agreement),
+      fmt(d.verification?.edges?.scale_0?.total?.pearson_r, 3), pct(d.verification?.circuit?.faithfulness),
       faithful(d) ? "yes" : `NOT FAITHFUL (r < ${FAITHFUL_R})`];
   });
-  content.append(table(["decision", "step", "picks", "candidates", "replacement", "completeness", "r (live)", "sign (live)", "faithful"], rows),
+  content.append(table(["decision", "step", "picks", "candidates", "replacement", "completeness", "r (live)", "sign (live)", "edge r", "circuit", "faithful"], rows),
     el("p", { class: "note", text: "Each graph traces one choice through the local replacement model: the transcoders' active features at every (layer, city), an error node per (layer, city), the cities' input embeddings, and the target (the chosen city's pointer score minus the runner-up's, by default). Edges are exact direct effects in that model; r and sign agreement compare the graph's predicted effect of removing each of the most influential features with the live policy's response." }));
 }
 
@@ -40,6 +41,9 @@ function renderDecision(name) {
     el("p", { class: "note", text: `Run ${d.run} (epoch ${d.checkpoint_epoch}), replacement ${d.replacement.id}. Replacement score ${fmt(d.scores.graph.replacement, 3)}, completeness ${fmt(d.scores.graph.completeness, 3)}; removal checks on ${local.features ?? 0} features: local model max relative error ${local.max_relative_error?.toExponential(1) ?? "-"}, live policy r ${fmt(live.pearson_r, 3)}, sign agreement ${pct(live.sign_agreement)}.` }));
   const fidelity = d.verification?.fidelity;
   if (fidelity) content.append(el("p", { class: "note", text: `The replacement alone (error nodes dropped) picks city ${fidelity.choice}${fidelity.same_choice ? ", as the policy does" : `, NOT the policy's ${picks}`}: ${pct(fidelity.probability_of_policy_choice)} on the policy's choice, KL ${fmt(fidelity.kl, 3)}. The error nodes carry what it misses.` }));
+  const edges = d.verification?.edges, circuit = d.verification?.circuit;
+  if (edges?.edges) content.append(el("p", { class: "note", text: `Edge check: the ${edges.edges} strongest edges leaving features, their ${edges.sources} sources scaled in the live policy; the receiving nodes moved as the graph predicts with r ${fmt(edges.scale_0?.total?.pearson_r, 3)} when removed (${fmt(edges["scale_0.9"]?.total?.pearson_r, 3)} when scaled by 0.9), sign agreement ${pct(edges.scale_0?.total?.sign_agreement)}.` }));
+  if (circuit) content.append(el("p", { class: "note", text: `Circuit: with only the pruned graph's features left (all others ablated, errors held), the live policy keeps ${pct(circuit.faithfulness)} of the decision's margin; without them, ${pct(circuit.complement)}.` }));
   if (!faithful(d)) content.append(el("div", { class: "empty not-faithful", text: `Not faithful: removing this graph's most influential features in the live policy moves the decision unlike the graph predicts (r ${fmt(live.pearson_r, 3)} < ${FAITHFUL_R}). Read its edges as the replacement model's, not the policy's.` }));
   if (d.in_words) content.append(el("p", { class: "in-words", text: `In words: ${d.in_words}` }));
   const controls = el("div", { class: "controls" });

@@ -30,7 +30,7 @@ from clt.graph.decision import DecisionOptions
 from clt.graph.explain import attach_labels, in_words
 from clt.graph.gallery import add_to_gallery, for_site
 from clt.graph.replacement import load_replacement
-from clt.graph.trace import Attribution, TraceOptions, attribute
+from clt.graph.trace import TraceOptions, attribute
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.io import write_json
@@ -125,9 +125,10 @@ def parse_numbers(text: str, option: str) -> list[int]:
     return numbers
 
 
-def run(cfg: AttributeConfig) -> list[tuple[Attribution, Path]]:
+def run(cfg: AttributeConfig) -> list[tuple[dict, Path]]:
     """Attribute every decision the config names (one, or those of --steps and --instances) with one loaded policy
-    and replacement; returns each and where its JSON went."""
+    and replacement; returns each graph's document and where it went (the graphs themselves are written, not
+    kept: hundreds of them would not fit in memory)."""
     run_dir = resolve_run_dir(cfg.run_dir)
     replacement = load_replacement(run_dir, cfg.clt, cfg.glimpse_clt)
     epoch = cfg.checkpoint if cfg.checkpoint is not None else replacement.checkpoint_epoch
@@ -140,11 +141,11 @@ def run(cfg: AttributeConfig) -> list[tuple[Attribution, Path]]:
         one(cfg, run_dir, policy, replacement, d) for d in tqdm(decisions, desc="decisions", disable=len(decisions) < 2)
     ]
     if cfg.export:
-        add_to_gallery(cfg.export, [for_site(result.doc, out.stem) for result, out in done])
+        add_to_gallery(cfg.export, [for_site(doc, out.stem) for doc, out in done])
     return done
 
 
-def one(cfg: AttributeConfig, run_dir: Path, policy, replacement, options: DecisionOptions) -> tuple[Attribution, Path]:
+def one(cfg: AttributeConfig, run_dir: Path, policy, replacement, options: DecisionOptions) -> tuple[dict, Path]:
     decision, instance, name = options.decision(policy.model, policy.config.num_loc)
     source = {
         "run": run_dir.name,
@@ -159,31 +160,39 @@ def one(cfg: AttributeConfig, run_dir: Path, policy, replacement, options: Decis
     out = Path(cfg.out) if cfg.out else attribution_dir(run_dir) / f"{check_name(name + mode, 'decision name')}.json"
     if cfg.full_graph:
         save_tensors(out.with_suffix(".safetensors"), result.tensors())
-    write_json(out, result.doc)
-    return result, out
+    write_json(out, result.doc, indent=None)  # thousands of nodes: compact
+    return result.doc, out
 
 
-def format_table(done: list[tuple[Attribution, Path]]) -> str:
+def format_table(done: list[tuple[dict, Path]]) -> str:
     """One line per decision: the pick, the live check and the baseline, the replacement alone; then the means."""
-    head = f"{'decision':<44}{'picks':>6}{'live r':>8}{'sign':>7}{'grad r':>8}{'beats':>7}{'alone':>7}{'s':>6}"
-    lines, rs, bs = [head], [], []
-    for result, out in done:
-        d = result.doc
+    head = (f"{'decision':<44}{'picks':>6}{'live r':>8}{'sign':>7}{'grad r':>8}{'beats':>7}{'patch r':>8}{'edge r':>8}"
+            f"{'circuit':>8}{'alone':>7}{'s':>6}")  # fmt: skip
+    lines, rs, bs, ps = [head], [], [], []
+    for d, out in done:
         live = d["verification"].get("live", {})
         r, g = live.get("pearson_r", float("nan")), live.get("gradient_x_activation", {}).get("pearson_r", float("nan"))
         fidelity = d["verification"]["fidelity"]
         rs.append(r)
         bs.append(g)
         sign = live.get("sign_agreement", float("nan"))
+        edge = d["verification"].get("edges", {}).get("scale_0", {}).get("total", {}).get("pearson_r", float("nan"))
+        circuit = d["verification"].get("circuit", {}).get("faithfulness", float("nan"))
+        patch = live.get("patched", {}).get("pearson_r", float("nan"))
+        ps.append(patch)
         lines.append(f"{out.stem[:43]:<44}{d['policy_tour'][d['step']]:>6}{r:>8.3f}{sign:>7.0%}{g:>8.3f}"
-                     f"{'yes' if r > g + 1e-4 else 'no':>7}{'same' if fidelity['same_choice'] else 'DIFF':>7}"
-                     f"{d['seconds']:>6.1f}")  # fmt: skip
+                     f"{'yes' if r > g + 1e-4 else 'no':>7}{patch:>8.3f}{edge:>8.3f}{circuit:>8.0%}"
+                     f"{'same' if fidelity['same_choice'] else 'DIFF':>7}{d['seconds']:>6.1f}")  # fmt: skip
     finite = [(r, g) for r, g in zip(rs, bs, strict=True) if r == r and g == g]
     if finite:
         mean = sum(r for r, _ in finite) / len(finite)
         median = sorted(r for r, _ in finite)[len(finite) // 2]
         lines.append(f"{len(done)} decisions: live r mean {mean:.3f}, median {median:.3f}; the graph beats gradient x "
                      f"activation in {sum(r > g + 1e-4 for r, g in finite)} of {len(finite)}")  # fmt: skip
+    patched = [p for p in ps if p == p]
+    if patched:
+        lines.append(f"patched removal effects: r mean {sum(patched) / len(patched):.3f}, median "
+                     f"{sorted(patched)[len(patched) // 2]:.3f}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -234,6 +243,24 @@ def format_summary(doc: dict) -> str:
             verdict = "beats" if live["pearson_r"] > g["pearson_r"] else "does not beat"
             lines.append(f"baseline: gradient x activation in the live policy, r {g['pearson_r']:.3f}, sign agreement "
                          f"{g['sign_agreement']:.1%}: the graph {verdict} it")  # fmt: skip
+        if "patched" in live:
+            q = live["patched"]
+            lines.append(f"patched removal effects (each feature removed in the replacement, selection held): r "
+                         f"{q['pearson_r']:.3f}, sign agreement {q['sign_agreement']:.1%}")  # fmt: skip
+    if "edges" in v and v["edges"]["edges"]:
+        e = v["edges"]
+        parts = [f"scaled by {a}: r {e[f'scale_{a}']['total']['pearson_r']:.3f} (direct edge alone "
+                 f"{e[f'scale_{a}']['direct']['pearson_r']:.3f}), sign {e[f'scale_{a}']['total']['sign_agreement']:.0%}"
+                 for a in ("0.9", "0")]  # fmt: skip
+        lines.append(f"edges: the {e['edges']} strongest, their {e['sources']} sources intervened on in the live "
+                     f"policy; receivers' change against the graph's: " + "; ".join(parts))  # fmt: skip
+    if "circuit" in v:
+        c = v["circuit"]
+        lines.append(f"circuit: the margin is {c['margin_all']:.3f} with every feature, {c['margin_none']:.3f} with "
+                     f"none (errors held); the {doc['scores']['kept_nodes']}-node pruned graph's features alone give "
+                     f"{c['faithfulness']:.0%} of the difference, all but them {c['complement']:.0%}; by node "
+                     "threshold: " + ", ".join(f"{x['node_threshold']:g} {x['faithfulness']:.0%}"
+                                               for x in c["curve"]))  # fmt: skip
     if doc.get("in_words"):
         lines.append(f"in words: {doc['in_words']}")
     c = doc["checks"]
@@ -254,10 +281,10 @@ def main(as_json, **settings):
         cfg = AttributeConfig(**settings)
         done = run(cfg)
     if cfg.many:
-        click.echo(json.dumps([r.doc for r, _ in done]) if as_json else format_table(done))
+        click.echo(json.dumps([doc for doc, _ in done]) if as_json else format_table(done))
         return
-    ((result, out),) = done
-    click.echo(json.dumps(result.doc, indent=1) if as_json else format_summary(result.doc))
+    ((doc, out),) = done
+    click.echo(json.dumps(doc, indent=1) if as_json else format_summary(doc))
     if not as_json:
         full = out.with_suffix(".safetensors")
         click.echo(f"wrote {out}" + (f" and {full.name}" if full.is_file() and settings["full_graph"] else ""))

@@ -64,6 +64,17 @@ class Graph:
         """adjacency / source activation: d(receiver input) / d(source activation)."""
         return self.adjacency / self.activations()
 
+    def paths_from(self, sources: list[int]) -> torch.Tensor:
+        """[node, source]: d(receiver input) / d(source activation) along every path of the local model, the
+        features in between responding linearly: J (I - J_ff)^-1 e_s, where J is direct_derivatives() (rows of
+        sources that receive nothing stay 0)."""
+        f = self.n_features
+        j = self.direct_derivatives()
+        unit = torch.zeros(f, len(sources), dtype=DTYPE)
+        unit[sources, torch.arange(len(sources))] = 1.0
+        through = torch.linalg.solve_triangular(torch.eye(f, dtype=DTYPE) - j[:f, :f], unit, upper=False)
+        return j[:, :f] @ through
+
     def total_effects(self) -> torch.Tensor:
         """[target, feature]: how much each target changes when a feature is removed (set to 0) and every later
         feature responds in the local model, with the sign of the feature's own contribution: activation x

@@ -93,6 +93,21 @@ def _decide(model: AttentionModel, decision: Decision, finish: bool) -> Outcome:
     return Outcome(scores, log_probs, tour)
 
 
+def step_scores(model: AttentionModel, decision: Decision, batch: int = 1) -> torch.Tensor:
+    """[batch, node]: the raw pointer scores at step t of `batch` copies of the decision's instance, in one batched
+    pass (hooks attached may make the copies differ; clt.graph.intervention.spliced_scores). Without autograd."""
+    with torch.no_grad():
+        locs = decision.locs[None].repeat(batch, 1, 1)
+        cache = model.decoder.precompute(model.encode(locs))
+        visited = decision.visited()[None, None].repeat(batch, 1, 1)
+        first, current = (
+            (torch.full((batch, 1), city, device=locs.device) for city in (decision.first, decision.current))
+            if decision.prefix
+            else (None, None)
+        )
+        return model.decoder(cache, first, current, visited)[:, 0]
+
+
 def greedy_tour(model: AttentionModel, locs: torch.Tensor) -> list[int]:
     """The policy's own greedy tour of one instance [node, 2]."""
     return decide(model, Decision(locs, [])).tour
@@ -102,8 +117,9 @@ def greedy_tour(model: AttentionModel, locs: torch.Tensor) -> list[int]:
 class DecisionOptions:
     """Which decision: an instance (from a file, or generated from a seed), a tour, and the step."""
 
-    step: int
-    """The step t whose choice is explained (0: the first city; the tour's first t cities come before it)."""
+    step: int | None = None
+    """The step t whose choice is explained (0: the first city; the tour's first t cities come before it);
+    required unless clt.graph.attribute's --steps names several."""
     locs: str | None = None
     """Instances file: a .npy of [B, n, 2] (or [n, 2]) coordinates in the unit square, or a TSPLIB .tsp file."""
     index: int = 0
@@ -122,7 +138,7 @@ class DecisionOptions:
         check_types(self)
         if (self.locs is None) == (self.seed is None):
             raise ValueError("say which instance: --locs FILE [--index I], or --seed S [--num_loc N]")
-        if self.step < 0 or self.index < 0:
+        if (self.step is not None and self.step < 0) or self.index < 0:
             raise ValueError("step and index must be >= 0")
         if self.num_loc is not None and self.num_loc < 3:
             raise ValueError("num_loc must be at least 3")
@@ -151,6 +167,8 @@ class DecisionOptions:
 
     def decision(self, model: AttentionModel, default_num_loc: int) -> tuple[Decision, dict, str]:
         """(the decision, its instance's provenance, its file name)."""
+        if self.step is None:
+            raise ValueError("say which step: --step T")
         locs, source = self.instance(default_num_loc)
         locs = locs.to(next(model.parameters()).device)
         tour = greedy_tour(model, locs) if self.tour == "greedy" else read_tour(Path(self.tour), self.index, len(locs))

@@ -21,7 +21,8 @@ def for_site(doc: dict, name: str, edges: int = SITE_EDGES) -> dict:
     kept = [n for n in doc["nodes"] if n["kept"]]
     strongest = sorted(doc["edges"], key=lambda e: -e["score"])[:edges]
     verification = {
-        k: {key: v for key, v in part.items() if key != "removals"} for k, part in doc["verification"].items()
+        k: {key: v for key, v in part.items() if key not in ("removals", "checked")}
+        for k, part in doc["verification"].items()
     }
     return {
         **{k: v for k, v in doc.items() if k not in ("nodes", "edges", "verification")},

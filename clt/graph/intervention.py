@@ -12,17 +12,20 @@ features.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from clt.graph.decision import Decision, Outcome, decide
+from clt.graph.decision import Decision, Outcome, decide, step_scores
 from clt.graph.replacement import Replacement
 from policy.model import AttentionModel
 from sae.hook_names import parse_layer_hook
 from sae.hooks import HookedPolicy, HookFn
 
 OPS = ("zero", "scale", "set")
+Edit = Callable[[int, torch.Tensor, slice], torch.Tensor]
+"""(layer, codes, rows) -> the codes the layer passes on (spliced_hooks)."""
 _CHANGE = re.compile(r"^(\d+):(\d+):(\d+|\*)=(zero|scale|set)(?::(.+))?$")
 
 
@@ -104,37 +107,51 @@ def live_glimpse(policy: AttentionModel, replacement: Replacement, decision: Dec
 def spliced_hooks(
     replacement: Replacement,
     errors: list[torch.Tensor],
-    changes: list[Change],
+    variants: list[list[Change]],
     selection: list[torch.Tensor] | None = None,
-    gains: list[torch.Tensor] | None = None,
+    edit: Edit | None = None,
+    inputs: dict[int, torch.Tensor] | None = None,
+    rows: slice | None = None,
 ) -> dict[str, HookFn]:
-    """Hooks for one forward pass of one instance: each mlp_out is the (changed) replacement plus its error, and
-    (with a glimpse transcoder, `errors` then ending with the glimpse's [d] error) the first glimpse is the glimpse
-    transcoder's (changed) prediction plus its error.
+    """Hooks for one forward pass of a batch of copies of one instance, copy b with the changes `variants[b]`: each
+    mlp_out is the (changed) replacement plus its error, and (with a glimpse transcoder, `errors` then ending with
+    the glimpse's [d] error) the first glimpse is the glimpse transcoder's (changed) prediction plus its error.
 
     `selection` (per layer a [node, features] bool mask, then the glimpse's [features]) holds which features are
     active, each at ReLU of its live pre-activation, instead of the transcoder choosing them afresh (a diagnostic:
     the top-k choice is the one discontinuity of the replacement).
-    `gains` (shaped as `selection`, ones) multiply the codes: the gradient of an output with respect to a gain is
-    gradient x activation of that feature (clt.graph.verify's baseline)."""
+    `edit(layer, codes, rows)` returns the codes a layer passes on ([batch, node, features]; the glimpse's are
+    "layer" n_layers, [batch, features]), after the selection and the changes; `rows` (default: the whole batch)
+    says which of the caller's variants the batch holds. Multiplying by gains that require grad gives gradient x
+    activation (clt.graph.verify's baseline); zeroing features ablates them (clt.graph.circuit).
+    `inputs`, when given, receives what each transcoder reads: layer i's live mlp_in [batch, node, d] at key i and
+    (with a glimpse transcoder) step t's context [batch, d] at key n_layers (clt.graph.edge_check reads receivers'
+    inputs there)."""
     codes: dict[int, torch.Tensor] = {}
     n = replacement.n_layers
+    rows = slice(0, len(variants)) if rows is None else rows
+
+    def changed(layer: int, z: torch.Tensor) -> torch.Tensor:
+        for b, changes in enumerate(variants):
+            for change in changes:
+                if change.layer == layer:
+                    change.apply(z[b] if layer < n else z[b][None], city=None if layer < n else 0)
+        return z if edit is None else edit(layer, z, rows)
 
     def encode(x: torch.Tensor, name: str) -> None:
         layer = parse_layer_hook(name).layer
+        if inputs is not None:
+            inputs[layer] = x
         if selection is None:
-            z = replacement.codes(layer, x[0]).clone()
+            z = replacement.codes(layer, x.flatten(0, 1)).view(*x.shape[:2], -1).clone()
         else:
-            rows, bias = replacement.encoder(layer)
-            z = torch.relu(x[0] @ rows.T + bias) * selection[layer]
-        for change in changes:
-            if change.layer == layer:
-                change.apply(z)
-        codes[layer] = z if gains is None else z * gains[layer]
+            encoder_rows, bias = replacement.encoder(layer)
+            z = torch.relu(x @ encoder_rows.T + bias) * selection[layer]
+        codes[layer] = changed(layer, z)
 
     def swap(y: torch.Tensor, name: str) -> torch.Tensor:
         layer = parse_layer_hook(name).layer
-        return (replacement.predict(layer, [codes[i] for i in range(layer + 1)]) + errors[layer])[None]
+        return replacement.predict(layer, [codes[i] for i in range(layer + 1)]) + errors[layer]
 
     hooks = {
         **{f"encoder_layer_{i}.mlp_in": encode for i in range(n)},
@@ -146,20 +163,19 @@ def spliced_hooks(
     def encode_context(x: torch.Tensor, name: str) -> None:
         if n in codes:  # step t is the first decoder call; later steps keep the policy's own glimpse
             return
+        if inputs is not None:
+            inputs[n] = x[:, 0]
         if selection is None:
-            z = replacement.glimpse_codes(x[0, :1])[0].clone()
+            z = replacement.glimpse_codes(x[:, 0]).clone()
         else:
-            rows, bias = replacement.glimpse_encoder()
-            z = torch.relu(x[0, 0] @ rows.T + bias) * selection[n]
-        for change in changes:
-            if change.layer == n:
-                change.apply(z[None], city=0)
-        codes[n] = z if gains is None else z * gains[n]
+            encoder_rows, bias = replacement.glimpse_encoder()
+            z = torch.relu(x[:, 0] @ encoder_rows.T + bias) * selection[n]
+        codes[n] = changed(n, z)
 
     def swap_glimpse(g: torch.Tensor, name: str) -> torch.Tensor | None:
         if "glimpse" in codes:
             return None
-        codes["glimpse"] = replaced = replacement.glimpse.decode(codes[n][None])[0] + errors[n]
+        codes["glimpse"] = replaced = replacement.glimpse.decode(codes[n]) + errors[n]
         return replaced.view_as(g)
 
     return {**hooks, "decoder.context": encode_context, "decoder.glimpse": swap_glimpse}
@@ -179,12 +195,41 @@ def run_spliced(
     changes: list[Change],
     finish: bool = True,
     selection: list[torch.Tensor] | None = None,
-    gains: list[torch.Tensor] | None = None,
+    edit: Edit | None = None,
+    grad: bool = False,
 ) -> Outcome:
     """The decision in the policy with the replacement spliced in, the errors fixed and `changes` applied
-    (`selection`, `gains`: see spliced_hooks; with gains, autograd records the pass)."""
-    with HookedPolicy(policy).hooks(spliced_hooks(replacement, errors, changes, selection, gains)):
-        return decide(policy, decision, finish, grad=gains is not None)
+    (`selection`, `edit`: see spliced_hooks); autograd records the pass when `grad`."""
+    with HookedPolicy(policy).hooks(spliced_hooks(replacement, errors, [changes], selection, edit)):
+        return decide(policy, decision, finish, grad=grad)
+
+
+@torch.no_grad()
+def spliced_scores(
+    policy: AttentionModel,
+    replacement: Replacement,
+    decision: Decision,
+    errors: list[torch.Tensor],
+    variants: list[list[Change]],
+    selection: list[torch.Tensor] | None = None,
+    edit: Edit | None = None,
+    inputs: dict[int, torch.Tensor] | None = None,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """[variant, node]: step t's raw pointer scores in the spliced policy, once per variant (a list of changes),
+    `chunk` variants to a batched forward pass; `inputs` receives what every variant's transcoders read
+    (spliced_hooks), concatenated over the chunks."""
+    scores, seen = [], []
+    for start in range(0, len(variants), chunk):
+        rows = slice(start, min(start + chunk, len(variants)))
+        read: dict[int, torch.Tensor] = {}
+        hooks = spliced_hooks(replacement, errors, variants[rows], selection, edit, read, rows)
+        with HookedPolicy(policy).hooks(hooks):
+            scores.append(step_scores(policy, decision, rows.stop - rows.start))
+        seen.append(read)
+    if inputs is not None:
+        inputs.update({key: torch.cat([read[key] for read in seen]) for key in seen[0]})
+    return torch.cat(scores)
 
 
 @dataclass

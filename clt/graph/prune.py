@@ -68,9 +68,13 @@ def target_weights(graph: Graph) -> torch.Tensor:
     return w
 
 
-def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
+def prune(
+    graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98, node_influence: torch.Tensor | None = None
+) -> Pruned:
+    """The pruned graph (module docstring); `node_influence`: the full graph's, when already computed."""
     weights = target_weights(graph)
-    node_influence = influence(normalized(graph.adjacency), weights)
+    if node_influence is None:
+        node_influence = influence(normalized(graph.adjacency), weights)
     prunable = slice(0, graph.n_features + graph.n_errors)
     node_mask = torch.ones(len(graph.nodes), dtype=torch.bool)
     node_mask[prunable] = cumulative_mask(node_influence[prunable], node_threshold)

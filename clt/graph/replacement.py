@@ -111,9 +111,9 @@ class Replacement:
         return model.encode(mlp_in)
 
     def predict(self, target: int, codes: list[torch.Tensor]) -> torch.Tensor:
-        """Raw mlp_out of `target` [node, d] from the codes of layers 0..target (a list of [node, features]);
-        differentiable in the codes (the weights are constants)."""
-        y = self.decoder_bias(target).expand(codes[0].shape[0], -1)
+        """Raw mlp_out of `target` [..., node, d] from the codes of layers 0..target (a list of [..., node,
+        features]); differentiable in the codes (the weights are constants)."""
+        y = self.decoder_bias(target).expand(*codes[0].shape[:-1], -1)
         for i in range(target + 1):
             w = self.decoder(i, target)
             if w is not None:

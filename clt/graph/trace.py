@@ -15,7 +15,9 @@ import torch
 
 from clt.graph.attention import ATTENTIONS
 from clt.graph.attribution import Graph, build_graph
+from clt.graph.circuit import circuit_faithfulness
 from clt.graph.decision import Decision, Outcome, decide
+from clt.graph.edge_check import check_edges
 from clt.graph.local import LocalModel
 from clt.graph.pointer import GLIMPSES
 from clt.graph.prune import Pruned, prune, scores
@@ -62,6 +64,14 @@ class TraceOptions:
     """Check the N most influential features by removal, in the local model and in the live policy (0: skip)."""
     top_features: int = 20
     """Report the predicted total effect on each target of this many most influential features."""
+    check_edges: int = 30
+    """Check the N strongest edges leaving feature nodes by intervention in the live policy: their source scaled
+    by 0.9 and by 0, the change at the receiving node against the edge's prediction (clt.graph.edge_check; 0:
+    skip)."""
+    circuit: bool = True
+    """Measure the pruned graph's circuit faithfulness in the live policy: the share of the decision's margin its
+    kept features carry with every other feature ablated, over a curve of node thresholds (clt.graph.circuit;
+    --no_circuit to skip)."""
 
     def __post_init__(self):
         check_types(self)
@@ -71,8 +81,8 @@ class TraceOptions:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.glimpse not in GLIMPSES:
             raise ValueError(f"glimpse must be one of {GLIMPSES}, got {self.glimpse!r}")
-        if self.max_targets < 1 or self.verify < 0 or self.top_features < 0:
-            raise ValueError("max_targets must be >= 1, verify and top_features >= 0")
+        if self.max_targets < 1 or min(self.verify, self.top_features, self.check_edges) < 0:
+            raise ValueError("max_targets must be >= 1, verify, top_features and check_edges >= 0")
         for name in ("target_prob", "node_threshold", "edge_threshold"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
@@ -127,6 +137,11 @@ def attribute(
     if checked:
         verification["local"] = verify_local(local, graph, checked, total)
         verification["live"] = verify_live(policy, replacement, decision, graph, checked, total, targets, against)
+    if options.check_edges:
+        verification["edges"] = check_edges(policy, replacement, decision, graph, pruned, targets, against,
+                                            options.check_edges)  # fmt: skip
+    if options.circuit:
+        verification["circuit"] = circuit_faithfulness(policy, replacement, decision, graph, pruned, targets, against)
     doc = {
         "schema": SCHEMA,
         **source,
@@ -159,6 +174,10 @@ def attribute(
             ),
         },
     }
+    patched = {r["id"]: r["patched"] for r in verification.get("live", {}).get("removals", [])}
+    for feature in doc["top_features"]:  # beside the graph's linear total effect, the patched removal's
+        if feature["id"] in patched:
+            feature["removal_effect"] = dict(zip(feature["total_effect"], patched[feature["id"]], strict=True))
     doc["seconds"] = time.perf_counter() - start
     return Attribution(doc, graph, pruned, local)
 

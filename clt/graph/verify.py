@@ -7,7 +7,10 @@
     predicted and measured target changes say how far the linear explanation holds. Measured again with the
     transcoders' selection held (`selection_held`), they separate what top-k's re-selection costs from what the
     attention patterns' response costs. Beside them, the same r and sign agreement for gradient x activation in
-    that live policy (`gradient_x_activation`): the one-line baseline a graph has to beat.
+    that live policy (`gradient_x_activation`): the one-line baseline a graph has to beat; and for the `patched`
+    removal effects: each feature removed in the replacement with the transcoders' selection held, exact through
+    attention, normalisation and the pointer (activation patching of the replacement, one batched pass), which
+    leaves out only what top-k's re-selection does.
 (c) `replacement_fidelity`: the decision made by the replacement alone, its error terms dropped.
 """
 
@@ -17,7 +20,7 @@ import torch
 
 from clt.graph.attribution import Graph
 from clt.graph.decision import Decision
-from clt.graph.intervention import Change, live_codes, live_glimpse, run_spliced, spliced_errors
+from clt.graph.intervention import Change, live_codes, live_glimpse, run_spliced, spliced_errors, spliced_scores
 from clt.graph.local import DTYPE, LocalModel
 from clt.graph.replacement import Replacement
 from policy.model import AttentionModel
@@ -91,7 +94,8 @@ def gradient_x_activation(policy: AttentionModel, replacement: Replacement, deci
     it predicts is minus this."""
     gains = [torch.ones(h.shape, dtype=errors[0].dtype, requires_grad=True) for h in held]
     with torch.enable_grad():  # callers may run without autograd
-        scores = run_spliced(policy, replacement, decision, errors, [], False, held, gains).scores
+        scores = run_spliced(policy, replacement, decision, errors, [], False, held,
+                             lambda layer, z, rows: z * gains[layer], grad=True).scores  # fmt: skip
         values = scores[targets] if against is None else scores[targets] - scores[against]
         grads_per_target = [torch.autograd.grad(values[j], gains, retain_graph=j + 1 < len(targets), allow_unused=True)
                             for j in range(len(targets))]  # fmt: skip
@@ -134,40 +138,38 @@ def verify_live(
         glimpse_codes, glimpse_error = live_glimpse(policy, replacement, decision)
         errors, held = [*errors, glimpse_error], [*held, glimpse_codes != 0]
 
-    def values(changes: list[Change], selection) -> torch.Tensor:
-        scores = run_spliced(policy, replacement, decision, errors, changes, False, selection).scores
-        return (scores[targets] if against is None else scores[targets] - scores[against]).to(DTYPE)
+    def removed(selection) -> torch.Tensor:
+        """[feature, target]: each feature's removal's change of the targets, one batched pass for all."""
+        changes = [
+            [Change(graph.nodes[s]["layer"], graph.nodes[s]["city"], graph.nodes[s]["feature"])] for s in features
+        ]
+        scores = spliced_scores(policy, replacement, decision, errors, [[], *changes], selection).to(DTYPE)
+        values = scores[:, targets] if against is None else scores[:, targets] - scores[:, against]
+        return values[1:] - values[0]
 
     if not features:
         return {"features": 0, "pearson_r": float("nan"), "sign_agreement": float("nan"), "removals": []}
+    distinct = distinct_margins(targets, against)  # each margin once
     predicted = torch.stack([-total[:, s] for s in features])  # [feature, target]
-    distinct = distinct_margins(targets, against)
     baseline = -gradient_x_activation(policy, replacement, decision, errors, held, [graph.nodes[s] for s in features],
                                       targets, against)  # fmt: skip
-    report = {"features": len(features)}
-    for selection, key in ((None, None), (held, "selection_held")):
-        base = values([], selection)
-        changes = [Change(graph.nodes[s]["layer"], graph.nodes[s]["city"], graph.nodes[s]["feature"]) for s in features]
-        measured = torch.stack([values([c], selection) - base for c in changes])
-        p, m = predicted[:, distinct], measured[:, distinct]  # each margin once
-        signed = p.abs() > 1e-12 * p.abs().max()  # pairs the graph gives an effect (a path) at all
+    measured, patched = removed(None), removed(held)
+    p = predicted[:, distinct]
+    signed = p.abs() > 1e-12 * p.abs().max()  # pairs the graph gives an effect (a path) at all
+
+    def agreement(prediction: torch.Tensor, truth: torch.Tensor) -> dict:
+        p, m = prediction[:, distinct], truth[:, distinct]
         agree = torch.sign(p[signed]) == torch.sign(m[signed])
-        part = {"pearson_r": pearson(p.flatten(), m.flatten()),
-                "sign_agreement": float(agree.to(DTYPE).mean()) if agree.numel() else float("nan"),
-                "pairs": int(signed.sum())}  # fmt: skip
-        if key is None:
-            report.update(part)
-            report["removals"] = [
-                {"id": graph.nodes[s]["id"], "predicted": p.tolist(), "measured": m.tolist(),
-                 "gradient_x_activation": b.tolist()}
-                for s, p, m, b in zip(features, predicted, measured, baseline, strict=True)
-            ]  # fmt: skip
-            g = baseline[:, distinct]
-            g_agree = torch.sign(g[signed]) == torch.sign(m[signed])
-            report["gradient_x_activation"] = {
-                "pearson_r": pearson(g.flatten(), m.flatten()),
-                "sign_agreement": float(g_agree.to(DTYPE).mean()) if g_agree.numel() else float("nan"),
-            }
-        else:
-            report[key] = part
+        return {"pearson_r": pearson(p.flatten(), m.flatten()),
+                "sign_agreement": float(agree.to(DTYPE).mean()) if agree.numel() else float("nan")}  # fmt: skip
+
+    report = {"features": len(features), **agreement(predicted, measured), "pairs": int(signed.sum()),
+              "selection_held": agreement(predicted, patched),
+              "gradient_x_activation": agreement(baseline, measured),
+              "patched": agreement(patched, measured)}  # fmt: skip
+    report["removals"] = [
+        {"id": graph.nodes[s]["id"], "predicted": p.tolist(), "measured": m.tolist(), "patched": q.tolist(),
+         "gradient_x_activation": b.tolist()}
+        for s, p, m, q, b in zip(features, predicted, measured, patched, baseline, strict=True)
+    ]  # fmt: skip
     return report

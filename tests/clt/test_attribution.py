@@ -199,6 +199,8 @@ def test_attribute_and_intervene_from_the_command_line(analysed_run, tmp_path):
     result = CliRunner().invoke(attribute_cli.main, args)
     assert result.exit_code == 0, result.output
     assert "replacement" in result.output and "sign agreement" in result.output
+    for line in ("patched removal effects", "edges: the", "circuit: the margin"):
+        assert line in result.output
     doc = json.loads(out.read_text())
     assert doc["schema"] == "tsp-interp.attribution/1" and doc["step"] == 2 and len(doc["tour"]) == 2
     assert doc["instance"]["seed"] == 3 and len(doc["checkpoint_sha256"]) == 64
@@ -240,6 +242,7 @@ def test_attribute_and_intervene_from_the_command_line(analysed_run, tmp_path):
     ("args", "message"),
     [
         (["--step", "2"], "say which instance"),
+        (["--seed", "1"], "say which step"),
         (["--seed", "1", "--step", "10"], "past the last decision"),
         (["--seed", "1", "--step", "2", "--tour", "missing.npy"], "no such tour file"),
         (["--seed", "1", "--step", "2", "--node_threshold", "1.5"], "node_threshold must be in (0, 1]"),
@@ -341,17 +344,18 @@ def test_many_decisions_in_one_process_with_a_summary_table(analysed_run, tmp_pa
 
     run_dir = tmp_path / "tiny"
     shutil.copytree(analysed_run, run_dir)
-    args = ["--run_dir", str(run_dir), "--seed", "1", "--step", "1", "--instances", "4-5", "--steps", "all",
-            "--verify", "3", "--no_full_graph"]  # fmt: skip
+    args = ["--run_dir", str(run_dir), "--seed", "1", "--instances", "4-5", "--steps", "all", "--verify", "3",
+            "--no_full_graph"]  # with --steps, no --step  # fmt: skip
     result = CliRunner().invoke(attribute_cli.main, args)
     assert result.exit_code == 0, result.output
     written = sorted((run_dir / "clt" / "attribution").glob("seed[45]_*.json"))  # other tests' graphs may be there
     assert len(written) == 2 * 8  # steps 1..8 of two 10-city instances (step 9 has one candidate left)
     assert {json.loads(p.read_text())["instance"]["seed"] for p in written} == {4, 5}
     table = result.stdout.strip().splitlines()
-    assert table[0].split()[:3] == ["decision", "picks", "live"] and len(table) == 1 + 16 + 1
-    assert table[-1].startswith("16 decisions: live r mean") and "beats gradient x activation in" in table[-1]
-    bad = CliRunner().invoke(attribute_cli.main, [*args[:6], "--steps", "3-x"])
+    assert table[0].split()[:3] == ["decision", "picks", "live"] and len(table) == 1 + 16 + 2
+    assert table[-2].startswith("16 decisions: live r mean") and "beats gradient x activation in" in table[-2]
+    assert table[-1].startswith("patched removal effects: r mean")
+    bad = CliRunner().invoke(attribute_cli.main, [*args[:4], "--steps", "3-x"])
     assert bad.exit_code == 1 and "--steps takes A-B or a comma list" in bad.output
     out = CliRunner().invoke(attribute_cli.main, [*args, "--out", str(tmp_path / "one.json")])
     assert out.exit_code == 1 and "--out names one graph" in out.output
