@@ -77,3 +77,33 @@ def test_replacement_fidelity_is_the_decision_with_the_error_nodes_dropped(analy
     assert fidelity["probability_of_policy_choice"] == pytest.approx(float(dropped[outcome.tour[5]].exp()), abs=1e-6)
     doc = attribute(policy, replacement, decision, TraceOptions(verify=0), {}).doc
     assert doc["verification"]["fidelity"] == fidelity
+
+
+def test_patched_removals_are_the_true_removals_of_a_one_layer_model():
+    """With one encoder layer nothing can re-select after a removal (a removed feature is zeroed after the top-k,
+    and no later transcoder layer selects), so the patched removal effects equal the live ones, exactly through the
+    attention's softmax, the norms and the pointer; the linear graph's predictions (attention frozen) do not."""
+    from pathlib import Path
+
+    from clt.graph.replacement import Replacement
+    from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
+    from policy.model import AttentionModel, PolicyConfig
+
+    torch.manual_seed(0)
+    policy = AttentionModel(PolicyConfig(embed_dim=16, num_encoder_layers=1, num_heads=4, ff_hidden=32)).eval()
+    clt = MultiLayerTranscoder(MultiLayerConfig(n_layers=1, d=16, expansion_factor=2, k=4)).eval()
+    clt.set_statistics(torch.zeros(1, 16), torch.ones(1, 16), torch.zeros(1, 16), torch.ones(1, 16))
+    with torch.no_grad():
+        clt.W_dec[0].mul_(3.0)  # effects large enough for the softmax's curvature to show
+    replacement = Replacement("multilayer", [Path("clt_multilayer/x")], [clt], None)
+    locs = generate(1, 10, seed=3)[0]
+    decision = Decision(locs, greedy_tour(policy, locs)[:4])
+    options = TraceOptions(verify=12, check_edges=0, circuit=False)
+    live = attribute(policy, replacement, decision, options, {}).doc["verification"]["live"]
+    patched = torch.tensor([r["patched"] for r in live["removals"]], dtype=torch.float64)
+    measured = torch.tensor([r["measured"] for r in live["removals"]], dtype=torch.float64)
+    predicted = torch.tensor([r["predicted"] for r in live["removals"]], dtype=torch.float64)
+    scale = measured.abs().max()
+    assert scale > 0 and (patched - measured).abs().max() <= 1e-5 * scale
+    assert live["patched"]["pearson_r"] > 1 - 1e-9 and live["patched"]["sign_agreement"] == 1.0
+    assert (predicted - measured).abs().max() > 1e-3 * scale  # the linear graph misses the curvature
