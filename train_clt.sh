@@ -22,6 +22,7 @@
 #                      each one's output in a log file; 1: one process, output on the terminal
 #                      [the cores, at most the runs]
 #   --no_collect       skip pair collection (reuse the dumps)
+#   --overwrite        collect again over dumps made with other settings (python -m clt.collect_pairs --overwrite)
 #   --sweep NAME       record the runs as <run>/clt/sweeps/NAME.json   [sweep_<date>-<time>]
 #                      (then: python -m clt.summarize --run_dir R --sweep NAME, python -m clt.site.export ... --sweep NAME)
 #   -- ARGS            passed to every python -m clt.train_transcoder (e.g. --wandb_project, --wandb_mode, --device)
@@ -42,6 +43,7 @@ EVAL=1000
 LABELS=()
 JOBS=""
 COLLECT=1
+OVERWRITE=()
 SWEEP="sweep_$(date +%Y%m%d-%H%M%S)"
 EXTRA=()
 
@@ -62,6 +64,7 @@ while [[ $# -gt 0 ]]; do
     --eval) EVAL=$2; shift 2 ;;
     --jobs) JOBS=$2; shift 2 ;;
     --no_collect) COLLECT=0; shift ;;
+    --overwrite) OVERWRITE=(--overwrite); shift ;;
     --sweep) SWEEP=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
@@ -83,7 +86,7 @@ if [[ -z "$CONFIG" && -f "$DEFAULT_CONFIG" ]]; then
   CONFIG=$DEFAULT_CONFIG
 fi
 if [[ $COLLECT -eq 1 ]]; then
-  collect=("$PYTHON" -m clt.collect_pairs --run_dir "$RUN_DIR")
+  collect=("$PYTHON" -m clt.collect_pairs --run_dir "$RUN_DIR" ${OVERWRITE[@]+"${OVERWRITE[@]}"})
   [[ -n "$CONFIG" ]] && collect+=(--config "$CONFIG")
   "${collect[@]}"
 fi

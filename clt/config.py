@@ -106,6 +106,15 @@ class TranscoderOptions(CodeOptions):
                              "weighted by decoder norms would start at zero)")  # fmt: skip
         if self.dictionary_penalty not in DICTIONARY_PENALTIES:
             raise ValueError(f"dictionary_penalty must be one of {DICTIONARY_PENALTIES}")
+        if (self.dictionary_penalty == "none") != (self.dictionary_coef == 0):
+            raise ValueError("--dictionary_penalty and --dictionary_coef go together: a penalty (l1, l2) acts only "
+                             "with a coefficient > 0, and a coefficient only with a penalty")  # fmt: skip
+        unit_rows = self.activation in ("topk", "batchtopk") and not self.tied and self.decoder_init == "random"
+        if self.dictionary_penalty == "l2" and unit_rows:
+            raise ValueError(
+                "--dictionary_penalty l2 cannot act here: topk/batchtopk decoder rows are held at unit norm, so "
+                "their sum of w^2 is constant; use l1, --tied or --decoder_init zero"
+            )
         if min(self.l1_coef, self.l0_coef, self.dictionary_coef, self.group_coef) < 0:
             raise ValueError("penalty coefficients must be >= 0")
         if self.group_size is not None and self.group_size < 1:

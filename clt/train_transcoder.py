@@ -118,6 +118,9 @@ class TranscoderTrainConfig(TranscoderOptions):
     """Also log histograms of encoder/decoder row norms at every epoch end, and the weights themselves (each
     checkpoint, every save_freq epochs) as versions of the W&B model artifact `<pair>-weights` (offline: kept for
     `wandb sync`)."""
+    log_every: int = 20
+    """Log the training metrics (loss, FVU, L0, dead features) every this many steps; validation is logged every
+    epoch."""
     seed: int = 0
     """Seeds the weights, the split and the batch order."""
     device: str = "cpu"
@@ -147,6 +150,8 @@ class TranscoderTrainConfig(TranscoderOptions):
             raise ValueError(f"lr_decay must be in [0, 1], got {self.lr_decay}")
         if self.lr <= 0 or self.batch_size < 1 or self.num_epochs < 1 or self.save_freq < 1 or self.state_every < 0:
             raise ValueError("lr, batch_size, num_epochs and save_freq must be positive, state_every >= 0")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be at least 1, got {self.log_every}")
         if self.num_tokens is not None and self.num_tokens < 1:
             raise ValueError("num_tokens must be positive")
         if self.wandb_mode not in WANDB_MODES:
@@ -209,8 +214,8 @@ class TranscoderTrainer(DictionaryTrainer):
         steps = data.train.steps_per_epoch
         max_steps = math.ceil(cfg.num_tokens / cfg.batch_size) if cfg.num_tokens else None
         num_epochs = math.ceil(max_steps / steps) if max_steps else cfg.num_epochs
-        super().__init__(out_dir, num_epochs, cfg.save_freq, state_every=cfg.state_every, max_steps=max_steps,
-                         desc=cfg.pair)  # fmt: skip
+        super().__init__(out_dir, num_epochs, cfg.save_freq, log_every=cfg.log_every, state_every=cfg.state_every,
+                         max_steps=max_steps, desc=cfg.pair)  # fmt: skip
         self.cfg, self.model, self.data, self.val_data, self.dist = cfg, model, data, val_data or data, dist
         self.is_main = dist.is_main
         self.forward = None
@@ -346,7 +351,7 @@ def train_step(
     return stats
 
 
-RESUMABLE = ("num_epochs", "num_tokens", "save_freq", "state_every", "log_weights", "device", "sweep",
+RESUMABLE = ("num_epochs", "num_tokens", "save_freq", "state_every", "log_every", "log_weights", "device", "sweep",
              "wandb_project", "wandb_run_name", "wandb_mode")  # fmt: skip
 """What a resumed transcoder run may change; everything else is read from its train_cfg.json."""
 
@@ -436,6 +441,7 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
                    **metrics, "ridge_val_fvu": float(np.mean(ridges)) if None not in ridges else None}  # fmt: skip
         if len(ridges) > 1:
             summary.update({f"ridge_val_fvu_L{i}": r for i, r in enumerate(ridges)})
+        summary["wandb"] = logger.info  # which W&B run this is (also in wandb.json)
         write_json(out_dir / "summary.json", summary)
         model.save(out_dir)  # last: model.safetensors marks a finished run (sae.runs.is_finished)
         if cfg.sweep:

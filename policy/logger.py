@@ -9,6 +9,9 @@
 
 A run never fails because W&B is missing or unreachable: any error while setting
 it up or logging is reported once as a warning and the run goes on locally.
+W&B writes under $WANDB_DIR when it is set, else under the run folder; which W&B
+run a training run is (mode, project, id, url) goes into `<out_dir>/wandb.json` (`describe`), and a
+transcoder's summary.json repeats it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from policy.io import atomic_write
+from policy.io import atomic_write, write_json
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,8 @@ class RunLogger:
         self.wandb_run = None
         if self.mode != "disabled":
             self.wandb_run = self._start_wandb(out_dir, project, run_name, config, run_id)
+        self.info = self.describe()  # kept: finish() lets go of the W&B run
+        write_json(Path(out_dir) / "wandb.json", self.info)
 
     def _start_wandb(self, out_dir, project, run_name, config, run_id):
         try:
@@ -80,7 +85,7 @@ class RunLogger:
                 name=run_name,
                 config=config,
                 mode=self.mode,
-                dir=str(out_dir),
+                dir=os.environ.get("WANDB_DIR") or str(out_dir),
                 id=run_id,
                 resume="allow" if run_id else None,
             )
@@ -91,6 +96,15 @@ class RunLogger:
     @property
     def run_id(self) -> str | None:
         return self.wandb_run.id if self.wandb_run is not None else None
+
+    def describe(self) -> dict:
+        """Which W&B run this is: mode, project, id, url (None offline) and the folder W&B writes to ($WANDB_DIR
+        when set, else the run folder)."""
+        if self.wandb_run is None:
+            return {"mode": self.mode if self.mode == "disabled" else "unavailable"}
+        run = self.wandb_run
+        return {"mode": self.mode, "project": getattr(run, "project", None), "id": run.id,
+                "url": getattr(run, "url", None), "dir": getattr(run, "dir", None)}  # fmt: skip
 
     def log(self, metrics: dict, step: int) -> None:
         record = {"step": step, **metrics}

@@ -60,6 +60,8 @@ class SAETrainConfig(SAEOptions):
     """Fraction of instances held out for validation."""
     save_freq: int = 1
     """Save a checkpoint every this many epochs."""
+    log_every: int = 20
+    """Log the training metrics (loss, FVU, L0) every this many steps; validation is logged every epoch."""
     seed: int = 0
     """Seeds the weights, the split and the batch order."""
     device: str = "cpu"
@@ -75,6 +77,8 @@ class SAETrainConfig(SAEOptions):
         super().__post_init__()
         check_types(self)
         check_device(self.device)
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be at least 1, got {self.log_every}")
         if self.lr <= 0 or self.batch_size < 1 or self.num_epochs < 1 or self.save_freq < 1:
             raise ValueError("lr, batch_size, num_epochs and save_freq must be positive")
         if self.wandb_mode not in WANDB_MODES:
@@ -132,7 +136,7 @@ class SAETrainer(DictionaryTrainer):
     """TopK SAE steps on one hook's row stream."""
 
     def __init__(self, cfg: SAETrainConfig, out_dir: Path, model: TopKSAE, train: RowStream, val: RowStream | None):
-        super().__init__(out_dir, cfg.num_epochs, cfg.save_freq, desc="SAE")
+        super().__init__(out_dir, cfg.num_epochs, cfg.save_freq, log_every=cfg.log_every, desc="SAE")
         self.cfg, self.model, self.train, self.val = cfg, model, train, val
         self.steps_per_epoch = train.steps_per_epoch
         self.device = model.b_dec.device
@@ -171,7 +175,7 @@ class SAETrainer(DictionaryTrainer):
         return evaluate(self.model, self.val, self.cfg.hook) if self.val else {}
 
 
-RESUMABLE = ("num_epochs", "save_freq", "device", "wandb_project", "wandb_run_name", "wandb_mode")
+RESUMABLE = ("num_epochs", "save_freq", "log_every", "device", "wandb_project", "wandb_run_name", "wandb_mode")
 """What a resumed SAE run may change; everything else is read from its train_cfg.json."""
 
 

@@ -215,6 +215,28 @@ def test_train_clt_sh_sweeps_the_config_sparsity_block(pair_run, tmp_path):
     assert both.returncode == 2 and "give --k or --k_ratio, not both" in both.stderr
 
 
+def test_train_clt_sh_passes_overwrite_to_the_collector(pair_run, tmp_path):
+    """A config asking for other collection settings than the existing dump's: refused with the collector's hint,
+    collected again with --overwrite."""
+    script = Path(__file__).resolve().parents[2] / "train_clt.sh"
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(pair_run, run_dir, ignore=shutil.ignore_patterns("clt_runs", "sweeps"))
+    config = tmp_path / "fewer.json"
+    config.write_text(json.dumps({"layer_pairs": ["encoder_layer_0.mlp_in:encoder_layer_0.mlp_out"],
+                                  "sparsity": {"expansion_factors": [2], "k": [2]},
+                                  "sampling": {"num_instances_per_pair": 40}}))  # fmt: skip
+    command = ["bash", str(script), "--run_dir", str(run_dir), "--config", str(config), "--epochs", "1", "--eval", "0",
+               "--sweep", "again", "--", "--batch_size", "64", "--wandb_mode", "disabled"]  # fmt: skip
+    env = {**os.environ, "PYTHON": sys.executable}
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode != 0 and "--overwrite" in refused.stderr
+    done = subprocess.run([*command[:4], "--overwrite", *command[4:]], capture_output=True, text=True, env=env,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    metadata = json.loads((run_dir / "clt" / "activations" / PAIR / "metadata.json").read_text())
+    assert metadata["num_instances"] == 40
+
+
 def test_train_clt_sh_reports_a_failed_parallel_job_and_refuses_zero_jobs(pair_run):
     """With --jobs 2 a failing run's log tail reaches the terminal and the script fails; its sibling still ran."""
     script = Path(__file__).resolve().parents[2] / "train_clt.sh"

@@ -159,5 +159,19 @@ def test_log_weights_logs_each_checkpoint_as_an_artifact(pair_run, monkeypatch, 
     assert [(a["name"], a["alias"], a["file"]) for a in logged] == [
         (f"{PAIR}-weights", f"epoch_{e}", f"epoch_{e}.safetensors") for e in (1, 2)
     ]
-    offline = list(folder.glob("wandb/offline-run-*/run-*.wandb"))
-    assert offline and f"{PAIR}-weights".encode() in offline[0].read_bytes()
+    offline = list((tmp_path / "wandb_dir").glob("wandb/offline-run-*/run-*.wandb"))  # $WANDB_DIR is respected
+    assert offline and f"{PAIR}-weights".encode() in offline[0].read_bytes() and not (folder / "wandb").exists()
+    which = json.loads((folder / "wandb.json").read_text())  # which W&B run this is, readable without W&B
+    assert which["mode"] == "offline" and which["id"] in offline[0].name
+    assert json.loads((folder / "summary.json").read_text())["wandb"] == which
+
+
+def test_log_every_sets_how_often_training_metrics_are_logged(pair_run):
+    """The tiny pair has a few steps an epoch: logging every step gives one training record per step."""
+    folder, summary = _train(pair_run, "--log_every", "1")
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if any(key.startswith("train/") for key in r)]
+    assert steps == list(range(1, summary["steps"] + 1))
+    assert json.loads((folder / "wandb.json").read_text()) == {"mode": "disabled"}
+    bad = CliRunner().invoke(train_cli.main, ["--run_dir", str(pair_run), "--pair", PAIR, "--log_every", "0"])
+    assert bad.exit_code == 1 and "log_every must be at least 1" in bad.output

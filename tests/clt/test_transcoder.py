@@ -205,6 +205,9 @@ def test_save_and_load_round_trip(tmp_path, kw):
         ({"normalize_source": "zca"}, "normalize_source"),
         ({"l1_coef": -1.0}, "penalty"),
         ({"dictionary_penalty": "l3"}, "dictionary_penalty"),
+        ({"dictionary_penalty": "l1"}, "go together"),
+        ({"dictionary_coef": 0.1}, "go together"),
+        ({"dictionary_penalty": "l2", "dictionary_coef": 0.1}, "cannot act here"),
     ],
 )
 def test_config_validation(kw, message):
