@@ -213,7 +213,8 @@ class MultiLayerDataset:
         return self._stacked(self.val, 0, 0) if self.val is not None else iter(())
 
 
-if __name__ == "__main__":  # python -m clt.datasets --run_dir R --pair P: a dump's statistics and throughput
-    from clt.describe import datasets_main
+if __name__ == "__main__":  # python -m clt.datasets: a dump's statistics and throughput, as python -m clt.describe dump
+    import os
+    import sys
 
-    datasets_main()
+    os.execv(sys.executable, [sys.executable, "-m", "clt.describe", "dump", *sys.argv[1:]])  # imports this module once

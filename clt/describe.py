@@ -1,7 +1,10 @@
-"""What `python -m clt.model` and `python -m clt.datasets` print: a transcoder's summary, a pair dump's statistics.
+"""Describe a trained transcoder or a pair dump: a transcoder's summary, a dump's statistics and streaming rate.
 
-    python -m clt.model --clt_dir runs/tsp20_demo/clt/clt_runs/<pair>/<timestamp>     (or --run_dir R --pair P)
-    python -m clt.datasets --run_dir tsp20_demo --pair clt_L0_to_L1 [--batches 50]
+    python -m clt.describe model --clt_dir runs/tsp20_demo/clt/clt_runs/<pair>/<timestamp>  (or --run_dir R --pair P)
+    python -m clt.describe dump --run_dir tsp20_demo --pair clt_L0_to_L1 [--batches 50]
+
+`python -m clt.model` and `python -m clt.datasets` are the same two commands (their modules hand over to this one
+in a fresh interpreter, so that nothing is imported twice).
 
 The transcoder's summary: its shape and options, parameter count, row norms of encoder and decoder, and the
 validation metrics its training left in summary.json. The dump's: rows, split, per-side statistics, and how
@@ -99,7 +102,7 @@ def run_model(cfg: DescribeModelConfig) -> dict:
     return model_summary(newest_finished(run_dir, "clt", pair_name(run_dir, cfg.pair)))
 
 
-@click.command()
+@click.command("model")
 @options(DescribeModelConfig)
 def model_main(**settings):
     """Summarise a trained transcoder: shape, options, parameters, row norms, validation metrics."""
@@ -183,10 +186,23 @@ def format_data(summary: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command()
+@click.command("dump")
 @options(DescribeDataConfig)
 def datasets_main(**settings):
     """A pair dump's statistics (rows, split, per-side means and stds) and its streaming throughput."""
     with command():
         summary = data_summary(DescribeDataConfig(**settings))
     click.echo(json.dumps(summary, indent=1) if settings["json"] else format_data(summary))
+
+
+@click.group()
+def main():
+    """Describe a trained transcoder (model) or a pair dump (dump)."""
+
+
+main.add_command(model_main)
+main.add_command(datasets_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -433,7 +433,8 @@ def load_transcoder(folder: str | Path) -> CrossLayerTranscoder | MultiLayerTran
     return model.eval()
 
 
-if __name__ == "__main__":  # python -m clt.model --clt_dir D: a transcoder's summary
-    from clt.describe import model_main
+if __name__ == "__main__":  # python -m clt.model: a transcoder's summary, as python -m clt.describe model
+    import os
+    import sys
 
-    model_main()
+    os.execv(sys.executable, [sys.executable, "-m", "clt.describe", "model", *sys.argv[1:]])  # imports this module once

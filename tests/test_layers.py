@@ -41,9 +41,7 @@ def project_imports(path: Path) -> set[str]:
 
 
 def is_command(path: Path) -> bool:
-    """A `python -m` entry point: a module that runs its own `main()` under `if __name__ == "__main__"`. (A library
-    module may end with a guard that hands over to a command module's function, as clt.model and clt.datasets hand
-    over to clt.describe; it stays a library module.)"""
+    """A `python -m` entry point: a module that runs its own `main()` under `if __name__ == "__main__"`."""
     return 'if __name__ == "__main__":\n    main()' in path.read_text()
 
 

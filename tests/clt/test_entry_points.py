@@ -1,4 +1,5 @@
-"""`python -m clt.model` (a transcoder's summary) and `python -m clt.datasets` (a dump's statistics and throughput)."""
+"""`python -m clt.describe model|dump`, also reached as `python -m clt.model` (a transcoder's summary) and `python -m
+clt.datasets` (a dump's statistics and throughput)."""
 
 import json
 import subprocess
@@ -22,6 +23,7 @@ def test_clt_model_summarises_a_transcoder(pair_run):
     assert "validation FVU" in shown.stdout and "decoder row norms: min 1, median 1, max 1" in shown.stdout
     summary = json.loads(_cli("clt.model", "--run_dir", pair_run, "--pair", PAIR, "--json").stdout)
     assert summary["folder"] == str(folder) and summary["k"] == 4 and summary["parameters"] == 64 * 16 * 2 + 64 + 16
+    assert json.loads(_cli("clt.describe", "model", "--run_dir", pair_run, "--pair", PAIR, "--json").stdout) == summary
     missing = _cli("clt.model", "--clt_dir", pair_run / "nowhere")
     assert missing.returncode == 1 and "needs cfg.json and model.safetensors" in missing.stderr
 
@@ -36,5 +38,7 @@ def test_clt_datasets_reports_statistics_and_throughput(pair_run):
     assert summary["train_instances"] + summary["val_instances"] == 60 and summary["sources"]["dim"] == 16
     assert summary["stream"]["rows"] == 20 * 64 or summary["stream"]["batches"] <= 20
     assert summary["stream"]["rows_per_s"] > 0
+    again = _cli("clt.describe", "dump", "--run_dir", pair_run, "--pair", PAIR, "--batch_size", "64", "--batches", "0")
+    assert again.returncode == 0 and "600 rows = 60 instances x 10" in again.stdout
     bad = _cli("clt.datasets", "--run_dir", pair_run, "--pair", "clt_L1_to_L2")
     assert bad.returncode == 1 and "no data for pair 'clt_L1_to_L2'" in bad.stderr
