@@ -10,7 +10,7 @@ decision's input H*,
 which equals the score there, is linear in H, and has the score's own gradient: removing a source changes T_c by
 the score's first-order change, and contributions plus constants sum exactly to the score. Two glimpses:
 
-- `frozen` (the default, as ARCHITECTURE.md section 6 fixes the local model): P held at its value, so g is a fixed
+- `frozen` (the default, the local model's frozen glimpse pattern): P held at its value, so g is a fixed
   mixture of the unvisited cities' value vectors and s_c is bilinear; T_c is then
   (g(H) . k_c* + g* . k_c(H) - g* . k_c*) / sqrt(d): each source acts through the glimpse's values and through the
   candidate's key. The step context (first and current city, graph mean, placeholder) only sets P, and is no
