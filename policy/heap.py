@@ -4,8 +4,8 @@ torch takes a CPU tensor's memory from malloc. A training step allocates and fre
 (normalised batches, predictions, gradients) every time; with glibc's defaults the freed space at the heap's top
 soon exceeds what glibc keeps (its trim threshold: twice the largest block it has yet freed from mmap, so a few
 MB unless the process once freed a big block), it returns those pages to the OS, and the next step faults them in
-again: 900-2,500 page faults a step for clt's trainer at bench.train's shape, ~1.35 us each inside the step, 1.2-3.5
-ms of a 17-25 ms step. `keep_freed_memory` fixes both thresholds at the values glibc's own heuristic ends at (32 MB,
+again: hundreds to thousands of page faults a step for clt's trainer, a visible share of the step (bench.train).
+`keep_freed_memory` fixes both thresholds at the values glibc's own heuristic ends at (32 MB,
 64 MB), so the step reuses its pages. Elsewhere than glibc (macOS, musl, Windows) both functions do nothing.
 """
 

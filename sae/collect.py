@@ -23,7 +23,7 @@ INSTANCE_CHUNK = 1024
 """Instances are drawn in fixed chunks (seeded by seed and chunk index), so ids do not depend on batch size."""
 
 TRIM_BYTES = 256 * 2**20
-"""Freed heap goes back to the OS after every this many bytes of activations (a trim costs ~10 ms): the heap keeps a
+"""Freed heap goes back to the OS after every this many bytes of activations (a trim is not free): the heap keeps a
 batch's freed blocks for the next one (policy.heap), and without trims its resident size creeps up with the dump."""
 
 

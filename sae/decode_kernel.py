@@ -29,8 +29,7 @@ from sae.topk_kernel import thread_rows, use_threads
 def _group_by_feature(features, offsets, n_features, threads):
     """(starts [features + 1], entries, rows): entries[starts[f]:starts[f + 1]] are feature f's, in row order.
 
-    A counting sort on `threads` threads, each counting and then placing the entries of its own range of rows
-    (0.13 against 0.19 ms for 4096 rows of 16 on 2 threads)."""
+    A counting sort on `threads` threads, each counting and then placing the entries of its own range of rows."""
     batch = len(offsets) - 1
     counts = np.zeros((threads, n_features), np.int64)  # counts[t, f]: feature f's entries in thread t's rows
     for t in prange(threads):
@@ -64,7 +63,7 @@ def _feature_pass(x, dy, w_dec, values, starts, entries, rows, bounds, g, grad_w
     """g and the per-feature gradients; thread t owns features bounds[t]:bounds[t + 1].
 
     A feature's entries are taken four at a time: one read and write of its two gradient rows serves four entries
-    (1.3x faster than one at a time, where those row updates outnumbered the reads of dy and x)."""
+    (one at a time, those row updates outnumber the reads of dy and x)."""
     d_in, d_out = x.shape[1], dy.shape[1]
     zero = np.float32(0.0)
     for t in prange(len(bounds) - 1):

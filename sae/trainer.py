@@ -10,9 +10,9 @@ from policy.trainer import EpochTrainer
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
-    """The dictionary trainers' Adam: torch's fused one (one pass over each tensor: 0.12 against 0.33 ms a step for a
-    1024 x 128 transcoder on 2 CPU threads) where this torch has it for the parameters' device (CPU since torch
-    2.4), else its default. Resuming needs a torch that has it too (the flag is in the optimizer's state)."""
+    """The dictionary trainers' Adam: torch's fused one (one pass over each tensor instead of several) where this
+    torch has it for the parameters' device (CPU since torch 2.4), else its default. Resuming needs a torch that
+    has it too (the flag is in the optimizer's state)."""
     params = list(params)
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
@@ -30,7 +30,7 @@ class DictionaryTrainer(EpochTrainer):
 
     def fit(self, logger: RunLogger | None) -> None:
         """EpochTrainer.fit, with each step's freed tensors kept in the process's heap for the next step
-        (policy.heap.keep_freed_memory: 1.2-3.5 ms of page faults a step at bench.train's shape otherwise)."""
+        (policy.heap.keep_freed_memory: otherwise every step faults its pages in again)."""
         keep_freed_memory()
         super().fit(logger)
 
