@@ -1,6 +1,8 @@
 """Headless Chromium for the docs site: the browser the tests drive, and the README's screenshots.
 
-    python -m clt.site.screenshots [--out docs/img]     # overview.png, clt_graph.png, feature.png of docs/
+    python -m clt.site.screenshots [--out docs/img]     # overview.png, clt_graph.png, feature.png, ... of docs/
+
+and, at each of `--widths` (800 and 1600 pixels by default), overview_<width>.png and decision_<width>.png.
 
 Uses Selenium with the system's Chromium and ChromeDriver (Debian: `apt-get install chromium
 chromium-driver`); nothing is downloaded. The site is served by clt.site.server on a free port.
@@ -90,9 +92,10 @@ def hover_feature(driver, column: int = 0) -> None:
     ActionChains(driver).move_to_element(column_node(driver, column)).perform()
 
 
-def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
+def take_screenshots(docs_dir: str | Path, out: str | Path, widths: tuple[int, ...] = ()) -> list[Path]:
     """overview.png, clt_graph.png, feature.png and features.png (the Features tab, searching "spot") of the site in
-    docs_dir, and decision.png (the first decision, its strongest feature hovered) when the site has decisions."""
+    docs_dir, and decision.png (the first decision, its strongest feature hovered) when the site has decisions;
+    then at_width's pair at each of `widths`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shots = []
@@ -122,16 +125,43 @@ def take_screenshots(docs_dir: str | Path, out: str | Path) -> list[Path]:
             ActionChains(driver).move_to_element(node).perform()
             shots.append(out / "decision.png")
             driver.find_element("tag name", "body").screenshot(str(shots[-1]))
+    for width in widths:
+        shots += at_width(docs_dir, out, width)
+    return shots
+
+
+def at_width(docs_dir: str | Path, out: Path, width: int) -> list[Path]:
+    """overview_<width>.png and (when the site has decisions) decision_<width>.png, in a window `width` pixels
+    wide."""
+    shots = []
+    with serve(docs_dir) as url, chromium(width=width, height=1250) as driver:
+        pages = [("overview", "#/overview")]
+        rendered(driver, url + "#/overview")
+        decisions = driver.execute_script("return window.DECISIONS || []")
+        if decisions:
+            pages.append(("decision", "#/decision/" + decisions[0]["name"]))
+        for name, hash_ in pages:
+            rendered(driver, url + hash_)
+            shots.append(out / f"{name}_{width}.png")
+            driver.find_element("tag name", "body").screenshot(str(shots[-1]))
     return shots
 
 
 @click.command(context_settings={"show_default": True})
 @click.option("--docs_dir", default=str(DOCS_DIR), help="The site folder (with data/site.js from clt.site.export).")
 @click.option("--out", default=str(DOCS_DIR / "img"), help="Where to write the PNGs.")
-def main(docs_dir, out):
+@click.option("--widths", default="800,1600", help="Also the overview and a decision at these window widths "
+              "(comma-separated pixels; empty: none).")  # fmt: skip
+def main(docs_dir, out, widths):
     """Screenshot the overview, the CLT graph, a feature page and a decision in headless Chromium."""
     with command():
-        shots = take_screenshots(docs_dir, out)
+        try:
+            sizes = tuple(int(w) for w in widths.split(",") if w.strip())
+        except ValueError:
+            raise ValueError(f"--widths takes comma-separated pixel widths, got {widths!r}") from None
+        if any(w < 200 for w in sizes):
+            raise ValueError(f"--widths must be at least 200 pixels each, got {widths!r}")
+        shots = take_screenshots(docs_dir, out, sizes)
     click.echo("\n".join(str(p) for p in shots))
 
 

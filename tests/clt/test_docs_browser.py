@@ -202,9 +202,29 @@ def test_the_committed_demo_site_loads(browser):
 def test_the_screenshots_include_a_decision(site_dir, tmp_path):
     from clt.site.screenshots import take_screenshots
 
-    shots = take_screenshots(site_dir, tmp_path)
-    assert [p.name for p in shots] == ["overview.png", "clt_graph.png", "feature.png", "features.png", "decision.png"]
+    shots = take_screenshots(site_dir, tmp_path, widths=(800,))
+    assert [p.name for p in shots] == ["overview.png", "clt_graph.png", "feature.png", "features.png", "decision.png",
+                                       "overview_800.png", "decision_800.png"]  # fmt: skip
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in shots)
+
+
+def test_at_800_pixels_nothing_runs_off_the_side(site, site_dir):
+    """A window 800 px wide: the page itself never scrolls sideways (wide tables and graphs scroll inside their own
+    box), and the decision page stacks the map above the graph, with the details below, all on screen."""
+    url, _ = site
+    decisions = json.loads((site_dir / "data" / "decisions.json").read_text())
+    with chromium(width=800, height=1000) as narrow:
+        for hash_, wait_for in (("#/overview", "table"), ("#/decisions", "table"),
+                                ("#/decision/" + decisions[0]["name"], "#graph .node")):  # fmt: skip
+            open_page(narrow, url + hash_, wait_for)
+            width = narrow.execute_script("return document.documentElement.scrollWidth")
+            assert width <= narrow.execute_script("return window.innerWidth"), hash_
+        script = "return document.querySelector(arguments[0]).getBoundingClientRect().toJSON()"
+        parts = {"map": "svg.decision-map", "graph": "#graph", "details": "#details"}
+        boxes = {name: narrow.execute_script(script, css) for name, css in parts.items()}
+        assert boxes["map"]["bottom"] <= boxes["graph"]["top"] + 1
+        assert boxes["graph"]["bottom"] <= boxes["details"]["top"] + 1
+        assert all(0 <= box["left"] < 800 for box in boxes.values())
 
 
 def test_a_feature_page_shows_its_label_score_and_receptive_field(browser, site):
