@@ -9,7 +9,8 @@
 # Options (each grid option takes a space-separated list):
 #   --run_dir R        run folder or name                     [tsp20_demo]
 #   --config FILE      pair config for collection             [clt/configs/<run>.json, if it exists]
-#   --pairs "P ..."    pair names to train                    [every pair the config lists]
+#   --pairs "P ..."    pair names to train                    [every pair the config lists; without a config, the
+#                      run's default pairs: each layer's mlp_in -> mlp_out, each layer's output -> the next's]
 #   --expansion "E ..."  expansion factors                    [the config's sparsity.expansion_factors, else 8]
 #   --k "K ..."        active features per row                [the config's sparsity.k, else 16]
 #   --k_ratio "R ..."  fractions of features active, instead of --k  [the config's sparsity.k_ratio]
@@ -91,15 +92,13 @@ if [[ $COLLECT -eq 1 ]]; then
   "${collect[@]}"
 fi
 # The grid: the flags, else the config's pairs and sparsity block (one line each), else 8x with k 16.
-LISTS=()
 if [[ -n "$CONFIG" ]]; then
   GRIDS=$("$PYTHON" -m clt.list_pairs "$CONFIG" --grids)
-  mapfile -t LISTS <<<"$GRIDS"
+else  # the run's default pairs, as clt.collect_pairs collects them without a config
+  GRIDS=$("$PYTHON" -m clt.list_pairs --run_dir "$RUN_DIR" --grids)
 fi
-if [[ -z "$PAIRS" ]]; then
-  [[ -n "$CONFIG" ]] || { echo "train_clt.sh: give --pairs or --config" >&2; exit 2; }
-  PAIRS=${LISTS[0]:-}
-fi
+mapfile -t LISTS <<<"$GRIDS"
+[[ -n "$PAIRS" ]] || PAIRS=${LISTS[0]:-}
 [[ -n "$EXPANSION" ]] || EXPANSION=${LISTS[1]:-}
 if [[ -z "$K" && -z "$K_RATIO" ]]; then
   K=${LISTS[2]:-}

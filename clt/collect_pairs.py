@@ -26,7 +26,14 @@ import click
 import numpy as np
 
 from clt.datasets import condition_tag, dump_name
-from clt.pairs import LayerPair, PairsConfig, default_config_path, parse_pairs, read_pairs_config
+from clt.pairs import (
+    LayerPair,
+    PairsConfig,
+    default_config_path,
+    default_layer_pairs,
+    parse_pairs,
+    read_pairs_config,
+)
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import DISTRIBUTIONS
@@ -54,7 +61,8 @@ class CollectPairsConfig:
     config: str | None = None
     """Pairs config JSON [default: clt/configs/<run name>.json when it exists]."""
     layer_pairs: str | None = None
-    """'src:tgt,src:tgt' hook pairs; overrides the config file."""
+    """'src:tgt,src:tgt' hook pairs; overrides the config file [default, without either: every encoder layer's
+    mlp_in -> mlp_out (the multi-layer CLT's pairs), then each layer's output -> the next's]."""
     num_instances_per_pair: int | None = None
     """Instances per pair; overrides the config file [default: the config's, else 10000]."""
     seed: int | None = None
@@ -94,8 +102,9 @@ class CollectPairsConfig:
             raise ValueError(f"dtype must be one of {DTYPES}")
 
 
-def resolve_settings(cfg: CollectPairsConfig, run_name: str) -> PairsConfig:
-    """The config file (explicit, or the run's default if present) with the CLI flags on top."""
+def resolve_settings(cfg: CollectPairsConfig, run_name: str, n_layers: int) -> PairsConfig:
+    """The config file (explicit, or the run's default if present) with the CLI flags on top; without pairs from
+    either, default_layer_pairs."""
     path = Path(cfg.config) if cfg.config else default_config_path(run_name)
     base = read_pairs_config(path) if cfg.config or path.is_file() else PairsConfig()
     if cfg.layer_pairs:
@@ -107,7 +116,7 @@ def resolve_settings(cfg: CollectPairsConfig, run_name: str) -> PairsConfig:
     if cfg.distribution is not None:
         base.distribution = cfg.distribution
     if not base.layer_pairs:
-        raise ValueError(f"no layer pairs: pass --layer_pairs or write them in {path}")
+        base.layer_pairs = default_layer_pairs(n_layers)
     return base
 
 
@@ -116,7 +125,7 @@ def run(cfg: CollectPairsConfig) -> dict[str, Path]:
     the pair's name, with the condition appended when it is not the run's own)."""
     loaded = load_policy(cfg.run_dir, cfg.checkpoint, cfg.device)
     hooked = HookedPolicy(loaded.model)
-    settings = resolve_settings(cfg, loaded.run_dir.resolve().name)
+    settings = resolve_settings(cfg, loaded.run_dir.resolve().name, loaded.config.policy.num_encoder_layers)
     pairs = parse_pairs(settings.layer_pairs, hooked.hook_names())
     num_loc = cfg.num_loc or loaded.config.num_loc
     distribution = settings.distribution or loaded.config.distribution

@@ -155,6 +155,24 @@ class PairsConfig:
                 raise ValueError(f"{name} must be a list, got {getattr(self, name)!r}")
 
 
+def default_layer_pairs(n_layers: int) -> list[str]:
+    """The pairs of a run without a config: every encoder layer's mlp_in -> mlp_out (what the multi-layer CLT
+    trains on), then each layer's output -> the next's."""
+    mlp = [f"encoder_layer_{i}.mlp_in:encoder_layer_{i}.mlp_out" for i in range(n_layers)]
+    return mlp + [f"encoder_layer_{i}:encoder_layer_{i + 1}" for i in range(n_layers - 1)]
+
+
+def run_layer_count(run_dir: Path) -> int:
+    """The number of encoder layers a run's config.json declares (read without torch)."""
+    try:
+        n = read_json(run_dir / "config.json")["policy"]["num_encoder_layers"]
+    except (FileNotFoundError, KeyError, TypeError) as err:
+        raise ValueError(f"{run_dir}: no policy.num_encoder_layers in config.json ({err})") from None
+    if not isinstance(n, int) or not 1 <= n <= 64:
+        raise ValueError(f"{run_dir}/config.json: num_encoder_layers must be an integer in 1..64, got {n!r}")
+    return n
+
+
 def read_pairs_config(path: str | Path) -> PairsConfig:
     path = Path(path)
     if not path.is_file():

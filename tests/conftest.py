@@ -128,8 +128,9 @@ def tiny_model(tiny_cfg):
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """A tiny policy (d=16, TSP10) trained for one epoch through the CLI."""
+def tiny_source(tmp_path_factory) -> Path:
+    """A tiny policy (d=16, TSP10) trained for one epoch through the CLI, once per session. Never written to:
+    fixtures copy it, and tests get their own copy as `tiny_run`, so that no test sees another's outputs."""
     from click.testing import CliRunner
 
     from policy import train
@@ -143,8 +144,18 @@ def tiny_run(tmp_path_factory) -> Path:
     return runs / "tiny"
 
 
+@pytest.fixture
+def tiny_run(tiny_source, tmp_path_factory) -> Path:
+    """This test's own copy of the tiny run (`runs/tiny` in a fresh folder)."""
+    import shutil
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    shutil.copytree(tiny_source, run_dir)
+    return run_dir
+
+
 @pytest.fixture(scope="session")
-def analysed_run(tiny_run, tmp_path_factory) -> Path:
+def analysed_run(tiny_source, tmp_path_factory) -> Path:
     """A copy of the tiny run with what the docs site shows: an SAE on encoder_layer_0, mlp transcoders for
     both layers (evaluated, with splicing), a multi-layer CLT, and one generalisation matrix (the L0 mlp
     transcoder on uniform and clustered instances). Every step goes through its CLI."""
@@ -157,7 +168,7 @@ def analysed_run(tiny_run, tmp_path_factory) -> Path:
     from sae import collect_activations, train_topk
 
     run_dir = tmp_path_factory.mktemp("analysed") / "tiny"
-    shutil.copytree(tiny_run, run_dir)
+    shutil.copytree(tiny_source, run_dir)
     small = [
         "--expansion_factor",
         "2",

@@ -19,9 +19,9 @@ PAIR = "clt_L0.mlp_in_to_L0.mlp_out"
 
 
 @pytest.fixture(scope="module")
-def pair_run(tiny_run, tmp_path_factory):
+def pair_run(tiny_source, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("clt_train") / "tiny"
-    shutil.copytree(tiny_run, run_dir)
+    shutil.copytree(tiny_source, run_dir)
     args = ["--run_dir", str(run_dir), "--layer_pairs", "encoder_layer_0.mlp_in:encoder_layer_0.mlp_out",
             "--num_instances_per_pair", "60", "--batch_size", "32"]  # fmt: skip
     result = CliRunner().invoke(collect_cli.main, args)

@@ -27,12 +27,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 @pytest.fixture(scope="module")
-def collected(tiny_run, tmp_path_factory) -> dict[str, Path]:
+def collected(tiny_source, tmp_path_factory) -> dict[str, Path]:
     """A copy of the tiny run per device, each with a pair and an SAE dump collected on that device."""
     runs = {}
     for device in ("cpu", DEVICE):
         run_dir = tmp_path_factory.mktemp(device) / "tiny"
-        shutil.copytree(tiny_run, run_dir)
+        shutil.copytree(tiny_source, run_dir)
         steps = [
             (collect_cli.main, ["--layer_pairs", "encoder_layer_0.mlp_in:encoder_layer_0.mlp_out",
                                 "--num_instances_per_pair", "60", "--batch_size", "32"]),

@@ -24,9 +24,9 @@ INSTANCES = 40
 
 
 @pytest.fixture(scope="module")
-def decoder_run(tiny_run, tmp_path_factory):
+def decoder_run(tiny_source, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("decoder_pairs") / "tiny"
-    shutil.copytree(tiny_run, run_dir)
+    shutil.copytree(tiny_source, run_dir)
     args = ["--run_dir", str(run_dir), "--layer_pairs", f"{SPEC},encoder_layer_0.mlp_in:encoder_layer_0.mlp_out",
             "--num_instances_per_pair", str(INSTANCES), "--batch_size", "16"]  # fmt: skip
     result = CliRunner().invoke(collect_cli.main, args)

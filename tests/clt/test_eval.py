@@ -30,10 +30,10 @@ SOURCE, TARGET = "encoder_layer_0.mlp_in", "encoder_layer_0.mlp_out"
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_run, tmp_path_factory):
+def trained(tiny_source, tmp_path_factory):
     """A copy of the tiny run with the L0 mlp pair collected, a transcoder, and SAEs on both hooks."""
     run_dir = tmp_path_factory.mktemp("clt_eval") / "tiny"
-    shutil.copytree(tiny_run, run_dir)
+    shutil.copytree(tiny_source, run_dir)
     args = ["--run_dir", str(run_dir), "--layer_pairs", f"{SOURCE}:{TARGET}", "--num_instances_per_pair", "60"]
     assert CliRunner().invoke(collect_cli.main, args).exit_code == 0
     args = ["--run_dir", str(run_dir), "--hooks", f"{SOURCE},{TARGET}", "--num_instances", "60", "--name", "acts"]

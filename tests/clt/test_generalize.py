@@ -18,10 +18,10 @@ HOOKS = "encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
 
 
 @pytest.fixture(scope="module")
-def two_conditions(tiny_run, tmp_path_factory):
+def two_conditions(tiny_source, tmp_path_factory):
     """A copy of the tiny run with the pair collected and a transcoder trained on uniform and on clustered."""
     run = tmp_path_factory.mktemp("generalize") / "tiny"
-    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("sae", "clt"))
+    shutil.copytree(tiny_source, run, ignore=shutil.ignore_patterns("sae", "clt"))
     for extra, condition in (([], []), (["--distribution", "clustered"], ["--condition", "clustered_n10_e1_seed0"])):
         args = ["--run_dir", str(run), "--layer_pairs", HOOKS, "--num_instances_per_pair", "40", *extra]
         assert CliRunner().invoke(collect_cli.main, args).exit_code == 0

@@ -80,10 +80,10 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def layers_run(tiny_run, tmp_path_factory):
+def layers_run(tiny_source, tmp_path_factory):
     """A copy of the tiny run (2 layers) with both layers' mlp_in -> mlp_out pairs collected in one pass."""
     run_dir = tmp_path_factory.mktemp("multilayer") / "tiny"
-    shutil.copytree(tiny_run, run_dir)
+    shutil.copytree(tiny_source, run_dir)
     pairs = "encoder_layer_0.mlp_in:encoder_layer_0.mlp_out,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
     args = ["--run_dir", str(run_dir), "--layer_pairs", pairs, "--num_instances_per_pair", "60"]
     assert CliRunner().invoke(collect_cli.main, args).exit_code == 0

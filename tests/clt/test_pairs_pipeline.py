@@ -1,6 +1,7 @@
 """clt data pipeline: pair names and checks, collect_pairs, PairDataset, inspect_pairs."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -22,11 +23,14 @@ PAIRS = "encoder_layer_0:encoder_layer_1,encoder_layer_1:encoder_output,encoder_
 
 
 @pytest.fixture(scope="module")
-def pairs_run(tiny_run):
-    args = ["--run_dir", str(tiny_run), "--layer_pairs", PAIRS, "--num_instances_per_pair", "40", "--batch_size", "16"]
+def pairs_run(tiny_source, tmp_path_factory):
+    """A copy of the tiny run with PAIRS collected."""
+    run_dir = tmp_path_factory.mktemp("pairs") / "tiny"
+    shutil.copytree(tiny_source, run_dir)
+    args = ["--run_dir", str(run_dir), "--layer_pairs", PAIRS, "--num_instances_per_pair", "40", "--batch_size", "16"]
     result = CliRunner().invoke(collect_cli.main, args)
     assert result.exit_code == 0, result.output
-    return tiny_run
+    return run_dir
 
 
 def _dir(run, pair):
@@ -67,6 +71,14 @@ def test_list_pairs_prints_a_configs_pair_names_and_grids_and_refuses_a_malforme
     assert "Traceback" not in result.output
 
 
+def test_list_pairs_prints_a_runs_default_pairs_without_a_config(tiny_run):
+    result = CliRunner().invoke(list_pairs_cli.main, ["--run_dir", str(tiny_run), "--grids"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "clt_L0.mlp_in_to_L0.mlp_out clt_L1.mlp_in_to_L1.mlp_out clt_L0_to_L1"
+    neither = CliRunner().invoke(list_pairs_cli.main, [])
+    assert neither.exit_code == 1 and "give one of a pairs CONFIG file and --run_dir" in neither.output
+
+
 def test_shipped_demo_config():
     cfg = read_pairs_config("clt/configs/tsp20_demo.json")
     assert "encoder_layer_0:encoder_layer_2" in cfg.layer_pairs
@@ -84,6 +96,16 @@ def test_rows_are_the_same_nodes_in_every_pair(pairs_run):
     cache = HookedPolicy(load_policy(pairs_run).model).run_with_cache(locs, ["encoder_layer_0"])
     np.testing.assert_allclose(a.arrays["sources"], cache["encoder_layer_0"].reshape(400, -1).numpy(), atol=1e-6)
     assert {"clt_L0_to_L1", "clt_L1_to_out", "clt_L1.mlp_in_to_L1.mlp_out"} <= set(read_registry(pairs_run))
+
+
+def test_a_run_without_a_config_collects_the_default_pairs(tiny_run):
+    """No config file and no --layer_pairs (an imported model, say): every layer's mlp_in -> mlp_out, then each
+    layer's output -> the next's."""
+    args = ["--run_dir", str(tiny_run), "--num_instances_per_pair", "8", "--batch_size", "8"]
+    result = CliRunner().invoke(collect_cli.main, args)
+    assert result.exit_code == 0, result.output
+    expected = {"clt_L0.mlp_in_to_L0.mlp_out", "clt_L1.mlp_in_to_L1.mlp_out", "clt_L0_to_L1"}
+    assert expected == {p.name for p in (tiny_run / "clt" / "activations").iterdir() if p.is_dir()}
 
 
 def test_bad_pairs_leave_nothing_behind(tiny_run):

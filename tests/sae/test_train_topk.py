@@ -18,11 +18,14 @@ from sae.train_topk import SAETrainConfig, SAETrainer, run
 
 
 @pytest.fixture(scope="module")
-def dumped_run(tiny_run):
-    args = ["--run_dir", str(tiny_run), "--hooks", "encoder_layer_1", "--num_instances", "60", "--name", "sae_data"]
+def dumped_run(tiny_source, tmp_path_factory):
+    """A copy of the tiny run with encoder_layer_1's activations dumped."""
+    run_dir = tmp_path_factory.mktemp("sae_train") / "tiny"
+    shutil.copytree(tiny_source, run_dir)
+    args = ["--run_dir", str(run_dir), "--hooks", "encoder_layer_1", "--num_instances", "60", "--name", "sae_data"]
     result = CliRunner().invoke(collect_activations.main, args)
     assert result.exit_code == 0, result.output
-    return tiny_run
+    return run_dir
 
 
 def _cfg(run_dir, **kw):
