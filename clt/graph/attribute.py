@@ -56,7 +56,7 @@ class AttributeConfig:
     glimpse_clt: str | None = None
     """Also replace step t's glimpse by a decoder.context -> decoder.glimpse transcoder (a run folder, or `newest`
     for the run's newest): its features become nodes between the encoder output and the targets (clt.graph.glimpse;
-    needs --glimpse frozen and step >= 1)."""
+    the glimpse is then frozen; needs step >= 1)."""
     checkpoint: int | None = None
     """Policy epoch [default: the one the transcoders were trained on, else the latest]."""
     out: str | None = None
@@ -156,7 +156,8 @@ def one(cfg: AttributeConfig, run_dir: Path, policy, replacement, options: Decis
     result = attribute(policy.model, replacement, decision, cfg.trace, source)
     attach_labels(result.doc, replacement)  # from clt.label's eval/labels.json, where the dictionaries have one
     result.doc["in_words"] = in_words(result.doc)
-    mode = f"_attention-{cfg.trace.attention}_glimpse-{cfg.trace.glimpse}"  # runs in other modes keep their files
+    used = result.doc["options"]  # the glimpse mode as resolved
+    mode = f"_attention-{used['attention']}_glimpse-{used['glimpse']}"  # graphs in other modes keep their files
     out = Path(cfg.out) if cfg.out else attribution_dir(run_dir) / f"{check_name(name + mode, 'decision name')}.json"
     if cfg.full_graph:
         save_tensors(out.with_suffix(".safetensors"), result.tensors())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -45,12 +45,14 @@ class TraceOptions:
 
     max_targets: int = 5
     """At most this many target candidates."""
-    attention: str = choice("frozen", ATTENTIONS)
-    """frozen: every encoder layer's attention pattern held (cities interact through value paths only); tangent:
-    the patterns respond to first order (the QK paths too)."""
-    glimpse: str = choice("frozen", GLIMPSES)
-    """frozen: the glimpse's attention pattern held (the step context then only selects what the glimpse reads);
-    tangent: the pattern responds to first order, so that the current and first city's features get edges."""
+    attention: str = choice("tangent", ATTENTIONS)
+    """tangent: every encoder layer's attention pattern responds to first order (the QK paths too), so that edges
+    hold for small changes in the live policy; frozen: the patterns held (cities interact through value paths
+    only). bench.faithfulness compares them."""
+    glimpse: str | None = choice(None, GLIMPSES)
+    """tangent: the glimpse's attention pattern responds to first order, so that the current and first city's
+    features get edges; frozen: the pattern held (the step context then only selects what the glimpse reads)
+    [default: tangent; frozen with a glimpse transcoder, whose features are the glimpse]."""
     target: str = choice("difference", TARGETS)
     """score: each target's raw pointer score; difference: its score minus the runner-up's (the most probable
     other candidate), i.e. why this city and not that one."""
@@ -79,7 +81,7 @@ class TraceOptions:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
-        if self.glimpse not in GLIMPSES:
+        if self.glimpse is not None and self.glimpse not in GLIMPSES:
             raise ValueError(f"glimpse must be one of {GLIMPSES}, got {self.glimpse!r}")
         if self.max_targets < 1 or min(self.verify, self.top_features, self.check_edges) < 0:
             raise ValueError("max_targets must be >= 1, verify, top_features and check_edges >= 0")
@@ -121,6 +123,8 @@ def attribute(
 ) -> Attribution:
     """The attribution graph of `decision`; `source` (run, checkpoint, instance provenance) goes into the doc."""
     start = time.perf_counter()
+    if options.glimpse is None:  # the default: tangent, unless a glimpse transcoder's features are the glimpse
+        options = replace(options, glimpse="frozen" if replacement.glimpse is not None else "tangent")
     outcome = decide(policy, decision)
     targets = choose_targets(outcome.log_probs, options.max_targets, options.target_prob)
     against = runner_ups(outcome.log_probs, targets) if options.target == "difference" else None

@@ -224,12 +224,12 @@ def test_attribute_and_intervene_from_the_command_line(analysed_run, tmp_path):
             "--no_full_graph"]  # fmt: skip
     result = CliRunner().invoke(attribute_cli.main, args)
     assert result.exit_code == 0, result.output
-    default = analysed_run / "clt" / "attribution" / "x_1_n10_t_step3_attention-frozen_glimpse-frozen.json"
+    default = analysed_run / "clt" / "attribution" / "x_1_n10_t_step3_attention-tangent_glimpse-tangent.json"
     assert json.loads(default.read_text())["tour"] == [9, 8, 7] and not default.with_suffix(".safetensors").exists()
-    result = CliRunner().invoke(attribute_cli.main, [*args, "--attention", "tangent", "--glimpse", "tangent"])
+    result = CliRunner().invoke(attribute_cli.main, [*args, "--attention", "frozen", "--glimpse", "frozen"])
     assert result.exit_code == 0, result.output  # the other mode has its own file: the first is still there
-    tangent = default.with_name("x_1_n10_t_step3_attention-tangent_glimpse-tangent.json")
-    assert json.loads(tangent.read_text())["options"]["attention"] == "tangent" and default.is_file()
+    frozen = default.with_name("x_1_n10_t_step3_attention-frozen_glimpse-frozen.json")
+    assert json.loads(frozen.read_text())["options"]["attention"] == "frozen" and default.is_file()
     args = ["--run_dir", str(analysed_run), "--seed", "3", "--step", "2", "--changes", "0:4:*=zero,1:4:*=zero",
             "--json"]  # fmt: skip
     result = CliRunner().invoke(intervene_cli.main, args)

@@ -150,5 +150,5 @@ def test_attribute_with_the_glimpse_features_end_to_end(analysed_run, tmp_path):
     wrong = sorted((run_dir / "clt" / "clt_runs" / "clt_L0.mlp_in_to_L0.mlp_out").iterdir())[-1]
     with pytest.raises(ValueError, match="not on the glimpse pair"):
         load_replacement(run_dir, glimpse=wrong)
-    assert TraceOptions().glimpse == "frozen"
+    assert TraceOptions().glimpse is None and doc["options"]["glimpse"] == "frozen"  # resolved: a glimpse transcoder
     assert attribute  # the library entry point the CLI wraps

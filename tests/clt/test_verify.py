@@ -98,7 +98,7 @@ def test_patched_removals_are_the_true_removals_of_a_one_layer_model():
     replacement = Replacement("multilayer", [Path("clt_multilayer/x")], [clt], None)
     locs = generate(1, 10, seed=3)[0]
     decision = Decision(locs, greedy_tour(policy, locs)[:4])
-    options = TraceOptions(verify=12, check_edges=0, circuit=False)
+    options = TraceOptions(verify=12, check_edges=0, circuit=False, attention="frozen", glimpse="frozen")
     live = attribute(policy, replacement, decision, options, {}).doc["verification"]["live"]
     patched = torch.tensor([r["patched"] for r in live["removals"]], dtype=torch.float64)
     measured = torch.tensor([r["measured"] for r in live["removals"]], dtype=torch.float64)
