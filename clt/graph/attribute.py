@@ -27,7 +27,7 @@ import click
 from tqdm import tqdm
 
 from clt.graph.decision import DecisionOptions
-from clt.graph.explain import attach_labels, in_words
+from clt.graph.explain import attach_labels, in_words, label_tables
 from clt.graph.gallery import add_to_gallery, for_site
 from clt.graph.replacement import load_replacement
 from clt.graph.trace import TraceOptions, attribute
@@ -137,15 +137,19 @@ def run(cfg: AttributeConfig) -> list[tuple[dict, Path]]:
         raise ValueError(f"the replacement's width does not match the policy's {policy.config.policy.embed_dim}")
     replacement.to(cfg.device)
     decisions = cfg.decisions(lambda options: len(options.instance(policy.config.num_loc)[0]))
+    labels = label_tables(replacement)  # from clt.label's eval/labels.json, where the dictionaries have one
     done = [
-        one(cfg, run_dir, policy, replacement, d) for d in tqdm(decisions, desc="decisions", disable=len(decisions) < 2)
+        one(cfg, run_dir, policy, replacement, labels, d)
+        for d in tqdm(decisions, desc="decisions", disable=len(decisions) < 2)
     ]
     if cfg.export:
         add_to_gallery(cfg.export, [for_site(doc, out.stem) for doc, out in done])
     return done
 
 
-def one(cfg: AttributeConfig, run_dir: Path, policy, replacement, options: DecisionOptions) -> tuple[dict, Path]:
+def one(
+    cfg: AttributeConfig, run_dir: Path, policy, replacement, labels: list, options: DecisionOptions
+) -> tuple[dict, Path]:
     decision, instance, name = options.decision(policy.model, policy.config.num_loc)
     source = {
         "run": run_dir.name,
@@ -154,7 +158,7 @@ def one(cfg: AttributeConfig, run_dir: Path, policy, replacement, options: Decis
         "instance": instance,
     }
     result = attribute(policy.model, replacement, decision, cfg.trace, source)
-    attach_labels(result.doc, replacement)  # from clt.label's eval/labels.json, where the dictionaries have one
+    attach_labels(result.doc, replacement, labels)
     result.doc["in_words"] = in_words(result.doc)
     used = result.doc["options"]  # the glimpse mode as resolved
     mode = f"_attention-{used['attention']}_glimpse-{used['glimpse']}"  # graphs in other modes keep their files

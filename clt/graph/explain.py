@@ -36,9 +36,10 @@ def label_tables(replacement: Replacement) -> list[dict[int, dict] | None]:
     return tables
 
 
-def attach_labels(doc: dict, replacement: Replacement) -> int:
-    """Adds `label` and `category` to the document's feature nodes and top features; returns how many nodes got one."""
-    tables = label_tables(replacement)
+def attach_labels(doc: dict, replacement: Replacement, tables: list[dict[int, dict] | None] | None = None) -> int:
+    """Adds `label` and `category` to the document's feature nodes and top features; returns how many nodes got one.
+    `tables`: label_tables(replacement), when already read (many decisions of one replacement)."""
+    tables = label_tables(replacement) if tables is None else tables
     found = {}
     for node in doc["nodes"]:
         if node["kind"] == "feature" and node["layer"] < len(tables) and tables[node["layer"]] is not None:

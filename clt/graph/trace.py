@@ -217,14 +217,11 @@ def document_graph(graph: Graph, pruned: Pruned, total: torch.Tensor, top: list[
             entry.update(value=float(graph.values[i]), constant=float(graph.constants[i]))
         nodes.append(entry)
     rows, cols = pruned.edge_mask.nonzero(as_tuple=True)
+    ids = [node["id"] for node in graph.nodes]
+    weights, edge_scores = graph.adjacency[rows, cols].tolist(), pruned.edge_scores[rows, cols].tolist()
     edges = [
-        {
-            "source": graph.nodes[s]["id"],
-            "target": graph.nodes[r]["id"],
-            "weight": float(graph.adjacency[r, s]),
-            "score": float(pruned.edge_scores[r, s]),
-        }
-        for r, s in zip(rows.tolist(), cols.tolist(), strict=True)
+        {"source": ids[s], "target": ids[r], "weight": w, "score": e}
+        for r, s, w, e in zip(rows.tolist(), cols.tolist(), weights, edge_scores, strict=True)
     ]
     prunable = slice(0, graph.n_features + graph.n_errors)
     return {
