@@ -62,8 +62,10 @@ class TangentAttention(FrozenAttention):
     def scale(self) -> float:
         return 1 / math.sqrt(self.q_star.shape[-1])
 
-    def _softmax_back(self, g: torch.Tensor) -> torch.Tensor:  # d(pattern) -> d(scores), [..., head, node, node]
-        return self.pattern * (g - (g * self.pattern).sum(-1, keepdim=True))
+    def _softmax_back(self, g: torch.Tensor) -> torch.Tensor:
+        """d(pattern) -> d(scores), [..., head, node, node]: P * (g - sum_j g P), in place (g is a temporary)."""
+        along = torch.einsum("...hij,hij->...hi", g, self.pattern)
+        return g.sub_(along[..., None]).mul_(self.pattern)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         heads, delta = self.pattern.shape[0], x - self.x_star
@@ -76,8 +78,8 @@ class TangentAttention(FrozenAttention):
     def back(self, g: torch.Tensor) -> torch.Tensor:
         heads = self.pattern.shape[0]
         g_out = _heads(g @ self.w_o, heads)  # [..., head, node, dh]
-        g_v = self.pattern.transpose(-1, -2) @ g_out
-        g_scores = self._softmax_back(g_out @ self.v_star.transpose(-1, -2)) * self.scale
+        g_v = torch.einsum("hji,...hjd->...hid", self.pattern, g_out)
+        g_scores = self._softmax_back(torch.einsum("...hid,hjd->...hij", g_out, self.v_star)).mul_(self.scale)
         g_q, g_k = g_scores @ self.k_star, g_scores.transpose(-1, -2) @ self.q_star
         return _merge(g_v) @ self.w_v + _merge(g_q) @ self.w_q + _merge(g_k) @ self.w_k
 
