@@ -60,9 +60,11 @@ def circuit_faithfulness(
     pruned: Pruned,
     targets: list[int],
     against: list[int] | None,
+    errors: list[torch.Tensor] | None = None,
 ) -> dict:
     """Steps 1-4 of the module docstring: the margins, the pruned graph's faithfulness and its complement's, and
-    the curve (per node threshold: the features kept and both faithfulnesses)."""
+    the curve (per node threshold: the features kept and both faithfulnesses); `errors`: spliced_errors's, when
+    the caller has them."""
     f, prunable = graph.n_features, slice(0, graph.n_features + graph.n_errors)
     by_influence = [cumulative_mask(pruned.node_influence[prunable], t)[:f] for t in CURVE]
     kept = [pruned.node_mask[:f], *by_influence]
@@ -73,7 +75,7 @@ def circuit_faithfulness(
     def edit(layer: int, z: torch.Tensor, rows: slice) -> torch.Tensor:
         return z * masks[layer][rows]
 
-    errors = spliced_errors(policy, replacement, decision)
+    errors = spliced_errors(policy, replacement, decision) if errors is None else errors
     scores = spliced_scores(policy, replacement, decision, errors, [[] for _ in circuits], edit=edit)
     margins = (scores[:, targets[0]] - (scores[:, against[0]] if against is not None else 0)).tolist()
     whole, none, *rest = margins

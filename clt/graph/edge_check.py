@@ -99,15 +99,17 @@ def check_edges(
     against: list[int] | None,
     n_edges: int,
     factors: tuple[float, ...] = FACTORS,
+    errors: list[torch.Tensor] | None = None,
 ) -> dict:
-    """Steps 1-4 of the module docstring: the report, and every checked edge's numbers."""
+    """Steps 1-4 of the module docstring: the report, and every checked edge's numbers (`errors`: spliced_errors's,
+    when the caller has them)."""
     edges = strongest_edges(graph, pruned, n_edges, distinct_margins(targets, against))
     if not edges:
         return {"edges": 0}
     receivers = sorted({r for r, _ in edges})
     sources = sorted({s for _, s in edges})
     reader = Receivers(graph, replacement, receivers, targets, against)
-    errors = spliced_errors(policy, replacement, decision)
+    errors = spliced_errors(policy, replacement, decision) if errors is None else errors
     variants = [[]] + [[Change(graph.nodes[s]["layer"], graph.nodes[s]["city"], graph.nodes[s]["feature"], "scale", a)]
                        for s in sources for a in factors]  # fmt: skip
     inputs: dict[int, torch.Tensor] = {}

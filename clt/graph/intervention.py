@@ -181,10 +181,21 @@ def spliced_hooks(
     return {**hooks, "decoder.context": encode_context, "decoder.glimpse": swap_glimpse}
 
 
+def spliced_state(policy: AttentionModel, replacement: Replacement, decision: Decision) -> tuple[list, list]:
+    """(errors, selection) at the decision: the errors spliced_hooks holds fixed (every layer's [node, d], then with
+    a glimpse transcoder the glimpse's [d]) and the transcoders' live selection as spliced_hooks' `selection` takes
+    it (per layer [node, features] bool, then the glimpse's [features])."""
+    codes, errors = live_codes(policy, replacement, decision.locs)
+    selection = [c != 0 for c in codes]
+    if replacement.glimpse is not None:
+        glimpse_codes, glimpse_error = live_glimpse(policy, replacement, decision)
+        errors, selection = [*errors, glimpse_error], [*selection, glimpse_codes != 0]
+    return errors, selection
+
+
 def spliced_errors(policy: AttentionModel, replacement: Replacement, decision: Decision) -> list[torch.Tensor]:
-    """The errors spliced_hooks holds fixed: every layer's [node, d], then (with a glimpse transcoder) the glimpse's."""
-    errors = live_codes(policy, replacement, decision.locs)[1]
-    return errors + ([live_glimpse(policy, replacement, decision)[1]] if replacement.glimpse is not None else [])
+    """The errors spliced_hooks holds fixed (spliced_state's first half)."""
+    return spliced_state(policy, replacement, decision)[0]
 
 
 def run_spliced(

@@ -18,6 +18,7 @@ from clt.graph.attribution import Graph, build_graph
 from clt.graph.circuit import circuit_faithfulness
 from clt.graph.decision import Decision, Outcome, decide
 from clt.graph.edge_check import check_edges
+from clt.graph.intervention import spliced_state
 from clt.graph.local import LocalModel
 from clt.graph.pointer import GLIMPSES
 from clt.graph.prune import Pruned, prune, scores
@@ -136,16 +137,20 @@ def attribute(
     total = graph.total_effects()
     ranked = torch.argsort(pruned.node_influence[: graph.n_features], descending=True, stable=True).tolist()
     checked = ranked[: options.verify]
+    state = spliced_state(policy, replacement, decision)  # the errors and live selection every live check uses
+    errors = state[0]
     verification = {"fidelity": replacement_fidelity(policy, replacement, decision, outcome.log_probs,
-                                                     outcome.tour[decision.step])}  # fmt: skip
+                                                     outcome.tour[decision.step], errors)}  # fmt: skip
     if checked:
         verification["local"] = verify_local(local, graph, checked, total)
-        verification["live"] = verify_live(policy, replacement, decision, graph, checked, total, targets, against)
+        verification["live"] = verify_live(policy, replacement, decision, graph, checked, total, targets, against,
+                                           state)  # fmt: skip
     if options.check_edges:
         verification["edges"] = check_edges(policy, replacement, decision, graph, pruned, targets, against,
-                                            options.check_edges)  # fmt: skip
+                                            options.check_edges, errors=errors)  # fmt: skip
     if options.circuit:
-        verification["circuit"] = circuit_faithfulness(policy, replacement, decision, graph, pruned, targets, against)
+        verification["circuit"] = circuit_faithfulness(policy, replacement, decision, graph, pruned, targets, against,
+                                                       errors)  # fmt: skip
     doc = {
         "schema": SCHEMA,
         **source,

@@ -20,7 +20,7 @@ import torch
 
 from clt.graph.attribution import Graph
 from clt.graph.decision import Decision
-from clt.graph.intervention import Change, live_codes, live_glimpse, run_spliced, spliced_errors, spliced_scores
+from clt.graph.intervention import Change, run_spliced, spliced_errors, spliced_scores, spliced_state
 from clt.graph.local import DTYPE, LocalModel
 from clt.graph.replacement import Replacement
 from policy.model import AttentionModel
@@ -54,13 +54,20 @@ def verify_local(local: LocalModel, graph: Graph, features: list[int], total: to
 
 
 @torch.no_grad()
-def replacement_fidelity(policy: AttentionModel, replacement: Replacement, decision: Decision, policy_log_probs:
-                         torch.Tensor, policy_choice: int) -> dict:  # fmt: skip
+def replacement_fidelity(
+    policy: AttentionModel,
+    replacement: Replacement,
+    decision: Decision,
+    policy_log_probs: torch.Tensor,
+    policy_choice: int,
+    errors: list[torch.Tensor] | None = None,
+) -> dict:
     """How the replacement alone decides this step: the policy with every feed-forward block (and glimpse) replaced
     and the error terms dropped. Its choice, whether it is the policy's, the probability it gives the policy's
     choice, and KL(policy || replacement) over the unvisited cities. A graph's error nodes carry whatever this
     misses: a poor replacement cannot look good here."""
-    errors = [torch.zeros_like(e) for e in spliced_errors(policy, replacement, decision)]
+    errors = spliced_errors(policy, replacement, decision) if errors is None else errors
+    errors = [torch.zeros_like(e) for e in errors]  # dropped: only their shapes are used
     log_q = run_spliced(policy, replacement, decision, errors, [], False).log_probs.to(DTYPE)
     log_p = policy_log_probs.to(DTYPE)
     open_ = torch.isfinite(log_p)
@@ -126,17 +133,15 @@ def verify_live(
     total: torch.Tensor,
     targets: list[int],
     against: list[int] | None = None,
+    state: tuple[list, list] | None = None,
 ) -> dict:
     """(b): Pearson r and sign agreement between predicted (-total effect) and measured target changes (score
     differences against `against` when given; a margin and its mirror count once), with the selection free and with
     it held. Signs are compared on
     the (feature, target) pairs the graph predicts an effect for: a feature with no path to a target in the local
-    model (at a visited city, say, the glimpse does not read) has no sign to agree with."""
-    codes, errors = live_codes(policy, replacement, decision.locs)
-    held = [c != 0 for c in codes]
-    if replacement.glimpse is not None:
-        glimpse_codes, glimpse_error = live_glimpse(policy, replacement, decision)
-        errors, held = [*errors, glimpse_error], [*held, glimpse_codes != 0]
+    model (at a visited city, say, the glimpse does not read) has no sign to agree with. `state`: spliced_state's
+    (errors, selection), when the caller has them."""
+    errors, held = spliced_state(policy, replacement, decision) if state is None else state
 
     def removed(selection) -> torch.Tensor:
         """[feature, target]: each feature's removal's change of the targets, one batched pass for all."""
