@@ -8,7 +8,7 @@ Three figures, each measured in its own child process (seconds, and peak RSS as 
 - `tsp20_tour`: every step of one 20-city tour (score targets at the last step, where one city is left);
   goal under 20 s;
 - `tsp100_decision`: one decision of a TSP100 instance with the same d=128, 3-layer policy; goal under 30 s.
-Every decision runs clt.graph.trace.attribute in full: graph, pruning, scores and --verify removal checks in the
+Every decision runs clt.graph.attribution.attribute in full: graph, pruning, scores and --verify removal checks in the
 local model and the live policy. The replacement is the run's multi-layer CLT when it has one; otherwise a
 random one of the demo CLT's shape (expansion 8, k=16 per layer, statistics from the policy's activations),
 which costs the same: the time depends on the shapes and the active features, not on the weights.
@@ -27,9 +27,9 @@ import click
 import torch
 
 from bench.peak import peak_rss_gb
+from clt.graph.attribution import TraceOptions, attribute
 from clt.graph.decision import Decision, greedy_tour
 from clt.graph.replacement import Replacement, load_replacement
-from clt.graph.trace import TraceOptions, attribute
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from policy.env import generate
 from policy.loading import load_policy

@@ -39,7 +39,7 @@ import torch
 from bench.timing import cli_device, clock, device_name
 from policy.heap import keep_freed_memory
 from policy.loading import load_policy
-from sae.collect import collect, instance_batches
+from sae.collection_loop import collect, instance_batches
 from sae.hooks import HookedPolicy
 from sae.store import DumpWriter, RunningStats
 

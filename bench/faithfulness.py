@@ -23,9 +23,9 @@ import time
 import click
 import torch
 
+from clt.graph.attribution import TraceOptions, attribute
 from clt.graph.decision import Decision, greedy_tour
 from clt.graph.replacement import load_replacement
-from clt.graph.trace import TraceOptions, attribute
 from policy.env import generate
 from policy.loading import load_policy
 from policy.runs import resolve_run_dir

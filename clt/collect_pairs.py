@@ -40,7 +40,7 @@ from policy.env import DISTRIBUTIONS
 from policy.io import file_sha256
 from policy.loading import load_policy
 from policy.options import choice, options
-from sae.collect import collect, collection_request, hook_dims, instance_batches, provenance
+from sae.collection_loop import collect, collection_request, hook_dims, instance_batches, provenance
 from sae.hooks import HookedPolicy
 from sae.runs import activations_root, clt_activations_dir
 from sae.store import (

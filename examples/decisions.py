@@ -3,7 +3,7 @@
     python examples/decisions.py --run_dir tsp20_demo [--steps 2,6,10,14] [--glimpse tangent] [--attention tangent]
 
 For each of --instances fresh instances (seeds --seed, --seed + 1, ...) and each step, the policy's greedy tour
-is followed to that step and the decision is attributed (clt.graph.trace.attribute, the defaults of
+is followed to that step and the decision is attributed (clt.graph.attribution.attribute, the defaults of
 `python -m clt.graph.attribute`). One row per decision: the graph's replacement and completeness scores, check
 (a) (removal in the local model: the largest relative error) and check (b) (removal in the live policy: Pearson r
 and sign agreement, with the transcoders' selection free and held); then the means.
@@ -15,10 +15,10 @@ import click
 import numpy as np
 
 from clt.graph.attention import ATTENTIONS
+from clt.graph.attribution import TraceOptions, attribute
 from clt.graph.decision import Decision, greedy_tour
 from clt.graph.pointer import GLIMPSES
 from clt.graph.replacement import load_replacement
-from clt.graph.trace import TraceOptions, attribute
 from policy.env import generate
 from policy.loading import load_policy
 from policy.runs import resolve_run_dir

@@ -22,7 +22,7 @@ from policy.cli import command
 from policy.env import DISTRIBUTIONS
 from policy.loading import load_policy
 from policy.options import choice, options
-from sae.collect import collect, collection_request, hook_dims, instance_batches, provenance
+from sae.collection_loop import collect, collection_request, hook_dims, instance_batches, provenance
 from sae.hooks import HookedPolicy
 from sae.runs import activations_root, sae_activations_dir
 from sae.store import (

@@ -213,7 +213,7 @@ class DumpWriter:
 
     def accept(self, arrays: dict[str, np.ndarray | torch.Tensor]) -> AcceptedRows:
         """The checking half of `write`: names, widths, room and NaN/Inf checked, the rows added to the statistics
-        and given their place after every row accepted before; `store` writes them. (sae.collect stores batch i
+        and given their place after every row accepted before; `store` writes them. (sae.collection_loop stores batch i
         on a worker thread while the policy computes batch i+1.)"""
         if set(arrays) != set(self.dims):
             raise ValueError(f"expected arrays {sorted(self.dims)}, got {sorted(arrays)}")

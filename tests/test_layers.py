@@ -83,3 +83,16 @@ def test_the_bookkeeping_modules_import_without_torch():
     code = f"import sys; import {', '.join(TORCH_FREE)}; print({loaded})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]", f"torch imported by {TORCH_FREE}: {done.stdout[:200]}"
+
+
+def test_the_graph_package_exports_its_api_and_keeps_the_command_names():
+    """clt.graph exports the objects of one decision's attribution; `attribute` and `intervene` stay the command
+    modules (python -m clt.graph.attribute), whichever is imported first."""
+    import clt.graph
+    import clt.graph.attribute
+    import clt.graph.intervene
+
+    for name in clt.graph.__all__:
+        assert getattr(clt.graph, name) is not None
+    assert type(clt.graph.attribute).__name__ == "module" and type(clt.graph.intervene).__name__ == "module"
+    assert callable(clt.graph.attribute.main) and callable(clt.graph.intervene.main)

@@ -26,11 +26,11 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from clt.graph.attribution import TraceOptions, attribute
 from clt.graph.decision import DecisionOptions
 from clt.graph.explain import attach_labels, in_words, label_tables
 from clt.graph.gallery import add_to_gallery, for_site
 from clt.graph.replacement import load_replacement
-from clt.graph.trace import TraceOptions, attribute
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.io import write_json

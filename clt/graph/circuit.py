@@ -3,7 +3,7 @@ left with only the features a graph keeps, still make its decision, and without 
 
 1. The margin m: the decision's first target value (the chosen city's score minus the runner-up's; its raw score
    with `--target score`), in the live policy with the replacement spliced in and the errors held
-   (clt.graph.intervention). Ablated features are set to zero after the transcoders' selection, the value a
+   (clt.graph.spliced). Ablated features are set to zero after the transcoders' selection, the value a
    sparse feature has when it does not fire (Marks et al. use the mean over a dataset; the mean over the instance's
    cities was measured too, and gave a lower median faithfulness); later layers respond.
 2. m(all): every feature as the transcoders give it; m(none): every feature of every layer ablated.
@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from clt.graph.attribution import Graph
 from clt.graph.decision import Decision
-from clt.graph.intervention import spliced_errors, spliced_scores
+from clt.graph.graph import Graph
 from clt.graph.prune import Pruned, cumulative_mask
 from clt.graph.replacement import Replacement
+from clt.graph.spliced import spliced_errors, spliced_scores
 from policy.model import AttentionModel
 
 CURVE = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)

@@ -95,7 +95,7 @@ def _decide(model: AttentionModel, decision: Decision, finish: bool) -> Outcome:
 
 def step_scores(model: AttentionModel, decision: Decision, batch: int = 1) -> torch.Tensor:
     """[batch, node]: the raw pointer scores at step t of `batch` copies of the decision's instance, in one batched
-    pass (hooks attached may make the copies differ; clt.graph.intervention.spliced_scores). Without autograd."""
+    pass (hooks attached may make the copies differ; clt.graph.spliced.spliced_scores). Without autograd."""
     with torch.no_grad():
         locs = decision.locs[None].repeat(batch, 1, 1)
         cache = model.decoder.precompute(model.encode(locs))

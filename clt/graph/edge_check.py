@@ -8,7 +8,7 @@ strongest edges that leave feature nodes:
    (receivers: features and targets; of two mirrored margins, only the first).
 2. For each source and each factor a in FACTORS (0.9: a small push, where the tangent should hold; 0: removal),
    scale the source's code by a at its (layer, city) in the live policy with the replacement spliced in and the
-   errors held (clt.graph.intervention): attention, normalisation, the transcoders' selection and the glimpse all
+   errors held (clt.graph.spliced): attention, normalisation, the transcoders' selection and the glimpse all
    respond. Record every receiver's input: a feature's pre-activation, from the live mlp_in (or the step's
    context) at its layer and city, or a target's value.
 3. Predict each receiver's change two ways: direct, (a - 1) x the edge's weight (what the edge alone claims), and
@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from clt.graph.attribution import Graph
 from clt.graph.decision import Decision
-from clt.graph.intervention import Change, spliced_errors, spliced_scores
+from clt.graph.graph import Graph
 from clt.graph.local import DTYPE
 from clt.graph.prune import Pruned
 from clt.graph.replacement import Replacement
+from clt.graph.spliced import Change, spliced_errors, spliced_scores
 from clt.graph.verify import distinct_margins, pearson
 from policy.model import AttentionModel
 

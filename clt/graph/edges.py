@@ -93,7 +93,7 @@ def _top(matrix: np.ndarray, count: int) -> list[tuple[int, int]]:
     return [divmod(int(i), matrix.shape[1]) for i in best]
 
 
-def build_graph(g: GraphSource, top_edges: int = 2000, top_paths: int = 200) -> dict:
+def build_edges(g: GraphSource, top_edges: int = 2000, top_paths: int = 200) -> dict:
     """The nodes, the strongest edges of every kind and the strongest SAE paths, as the schema says."""
     feature = [f"{g.run}/{g.pair}/{g.transcoder_id}/feature/{j}" for j in range(g.model.cfg.n_features)]
     src = [f"{g.run}/{g.source_hook}/channel/{c}" for c in range(g.model.cfg.d_in)]
@@ -253,7 +253,7 @@ def run(cfg: EdgesConfig) -> dict:
         np.asarray(features["frequency"]), np.asarray(features["mean_activation"]), dump.stats("sources")[1],
         source_sae and (source_sae[0], source_sae[1].cpu(), source_sae[2]), target_sae,
     )  # fmt: skip
-    graph = build_graph(source, cfg.top_edges)
+    graph = build_edges(source, cfg.top_edges)
     write_graph(graph, folder / "eval")
     return graph
 

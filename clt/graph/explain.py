@@ -2,7 +2,7 @@
 is summed up by city and category.
 
 `attach_labels(doc, replacement)` adds `label` and `category` to every feature node and top feature of an
-attribution document (clt.graph.trace) whose dictionary has been labelled; `in_words(doc)` says what drives the
+attribution document (clt.graph.attribution) whose dictionary has been labelled; `in_words(doc)` says what drives the
 choice: the strongest features on the first target with their labels, then their total effect per category.
 """
 

@@ -1,7 +1,7 @@
 """The decisions the site's Decisions tab shows: `<site data>/decisions.json`, and `decisions.js` with the same list
 as `window.DECISIONS = ...;` (a script, so that docs/index.html also works from the file system).
 
-Each entry is an attribution document (clt.graph.trace) cut down for drawing: the kept nodes, the strongest kept
+Each entry is an attribution document (clt.graph.attribution) cut down for drawing: the kept nodes, the strongest kept
 edges, no full node list. `clt.site.export` writes the demo decisions here and `clt.graph.attribute --export` adds
 one; an entry replaces the one of the same run and name.
 """

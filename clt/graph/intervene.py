@@ -4,7 +4,7 @@
     python -m clt.graph.intervene --run_dir tsp20_demo --seed 3 --step 7 --changes "0:17:*=scale:0.5,1:11:864=set:2"
 
 The run's replacement (as clt.graph.attribute picks it) is spliced into every encoder layer with the error terms
-held fixed (clt.graph.intervention), so that without a change the policy is unchanged. A change is
+held fixed (clt.graph.spliced), so that without a change the policy is unchanged. A change is
 LAYER:CITY:FEATURE=zero, =scale:FACTOR or =set:VALUE (FEATURE `*`: every feature of that layer at that city).
 Prints the candidates' probabilities at step t before and after, and the tours the policy builds from there.
 """
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import click
 
 from clt.graph.decision import DecisionOptions
-from clt.graph.intervention import Change, intervene
 from clt.graph.replacement import load_replacement
+from clt.graph.spliced import Change, intervene
 from policy.checks import check_device, check_types
 from policy.cli import command
 from policy.env import tour_length

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clt.graph.attribution import Graph
+from clt.graph.graph import Graph
 
 
 def normalized(adjacency: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 (a) In the frozen local replacement model (clt.graph.local, later features responding linearly): the change of
     each target must equal minus the graph's total effect; a correctness test, relative error ~1e-12 in float64.
-(b) In the live policy with the replacement spliced in and the errors fixed (clt.graph.intervention): attention,
+(b) In the live policy with the replacement spliced in and the errors fixed (clt.graph.spliced): attention,
     normalisation, the transcoders' selection and the glimpse all respond. Pearson r and sign agreement between
     predicted and measured target changes say how far the linear explanation holds. Measured again with the
     transcoders' selection held (`selection_held`), they separate what top-k's re-selection costs from what the
@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from clt.graph.attribution import Graph
 from clt.graph.decision import Decision
-from clt.graph.intervention import Change, run_spliced, spliced_errors, spliced_scores, spliced_state
+from clt.graph.graph import Graph
 from clt.graph.local import DTYPE, LocalModel
 from clt.graph.replacement import Replacement
+from clt.graph.spliced import Change, run_spliced, spliced_errors, spliced_scores, spliced_state
 from policy.model import AttentionModel
 
 

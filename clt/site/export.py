@@ -9,7 +9,7 @@ and, on fresh instances run through the policy, for each dictionary's most activ
 - the generalisation matrices clt.generalize wrote (`<run>/clt/generalize/<pair>/<name>.json`), when present;
 - the layer-to-layer graphs the site draws: `sae` (the SAEs), `mlp` (per-layer mlp_in -> mlp_out
   transcoders), `residual` (the other pairwise transcoders), `multilayer` (the multi-layer CLT's layers);
-- attribution graphs (clt.graph.trace) of an early, a middle and a late decision of `--decisions` fresh instances,
+- attribution graphs (clt.graph.attribution) of an early, a middle and a late decision of `--decisions` fresh instances,
   through the run's multi-layer CLT (else its per-layer mlp transcoders), for the Decisions tab; their most
   influential features get feature pages;
 - every feature's label (clt.label's `eval/labels.json`, where the dictionary has one) and its receptive field (mean
@@ -36,11 +36,11 @@ from tqdm import tqdm
 
 from clt.dictionaries import Dictionary, find_dictionaries
 from clt.feature_labels import CATEGORIES, read_labels
+from clt.graph.attribution import TraceOptions, attribute
 from clt.graph.decision import Decision, greedy_tour
 from clt.graph.explain import attach_labels, in_words
 from clt.graph.gallery import add_to_gallery, for_site
 from clt.graph.replacement import load_replacement
-from clt.graph.trace import TraceOptions, attribute
 from clt.graph.weights import norm_scales, stream_position, virtual_weights
 from policy.checks import check_device, check_types
 from policy.cli import command

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from policy.loading import load_policy
-from sae.collect import instance_batches
+from sae.collection_loop import instance_batches
 from sae.hooks import HookedPolicy
 from sae.store import open_dump, read_registry
 

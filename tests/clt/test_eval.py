@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from clt import collect_pairs as collect_cli
 from clt import eval as eval_cli
 from clt.graph import edges as edges_cli
-from clt.graph.edges import GraphSource, build_graph, read_edges_csv, read_graph, write_graph
+from clt.graph.edges import GraphSource, build_edges, read_edges_csv, read_graph, write_graph
 from clt.model import CrossLayerTranscoder, TranscoderConfig
 from clt.splice import pair_hooks, replacement, splice_metrics
 from clt.train_transcoder import TranscoderTrainConfig
@@ -176,7 +176,7 @@ def test_edges_round_trip_and_bad_files_are_refused(tmp_path):
     sae_in, sae_out = TopKSAE(SAEConfig(6, expansion_factor=2, k=2)), TopKSAE(SAEConfig(5, expansion_factor=2, k=2))
     source = GraphSource("run", "pair", "t0", "a", "b", model, np.linspace(0, 1, 12), np.linspace(1, 2, 12),
                          np.ones(6), ("s_in", sae_in, np.ones(12)), ("s_out", sae_out))  # fmt: skip
-    graph = build_graph(source, top_edges=7, top_paths=3)
+    graph = build_edges(source, top_edges=7, top_paths=3)
     assert [
         sum(e["kind"] == k for e in graph["edges"]) for k in ("encoder", "decoder", "sae_to_clt", "clt_to_sae")
     ] == [7] * 4

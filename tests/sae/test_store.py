@@ -34,7 +34,7 @@ def test_round_trip_with_streamed_stats(tmp_path):
 
 
 def test_rows_accepted_ahead_are_stored_in_order(tmp_path):
-    """accept places batches ahead of store (as sae.collect does, one batch ahead); a batch stored out of turn
+    """accept places batches ahead of store (as sae.collection_loop does, one batch ahead); a batch stored out of turn
     or accepted past the end is refused, and the finished dump equals one written with `write`."""
     rng = np.random.default_rng(0)
     data = rng.normal(size=(10, 3)).astype(np.float32)

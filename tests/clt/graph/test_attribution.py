@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 
 from clt.graph import attribute as attribute_cli
 from clt.graph import intervene as intervene_cli
-from clt.graph.attribution import build_graph
+from clt.graph.attribution import TraceOptions, attribute, choose_targets
 from clt.graph.decision import Decision, decide, greedy_tour
-from clt.graph.intervention import Change, intervene
+from clt.graph.graph import build_graph
 from clt.graph.local import DTYPE, LocalModel
 from clt.graph.prune import cumulative_mask, influence, normalized, prune, scores
 from clt.graph.replacement import Replacement, load_replacement
-from clt.graph.trace import TraceOptions, attribute, choose_targets
+from clt.graph.spliced import Change, intervene
 from clt.graph.verify import verify_local
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from policy.env import generate
@@ -278,7 +278,7 @@ def test_changes_are_checked_against_the_replacement(analysed_run):
 
 
 def test_graph_scores_are_one_without_error_influence():
-    from clt.graph.attribution import Graph
+    from clt.graph.graph import Graph
 
     a = torch.zeros(4, 4, dtype=DTYPE)  # feature, error, input, target
     a[0, 2], a[3, 0] = 1.0, 2.0

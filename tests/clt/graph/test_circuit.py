@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from clt.graph.attribution import TraceOptions, attribute
 from clt.graph.circuit import CURVE, circuit_faithfulness, kept_masks
 from clt.graph.decision import Decision, decide, greedy_tour
-from clt.graph.intervention import Change, run_spliced, spliced_errors, spliced_scores
 from clt.graph.replacement import load_replacement
-from clt.graph.trace import TraceOptions, attribute
+from clt.graph.spliced import Change, run_spliced, spliced_errors, spliced_scores
 from policy.env import generate
 from policy.loading import load_policy
 
@@ -43,7 +43,7 @@ def test_the_margins_are_the_policys_and_the_ablated_policys(analysed_run):
 
 def test_a_circuit_without_one_feature_is_that_features_removal(analysed_run):
     """Keeping every feature but one is removing that one: the masked pass's scores equal the live removal by an
-    intervention (clt.graph.intervention), and the masks hold each node at its own (layer, city, feature)."""
+    intervention (clt.graph.spliced), and the masks hold each node at its own (layer, city, feature)."""
     policy, replacement, decision, result = traced(analysed_run, 22, 5)
     graph = result.graph
     circuits = torch.ones(2, graph.n_features, dtype=torch.bool)

@@ -2,10 +2,10 @@
 
 import torch
 
+from clt.graph.attribution import TraceOptions, attribute
 from clt.graph.decision import Decision, greedy_tour
 from clt.graph.edge_check import check_edges, strongest_edges
 from clt.graph.replacement import load_replacement
-from clt.graph.trace import TraceOptions, attribute
 from policy.env import generate
 from policy.loading import load_policy
 

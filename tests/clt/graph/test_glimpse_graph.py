@@ -13,12 +13,12 @@ from clt import collect_pairs as collect_cli
 from clt import train_transcoder as train_cli
 from clt.graph import attribute as attribute_cli
 from clt.graph import intervene as intervene_cli
-from clt.graph.attribution import build_graph
+from clt.graph.attribution import TraceOptions, attribute, choose_targets
 from clt.graph.decision import Decision, decide, greedy_tour
-from clt.graph.intervention import Change, intervene
+from clt.graph.graph import build_graph
 from clt.graph.local import DTYPE, LocalModel
 from clt.graph.replacement import GLIMPSE_PAIR, Replacement, load_replacement
-from clt.graph.trace import TraceOptions, attribute, choose_targets
+from clt.graph.spliced import Change, intervene
 from clt.graph.verify import verify_local
 from clt.model import CrossLayerTranscoder, TranscoderConfig
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from clt.graph.attribution import TraceOptions, attribute
 from clt.graph.decision import Decision, greedy_tour
 from clt.graph.replacement import load_replacement
-from clt.graph.trace import TraceOptions, attribute
 from clt.graph.verify import distinct_margins, pearson
 from policy.env import generate
 from policy.loading import load_policy
@@ -55,7 +55,7 @@ def test_gradient_x_activation_equals_the_tangent_graphs_total_effects(analysed_
 
 def test_replacement_fidelity_is_the_decision_with_the_error_nodes_dropped(analysed_run):
     from clt.graph.decision import decide
-    from clt.graph.intervention import run_spliced, spliced_errors
+    from clt.graph.spliced import run_spliced, spliced_errors
     from clt.graph.verify import replacement_fidelity
 
     replacement = load_replacement(analysed_run)
