@@ -91,7 +91,8 @@ class TranscoderOptions(CodeOptions):
     decoder_init: str = choice("random", DECODER_INITS)
     """random: random unit rows, held at unit norm for topk/batchtopk (Gao et al.; the scale lives in the codes);
     zero: rows start at zero and take any norm (sparsify's transcoder recipe, untied topk/batchtopk only). On
-    bench.quality's synthetic pairs zero reaches a lower FVU, on the demo's TSP pairs random does (README)."""
+    bench.quality's synthetic pairs zero reaches a lower FVU, on the demo's TSP pairs random does
+    (docs/guide/transcoders.md)."""
 
     def __post_init__(self):
         super().__post_init__()

@@ -197,7 +197,7 @@ class CrossLayerTranscoder(nn.Module):
     @torch.no_grad()
     def init_encoder_from(self, x_raw: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Point each encoder row at a (normalised) source row drawn from `x_raw`, so every feature
-        starts out firing on the data: far fewer dead features, at some cost in FVU (see README)."""
+        starts out firing on the data: far fewer dead features, at some cost in FVU (docs/guide/transcoders.md)."""
         if self.cfg.tied:
             raise ValueError("a tied transcoder's encoder is its decoder: init from data is for untied ones")
         x = self.normalize_source(x_raw)

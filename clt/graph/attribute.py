@@ -7,7 +7,7 @@ Traces the decision through the run's multi-layer CLT (or, without one, its per-
 transcoders; --clt picks another) in the local replacement model (clt.graph.local), prunes the graph, scores it
 and checks it by removing its most influential features (clt.graph.verify). Writes
 
-    <run>/clt/attribution/<decision>.json         schema tsp-interp.attribution/1 (README, "Attribution graphs")
+    <run>/clt/attribution/<decision>.json         schema tsp-interp.attribution/1 (docs/guide/attribution-graphs.md)
     <run>/clt/attribution/<decision>.safetensors  the full graph: adjacency (rows receive), constants, values,
                                                   node influence, node and edge masks
 

@@ -1,4 +1,4 @@
-"""Headless Chromium for the docs site: the browser the tests drive, and the README's screenshots.
+"""Headless Chromium for the docs site: the browser the tests drive, and the screenshots of the README and the guide.
 
     python -m clt.site.screenshots [--out docs/img]     # overview.png, clt_graph.png, feature.png, ... of docs/
 
