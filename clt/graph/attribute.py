@@ -245,7 +245,8 @@ def format_summary(doc: dict) -> str:
                      f"selection held: r {held['pearson_r']:.3f}, {held['sign_agreement']:.1%})")  # fmt: skip
         if "gradient_x_activation" in live:
             g = live["gradient_x_activation"]
-            verdict = "beats" if live["pearson_r"] > g["pearson_r"] else "does not beat"
+            gap = live["pearson_r"] - g["pearson_r"]
+            verdict = "beats" if gap > 1e-4 else "ties with" if gap >= -1e-4 else "does not beat"
             lines.append(f"baseline: gradient x activation in the live policy, r {g['pearson_r']:.3f}, sign agreement "
                          f"{g['sign_agreement']:.1%}: the graph {verdict} it")  # fmt: skip
         if "patched" in live:
