@@ -11,6 +11,7 @@ features.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ class Change:
     def __post_init__(self):
         if self.op not in OPS:
             raise ValueError(f"a change is one of {OPS}, got {self.op!r}")
+        if not math.isfinite(self.value):
+            raise ValueError(f"a change's value must be a finite number, got {self.value}")
         if self.op == "set" and self.feature is None:
             raise ValueError("set needs one feature (LAYER:CITY:FEATURE=set:VALUE), not every feature of a layer")
 

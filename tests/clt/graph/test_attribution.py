@@ -263,9 +263,10 @@ def test_clt_must_name_a_multilayer_clt(analysed_run):
     assert result.exit_code == 1 and "takes a multi-layer CLT run folder" in result.output
 
 
-@pytest.mark.parametrize("spec", ["0:1", "0:1:2=scale", "0:1:*=set:3", "0:1:2=zero:4", "a:1:2=zero", "0:1:2=scale:x"])
+@pytest.mark.parametrize("spec", ["0:1", "0:1:2=scale", "0:1:*=set:3", "0:1:2=zero:4", "a:1:2=zero", "0:1:2=scale:x",
+                                  "0:1:2=scale:nan", "0:1:2=set:inf"])  # fmt: skip
 def test_bad_changes_are_refused(spec):
-    with pytest.raises(ValueError, match="cannot read the change|set needs one feature"):
+    with pytest.raises(ValueError, match="cannot read the change|set needs one feature|must be a finite number"):
         Change.parse(spec)
 
 
