@@ -121,8 +121,8 @@ def spliced_hooks(
     the glimpse's [d] error) the first glimpse is the glimpse transcoder's (changed) prediction plus its error.
 
     `selection` (per layer a [node, features] bool mask, then the glimpse's [features]) holds which features are
-    active, each at ReLU of its live pre-activation, instead of the transcoder choosing them afresh (a diagnostic:
-    the top-k choice is the one discontinuity of the replacement).
+    active, each at ReLU of its live pre-activation, instead of the transcoder choosing them afresh: the top-k
+    choice is the one discontinuity of the replacement (clt.graph.verify's patched removal effects hold it).
     `edit(layer, codes, rows)` returns the codes a layer passes on ([batch, node, features]; the glimpse's are
     "layer" n_layers, [batch, features]), after the selection and the changes; `rows` (default: the whole batch)
     says which of the caller's variants the batch holds. Multiplying by gains that require grad gives gradient x
