@@ -324,7 +324,9 @@ def format_report(report: dict) -> str:
             f"multi-layer CLT ({report['layers']} layers, {report['features']} features, k={report['k']} per layer):"
         ]
         lines += [
-            f"  {layer}: FVU {r['fvu']:.4f}, cosine {r['cosine']:.4f}, L0 {r['l0']:.1f}, dead {r['dead_fraction']:.1%}"
+            f"  {layer}: FVU {r['fvu']:.4f}, cosine {r['cosine']:.4f}, L0 {r['l0']:.1f}, dead "
+            f"{r['dead_fraction']:.1%}, dense {r['dense_fraction']:.1%}, "
+            f"effective features {r['effective_features']:.0f}"
             for layer, r in report["reconstruction"].items()
         ]
     else:
@@ -332,7 +334,8 @@ def format_report(report: dict) -> str:
         lines = [
             f"{report['pair']} ({report['activation']}, {report['features']} features, k={report['k']}): "
             f"FVU {r['fvu']:.4f}, mean R^2 per channel {r['r2_per_dim_mean']:.4f}, cosine {r['cosine']:.4f}, "
-            f"L0 {r['l0']:.1f}, dead {r['dead_fraction']:.1%}, rare {r['rare_fraction']:.1%}"
+            f"L0 {r['l0']:.1f}, dead {r['dead_fraction']:.1%}, rare {r['rare_fraction']:.1%}, dense "
+            f"{r['dense_fraction']:.1%}, effective features {r['effective_features']:.0f}"
         ]
     splice = report.get("splice")
     if splice:

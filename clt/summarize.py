@@ -27,6 +27,8 @@ COLUMNS = (
     "ratio",
     "L0",
     "dead",
+    "dense",
+    "effective",
     "cosine",
     "splice",
     "recovered",
@@ -55,14 +57,19 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{r['pair']:<32}{r['activation']:>10}{r['features']:>10}{r['k']:>10}{r['lr']:>10.3g}{r['val/fvu']:>10.4f}"
             f"{ridge if ridge is not None else float('nan'):>10.4f}{ratio:>10.2f}{r['val/l0']:>10.1f}"
-            f"{r['val/dead_fraction']:>10.1%}{r['val/cosine']:>10.4f}"
+            f"{r['val/dead_fraction']:>10.1%}{_percent(r.get('val/dense_fraction'), 1):>10}"
+            f"{_count(r.get('val/effective_features')):>10}{r['val/cosine']:>10.4f}"
             f"{_percent(r.get('splice_gap')):>10}{_percent(r.get('recovered')):>10}"
         )
     return "\n".join(lines)
 
 
-def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2%}"
+def _percent(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}%}"
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def chosen_runs(folders: tuple[Path, ...], run_dir: str | None, sweep: str | None) -> list[Path]:

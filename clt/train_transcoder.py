@@ -185,7 +185,7 @@ def evaluate(model: Transcoder, data: PairDataset | MultiLayerDataset) -> tuple[
     if data.val is None:
         return {}, np.zeros(0)
     layers = layer_reconstructions(model, data.val_batches())
-    keep = ("fvu", "mse", "l0", "dead_fraction", "cosine", "r2_per_dim_mean")
+    keep = ("fvu", "mse", "l0", "dead_fraction", "dense_fraction", "effective_features", "cosine", "r2_per_dim_mean")
     per_layer = [{k: v for k, v in r.summary().items() if k in keep} for r in layers]
     frequency = np.concatenate([r.frequency for r in layers])
     if len(layers) == 1:
@@ -195,7 +195,8 @@ def evaluate(model: Transcoder, data: PairDataset | MultiLayerDataset) -> tuple[
         return metrics, frequency
     metrics = {f"val/{k}": float(np.mean([m[k] for m in per_layer])) for k in keep}
     metrics["val/l0"] = sum(m["l0"] for m in per_layer)
-    metrics.update({f"val/{k}_L{i}": m[k] for i, m in enumerate(per_layer) for k in ("fvu", "l0", "dead_fraction")})
+    metrics.update({f"val/{k}_L{i}": m[k] for i, m in enumerate(per_layer)
+                    for k in ("fvu", "l0", "dead_fraction", "dense_fraction", "effective_features")})  # fmt: skip
     return metrics, frequency
 
 

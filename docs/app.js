@@ -64,11 +64,11 @@ function renderOverview() {
     const s = d.summary;
     const splice = d.splice?.transcoder || {};
     return [d.kind, d.name, s.features ?? "-", s.k ?? "-", s.activation ?? "topk", fmt(s["val/fvu"]), fmt(s.ridge_val_fvu),
-      fmt(s["val/l0"], 1), pct(s["val/dead_fraction"]), pct(splice.gap, 2), pct(splice.action_agreement), fmt(splice.mean_kl, 3), pct(splice.recovered)];
+      fmt(s["val/l0"], 1), pct(s["val/dead_fraction"]), pct(s["val/dense_fraction"]), fmt(s["val/effective_features"], 0), pct(splice.gap, 2), pct(splice.action_agreement), fmt(splice.mean_kl, 3), pct(splice.recovered)];
   });
   content.append(el("h3", { text: "SAEs and transcoders (validation split; splicing on fresh instances)" }),
-    table(["kind", "name", "features", "k", "activation", "FVU", "ridge FVU", "L0", "dead", "splice gap", "agreement", "KL", "recovered"], rows),
-    el("p", { class: "note", text: "FVU: fraction of variance unexplained (ridge: the best linear map, for scale). Splice gap: the tour-length change when the transcoder's output replaces the real activation inside the policy; agreement: greedy actions unchanged along the original tours; recovered: the share of the mean-ablation damage the transcoder undoes." }));
+    table(["kind", "name", "features", "k", "activation", "FVU", "ridge FVU", "L0", "dead", "dense", "effective features", "splice gap", "agreement", "KL", "recovered"], rows),
+    el("p", { class: "note", text: "FVU: fraction of variance unexplained (ridge: the best linear map, for scale). Splice gap: the tour-length change when the transcoder's output replaces the real activation inside the policy; agreement: greedy actions unchanged along the original tours; recovered: the share of the mean-ablation damage the transcoder undoes. Dead: features that never fire on the validation rows; dense: features firing on more than half of them; effective features: exp of the entropy of the firing frequencies, how many features are in use as if equally often." }));
   for (const g of o.generalization || []) {
     const head = ["trained on \\ evaluated on", ...g.evaluated_on];
     const cells = (f) => g.trained_on.map((row, i) => [row.condition, ...g.cells[i].map(f)]);

@@ -1,4 +1,5 @@
-"""Reconstruction metrics, streamed: FVU, MSE, R^2 per channel, cosine, L0, dead and rare features.
+"""Reconstruction metrics, streamed: FVU, MSE, R^2 per channel, cosine, L0, and the dictionary's health: dead, rare
+and dense features and the effective number of features in use.
 
 The one definition every dictionary's `val/fvu` uses (SAEs here, transcoders in clt.metrics): the squared
 error over the squared deviation of the evaluated rows from their own mean, 1 - R^2 of the whole target.
@@ -13,6 +14,18 @@ import torch
 
 RARE = 1e-3
 """A feature that fires on fewer than this fraction of rows (but some) is rarely firing."""
+DENSE = 0.5
+"""A feature that fires on more than this fraction of rows is dense (it carries little that is specific)."""
+
+
+def effective_features(frequency: np.ndarray) -> float:
+    """exp of the entropy of the firing frequencies normalised to a distribution: how many features are in use, as
+    if equally often (n when n fire equally, 1 when one does all the firing; 0 when none fires)."""
+    total = float(frequency.sum())
+    if total <= 0:
+        return 0.0
+    p = frequency[frequency > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 @dataclass
@@ -45,6 +58,8 @@ class Reconstruction:
             f"{prefix}l0": self.l0,
             f"{prefix}dead_fraction": float((self.frequency == 0).mean()),
             f"{prefix}rare_fraction": float(rare.mean()),
+            f"{prefix}dense_fraction": float((self.frequency > DENSE).mean()),
+            f"{prefix}effective_features": effective_features(self.frequency),
         }
 
 

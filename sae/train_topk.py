@@ -129,7 +129,8 @@ def evaluate(model: TopKSAE, stream: RowStream, hook: str) -> dict:
         totals.add(x[None], out.x_hat[None], z[None])
     result = totals.result()[0]
     summary = result.summary()
-    return {f"val/{k}": summary[k] for k in ("mse", "fvu", "l0", "dead_fraction")}
+    health = ("dead_fraction", "dense_fraction", "effective_features")
+    return {f"val/{k}": summary[k] for k in ("mse", "fvu", "l0", *health)}
 
 
 class SAETrainer(DictionaryTrainer):

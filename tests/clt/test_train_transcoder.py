@@ -54,6 +54,8 @@ def test_cli_writes_the_run_folder_and_reports_against_ridge(pair_run):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val/fvu" in r]
     assert len(val) == 3 and {"val/l0", "val/dead_fraction", "val/cosine", "val/mse"} <= set(val[-1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["val/dense_fraction"] <= 1 and 1 <= summary["val/effective_features"] <= 4 * 16
     assert val[-1]["val/l0"] <= 4 and val[-1]["val/fvu"] < val[0]["val/fvu"]
     histogram = next(r for r in records if "val/log10_feature_frequency" in r)
     assert sum(histogram["val/log10_feature_frequency"]["counts"]) == 4 * 16

@@ -1,6 +1,7 @@
 """One FVU for every dictionary: squared error over the evaluated rows' squared deviation from their own mean."""
 
 import numpy as np
+import pytest
 import torch
 
 from clt.metrics import reconstruction
@@ -67,3 +68,20 @@ def test_a_topk_transcoder_is_measured_from_its_active_features_as_from_its_dens
         np.testing.assert_allclose(sparse.mean_activation, dense.mean_activation, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(sparse.sse, dense.sse, rtol=1e-5)
         assert np.isclose(sparse.fvu, dense.fvu, rtol=1e-5) and np.isclose(sparse.cosine, dense.cosine, rtol=1e-6)
+
+
+def test_dictionary_health_dead_dense_and_effective_features():
+    """Eight features: one dead, two firing on most rows (dense), the rest rarely; the effective number of features
+    is exp(entropy) of the firing frequencies, n for n equally firing features and 1 for one."""
+    from sae.metrics import Reconstruction, effective_features
+
+    frequency = np.array([0.0, 0.9, 0.6, 0.1, 0.1, 0.1, 0.1, 0.0005])
+    zeros = np.zeros(2)
+    summary = Reconstruction(10, zeros + 1, zeros + 2, 1.0, 2.0, frequency, frequency).summary()
+    assert summary["dead_fraction"] == 1 / 8 and summary["dense_fraction"] == 2 / 8
+    assert summary["rare_fraction"] == 1 / 8
+    p = frequency[frequency > 0] / frequency.sum()
+    assert summary["effective_features"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+    assert effective_features(np.full(5, 0.2)) == pytest.approx(5.0)
+    assert effective_features(np.array([0.0, 0.3, 0.0])) == pytest.approx(1.0)
+    assert effective_features(np.zeros(4)) == 0.0
