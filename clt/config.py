@@ -62,6 +62,8 @@ class CodeOptions:
                 raise ValueError(f"{name} must be one of {NORMALIZATIONS}, got {getattr(self, name)!r}")
         if min(self.aux_coef, self.dead_tokens) < 0:
             raise ValueError("aux_coef and dead_tokens must be >= 0")
+        if self.aux_k is not None and self.aux_k < 1:
+            raise ValueError(f"aux_k must be at least 1 (or left out for its default), got {self.aux_k}")
         if self.bandwidth <= 0 or self.jumprelu_threshold <= 0:
             raise ValueError("bandwidth and jumprelu_threshold must be > 0")
         if not 0 < self.whiten_floor <= 1 or self.align_coef < 0:

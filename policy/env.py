@@ -14,6 +14,9 @@ import torch
 
 DISTRIBUTIONS = ("uniform", "clustered", "mixed")
 MIN_NODES = 3
+MAX_COORDINATE = 1e6
+"""Coordinates are refused beyond this magnitude: the policy works in the unit square, where it was trained, and
+squared distances of huge coordinates overflow float32 (tours of 1e19 came back all zeros)."""
 
 
 def generate(
@@ -89,6 +92,12 @@ def check_locs(locs: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(locs).all():
         bad = (~torch.isfinite(locs)).any(-1).any(-1).nonzero().flatten().tolist()
         raise ValueError(f"coordinates must be finite; NaN or infinite values in instance(s) {bad[:10]}")
+    largest = float(locs.abs().max())
+    if largest > MAX_COORDINATE:
+        raise ValueError(
+            f"coordinates up to {largest:.3g} are beyond {MAX_COORDINATE:.0e}: the policy works in the unit square; "
+            "scale the instances into [0, 1]^2 (TSPLIB files are scaled on reading)"
+        )
     return locs.float()
 
 

@@ -96,6 +96,8 @@ class SAEOptions:
             raise ValueError("expansion_factor must be positive")
         if min(self.aux_coef, self.dead_tokens) < 0:
             raise ValueError("aux_coef and dead_tokens must be >= 0")
+        if self.aux_k is not None and self.aux_k < 1:
+            raise ValueError(f"aux_k must be at least 1 (or left out for its default), got {self.aux_k}")
 
 
 @dataclass

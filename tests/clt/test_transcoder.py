@@ -208,6 +208,7 @@ def test_save_and_load_round_trip(tmp_path, kw):
         ({"dictionary_penalty": "l1"}, "go together"),
         ({"dictionary_coef": 0.1}, "go together"),
         ({"dictionary_penalty": "l2", "dictionary_coef": 0.1}, "cannot act here"),
+        ({"aux_k": -3}, "aux_k must be at least 1"),
     ],
 )
 def test_config_validation(kw, message):

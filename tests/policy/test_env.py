@@ -54,6 +54,7 @@ def test_validity():
         (torch.zeros(2, 2, 2), "at least 3"),
         (torch.zeros(5), "shape"),
         (torch.zeros(2, 5, 2, dtype=torch.long), "floating"),
+        (torch.full((1, 5, 2), 1e19), "beyond 1e\\+06"),
     ],
 )
 def test_bad_instances_are_value_errors(bad, message):
