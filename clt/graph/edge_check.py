@@ -29,7 +29,7 @@ from clt.graph.local import DTYPE
 from clt.graph.prune import Pruned
 from clt.graph.replacement import Replacement
 from clt.graph.spliced import Change, spliced_errors, spliced_scores
-from clt.graph.verify import distinct_margins, pearson
+from clt.graph.verify import agreement, distinct_margins
 from policy.model import AttentionModel
 
 FACTORS = (0.9, 0.0)
@@ -80,14 +80,6 @@ class Receivers:
         return out
 
 
-def agreement(predicted: torch.Tensor, measured: torch.Tensor) -> dict:
-    """Pearson r and sign agreement (over the non-zero predictions) of two [edge] vectors."""
-    signed = predicted.abs() > 0
-    agree = torch.sign(predicted[signed]) == torch.sign(measured[signed])
-    return {"pearson_r": pearson(predicted, measured),
-            "sign_agreement": float(agree.to(DTYPE).mean()) if agree.numel() else float("nan")}  # fmt: skip
-
-
 @torch.no_grad()
 def check_edges(
     policy: AttentionModel,
@@ -110,8 +102,7 @@ def check_edges(
     sources = sorted({s for _, s in edges})
     reader = Receivers(graph, replacement, receivers, targets, against)
     errors = spliced_errors(policy, replacement, decision) if errors is None else errors
-    variants = [[]] + [[Change(graph.nodes[s]["layer"], graph.nodes[s]["city"], graph.nodes[s]["feature"], "scale", a)]
-                       for s in sources for a in factors]  # fmt: skip
+    variants = [[]] + [[Change.at(graph.nodes[s], "scale", a)] for s in sources for a in factors]
     inputs: dict[int, torch.Tensor] = {}
     scores = spliced_scores(policy, replacement, decision, errors, variants, inputs=inputs).to(DTYPE)
     read = reader.read(scores, inputs)  # [variant, receiver]

@@ -49,6 +49,11 @@ class Change:
             raise ValueError("set needs one feature (LAYER:CITY:FEATURE=set:VALUE), not every feature of a layer")
 
     @classmethod
+    def at(cls, node: dict, op: str = "zero", value: float = 0.0) -> Change:
+        """The change of a graph's feature node (its layer, city and feature)."""
+        return cls(node["layer"], node["city"], node["feature"], op, value)
+
+    @classmethod
     def parse(cls, spec: str) -> Change:
         """`LAYER:CITY:FEATURE=zero`, `...=scale:FACTOR`, `...=set:VALUE`; FEATURE `*` means every feature."""
         match = _CHANGE.match(spec.strip())

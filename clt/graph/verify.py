@@ -117,6 +117,15 @@ def gradient_x_activation(policy: AttentionModel, replacement: Replacement, deci
     return out
 
 
+def agreement(predicted: torch.Tensor, measured: torch.Tensor, signed: torch.Tensor | None = None) -> dict:
+    """Pearson r of two same-shaped tensors (flattened), and their sign agreement over the entries `signed` (a bool
+    mask; default: where the prediction is not zero)."""
+    signed = predicted != 0 if signed is None else signed
+    agree = torch.sign(predicted[signed]) == torch.sign(measured[signed])
+    return {"pearson_r": pearson(predicted.flatten(), measured.flatten()),
+            "sign_agreement": float(agree.to(DTYPE).mean()) if agree.numel() else float("nan")}  # fmt: skip
+
+
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.to(DTYPE) - x.to(DTYPE).mean(), y.to(DTYPE) - y.to(DTYPE).mean()
     denominator = float(x.norm() * y.norm())
@@ -137,17 +146,15 @@ def verify_live(
 ) -> dict:
     """(b): Pearson r and sign agreement between predicted (-total effect) and measured target changes (score
     differences against `against` when given; a margin and its mirror count once), with the selection free and with
-    it held. Signs are compared on
-    the (feature, target) pairs the graph predicts an effect for: a feature with no path to a target in the local
-    model (at a visited city, say, the glimpse does not read) has no sign to agree with. `state`: spliced_state's
+    it held. Signs are compared on the (feature, target) pairs the graph predicts an effect for: a feature with no
+    path to a target in the local model (at a visited city, say, the glimpse does not read) has no sign to agree
+    with. `state`: spliced_state's
     (errors, selection), when the caller has them."""
     errors, held = spliced_state(policy, replacement, decision) if state is None else state
 
     def removed(selection) -> torch.Tensor:
         """[feature, target]: each feature's removal's change of the targets, one batched pass for all."""
-        changes = [
-            [Change(graph.nodes[s]["layer"], graph.nodes[s]["city"], graph.nodes[s]["feature"])] for s in features
-        ]
+        changes = [[Change.at(graph.nodes[s])] for s in features]
         scores = spliced_scores(policy, replacement, decision, errors, [[], *changes], selection).to(DTYPE)
         values = scores[:, targets] if against is None else scores[:, targets] - scores[:, against]
         return values[1:] - values[0]
@@ -162,16 +169,13 @@ def verify_live(
     p = predicted[:, distinct]
     signed = p.abs() > 1e-12 * p.abs().max()  # pairs the graph gives an effect (a path) at all
 
-    def agreement(prediction: torch.Tensor, truth: torch.Tensor) -> dict:
-        p, m = prediction[:, distinct], truth[:, distinct]
-        agree = torch.sign(p[signed]) == torch.sign(m[signed])
-        return {"pearson_r": pearson(p.flatten(), m.flatten()),
-                "sign_agreement": float(agree.to(DTYPE).mean()) if agree.numel() else float("nan")}  # fmt: skip
+    def margins_agree(prediction: torch.Tensor, truth: torch.Tensor) -> dict:
+        return agreement(prediction[:, distinct], truth[:, distinct], signed)
 
-    report = {"features": len(features), **agreement(predicted, measured), "pairs": int(signed.sum()),
-              "selection_held": agreement(predicted, patched),
-              "gradient_x_activation": agreement(baseline, measured),
-              "patched": agreement(patched, measured)}  # fmt: skip
+    report = {"features": len(features), **margins_agree(predicted, measured), "pairs": int(signed.sum()),
+              "selection_held": margins_agree(predicted, patched),
+              "gradient_x_activation": margins_agree(baseline, measured),
+              "patched": margins_agree(patched, measured)}  # fmt: skip
     report["removals"] = [
         {"id": graph.nodes[s]["id"], "predicted": p.tolist(), "measured": m.tolist(), "patched": q.tolist(),
          "gradient_x_activation": b.tolist()}
