@@ -241,12 +241,12 @@ def spliced_scores(
     scores, seen = [], []
     for start in range(0, len(variants), chunk):
         rows = slice(start, min(start + chunk, len(variants)))
-        read: dict[int, torch.Tensor] = {}
+        read: dict[int, torch.Tensor] | None = {} if inputs is not None else None  # recorded only when asked for
         hooks = spliced_hooks(replacement, errors, variants[rows], selection, edit, read, rows)
         with HookedPolicy(policy).hooks(hooks):
             scores.append(step_scores(policy, decision, rows.stop - rows.start))
         seen.append(read)
-    if inputs is not None:
+    if inputs is not None and seen:
         inputs.update({key: torch.cat([read[key] for read in seen]) for key in seen[0]})
     return torch.cat(scores)
 
