@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from clt.normalization import NORMALIZATIONS
+from policy.checks import check_types
 from policy.options import choice
+from sae.model import MAX_EXPANSION
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
 MULTILAYER_ACTIVATIONS = ("topk", "batchtopk", "jumprelu")
@@ -53,8 +55,9 @@ class CodeOptions:
     normalised target space (0: off)."""
 
     def __post_init__(self):
-        if self.expansion_factor < 1 or self.aux_rows < 1:
-            raise ValueError("expansion_factor and aux_rows must be positive")
+        check_types(self)
+        if not 1 <= self.expansion_factor <= MAX_EXPANSION or self.aux_rows < 1:
+            raise ValueError(f"expansion_factor must be in [1, {MAX_EXPANSION}] and aux_rows positive")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         for name in ("normalize_source", "normalize_target"):

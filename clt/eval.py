@@ -310,6 +310,10 @@ def run_multilayer(cfg: EvalConfig, folder: Path, train_cfg: dict, model: MultiL
     return report
 
 
+def _share(value: float | None) -> str:
+    return "n/a (mean ablation does no damage)" if value is None else f"{value:.1%}"
+
+
 def format_report(report: dict) -> str:
     if "condition" in report:
         c, r, s = report["condition"], report["reconstruction"], report["splice"]
@@ -317,7 +321,7 @@ def format_report(report: dict) -> str:
             f"{report['pair']} on {c['name']} ({c['instances']} instances): FVU {r['fvu']:.4f} vs that "
             f"condition's ridge {report['ridge_val_fvu']:.4f}, L0 {r['l0']:.1f}; splice gap "
             f"{s['transcoder']['gap']:.2%}, agreement {s['transcoder']['action_agreement']:.2%}, KL "
-            f"{s['transcoder']['mean_kl']:.4f}, recovered {s['transcoder'].get('recovered', float('nan')):.1%}"
+            f"{s['transcoder']['mean_kl']:.4f}, recovered {_share(s['transcoder'].get('recovered'))}"
         )
     if report["pair"] == MULTILAYER:
         lines = [
@@ -350,8 +354,7 @@ def format_report(report: dict) -> str:
             lines.append(f"  {kind:<22}{s['mean_length']:>9.4f}{s['gap']:>9.2%}{s['action_agreement']:>9.2%}"
                          f"{s['mean_kl']:>10.4f}{s['same_tour_fraction']:>11.1%}")  # fmt: skip
         lines.append(
-            f"  transcoder recovers {splice['transcoder'].get('recovered', float('nan')):.1%}"
-            " of the mean-ablation damage"
+            f"  transcoder recovers {_share(splice['transcoder'].get('recovered'))} of the mean-ablation damage"
         )
     for name, c in (report.get("labels") or {}).items():
         shares = ", ".join(f"{k} {v:.0%}" for k, v in c["shares"].items() if v)

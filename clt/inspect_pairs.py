@@ -21,6 +21,7 @@ from sae.store import read_registry
 def run(
     run_dir: str, pairs: tuple[str, ...] = (), val_ratio: float = 0.1, seed: int = 0, verify: bool = False
 ) -> list[dict]:
+    """Each pair's statistics; `verify`: hash every file again, even those verified before."""
     run_path = resolve_run_dir(run_dir)
     if not pairs:
         pairs = tuple(name for name, entry in read_registry(run_path).items() if entry.get("kind") == "clt_pair")
@@ -28,7 +29,8 @@ def run(
             raise FileNotFoundError(
                 f"{run_path} has no collected pairs; run python -m clt.collect_pairs --run_dir {run_dir}"
             )
-    return [inspect_pair(open_pair(find_pair(run_path, p), verify), val_ratio, seed) for p in pairs]
+    dumps = [open_pair(find_pair(run_path, p), "always" if verify else "cached") for p in pairs]
+    return [inspect_pair(dump, val_ratio, seed) for dump in dumps]
 
 
 def format_table(reports: list[dict]) -> str:
@@ -51,7 +53,9 @@ def format_table(reports: list[dict]) -> str:
 @click.option("--pair", "pairs", multiple=True, help="Pair name (repeatable) [default: every collected pair].")
 @click.option("--val_ratio", default=0.1, help="Fraction of instances held out to score the ridge baseline.")
 @click.option("--seed", default=0, help="Seed of the train/validation split (use the trainer's).")
-@click.option("--verify", is_flag=True, help="Also check every file's sha256.")
+@click.option(
+    "--verify", is_flag=True, help="Hash every file again, even those verified before (reads check each version once)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def main(run_dir, pairs, val_ratio, seed, verify, as_json):
     """Statistics of each layer pair and its ridge (dense linear) baseline."""

@@ -38,7 +38,7 @@ from clt.config import TranscoderOptions
 from clt.jumprelu import jump_relu, step
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
 from clt.normalization import denormalize, normalize, raw_decoder, raw_encoder, store_statistics
-from sae.model import normalize_rows_, read_model_files, remove_parallel_gradient_, resolve_k, save_model
+from sae.model import check_width, load_model, normalize_rows_, remove_parallel_gradient_, resolve_k, save_model
 from sae.sparse import (
     SparseCodes,
     auxk_loss,
@@ -62,8 +62,7 @@ class TranscoderConfig(TranscoderOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if min(self.d_in, self.d_out) < 1:
-            raise ValueError("d_in and d_out must be positive")
+        check_width(d_in=self.d_in, d_out=self.d_out)
         resolve_k(self.k, self.k_ratio, self.n_features)
         if self.tied and self.d_in != self.d_out:
             raise ValueError(f"a tied decoder needs d_in == d_out, got {self.d_in} and {self.d_out}")
@@ -421,16 +420,16 @@ class CrossLayerTranscoder(nn.Module):
 
 def load_transcoder(folder: str | Path) -> CrossLayerTranscoder | MultiLayerTranscoder:
     """A pairwise or multi-layer transcoder from `cfg.json` + `model.safetensors`, in eval mode."""
-    cfg, state = read_model_files(folder)
-    if "n_layers" not in cfg:
-        cfg.setdefault("decoder_init", "random")  # saved before decoder_init existed: random unit rows
-    model = (
-        MultiLayerTranscoder(MultiLayerConfig(**cfg))
-        if "n_layers" in cfg
-        else CrossLayerTranscoder(TranscoderConfig(**cfg))
-    )
-    model.load_state_dict(state)
-    return model.eval()
+
+    def config(raw: dict) -> TranscoderConfig | MultiLayerConfig:
+        if "n_layers" in raw:
+            return MultiLayerConfig(**raw)
+        return TranscoderConfig(**{"decoder_init": "random", **raw})  # saved before decoder_init: random unit rows
+
+    def model(cfg):
+        return MultiLayerTranscoder(cfg) if isinstance(cfg, MultiLayerConfig) else CrossLayerTranscoder(cfg)
+
+    return load_model(folder, config, model)
 
 
 if __name__ == "__main__":  # python -m clt.model: a transcoder's summary, as python -m clt.describe model

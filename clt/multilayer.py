@@ -25,7 +25,8 @@ from torch.nn import functional as F
 from clt.config import MULTILAYER_ACTIVATIONS, CodeOptions
 from clt.jumprelu import jump_relu
 from clt.normalization import denormalize, normalize, raw_decoder, raw_encoder, store_statistics
-from sae.model import normalize_rows_, remove_parallel_gradient_, resolve_k, save_model
+from policy.model import LIMITS
+from sae.model import check_width, normalize_rows_, remove_parallel_gradient_, resolve_k, save_model
 from sae.sparse import SparseCodes, auxk_loss, select_batchtopk, select_topk, sparse_decode, update_threshold_
 
 
@@ -49,8 +50,9 @@ class MultiLayerConfig(CodeOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if min(self.n_layers, self.d) < 1:
-            raise ValueError("n_layers and d must be positive")
+        check_width(d=self.d)
+        if not 1 <= self.n_layers <= LIMITS["num_encoder_layers"]:
+            raise ValueError(f"n_layers must be in [1, {LIMITS['num_encoder_layers']}], got {self.n_layers}")
         if self.activation not in MULTILAYER_ACTIVATIONS:
             raise ValueError(f"activation must be one of {MULTILAYER_ACTIVATIONS}, got {self.activation!r}")
         if self.layer_weights is not None and (

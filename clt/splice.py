@@ -20,6 +20,7 @@ Against the unmodified policy on the same instances, with greedy decoding:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -164,7 +165,13 @@ def splice_metrics(
     return report
 
 
-def recovered(report: dict) -> float:
-    """The share of the mean-ablation damage the transcoder undoes: (mean - transcoder) / (mean - original) lengths."""
-    damage = report["mean"]["mean_length"] - report["original"]["mean_length"]
-    return (report["mean"]["mean_length"] - report["transcoder"]["mean_length"]) / damage if damage else float("nan")
+def recovered(report: dict) -> float | None:
+    """The share of the mean-ablation damage the transcoder undoes: (mean - transcoder) / (mean - original) lengths;
+    None where mean ablation does no damage worth a ratio (under 0.1% of the tour length)."""
+    lengths = {name: report[name]["mean_length"] for name in ("original", "mean", "transcoder")}
+    if not all(math.isfinite(v) for v in lengths.values()):
+        raise ValueError(f"splice lengths are not finite ({lengths}): the transcoder or the data is corrupt")
+    damage = lengths["mean"] - lengths["original"]
+    if abs(damage) <= 1e-3 * lengths["original"]:
+        return None
+    return (lengths["mean"] - lengths["transcoder"]) / damage

@@ -65,9 +65,10 @@ from policy.io import read_json, write_json
 from policy.loading import load_policy, read_config
 from policy.logger import WANDB_MODES, RunLogger
 from policy.options import choice, fields_of, options, resume_option
-from policy.runs import new_run_folder, resolve_run_dir, stored_path
+from policy.runs import check_name, lock_run, new_run_folder, release_run, resolve_run_dir, stored_path
 from sae.model import init_seed
 from sae.runs import clt_runs_dir, record_in_sweep, resume_dictionary_run
+from sae.store import check_resumed_data, data_identity
 from sae.trainer import DictionaryTrainer, adam
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ class TranscoderTrainConfig(TranscoderOptions):
             raise ValueError("lr, batch_size, num_epochs and save_freq must be positive, state_every >= 0")
         if self.log_every < 1:
             raise ValueError(f"log_every must be at least 1, got {self.log_every}")
+        if self.sweep is not None:
+            check_name(self.sweep, "sweep name")  # before training, not when the finished run is recorded
         if self.num_tokens is not None and self.num_tokens < 1:
             raise ValueError("num_tokens must be positive")
         if self.wandb_mode not in WANDB_MODES:
@@ -380,6 +383,8 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
     if resume:
         out_dir, cfg = resume_dictionary_run(pair_dir, TranscoderTrainConfig, cfg.to_json(), explicit, RESUMABLE,
                                              budget=("num_epochs", "num_tokens"), penalties=cfg.penalties)  # fmt: skip
+        if info.is_main:
+            lock_run(out_dir)
     root = Path(cfg.activations_root) if cfg.activations_root else None
     split = (cfg.batch_size, cfg.val_ratio, cfg.seed)
     if cfg.pair == MULTILAYER:
@@ -411,17 +416,22 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
             init_head_groups_(model, blocks)
         if cfg.init == "data" and not resume:
             model.init_encoder_from(next(val_data.train_batches(0))[0], torch.Generator().manual_seed(seed))
+    dumps = val_data.dumps if isinstance(val_data, MultiLayerDataset) else [val_data.dump]
     if info.is_main:
-        for dump in val_data.dumps if isinstance(val_data, MultiLayerDataset) else [val_data.dump]:
+        for dump in dumps:
             log.info("training on %s", dump.describe())
+        if resume:
+            check_resumed_data(out_dir, dumps)
     if out_dir is None:  # made once the data and the model are ready: a run that cannot start leaves no folder
-        out_dir = broadcast_from_main(new_run_folder(pair_dir) if info.is_main else None, info)
+        out_dir = broadcast_from_main(lock_run(new_run_folder(pair_dir)) if info.is_main else None, info)
     model.to(cfg.device)
     trainer = TranscoderTrainer(cfg, out_dir, model, data, val_data, info)
     if resume:
         trainer.resume(cfg.device)
     if info.is_main:
-        write_json(out_dir / "train_cfg.json", {**cfg.to_json(), "dataset_path": stored_path(run_dir, data.dump.path)})
+        datasets = [data_identity(dump) for dump in dumps]
+        saved = {**cfg.to_json(), "dataset_path": stored_path(run_dir, data.dump.path), "datasets": datasets}
+        write_json(out_dir / "train_cfg.json", saved)
     logger = None
     if info.is_main:
         run_name = cfg.wandb_run_name or f"{run_dir.name}/{cfg.pair}/{out_dir.name}"
@@ -435,7 +445,6 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
             logger.finish()
     if info.is_main:
         metrics, _ = evaluate(model, val_data)
-        dumps = val_data.dumps if isinstance(val_data, MultiLayerDataset) else [val_data.dump]
         ridges = [(pair_ridge(d, cfg.val_ratio, cfg.seed) or {}).get("fvu") for d in dumps]
         summary = {"pair": cfg.pair, "features": model.feature_count, "k": model.cfg.active,
                    "activation": cfg.activation, "steps": trainer.position.global_step, "ranks": info.world_size,
@@ -447,6 +456,7 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
         model.save(out_dir)  # last: model.safetensors marks a finished run (sae.runs.is_finished)
         if cfg.sweep:
             record_in_sweep(run_dir, cfg.sweep, out_dir)
+        release_run(out_dir)
     return out_dir
 
 

@@ -2,18 +2,21 @@
 
 A config may come from a JSON file a user edited (`config.json`, `train_cfg.json`,
 a pairs config), where `"embed_dim": "128"` or `null` would otherwise surface as a
-TypeError deep inside torch. `check_types` turns that into one ValueError naming the field.
+TypeError deep inside torch. `check_types` turns that into one ValueError naming the field; a float field
+holding NaN or Inf (`--lr nan`, `"aux_coef": NaN`) is one too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 _SIMPLE = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
 def check_types(cfg) -> None:
-    """Each field annotated int / float / str / bool (optionally `| None`) holds a value of that type."""
+    """Each field annotated int / float / str / bool (optionally `| None`) holds a value of that type; floats are
+    finite."""
     for f in dataclasses.fields(cfg):
         annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", None) or str(f.type)
         parts = [p.strip() for p in annotation.split("|")]
@@ -30,6 +33,8 @@ def check_types(cfg) -> None:
                 f"{f.name} must be {'a' if kinds[0] != 'int' else 'an'} {kinds[0]}"
                 f"{' or null' if optional else ''}, got {value!r} ({type(value).__name__})"
             )
+        if kinds[0] == "float" and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 def check_device(device: str) -> str:

@@ -14,6 +14,8 @@ import torch
 
 DISTRIBUTIONS = ("uniform", "clustered", "mixed")
 MIN_NODES = 3
+MAX_NODES = 10_000
+"""The largest instance a config or file may ask for: attention over n cities holds heads x n^2 scores."""
 MAX_COORDINATE = 1e6
 """Coordinates are refused beyond this magnitude: the policy works in the unit square, where it was trained, and
 squared distances of huge coordinates overflow float32 (tours of 1e19 came back all zeros)."""
@@ -89,6 +91,8 @@ def check_locs(locs: torch.Tensor) -> torch.Tensor:
         raise ValueError("got an empty batch of instances")
     if locs.shape[1] < MIN_NODES:
         raise ValueError(f"a TSP instance needs at least {MIN_NODES} nodes, got {locs.shape[1]}")
+    if locs.shape[1] > MAX_NODES:
+        raise ValueError(f"instances of {locs.shape[1]} nodes are beyond this toolkit's {MAX_NODES}")
     if not torch.isfinite(locs).all():
         bad = (~torch.isfinite(locs)).any(-1).any(-1).nonzero().flatten().tolist()
         raise ValueError(f"coordinates must be finite; NaN or infinite values in instance(s) {bad[:10]}")

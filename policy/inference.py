@@ -7,7 +7,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from policy.env import check_locs, symmetric_augment, tour_length
+from policy.env import check_locs, is_valid_tour, symmetric_augment, tour_length
 from policy.model import AttentionModel
 
 DECODE_MODES = ("greedy", "sample", "multistart")
@@ -94,4 +94,15 @@ def solve(
         best = cand_lengths.argmin(dim=1)
         tours.append(candidates[torch.arange(b), best].cpu())
         lengths.append(cand_lengths[torch.arange(b), best].cpu())
-    return torch.cat(tours), torch.cat(lengths)
+    tours_out, lengths_out = torch.cat(tours), torch.cat(lengths)
+    check_tours(tours_out, lengths_out)
+    return tours_out, lengths_out
+
+
+def check_tours(tours: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Every tour a permutation of the cities and every length finite, or a ValueError: a policy whose scores are
+    not finite decodes "tours" that revisit city 0, which must never be written as a result."""
+    bad = (~is_valid_tour(tours, tours.shape[1]) | ~torch.isfinite(lengths)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"the policy decoded no valid tour for instance(s) {bad[:10]} (a city repeated or a length "
+                         "not finite): its scores are not finite; check the checkpoint and the instances")  # fmt: skip

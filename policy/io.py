@@ -50,12 +50,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+MAX_JSON_BYTES = 1 << 30
+"""The largest JSON file read (a graph of many decisions stays far below it)."""
+
+
 def read_json(path: str | Path):
-    """Parse a JSON file; a broken one is a ValueError that names the file."""
+    """Parse a JSON file; a broken one (bad syntax or encoding, nesting too deep, over MAX_JSON_BYTES) is a
+    ValueError that names the file."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{path} is {path.stat().st_size / 2**30:.1f} GiB: too large for a JSON file of this toolkit")
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON (corrupted?): {err}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (corrupted?): {err.reason} at byte {err.start}") from err
+    except RecursionError as err:
+        raise ValueError(f"{path} is nested too deeply to be one of this toolkit's JSON files") from err
+
+
+def read_json_object(path: str | Path) -> dict:
+    """`read_json` of a file that must hold a JSON object (a config, metadata)."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
 
 
 def write_json(path: str | Path, obj, indent: int | None = 2) -> Path:

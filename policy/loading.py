@@ -11,15 +11,15 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from policy.io import file_sha256, read_json
+from policy.env import DISTRIBUTIONS, MAX_NODES, MIN_NODES
+from policy.io import file_sha256, read_json_object
 from policy.kool import convert_state_dict as convert_kool
 from policy.kool import kool_config, read_kool_checkpoint
 from policy.model import AttentionModel, PolicyConfig
 from policy.rl4co import convert_state_dict, read_policy_state_dict
 from policy.runs import KOOL_CHECKPOINT, list_checkpoints, resolve_run_dir
+from policy.torch_files import read_safetensors
 
 
 @dataclass
@@ -33,24 +33,34 @@ class RunConfig:
 
 
 def read_config(run_dir: Path) -> RunConfig:
+    """The run's config.json (native or RL4CO) or Kool's args.json, checked: a ValueError naming the file."""
     path = run_dir / "config.json"
     if not path.is_file() and (run_dir / "args.json").is_file():  # attention-learn-to-route
-        raw = read_json(run_dir / "args.json")
-        if not isinstance(raw, dict):
-            raise ValueError(f"{run_dir / 'args.json'}: expected a JSON object")
-        return RunConfig(*kool_config(raw, str(run_dir / "args.json")), raw)
+        path = run_dir / "args.json"
+        raw = read_json_object(path)
+        try:
+            return _checked(RunConfig(*kool_config(raw, str(path)), raw))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from err
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.json (nor a Kool args.json): is it a run directory?")
-    raw = read_json(path)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    raw = read_json_object(path)
+    try:
+        return _checked(_run_config(raw))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def _run_config(raw: dict) -> RunConfig:
     if "policy" in raw:  # native
-        policy = PolicyConfig.from_dict(raw["policy"])
+        if not isinstance(raw["policy"], dict) or not isinstance(raw.get("env", {}), dict):
+            raise ValueError("'policy' and 'env' must be JSON objects")
         env = raw.get("env", {})
-        return RunConfig(policy, int(env.get("num_loc", 20)), env.get("distribution", "uniform"), raw)
+        return RunConfig(PolicyConfig.from_dict(raw["policy"]), env.get("num_loc", 20),
+                         env.get("distribution", "uniform"), raw)  # fmt: skip
     missing = [k for k in ("embed_dim", "n_encoder_layers", "num_heads", "num_loc") if k not in raw]
     if missing:
-        raise ValueError(f"{path}: neither a native config (no 'policy' key) nor an RL4CO one (missing {missing})")
+        raise ValueError(f"neither a native config (no 'policy' key) nor an RL4CO one (missing {missing})")
     policy = PolicyConfig(
         embed_dim=raw["embed_dim"],
         num_encoder_layers=raw["n_encoder_layers"],
@@ -58,7 +68,16 @@ def read_config(run_dir: Path) -> RunConfig:
         normalization=raw.get("normalization", "batch"),
         temperature=raw.get("temperature", 1.0),
     )
-    return RunConfig(policy, int(raw["num_loc"]), raw.get("distribution", "uniform"), raw)
+    return RunConfig(policy, raw["num_loc"], raw.get("distribution", "uniform"), raw)
+
+
+def _checked(config: RunConfig) -> RunConfig:
+    num_loc = config.num_loc
+    if isinstance(num_loc, bool) or not isinstance(num_loc, int) or not MIN_NODES <= num_loc <= MAX_NODES:
+        raise ValueError(f"num_loc must be a whole number in [{MIN_NODES}, {MAX_NODES}], got {config.num_loc!r}")
+    if config.distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {config.distribution!r}")
+    return config
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -66,10 +85,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if KOOL_CHECKPOINT.match(path.name) and (path.parent / "args.json").is_file():
         return convert_kool(read_kool_checkpoint(path))
     if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
+        return read_safetensors(path)
     return convert_state_dict(read_policy_state_dict(path))
 
 

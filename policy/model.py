@@ -28,9 +28,15 @@ from torch import nn
 
 from policy.checks import check_types
 from policy.options import choice
+from policy.torch_files import build_checked
 
 NORMALIZATIONS = ("batch", "instance")
 DECODE_TYPES = ("greedy", "sample")
+
+
+LIMITS = {"embed_dim": 1 << 14, "num_encoder_layers": 64, "num_heads": 256, "ff_hidden": 1 << 16}
+"""The largest values a config may hold: far beyond any published TSP model, small enough that a hostile
+config.json cannot ask for unbounded memory before its weights are compared with it."""
 
 
 @dataclass
@@ -54,15 +60,16 @@ class PolicyConfig:
 
     def __post_init__(self):
         check_types(self)
-        for name in ("embed_dim", "num_encoder_layers", "num_heads", "ff_hidden"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name, most in LIMITS.items():
+            if not 1 <= getattr(self, name) <= most:
+                raise ValueError(f"{name} must be a whole number in [1, {most}], got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide embed_dim ({self.embed_dim})")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.temperature < math.inf or not 0 < self.tanh_clipping < math.inf:
+            raise ValueError(f"temperature and tanh_clipping must be positive and finite, got {self.temperature} "
+                             f"and {self.tanh_clipping}")  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,21 +232,7 @@ class AttentionModel(nn.Module):
         cls, cfg: PolicyConfig, weights: dict[str, torch.Tensor], source: str = "weights"
     ) -> AttentionModel:
         """A model in eval mode holding `weights`, or a ValueError that says what does not fit `cfg`."""
-        model = cls(cfg)
-        expected = model.state_dict()
-        problems = [f"missing {k}" for k in expected if k not in weights]
-        problems += [f"unexpected {k}" for k in weights if k not in expected]
-        problems += [
-            f"{k}: shape {list(weights[k].shape)}, config wants {list(v.shape)}"
-            for k, v in expected.items()
-            if k in weights and weights[k].shape != v.shape
-        ]
-        if problems:
-            raise ValueError(
-                f"{source} does not fit {cfg}: " + "; ".join(problems[:6]) + (" ..." if len(problems) > 6 else "")
-            )
-        model.load_state_dict(weights)
-        return model.eval()
+        return build_checked(lambda: cls(cfg), weights, source).eval()
 
     def encode(self, locs: torch.Tensor) -> torch.Tensor:  # [batch, node, 2] -> [batch, node, d]
         x = self.hook_init_embedding(self.init_embed(locs))

@@ -25,7 +25,9 @@ What the sae and clt packages write inside a run is named by sae.runs.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import re
 import time
 from collections.abc import Iterable
@@ -114,8 +116,9 @@ def resume_folder(folder: Path) -> Path:
     """The run `--resume` continues: the newest folder under `folder`, which must hold a saved training state.
 
     Never an older run: a newest run killed before its first save is an error, not a reason to continue another.
+    An empty folder (a start refused before it wrote anything) is passed over.
     """
-    runs = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    runs = sorted(p for p in folder.iterdir() if p.is_dir() and any(p.iterdir())) if folder.is_dir() else []
     if not runs:
         raise FileNotFoundError(f"nothing to resume under {folder}")
     newest = runs[-1]
@@ -125,6 +128,43 @@ def resume_folder(folder: Path) -> Path:
             "without --resume; older runs are left as they are"
         )
     return newest
+
+
+TRAINING_LOCK = ".training.lock"
+_held_runs: dict[Path, object] = {}
+"""The run folders this process trains in, and their open lock files (a lock lives as long as its file)."""
+
+
+def lock_run(folder: Path) -> Path:
+    """Claim `folder` for training for the rest of this process: an exclusive flock on `folder/.training.lock`,
+    which the kernel drops when the process ends (even by kill -9). A folder another process trains in is a
+    ValueError naming it and that process."""
+    folder = Path(folder)
+    if folder in _held_runs:
+        return folder
+    f = open(folder / TRAINING_LOCK, "a+")  # noqa: SIM115 (held open past this call: the lock lives with the file)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise ValueError(
+            f"{folder} is being trained by another process{f' (pid {holder})' if holder.isdigit() else ''}: wait for "
+            "it to finish or stop it (two trainers in one folder would interleave their checkpoints and metrics)"
+        ) from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _held_runs[folder] = f
+    return folder
+
+
+def release_run(folder: Path) -> None:
+    """Give up the claim `lock_run` took (when training ends within a longer-lived process)."""
+    f = _held_runs.pop(Path(folder), None)
+    if f is not None:
+        f.close()
 
 
 def resumed_settings(

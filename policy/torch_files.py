@@ -11,7 +11,8 @@ loader sees it, and only the two plain tensor-pickle formats pass:
   the storages `data/<n>` and torch's small bookkeeping records; nothing else
   (no `code/`, no `constants.pkl`, no extra files).
 - `legacy`: `torch.save` before 1.6 (Kool et al.'s checkpoints): a pickle stream
-  that starts with torch's magic number.
+  that starts with torch's magic number, and is not a tar archive (torch's oldest
+  loader would extract one, following its links).
 
 Then the pickle itself is read either by torch's weights-only unpickler, or (for
 Lightning checkpoints, which pickle whole objects) by `RestrictedUnpickler`, which
@@ -22,12 +23,16 @@ rebuilds tensors and plain containers and turns every other class into an inert
 from __future__ import annotations
 
 import collections
+import errno
 import pickle
 import re
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from policy.io import atomic_write
 
@@ -57,6 +62,9 @@ def identify(path: str | Path) -> str:
         _check_zip_records(path)
         return "zip"
     if _LEGACY_PREFIX.match(head):
+        if _is_tar(path):
+            raise UnsafeFileError(f"{path} is a tar archive whose first member is named like torch's legacy "
+                                  f"format; refused. Expected {ACCEPTED}")  # fmt: skip
         return "legacy"
     kind = "a safetensors file (not loaded with torch.load)" if _looks_like_safetensors(head) else "of no known format"
     raise UnsafeFileError(f"{path} is {kind}; expected {ACCEPTED}")
@@ -79,6 +87,13 @@ def _check_zip_records(path: Path) -> None:
     if foreign or "data.pkl" not in records:
         what = f"holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else "has no data.pkl"
         raise UnsafeFileError(f"{path} is a zip archive that is not a torch.save tensor file (it {what}); refused")
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(path)  # reads the first header block only
+    except OSError:
+        return False
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -176,5 +191,51 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 
 def save_torch(path: str | Path, obj) -> Path:
-    """torch.save for tensors and plain containers only; read back with weights_only=True."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save for tensors and plain containers only; read back with weights_only=True. A failed write (a full
+    disk: torch says only "unexpected pos") is an OSError naming the file, and leaves no temp file."""
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else "write failed"
+            raise OSError(errno.EIO, f"could not write {path} ({reason}): is the disk full?") from err
+
+    return atomic_write(path, write)
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; unreadable (truncated, lying header) or non-finite ones are a ValueError."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable safetensors file ({reason})") from err
+    check_finite(tensors, str(path))
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """NaN or Inf in any floating-point tensor is a ValueError naming the first such tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: {name} holds NaN or Inf values; the weights are corrupt")
+
+
+def build_checked(make: Callable[[], torch.nn.Module], weights: dict[str, torch.Tensor], source: str):
+    """`make()` holding `weights`, after checking names and shapes against a skeleton built on the meta device
+    (so a config that asks for far more than the file holds allocates nothing), and finiteness."""
+    with torch.device("meta"):
+        skeleton = make()
+    expected = skeleton.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in weights]
+    problems += [f"unexpected {k}" for k in weights if k not in expected]
+    problems += [f"{k}: shape {list(weights[k].shape)}, the config wants {list(v.shape)}"
+                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]  # fmt: skip
+    if problems:
+        more = " ..." if len(problems) > 4 else ""
+        raise ValueError(f"{source} does not fit its config: " + "; ".join(problems[:4]) + more)
+    check_finite(weights, source)
+    model = make()
+    model.load_state_dict(weights)
+    return model

@@ -32,7 +32,7 @@ from policy.io import read_json, save_npy, write_json
 from policy.logger import WANDB_MODES, RunLogger
 from policy.model import AttentionModel, PolicyConfig
 from policy.options import choice, options, resume_option, split_nested
-from policy.runs import check_name, resumed_settings
+from policy.runs import check_name, lock_run, release_run, resumed_settings
 from policy.trainer import EpochTrainer, Position
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,7 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None, exp
                 f"{run_dir} already holds checkpoints: pass --resume to continue it, or pick another --run_name"
             ) from None
 
+    lock_run(run_dir)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = AttentionModel(cfg.policy).to(device).train()
@@ -260,6 +261,7 @@ def run(cfg: TrainConfig, resume: bool = False, new_lr: float | None = None, exp
         trainer.fit(logger)
     finally:
         logger.finish()
+    release_run(run_dir)
     return run_dir
 
 

@@ -7,6 +7,7 @@ error over the squared deviation of the evaluated rows from their own mean, 1 - 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,13 @@ class Reconstruction:
 
     @property
     def fvu(self) -> float:
-        return float(self.sse.sum() / max(self.sst.sum(), 1e-12))
+        """A ValueError where it would be no number: non-finite inputs, or rows that do not vary at all."""
+        sse, sst = float(self.sse.sum()), float(self.sst.sum())
+        if not (math.isfinite(sse) and math.isfinite(sst)):
+            raise ValueError("FVU of non-finite values: the data or the reconstruction holds NaN or Inf")
+        if sst <= 1e-12 * max(1, self.rows):
+            raise ValueError(f"FVU is undefined: the {self.rows} evaluated rows do not vary (total variance {sst:.3g})")
+        return sse / sst
 
     @property
     def r2_per_dim(self) -> np.ndarray:

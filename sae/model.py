@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from policy.io import read_json, write_json
-from policy.torch_files import save_tensors
+from policy.checks import check_types
+from policy.io import read_json_object, write_json
+from policy.torch_files import build_checked, read_safetensors, save_tensors
 from sae.sparse import auxk_loss, topk_rows
 
 
@@ -67,11 +67,36 @@ def save_model(folder: str | Path, module: nn.Module) -> None:
 
 
 def read_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(cfg dict, state dict) from a folder written by `save_model`."""
+    """(cfg dict, state dict) from a folder written by `save_model`; an unreadable or non-finite file is a
+    ValueError naming it."""
     folder = Path(folder)
     if not (folder / "cfg.json").is_file() or not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} needs cfg.json and model.safetensors")
-    return read_json(folder / "cfg.json"), load_file(str(folder / "model.safetensors"))
+    return read_json_object(folder / "cfg.json"), read_safetensors(folder / "model.safetensors")
+
+
+def load_model(folder: str | Path, make_config, make_model) -> nn.Module:
+    """A dictionary from `save_model`'s files in eval mode: `make_model(make_config(cfg dict))` holding the weights,
+    every problem (a config field of the wrong type or out of range, weights that do not fit it) a ValueError
+    naming the file."""
+    folder = Path(folder)
+    raw, state = read_model_files(folder)
+    try:
+        cfg = make_config(raw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{folder / 'cfg.json'}: {err}") from err
+    return build_checked(lambda: make_model(cfg), state, str(folder / "model.safetensors")).eval()
+
+
+MAX_WIDTH = 1 << 16
+"""The widest activation a dictionary config may name (a hostile cfg.json cannot ask for unbounded memory)."""
+MAX_EXPANSION = 1 << 10
+
+
+def check_width(**widths: int) -> None:
+    for name, value in widths.items():
+        if not 1 <= value <= MAX_WIDTH:
+            raise ValueError(f"{name} must be in [1, {MAX_WIDTH}], got {value}")
 
 
 @dataclass(kw_only=True)
@@ -92,8 +117,9 @@ class SAEOptions:
     """A latent that has not fired for this many training rows counts as dead (and gets the AuxK loss)."""
 
     def __post_init__(self):
-        if self.expansion_factor < 1:
-            raise ValueError("expansion_factor must be positive")
+        check_types(self)
+        if not 1 <= self.expansion_factor <= MAX_EXPANSION:
+            raise ValueError(f"expansion_factor must be in [1, {MAX_EXPANSION}], got {self.expansion_factor}")
         if min(self.aux_coef, self.dead_tokens) < 0:
             raise ValueError("aux_coef and dead_tokens must be >= 0")
         if self.aux_k is not None and self.aux_k < 1:
@@ -109,8 +135,7 @@ class SAEConfig(SAEOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.d_in < 1:
-            raise ValueError("d_in must be positive")
+        check_width(d_in=self.d_in)
         resolve_k(self.k, self.k_ratio, self.n_latents)
 
     @property
@@ -178,7 +203,4 @@ class TopKSAE(nn.Module):
 
 def load_sae(folder: str | Path) -> TopKSAE:
     """A TopKSAE from `cfg.json` + `model.safetensors`."""
-    cfg, state = read_model_files(folder)
-    model = TopKSAE(SAEConfig(**cfg))
-    model.load_state_dict(state)
-    return model.eval()
+    return load_model(folder, lambda raw: SAEConfig(**raw), TopKSAE)

@@ -128,6 +128,7 @@ def resume_dictionary_run(runs_folder: Path, cls: type, given: dict, explicit: I
     out_dir = resume_folder(runs_folder)
     saved = read_json(out_dir / "train_cfg.json")
     saved.pop("dataset_path", None)  # where the data was: found again
+    saved.pop("datasets", None)  # which data it was: the trainer checks it (sae.store.check_resumed_data)
     cfg = cls(**resumed_settings(saved, given, explicit, may_change), **extra)
     longer = any((getattr(cfg, name) or 0) > (saved.get(name) or 0) for name in budget)
     if is_finished(out_dir) and not longer:

@@ -19,7 +19,13 @@ allocated up front, so a full disk is a one-line error before any row is
 computed, never a SIGBUS in the middle.
 
 `open_dump` reads a dump back through memory maps (`mmap_mode='r'`, no pickle)
-and says exactly what is wrong with a truncated or corrupted dump.
+and says exactly what is wrong with a truncated or corrupted dump: metadata.json
+is checked field by field (`check_metadata`), and every file against its sha256.
+Checksums are verified once per file version: `verified.json` beside the arrays
+records each verified file's (size, mtime, inode, sha256), written by the
+collector itself and refreshed by the first reader after a change, so a file
+modified in place is hashed again on its next read; `verify="always"` hashes
+everything regardless.
 `register_datasets` records dumps in the run's `sae/activation_store.json` under
 a file lock, so concurrent collectors lose nothing; a dump inside the run is
 recorded by its path relative to the run (a copied or moved run finds its own),
@@ -31,6 +37,7 @@ several dumps) and names an entry whose folder is gone.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -47,7 +54,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from policy import __version__
-from policy.io import file_sha256, locked, read_json, write_json
+from policy.io import file_sha256, locked, read_json, read_json_object, write_json
 from policy.runs import stored_path
 from sae.runs import registry_path
 
@@ -55,6 +62,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16")
 METADATA = "metadata.json"
+VERIFIED = "verified.json"
+MAX_ROWS = 1 << 40
 COVARIANCE_SUFFIX = "_covariance.npy"
 
 
@@ -280,6 +289,7 @@ class DumpWriter:
             "package_version": __version__,
         }
         write_json(self.partial / METADATA, meta)
+        _record_verified(self.partial, files)
         if publish:
             self.publish()
         return self.path
@@ -345,8 +355,9 @@ class Dump:
         return covariance
 
 
-def open_dump(path: str | Path, verify: bool = False) -> Dump:
-    """Open a dump, checking every array's shape, dtype and size (and sha256 when `verify`)."""
+def open_dump(path: str | Path, verify: str = "cached") -> Dump:
+    """Open a dump, checking its metadata, every array's shape, dtype and size, and every file's sha256
+    (`verify`: "cached", once per file version; "always"; "never", for a writer that just made it)."""
     path = Path(path)
     if not path.is_dir():
         partial = path.with_name(path.name + ".partial")
@@ -356,7 +367,11 @@ def open_dump(path: str | Path, verify: bool = False) -> Dump:
     meta_path = path / METADATA
     if not meta_path.is_file():
         raise ValueError(f"{path} has no {METADATA}: not a complete dump (interrupted, or not a dump)")
-    meta = read_json(meta_path)
+    meta = read_json_object(meta_path)
+    try:
+        check_metadata(meta)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{meta_path}: {err}") from err
     dtype = np.dtype(meta["dtype"])
     arrays = {}
     for name, info in meta["arrays"].items():
@@ -379,15 +394,126 @@ def open_dump(path: str | Path, verify: bool = False) -> Dump:
                 f"{file} is truncated or padded: {size} bytes, expected {expected} ({rows} x {dim} {dtype} + header)"
             )
         arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
-    if verify:
-        for name, digest in meta["sha256"].items():
-            if not (path / name).is_file():
-                raise ValueError(f"{path}: {name} is missing")
-            if file_sha256(path / name) != digest:
-                raise ValueError(
-                    f"{path / name}: sha256 differs from metadata.json: the file is corrupted or was modified"
-                )
+    if verify != "never":
+        verify_checksums(path, meta["sha256"], cached=verify == "cached")
     return Dump(path, meta, arrays)
+
+
+def check_metadata(meta: dict) -> None:
+    """A dump's metadata.json, field by field: a ValueError saying what is wrong."""
+
+    def whole(name: str, value, low: int = 1, high: int = MAX_ROWS) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
+        return value
+
+    def plain_name(name: str, value) -> None:
+        if not isinstance(value, str) or not value or value != Path(value).name or value.startswith("."):
+            raise ValueError(f"{name} must be a plain file name in the dump, got {value!r}")
+
+    if meta.get("dtype") not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {meta.get('dtype')!r}")
+    rows = whole("rows", meta.get("rows"))
+    if "num_instances" in meta or "nodes_per_instance" in meta:  # every collector's dumps: rows grouped by instance
+        num_instances = whole("num_instances", meta.get("num_instances"))
+        nodes = whole("nodes_per_instance", meta.get("nodes_per_instance"))
+        if rows != num_instances * nodes:
+            raise ValueError(f"rows ({rows}) must be num_instances x nodes_per_instance ({num_instances} x {nodes})")
+    arrays = meta.get("arrays")
+    if not isinstance(arrays, dict) or not arrays:
+        raise ValueError("arrays must be a non-empty object: array name -> {file, shape, mean, std}")
+    for name, info in arrays.items():
+        if not isinstance(info, dict):
+            raise ValueError(f"arrays.{name} must be an object")
+        plain_name(f"arrays.{name}.file", info.get("file"))
+        if info.get("covariance_file") is not None:
+            plain_name(f"arrays.{name}.covariance_file", info["covariance_file"])
+        shape = info.get("shape")
+        if not isinstance(shape, list) or len(shape) != 2:
+            raise ValueError(f"arrays.{name}.shape must be [rows, dim], got {shape!r}")
+        if whole(f"arrays.{name}.shape[0]", shape[0]) != rows:
+            raise ValueError(f"arrays.{name} has {shape[0]} rows, the dump {rows}")
+        dim = whole(f"arrays.{name}.shape[1]", shape[1], high=1 << 16)
+        for stat in ("mean", "std"):
+            values = info.get(stat)
+            if not isinstance(values, list) or len(values) != dim:
+                raise ValueError(f"arrays.{name}.{stat} must be a list of {dim} numbers")
+            numbers = np.asarray(values, dtype=np.float64) if all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in values) else None  # fmt: skip
+            if numbers is None or not np.isfinite(numbers).all() or (stat == "std" and (numbers < 0).any()):
+                raise ValueError(f"arrays.{name}.{stat} must hold {dim} finite numbers"
+                                 f"{' >= 0' if stat == 'std' else ''}")  # fmt: skip
+    digests = meta.get("sha256")
+    if not isinstance(digests, dict) or not all(isinstance(d, str) for d in digests.values()):
+        raise ValueError("sha256 must be an object: file name -> hex digest")
+    for file in digests:
+        plain_name("a sha256 entry", file)
+    missing = sorted({info["file"] for info in arrays.values()} - set(digests))
+    if missing:
+        raise ValueError(f"sha256 has no digest of {', '.join(missing)}")
+
+
+def verify_checksums(path: Path, digests: dict[str, str], cached: bool = True) -> None:
+    """Every file of `digests` against its sha256 (a ValueError naming the first that differs), skipping those
+    `verified.json` records as verified in their present version (size, mtime, inode) when `cached`."""
+    record = _read_verified(path) if cached else {}
+    changed = False
+    for name, digest in digests.items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{path}: {name} is missing")
+        if record.get(name) == [*_version(file), digest]:
+            continue
+        if file_sha256(file) != digest:
+            raise ValueError(f"{file}: sha256 differs from metadata.json: the file is corrupted or was modified")
+        record[name] = [*_version(file), digest]
+        changed = True
+    if changed:
+        with contextlib.suppress(OSError):  # a read-only dump is verified again next time
+            write_json(path / VERIFIED, record)
+
+
+def _version(file: Path) -> list[int]:
+    st = file.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _read_verified(path: Path) -> dict:
+    try:
+        record = read_json(path / VERIFIED)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _record_verified(path: Path, digests: dict[str, str]) -> None:
+    write_json(path / VERIFIED, {name: [*_version(path / name), digest] for name, digest in digests.items()})
+
+
+def data_identity(dump: Dump) -> dict:
+    """What a dictionary run records of each dump it trains on (train_cfg.json's `datasets`): the collection that
+    wrote it and the sha256 of its metadata.json, which holds every array's own sha256."""
+    return {"path": str(dump.path), "collection_id": dump.metadata.get("collection_id"),
+            "created": dump.metadata.get("created"), "metadata_sha256": file_sha256(dump.path / METADATA)}  # fmt: skip
+
+
+def check_resumed_data(out_dir: Path, dumps: list[Dump]) -> None:
+    """A resumed run continues on the data it started on: a ValueError naming both when a dump changed (collected
+    again, or edited). Runs that recorded no `datasets` are resumed with a warning."""
+    recorded = read_json_object(out_dir / "train_cfg.json").get("datasets")
+    if not isinstance(recorded, list) or len(recorded) != len(dumps):
+        log.warning("%s records no data identity: cannot check that it resumes on the data it started on", out_dir)
+        return
+    for old, dump in zip(recorded, dumps, strict=True):
+        new = data_identity(dump)
+        if not isinstance(old, dict) or old.get("metadata_sha256") != new["metadata_sha256"]:
+            old = old if isinstance(old, dict) else {}
+            raise ValueError(
+                f"--resume of {out_dir} refused: it trained on {old.get('path')} as collected "
+                f"{old.get('created')} (collection {old.get('collection_id')}), but {dump.path} now holds the "
+                f"collection of {new['created']} ({new['collection_id']}); finishing on other data would mix two "
+                "datasets: start a new run instead"
+            )
 
 
 def reusable(path: Path, request: dict, overwrite: bool, hint: str = "pass --overwrite") -> bool:
@@ -398,7 +524,7 @@ def reusable(path: Path, request: dict, overwrite: bool, hint: str = "pass --ove
     """
     if overwrite or not path.exists():
         return False
-    existing = open_dump(path).metadata
+    existing = open_dump(path, verify="never").metadata
     if any(existing.get(k) != v for k, v in request.items()):
         raise FileExistsError(f"{path} holds a dump made with other arguments; {hint}")
     log.info("reusing the complete dump %s (pass --overwrite to collect again)", path)
@@ -447,8 +573,12 @@ def read_registry(run_dir: Path) -> dict:
     if not path.is_file():
         return {}
     entries = read_json(path)
-    if not isinstance(entries, dict) or not all(isinstance(e, dict) and "path" in e for e in entries.values()):
-        raise ValueError(f"{path} is not an activation registry (expected name -> {{'path': ...}})")
+    if not isinstance(entries, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("path"), str) and e["path"]
+        and isinstance(e.get("collection_id"), str | None) for e in entries.values()
+    ):  # fmt: skip
+        raise ValueError(f"{path} is not an activation registry (expected name -> {{'path': '...', "
+                         "'collection_id': '...'}})")  # fmt: skip
     return {name: {**entry, "path": str(run_dir / entry["path"])} for name, entry in entries.items()}
 
 
@@ -475,7 +605,7 @@ def register_dataset(run_dir: Path, name: str, path: Path, info: dict | None = N
     register_datasets(run_dir, {name: (path, info or {})})
 
 
-def registered_dump(run_dir: Path, name: str, entry: dict, verify: bool = False) -> Dump:
+def registered_dump(run_dir: Path, name: str, entry: dict, verify: str = "cached") -> Dump:
     """Open a registry entry's dump: a clear error for a dangling entry or one another collection half-replaced."""
     path = Path(entry["path"])
     if not path.exists() and not path.with_name(path.name + ".partial").exists():

@@ -29,12 +29,12 @@ from policy.cli import command, explicit_options
 from policy.io import write_json
 from policy.logger import WANDB_MODES, RunLogger
 from policy.options import choice, fields_of, options, resume_option
-from policy.runs import new_run_folder, resolve_run_dir, stored_path
+from policy.runs import lock_run, new_run_folder, release_run, resolve_run_dir, stored_path
 from sae.data import RowStream, split_instances
 from sae.metrics import ReconstructionTotals
 from sae.model import SAEConfig, SAEOptions, TopKSAE, init_seed
 from sae.runs import resume_dictionary_run, sae_runs_dir
-from sae.store import Dump, read_registry, registered_dump
+from sae.store import Dump, check_resumed_data, data_identity, read_registry, registered_dump
 from sae.trainer import DictionaryTrainer, adam
 
 log = logging.getLogger(__name__)
@@ -192,8 +192,11 @@ def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = (
     if resume:
         out_dir, cfg = resume_dictionary_run(hook_dir, SAETrainConfig, asdict(cfg), explicit, RESUMABLE,
                                              budget=("num_epochs",))  # fmt: skip
+        lock_run(out_dir)
     name, dump = find_dump(run_dir, cfg.hook, cfg.dataset)
     log.info("training on %s", dump.describe())
+    if resume:
+        check_resumed_data(out_dir, [dump])
     cfg.dataset = name
     train_ids, val_ids = split_instances(dump.num_instances, cfg.val_ratio, cfg.seed)
     arrays = {cfg.hook: dump.arrays[cfg.hook]}
@@ -203,11 +206,12 @@ def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = (
     sae_cfg = cfg.sae_config(dump.arrays[cfg.hook].shape[1])
     torch.manual_seed(init_seed(f"sae/{cfg.hook}/{sae_cfg}", cfg.seed))
     model = TopKSAE(sae_cfg, torch.from_numpy(dump.stats(cfg.hook)[0])).to(cfg.device)
-    out_dir = out_dir or new_run_folder(hook_dir)  # made only now: a run that cannot start leaves no folder
+    out_dir = out_dir or lock_run(new_run_folder(hook_dir))  # made only now: a run that cannot start leaves none
     trainer = SAETrainer(cfg, out_dir, model, train, val)
     if resume:
         trainer.resume(cfg.device)
-    write_json(out_dir / "train_cfg.json", {**asdict(cfg), "dataset_path": stored_path(run_dir, dump.path)})
+    saved = {**asdict(cfg), "dataset_path": stored_path(run_dir, dump.path), "datasets": [data_identity(dump)]}
+    write_json(out_dir / "train_cfg.json", saved)
     run_name = cfg.wandb_run_name or f"{run_dir.name}/{cfg.hook}/{out_dir.name}"
     logger = RunLogger(out_dir, cfg.wandb_project, run_name, asdict(cfg), cfg.wandb_mode, run_id=trainer.wandb_run_id)
     try:
@@ -215,6 +219,7 @@ def run(cfg: SAETrainConfig, resume: bool = False, explicit: tuple[str, ...] = (
     finally:
         logger.finish()
     model.save(out_dir)
+    release_run(out_dir)
     return out_dir
 
 

@@ -102,6 +102,27 @@ def tmpfs(tmp_path):
 
 
 @pytest.fixture
+def reseal():
+    """reseal(dump): a dump whose metadata.json takes its files as they are now (their sha256 recomputed), as if
+    written so by its collector; for tests of what reading the rows themselves must catch."""
+    import hashlib
+    import json
+
+    def seal(dump: Path) -> Path:
+        meta = json.loads((dump / "metadata.json").read_text())
+        meta["sha256"] = {name: hashlib.sha256((dump / name).read_bytes()).hexdigest() for name in meta["sha256"]
+                          if (dump / name).is_file()}  # fmt: skip
+        for info in meta["arrays"].values():
+            if info.get("covariance_file") and not (dump / info["covariance_file"]).is_file():
+                del info["covariance_file"]  # as dumps collected before covariances were stored
+        (dump / "metadata.json").write_text(json.dumps(meta))
+        (dump / "verified.json").unlink(missing_ok=True)
+        return dump
+
+    return seal
+
+
+@pytest.fixture
 def fixture_dir() -> Path:
     return FIXTURE_DIR
 

@@ -121,3 +121,20 @@ def test_identify_refuses_other_files_in_one_line(tmp_path):
         assert "\n" not in str(err.value)
         if name != "other.zip":
             assert "legacy" in str(err.value)  # names the formats it accepts
+
+
+def test_a_tar_named_like_the_legacy_format_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    from policy.torch_files import _LEGACY_MAGIC
+
+    name = (b"\x80\x02\x8a\x0a" + _LEGACY_MAGIC.to_bytes(10, "little") + b".").decode("latin-1")
+    path = tmp_path / "checkpoint.pt"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    assert path.read_bytes().startswith(b"\x80\x02\x8a\x0a")  # what passed the legacy check
+    with pytest.raises(UnsafeFileError, match="tar archive"):
+        identify(path)

@@ -82,6 +82,9 @@ def _decide(model: AttentionModel, decision: Decision, finish: bool) -> Outcome:
         first = torch.tensor([[tour[0]]], device=locs.device) if tour else None
         current = torch.tensor([[tour[-1]]], device=locs.device) if tour else None
         raw = model.decoder(cache, first, current, visited)
+        if not torch.isfinite(raw).all():
+            raise ValueError(f"the policy's scores at step {len(tour)} are not finite (an intervention too large, "
+                             "or non-finite weights): no choice can be read from them")  # fmt: skip
         log_p = model.log_probs(raw, visited)[0, 0]
         if scores is None:
             scores, log_probs = raw[0, 0], log_p

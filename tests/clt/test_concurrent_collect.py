@@ -32,7 +32,7 @@ def _both(*processes):
 def _assert_matches_its_metadata(run_dir, path, arrays):
     """Every file checksums, and the rows are the policy's activations on the instances the metadata names."""
     path = Path(path)
-    dump = open_dump(path, verify=True)
+    dump = open_dump(path, verify="always")
     meta = dump.metadata
     locs = torch.cat(list(instance_batches(meta["num_instances"], meta["nodes_per_instance"], meta["distribution"],
                                            meta["seed"], 1024)))  # fmt: skip

@@ -44,7 +44,7 @@ def test_pair_names_of_decoder_points():
 
 
 def test_rows_are_the_live_policy_steps_along_its_greedy_tours(decoder_run):
-    dump = open_dump(decoder_run / "clt" / "activations" / GLIMPSE, verify=True)
+    dump = open_dump(decoder_run / "clt" / "activations" / GLIMPSE, verify="always")
     n = dump.nodes_per_instance
     assert dump.arrays["sources"].shape == (INSTANCES * n, 16) and dump.metadata["tours"] == "greedy"
     assert dump.metadata["row_meaning"] == "(instance, decoding step)"

@@ -230,3 +230,16 @@ def test_another_condition_reports_its_own_ridge_and_the_splice_drift(analysed_r
     assert report["reconstruction"]["l0"] <= 3 and "recovered" in report["splice"]["transcoder"]
     missing = CliRunner().invoke(eval_cli.main, ["--clt_dir", str(clt_dir), "--checkpoint", "7"])
     assert missing.exit_code == 1 and "no checkpoint for epoch 7" in missing.output
+
+
+def test_recovered_is_no_number_where_mean_ablation_does_no_damage():
+    from clt.splice import recovered
+
+    def report(original, mean, transcoder):
+        lengths = {"original": original, "mean": mean, "transcoder": transcoder}
+        return {name: {"mean_length": value} for name, value in lengths.items()}
+
+    assert recovered(report(4.0, 6.0, 4.5)) == pytest.approx(0.75)
+    assert recovered(report(4.0, 4.001, 4.5)) is None  # -49900% would say nothing
+    with pytest.raises(ValueError, match="not finite"):
+        recovered(report(4.0, 6.0, float("nan")))

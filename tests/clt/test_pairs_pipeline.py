@@ -86,7 +86,7 @@ def test_shipped_demo_config():
 
 
 def test_rows_are_the_same_nodes_in_every_pair(pairs_run):
-    a = open_pair(_dir(pairs_run, "clt_L0_to_L1"), verify=True)
+    a = open_pair(_dir(pairs_run, "clt_L0_to_L1"), verify="always")
     b = open_pair(_dir(pairs_run, "clt_L1_to_out"))
     np.testing.assert_array_equal(a.arrays["targets"], b.arrays["sources"])
     np.testing.assert_array_equal(a.arrays["targets"], b.arrays["targets"])  # the last layer's output is the encoder's
@@ -142,13 +142,13 @@ def test_unequal_rows_and_nonfinite_stats_are_refused(tmp_path):
     meta = json.loads((tmp_path / "p" / "metadata.json").read_text())
     meta["arrays"]["targets"]["std"] = [float("inf"), 1.0]  # statistics written by something else
     (tmp_path / "p" / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="NaN or Inf rows in targets"):
+    with pytest.raises(ValueError, match="metadata.json: arrays.targets.std must hold 2 finite numbers"):
         open_pair(tmp_path / "p")
     np.save(tmp_path / "p" / "targets.npy", np.zeros((3, 2), np.float32))  # a consistent file with fewer rows
     meta = json.loads((tmp_path / "p" / "metadata.json").read_text())
     meta["arrays"]["targets"].update(shape=[3, 2], mean=[0.0, 0.0], std=[1.0, 1.0])
     (tmp_path / "p" / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match="sources have 4 rows, targets 3"):
+    with pytest.raises(ValueError, match="metadata.json: arrays.targets has 3 rows, the dump 4"):
         open_pair(tmp_path / "p")
     meta["arrays"]["targets"]["shape"] = [4, 2]
     (tmp_path / "p" / "metadata.json").write_text(json.dumps(meta))
@@ -248,7 +248,7 @@ def test_generated_locs_are_in_every_pair(pairs_run):
     assert np.array_equal(a[:3], generate(40, 10, "uniform", seed=0 * 1_000_003).numpy()[:3])
 
 
-def test_inspect_pairs_names_nan_rows(pairs_run, tmp_path):
+def test_inspect_pairs_names_nan_rows(pairs_run, tmp_path, reseal):
     import shutil
 
     broken = tmp_path / "tiny"
@@ -256,6 +256,7 @@ def test_inspect_pairs_names_nan_rows(pairs_run, tmp_path):
     targets = np.load(broken / "clt" / "activations" / "clt_L0_to_L1" / "targets.npy", mmap_mode="r+")
     targets[13, 0] = np.nan  # the stored statistics stay finite: only reading the rows finds it
     targets.flush()
+    reseal(broken / "clt" / "activations" / "clt_L0_to_L1")  # checksums match too
     result = CliRunner().invoke(inspect_cli.main, ["--run_dir", str(broken), "--pair", "clt_L0_to_L1"])
     assert result.exit_code == 1 and "NaN or Inf in targets (first at row 13)" in result.output, result.output
 

@@ -141,12 +141,13 @@ def test_bad_pair_is_a_clear_error(pair_run, pair, message):
     assert sorted(runs.rglob("*")) == before  # a run that cannot start leaves no (empty) run folder
 
 
-def test_nan_in_a_batch_is_a_clear_error(pair_run, tmp_path):
+def test_nan_in_a_batch_is_a_clear_error(pair_run, tmp_path, reseal):
     broken = tmp_path / "tiny"
     shutil.copytree(pair_run, broken)
     sources = np.load(broken / "clt" / "activations" / PAIR / "sources.npy", mmap_mode="r+")
     sources[7, 3] = np.nan  # stats stay finite: only the stream meets it
     sources.flush()
+    reseal(broken / "clt" / "activations" / PAIR)  # checksums match too
     registry = broken / "sae" / "activation_store.json"
     registry.write_text(registry.read_text().replace(str(pair_run), str(broken)))
     result = CliRunner().invoke(train_cli.main, _args(broken))
@@ -274,3 +275,48 @@ def test_train_clt_sh_never_evaluates_an_option_as_code(tmp_path, option):
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 2 and "must be a whole number" in result.stderr, result.stderr
     assert not marker.exists()
+
+
+def test_a_second_resume_of_a_run_in_training_is_refused(pair_run, tmp_path):
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(pair_run, run_dir)
+    first = CliRunner().invoke(train_cli.main, _args(run_dir, "--num_epochs", "1"))
+    assert first.exit_code == 0, first.output
+    folder = _runs(run_dir)[-1]
+    hold = "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); print(1, flush=True)"
+    holder = subprocess.Popen([sys.executable, "-c", hold + "; time.sleep(60)", str(folder / ".training.lock")],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        holder.stdout.readline()
+        second = CliRunner().invoke(train_cli.main, _args(run_dir, "--resume", "--num_epochs", "2"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.exit_code == 1 and "is being trained by another process" in second.output, second.output
+    metrics = (folder / "metrics.jsonl").read_text()
+    assert CliRunner().invoke(train_cli.main, _args(run_dir, "--resume", "--num_epochs", "2")).exit_code == 0
+    assert (folder / "metrics.jsonl").read_text().startswith(metrics)  # the refused resume wrote nothing
+
+
+def test_resume_on_a_dump_collected_again_is_refused_naming_both(pair_run, tmp_path):
+    from clt import collect_pairs as collect_cli
+
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(pair_run, run_dir)
+    assert CliRunner().invoke(train_cli.main, _args(run_dir, "--num_epochs", "1")).exit_code == 0
+    saved = json.loads((_runs(run_dir)[-1] / "train_cfg.json").read_text())["datasets"][0]
+    args = ["--run_dir", str(run_dir), "--layer_pairs", "encoder_layer_0.mlp_in:encoder_layer_0.mlp_out",
+            "--num_instances_per_pair", "40", "--batch_size", "32", "--overwrite"]  # fmt: skip
+    assert CliRunner().invoke(collect_cli.main, args).exit_code == 0
+    result = CliRunner().invoke(train_cli.main, _args(run_dir, "--resume", "--num_epochs", "2"))
+    assert result.exit_code == 1 and "--resume of" in result.output and saved["collection_id"] in result.output
+    assert "start a new run instead" in result.output, result.output
+
+
+def test_a_bad_sweep_name_is_refused_before_training_and_leaves_no_folder(pair_run, tmp_path):
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(pair_run, run_dir)
+    for bad in (["--sweep", "../../x"], ["--lr", "nan"]):
+        result = CliRunner().invoke(train_cli.main, _args(run_dir, *bad))
+        assert result.exit_code != 0 and ("invalid sweep name" in result.output or "finite" in result.output)
+    assert not (run_dir / "clt" / "clt_runs").exists()

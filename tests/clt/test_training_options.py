@@ -92,7 +92,7 @@ def test_head_groups_start_in_their_head_output_space(attn_run):
     assert bad.exit_code == 1 and "needs a pair whose target is an attention output" in bad.output
 
 
-def test_whitening_from_the_stored_covariance(pair_run, tmp_path):
+def test_whitening_from_the_stored_covariance(pair_run, tmp_path, reseal):
     folder, summary = _train(pair_run, "--normalize_source", "whiten", "--normalize_target", "whiten")
     model = load_transcoder(folder)
     dump = open_dump(pair_run / "clt" / "activations" / PAIR)
@@ -112,6 +112,7 @@ def test_whitening_from_the_stored_covariance(pair_run, tmp_path):
     old = tmp_path / "tiny"
     shutil.copytree(pair_run, old)
     (old / "clt" / "activations" / PAIR / "sources_covariance.npy").unlink()
+    reseal(old / "clt" / "activations" / PAIR)
     bad = CliRunner().invoke(train_cli.main, ["--run_dir", str(old), "--pair", PAIR, "--normalize_source", "whiten",
                                               "--wandb_mode", "disabled"])  # fmt: skip
     assert bad.exit_code == 1 and "collect it again with --overwrite to whiten" in bad.output

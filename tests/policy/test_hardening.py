@@ -171,3 +171,22 @@ def test_disk_full_while_saving_weights_is_one_line_and_leaves_no_temp_file(anal
     result = CliRunner().invoke(train_topk.main, args)
     assert result.exit_code == 1 and result.output.strip().endswith("No space left on device"), result.output
     assert not list(run.rglob("*.tmp"))
+
+
+def test_a_full_disk_while_saving_a_train_state_is_one_line_and_leaves_no_temp_file(tmpfs):
+    from policy.torch_files import save_torch
+
+    small = tmpfs("64k")
+    with pytest.raises(OSError, match="could not write .*state.pt .*is the disk full"):
+        save_torch(small / "state.pt", {"weights": torch.zeros(100_000)})
+    assert list(small.iterdir()) == []
+
+
+def test_tours_that_are_not_permutations_are_never_returned():
+    from policy.inference import check_tours
+
+    check_tours(torch.tensor([[0, 2, 1]]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"no valid tour for instance\(s\) \[1\]"):
+        check_tours(torch.tensor([[0, 2, 1], [0, 0, 0]]), torch.tensor([1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"instance\(s\) \[0\]"):
+        check_tours(torch.tensor([[0, 2, 1]]), torch.tensor([float("nan")]))

@@ -76,7 +76,7 @@ def test_instance_normalization_runs(tiny_cfg):
         ({"embed_dim": 30, "num_heads": 4}, "divide"),
         ({"normalization": "layer"}, "normalization"),
         ({"temperature": 0}, "temperature"),
-        ({"num_encoder_layers": 0}, "positive"),
+        ({"num_encoder_layers": 0}, "whole number in \\[1, 64\\]"),
     ],
 )
 def test_config_validation(kwargs, message):

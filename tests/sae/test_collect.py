@@ -28,7 +28,7 @@ def test_rows_are_instance_major_and_match_the_hooks(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     path = root / "tiny" / "sae" / "activations" / "rows"
     assert read_registry(tiny_run)["rows"]["path"] == str(path.resolve())
-    dump = open_dump(path, verify=True)
+    dump = open_dump(path, verify="always")
     assert dump.metadata["hooks"] == hooks.split(",") and dump.rows == 70 and dump.nodes_per_instance == 10
     locs = torch.from_numpy(np.load(path / "locs.npy"))
     expected = HookedPolicy(load_policy(tiny_run).model).run_with_cache(locs, hooks.split(","))

@@ -52,7 +52,7 @@ def test_a_stale_partial_of_a_dead_writer_is_replaced(tmp_path):
     (tmp_path / "d.partial" / "a.npy").write_bytes(b"left by kill -9")
     with DumpWriter(path, {"a": 2}, 3) as writer:
         _fill(writer, 3, 7)
-    assert open_dump(path, verify=True).metadata["seed"] == 7 and not (tmp_path / "d.partial").exists()
+    assert open_dump(path, verify="always").metadata["seed"] == 7 and not (tmp_path / "d.partial").exists()
 
 
 def test_not_enough_space_is_an_error_before_any_row(tmp_path, monkeypatch):
@@ -101,7 +101,7 @@ def test_overwriting_a_symlinked_dump_writes_where_the_link_points(tmp_path):
     link.symlink_to(real)
     with DumpWriter(link, {"a": 2}, 2, overwrite=True) as writer:
         _fill(writer, 2, 2)
-    assert link.is_symlink() and open_dump(link, verify=True).metadata["seed"] == 2
+    assert link.is_symlink() and open_dump(link, verify="always").metadata["seed"] == 2
     assert open_dump(real).metadata["seed"] == 2
 
 

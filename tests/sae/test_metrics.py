@@ -85,3 +85,13 @@ def test_dictionary_health_dead_dense_and_effective_features():
     assert effective_features(np.full(5, 0.2)) == pytest.approx(5.0)
     assert effective_features(np.array([0.0, 0.3, 0.0])) == pytest.approx(1.0)
     assert effective_features(np.zeros(4)) == 0.0
+
+
+def test_fvu_of_constant_or_non_finite_rows_is_an_error_not_a_number():
+    for y, y_hat, message in ((torch.ones(8, 3), torch.ones(8, 3), "do not vary"),
+                              (torch.randn(8, 3), torch.full((8, 3), float("nan")), "non-finite")):  # fmt: skip
+        totals = ReconstructionTotals()
+        totals.add(y[None], y_hat[None], torch.ones(1, 8, 4))
+        result = totals.result()[0]
+        with pytest.raises(ValueError, match=message):
+            _ = result.fvu

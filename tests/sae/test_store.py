@@ -22,7 +22,7 @@ def _write(path, rows=50, dims=None, dtype="float32", chunk=7, seed=0):
 
 def test_round_trip_with_streamed_stats(tmp_path):
     data = _write(tmp_path / "d")
-    dump = open_dump(tmp_path / "d", verify=True)
+    dump = open_dump(tmp_path / "d", verify="always")
     for name, values in data.items():
         np.testing.assert_array_equal(dump.arrays[name], values)
         mean, std = dump.stats(name)
@@ -53,7 +53,7 @@ def test_rows_accepted_ahead_are_stored_in_order(tmp_path):
     with DumpWriter(tmp_path / "w", {"a": 3}, 10) as writer:
         writer.write({"a": data})
         writer.finish({"nodes_per_instance": 5, "num_instances": 2})
-    ahead, whole = open_dump(tmp_path / "d", verify=True), open_dump(tmp_path / "w", verify=True)
+    ahead, whole = open_dump(tmp_path / "d", verify="always"), open_dump(tmp_path / "w", verify=True)
     np.testing.assert_array_equal(ahead.arrays["a"], data)
     assert ahead.metadata["sha256"]["a.npy"] == whole.metadata["sha256"]["a.npy"]
     np.testing.assert_allclose(ahead.covariance("a"), whole.covariance("a"), rtol=1e-6)
@@ -62,13 +62,16 @@ def test_rows_accepted_ahead_are_stored_in_order(tmp_path):
 def test_covariance_of_an_older_dump_is_a_clear_error(tmp_path):
     _write(tmp_path / "d")
     (tmp_path / "d" / "a_covariance.npy").unlink()  # as dumps collected before covariances were stored
+    meta = json.loads((tmp_path / "d" / "metadata.json").read_text())
+    del meta["arrays"]["a"]["covariance_file"], meta["sha256"]["a_covariance.npy"]
+    (tmp_path / "d" / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="no covariance of a .*collect it again with --overwrite"):
         open_dump(tmp_path / "d").covariance("a")
 
 
 def test_float16_storage(tmp_path):
     data = _write(tmp_path / "h", dtype="float16")
-    dump = open_dump(tmp_path / "h", verify=True)  # the sha256 hashed while writing is the file's own
+    dump = open_dump(tmp_path / "h", verify="always")  # the sha256 hashed while writing is the file's own
     assert dump.arrays["a"].dtype == np.float16
     np.testing.assert_allclose(dump.arrays["a"], data["a"], rtol=1e-3, atol=1e-2)
 
@@ -110,17 +113,20 @@ def test_corrupted_bytes_are_caught_by_checksums(tmp_path):
     raw = bytearray(file.read_bytes())
     raw[-5] ^= 0xFF
     file.write_bytes(bytes(raw))
-    open_dump(tmp_path / "d")  # sizes still fit
+    open_dump(tmp_path / "d", verify="never")  # sizes still fit
     with pytest.raises(ValueError, match="b.npy: sha256 differs"):
-        open_dump(tmp_path / "d", verify=True)
+        open_dump(tmp_path / "d")  # the file changed since the collector verified it: hashed again
 
 
 def test_missing_metadata_and_wrong_shapes(tmp_path):
     _write(tmp_path / "d")
     meta = json.loads((tmp_path / "d" / "metadata.json").read_text())
+    (tmp_path / "d" / "metadata.json").write_text(json.dumps({**meta, "dtype": "float16"}))
+    with pytest.raises(ValueError, match=r"holds float32 \[50, 4\], metadata.json says float16 \[50, 4\]"):
+        open_dump(tmp_path / "d")
     meta["arrays"]["a"]["shape"] = [51, 4]
     (tmp_path / "d" / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"holds float32 \[50, 4\], metadata.json says float32 \[51, 4\]"):
+    with pytest.raises(ValueError, match=r"metadata.json: arrays.a has 51 rows, the dump 50"):
         open_dump(tmp_path / "d")
     (tmp_path / "d" / "metadata.json").unlink()
     with pytest.raises(ValueError, match="no metadata.json"):
