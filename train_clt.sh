@@ -2,7 +2,9 @@
 # Train transcoders over layer pairs x a hyper-parameter grid, then print a summary table.
 #
 #   ./train_clt.sh                      the demo: collect runs/tsp20_demo's pairs (clt/configs/tsp20_demo.json),
-#                                       train one top-k transcoder per pair, print FVU / L0 / dead vs ridge
+#                                       train one top-k transcoder per pair and the multi-layer CLT, evaluate and
+#                                       splice each, print FVU / L0 / dead vs ridge
+#   ./train_clt.sh --run_dir kool_tsp50 the same for any run (an imported RL4CO or Kool model too), no config needed
 #   ./train_clt.sh --run_dir R --pairs "clt_L0_to_L1 clt_L1_to_L2" --expansion "4 8" --k "8 16" \
 #                  --activation "topk batchtopk" --lr "16e-3 32e-3" --epochs 20 -- --wandb_project my-clt
 #
@@ -19,9 +21,13 @@
 #   --epochs N         epochs per run                         [10]
 #   --eval N           splice each transcoder into the policy on N instances (python -m clt.eval) [1000; 0: skip]
 #   --no_labels        do not label the features (clt.eval labels each transcoder's features by default)
+#   --no_multilayer    do not train the multi-layer CLT (trained by default unless --pairs is given or the config
+#                      leaves out a layer's mlp_in -> mlp_out pair, which it reads; the default pairs hold them all)
 #   --jobs N           processes that train the runs (then evaluate them) side by side, each on cores/N threads,
 #                      each one's output in a log file; 1: one process, output on the terminal
 #                      [the cores, at most the runs]
+#   --instances N      instances collected per pair [the config's, else 200000 rows' worth: 10000 of TSP20, 4000
+#                      of TSP50]
 #   --no_collect       skip pair collection (reuse the dumps)
 #   --overwrite        collect again over dumps made with other settings (python -m clt.collect_pairs --overwrite)
 #   --sweep NAME       record the runs as <run>/clt/sweeps/NAME.json   [sweep_<date>-<time>]
@@ -42,9 +48,11 @@ LR="default"
 EPOCHS=10
 EVAL=1000
 LABELS=()
+MULTILAYER=1
 JOBS=""
 COLLECT=1
 OVERWRITE=()
+INSTANCES=""
 SWEEP="sweep_$(date +%Y%m%d-%H%M%S)"
 EXTRA=()
 
@@ -54,6 +62,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --run_dir) RUN_DIR=$2; shift 2 ;;
     --no_labels) LABELS=(--no_labels); shift ;;
+    --no_multilayer) MULTILAYER=0; shift ;;
     --config) CONFIG=$2; shift 2 ;;
     --pairs) PAIRS=$2; shift 2 ;;
     --expansion) EXPANSION=$2; shift 2 ;;
@@ -65,6 +74,7 @@ while [[ $# -gt 0 ]]; do
     --eval) EVAL=$2; shift 2 ;;
     --jobs) JOBS=$2; shift 2 ;;
     --no_collect) COLLECT=0; shift ;;
+    --instances) INSTANCES=$2; shift 2 ;;
     --overwrite) OVERWRITE=(--overwrite); shift ;;
     --sweep) SWEEP=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -74,7 +84,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 # --epochs, --eval and --jobs reach bash arithmetic ([[ -gt ]] evaluates expressions, $(...) included): digits only.
-for name in EPOCHS EVAL JOBS; do
+for name in EPOCHS EVAL JOBS INSTANCES; do
   [[ -z ${!name} || ${!name} =~ ^[0-9]+$ ]] \
     || { echo "train_clt.sh: --${name,,} must be a whole number, got '${!name}'" >&2; exit 2; }
   [[ -z ${!name} ]] || printf -v "$name" '%d' "$((10#${!name}))"  # 08 is eight, not a bad octal number
@@ -89,6 +99,7 @@ fi
 if [[ $COLLECT -eq 1 ]]; then
   collect=("$PYTHON" -m clt.collect_pairs --run_dir "$RUN_DIR" ${OVERWRITE[@]+"${OVERWRITE[@]}"})
   [[ -n "$CONFIG" ]] && collect+=(--config "$CONFIG")
+  [[ -n "$INSTANCES" ]] && collect+=(--num_instances_per_pair "$INSTANCES")
   "${collect[@]}"
 fi
 # The grid: the flags, else the config's pairs and sparsity block (one line each), else 8x with k 16.
@@ -98,7 +109,13 @@ else  # the run's default pairs, as clt.collect_pairs collects them without a co
   GRIDS=$("$PYTHON" -m clt.list_pairs --run_dir "$RUN_DIR" --grids)
 fi
 mapfile -t LISTS <<<"$GRIDS"
+[[ -z "$PAIRS" ]] || MULTILAYER=0  # pairs chosen by hand: only those
 [[ -n "$PAIRS" ]] || PAIRS=${LISTS[0]:-}
+if [[ $MULTILAYER -eq 1 ]]; then  # only where every layer's mlp pair is collected (a config may list others)
+  for pair in $("$PYTHON" -m clt.list_pairs --run_dir "$RUN_DIR" --grids | head -n 1); do
+    [[ $pair != *.mlp_in_to_* || " $PAIRS " == *" $pair "* ]] || MULTILAYER=0
+  done
+fi
 [[ -n "$EXPANSION" ]] || EXPANSION=${LISTS[1]:-}
 if [[ -z "$K" && -z "$K_RATIO" ]]; then
   K=${LISTS[2]:-}
@@ -113,7 +130,7 @@ for r in $K_RATIO; do SIZES+=("--k_ratio=$r"); done
 
 CORES=$(nproc 2>/dev/null || echo 1)
 words() { echo $#; }  # how many words a grid list holds (noglob is on)
-RUNS=$(($(words $PAIRS) * $(words $EXPANSION) * ${#SIZES[@]} * $(words $ACTIVATION) * $(words $LR)))
+RUNS=$(($(words $PAIRS) * $(words $EXPANSION) * ${#SIZES[@]} * $(words $ACTIVATION) * $(words $LR) + MULTILAYER))
 JOBS=${JOBS:-$CORES}
 JOBS=$((JOBS < RUNS ? JOBS : RUNS))
 JOBS=$((JOBS > 0 ? JOBS : 1))
@@ -166,6 +183,12 @@ wait_all() {
 # The trainings: one queued command line per run (NUL-separated words), run by $JOBS clt.run_queue workers that
 # claim them in turn, each in one process (the start of a process, ~6 s, is paid once per worker, not per run).
 QUEUED=0
+if [[ $MULTILAYER -eq 1 ]]; then  # first: the longest training
+  QUEUED=1
+  echo "== run 1: the multi-layer CLT (its own defaults)" >&2
+  printf '%s\0' clt.train_transcoder --run_dir "$RUN_DIR" --multilayer --num_epochs "$EPOCHS" --sweep "$SWEEP" \
+    ${EXTRA[@]+"${EXTRA[@]}"} >"$QUEUE/000001.args"
+fi
 for pair in $PAIRS; do
   for e in $EXPANSION; do for size in "${SIZES[@]}"; do for act in $ACTIVATION; do for lr in $LR; do
     LR_ARG=()

@@ -25,7 +25,7 @@ class CodeOptions:
     expansion_factor: int = 8
     """Features = expansion_factor x the source width (per layer for a multi-layer CLT)."""
     k: int | None = None
-    """Active features per row for topk/batchtopk [default: 16 unless k_ratio]."""
+    """Active features per row for topk/batchtopk [default: 16 unless k_ratio; the multi-layer CLT 32 per layer]."""
     k_ratio: float | None = None
     """Fraction of features active per row, instead of k."""
     activation: str = choice("topk", ACTIVATIONS)

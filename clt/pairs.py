@@ -141,8 +141,8 @@ class PairsConfig:
     """Active features per row to sweep (or k_ratio)."""
     k_ratio: list[float] = field(default_factory=list)
     """Fractions of features active per row to sweep."""
-    num_instances_per_pair: int = 10_000
-    """Instances collected for every pair."""
+    num_instances_per_pair: int | None = None
+    """Instances collected for every pair [default: `default_instances` of the run's size]."""
     distribution: str | None = None
     """Instance distribution [default: the run's]."""
     seed: int = 0
@@ -153,6 +153,16 @@ class PairsConfig:
         for name in ("layer_pairs", "expansion_factors", "k", "k_ratio"):
             if not isinstance(getattr(self, name), list):
                 raise ValueError(f"{name} must be a list, got {getattr(self, name)!r}")
+
+
+ROWS_PER_PAIR = 200_000
+"""Rows a pair dump holds by default, whatever the instance size: one row per city."""
+
+
+def default_instances(num_loc: int) -> int:
+    """Instances per pair when neither a config nor the command line says: ROWS_PER_PAIR rows (10000 instances of
+    TSP20, 4000 of TSP50, 2000 of TSP100), so that a transcoder gets as many training steps on any model."""
+    return max(1, ROWS_PER_PAIR // num_loc)
 
 
 def default_layer_pairs(n_layers: int) -> list[str]:
@@ -188,7 +198,7 @@ def read_pairs_config(path: str | Path) -> PairsConfig:
             expansion_factors=sparsity.get("expansion_factors", [8]),
             k=sparsity.get("k", []),
             k_ratio=sparsity.get("k_ratio", []),
-            num_instances_per_pair=sampling.get("num_instances_per_pair", 10_000),
+            num_instances_per_pair=sampling.get("num_instances_per_pair"),
             distribution=sampling.get("distribution"),
             seed=sampling.get("seed", 0),
         )

@@ -76,6 +76,10 @@ log = logging.getLogger(__name__)
 INITS = ("random", "data")
 
 
+MULTILAYER_BATCH, MULTILAYER_K = 1024, 32
+"""The multi-layer CLT's defaults: rows per step and active features per layer."""
+
+
 @dataclass
 class TranscoderTrainConfig(TranscoderOptions):
     """How to train a transcoder: the model's options (clt.config.TranscoderOptions) and the training's."""
@@ -103,8 +107,9 @@ class TranscoderTrainConfig(TranscoderOptions):
     lr_decay: float = 0.3
     """Fraction of the training steps, at the end, over which the learning rate falls linearly to 0 (0: constant;
     the step count comes from num_epochs or num_tokens)."""
-    batch_size: int = 4096
-    """Rows per step."""
+    batch_size: int | None = None
+    """Rows per step [default: 4096; 1024 for the multi-layer CLT, which needs more steps than its dumps give at
+    4096 (docs/guide/transcoders.md, "Defaults on real models")]."""
     num_epochs: int = 10
     """Passes over the training split (with --resume: the new total); ignored when num_tokens is set."""
     num_tokens: int | None = None
@@ -145,6 +150,8 @@ class TranscoderTrainConfig(TranscoderOptions):
         if self.lr is None:
             topk = self.activation in ("topk", "batchtopk") and not self.tied and self.pair != MULTILAYER
             self.lr = 4e-3 if not topk else 32e-3 if self.decoder_init == "random" else 8e-3
+        if self.batch_size is None:
+            self.batch_size = MULTILAYER_BATCH if self.pair == MULTILAYER else 4096
         check_types(self)
         check_device(self.device)
         if not 0 <= self.lr_decay <= 1:
@@ -175,8 +182,11 @@ class TranscoderTrainConfig(TranscoderOptions):
         if self.activation not in MULTILAYER_ACTIVATIONS or pairwise_only:
             raise ValueError(f"the multi-layer transcoder trains {' or '.join(MULTILAYER_ACTIVATIONS)} features, "
                              "untied, without skip, --init data, L1, group lasso or a dictionary penalty")  # fmt: skip
+        code = fields_of(self, CodeOptions)
+        if self.k is None and self.k_ratio is None and self.activation in ("topk", "batchtopk"):
+            code["k"] = min(MULTILAYER_K, d * self.expansion_factor)
         return MultiLayerConfig(n_layers=n_layers, d=d, layer_weights=self.layer_weights,
-                                sparsity_coef=self.l0_coef, **fields_of(self, CodeOptions))  # fmt: skip
+                                sparsity_coef=self.l0_coef, **code)  # fmt: skip
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "penalties"}

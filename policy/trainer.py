@@ -110,9 +110,17 @@ class EpochTrainer:
         if not self.state_path.is_file():
             raise FileNotFoundError(f"nothing to resume: no {self.state_path}")
         state = load_torch_file(self.state_path, map_location=device)
-        self.load_state_dict(state)
-        self.position = self.saved_position(state)
-        self.wandb_run_id = state["wandb_run_id"] or None
+        try:
+            self.load_state_dict(state)
+            self.position = self.saved_position(state)
+            self.wandb_run_id = state["wandb_run_id"] or None
+            if not all(isinstance(v, int) and v >= 0 for v in asdict(self.position).values()):
+                raise ValueError(f"position {self.position}")
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
+            raise ValueError(
+                f"{self.state_path} is not a training state of this run ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else 'unreadable'})"
+            ) from err
         truncate_metrics(self.out_dir / "metrics.jsonl", self.position.global_step)
 
     def saved_position(self, state: dict) -> Position:

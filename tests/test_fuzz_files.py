@@ -112,11 +112,24 @@ def _payload_offset(path: Path) -> int:
     return min(64, path.stat().st_size // 2)
 
 
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def _mutations(path: Path) -> dict[str, bytes]:
     data = path.read_bytes()
     if path.suffix == ".json":
         return {name: text.encode() for name, text in _json_mutations(data.decode()).items()}
     cases = _binary_mutations(data, _payload_offset(path))
+    if path.suffix == ".pt":  # readable torch files that are not what the command needs
+        cases["no keys"] = _torch_bytes({})
+        cases["wrong types"] = _torch_bytes({"model": 1, "optimizer": "x", "position": {"epoch": -1}})
     if path.suffix == ".npy":
         cases["nan"] = _npy_nan(path)
     if path.suffix == ".safetensors":
@@ -124,7 +137,7 @@ def _mutations(path: Path) -> dict[str, bytes]:
     return cases
 
 
-UNUSABLE = {"truncated", "empty", "nan", "nested", "list", "flipped header", "huge header"}
+UNUSABLE = {"truncated", "empty", "nan", "nested", "list", "flipped header", "huge header", "no keys", "wrong types"}
 """Mutations after which no command may succeed (for any file kind it reads); a dump's arrays are checksummed, so
 flipped bytes in their data are one more."""
 CHECKSUMMED = {"dump sources"}
@@ -142,6 +155,8 @@ def workspace(analysed_run, tmp_path_factory) -> dict:
     of other kinds train new runs, which `--resume` would continue instead)."""
     run = tmp_path_factory.mktemp("fuzz") / "tiny"
     shutil.copytree(analysed_run, run)
+    kool = run.parent / "kool"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "kool_am_tsp20", kool)
     locs = run.parent / "locs.npy"
     np.save(locs, np.random.default_rng(0).random((2, 10, 2), dtype=np.float32))
     tours = run.parent / "tours.npy"
@@ -223,6 +238,14 @@ def workspace(analysed_run, tmp_path_factory) -> dict:
                 "clt.train_transcoder": dump_commands["clt.train_transcoder"],
                 "sae.train_topk": (train_topk.main, [*r, "--hook", "encoder_layer_0", *SMALL]),
             },
+        ),
+        "Kool args.json": (
+            kool / "args.json",
+            {"policy.solve": (solve.main, ["--run_dir", str(kool), "--instances", str(locs), "--out", str(tours)])},
+        ),
+        "Kool checkpoint": (
+            next(kool.glob("epoch-*.pt")),
+            {"policy.solve": (solve.main, ["--run_dir", str(kool), "--instances", str(locs), "--out", str(tours)])},
         ),
         "instances": (locs, {"policy.solve": policy_commands["policy.solve"]}),
     }

@@ -316,7 +316,28 @@ def test_resume_on_a_dump_collected_again_is_refused_naming_both(pair_run, tmp_p
 def test_a_bad_sweep_name_is_refused_before_training_and_leaves_no_folder(pair_run, tmp_path):
     run_dir = tmp_path / "tiny"
     shutil.copytree(pair_run, run_dir)
+    before = sorted((run_dir / "clt").rglob("*"))
     for bad in (["--sweep", "../../x"], ["--lr", "nan"]):
         result = CliRunner().invoke(train_cli.main, _args(run_dir, *bad))
         assert result.exit_code != 0 and ("invalid sweep name" in result.output or "finite" in result.output)
-    assert not (run_dir / "clt" / "clt_runs").exists()
+    assert sorted((run_dir / "clt").rglob("*")) == before
+
+
+def test_train_clt_sh_takes_an_imported_kool_model_with_no_config(tmp_path):
+    from policy import import_run
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "kool_am_tsp20"
+    args = ["--from", str(fixture), "--run_name", "kool", "--runs_dir", str(tmp_path)]
+    assert CliRunner().invoke(import_run.main, args).exit_code == 0
+    script = Path(__file__).resolve().parents[2] / "train_clt.sh"
+    command = ["bash", str(script), "--run_dir", str(tmp_path / "kool"), "--instances", "24", "--epochs", "1",
+               "--eval", "4", "--no_labels", "--jobs", "1", "--sweep", "all", "--", "--batch_size", "128",
+               "--wandb_mode", "disabled"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "kool" / "clt" / "sweeps" / "all.json").read_text())
+    trained = sorted(Path(p).parent.name for p in record["runs"])
+    assert trained == sorted(["clt_multilayer", "clt_L0_to_L1", "clt_L1_to_L2"]
+                             + [f"clt_L{i}.mlp_in_to_L{i}.mlp_out" for i in range(3)])  # fmt: skip
+    assert all((tmp_path / "kool" / p / "eval" / "metrics.json").is_file() for p in record["runs"])

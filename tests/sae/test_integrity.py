@@ -3,7 +3,6 @@ published together, registered portably, and never mistaken for complete."""
 
 import errno
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -186,9 +185,10 @@ def test_resume_never_continues_an_older_run(tmp_path):
     (older / "checkpoints").mkdir(parents=True)
     (older / "checkpoints" / "train_state.pt").write_bytes(b"")
     newest.mkdir()
+    (newest / "train_cfg.json").write_text("{}")  # started, killed before its first save
     with pytest.raises(FileNotFoundError, match="newest run .*000001 has no saved training state"):
         resume_folder(tmp_path)
-    os.rmdir(newest)
+    (newest / "train_cfg.json").unlink()  # empty: a start refused before it wrote anything
     assert resume_folder(tmp_path) == older
 
 
