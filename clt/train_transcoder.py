@@ -76,8 +76,8 @@ log = logging.getLogger(__name__)
 INITS = ("random", "data")
 
 
-MULTILAYER_BATCH, MULTILAYER_K = 1024, 32
-"""The multi-layer CLT's defaults: rows per step and active features per layer."""
+MULTILAYER_BATCH, MULTILAYER_K, MULTILAYER_EXPANSION = 1024, 32, 4
+"""The multi-layer CLT's defaults: rows per step, active features per layer and the expansion factor."""
 
 
 @dataclass
@@ -107,6 +107,9 @@ class TranscoderTrainConfig(TranscoderOptions):
     lr_decay: float = 0.3
     """Fraction of the training steps, at the end, over which the learning rate falls linearly to 0 (0: constant;
     the step count comes from num_epochs or num_tokens)."""
+    expansion_factor: int | None = field(default=None, kw_only=True)
+    """Features = expansion_factor x the source width (per layer for a multi-layer CLT) [default: 8; 4 for the
+    multi-layer CLT]."""
     batch_size: int | None = None
     """Rows per step [default: 4096; 1024 for the multi-layer CLT, which needs more steps than its dumps give at
     4096 (docs/guide/transcoders.md, "Defaults on real models")]."""
@@ -146,6 +149,8 @@ class TranscoderTrainConfig(TranscoderOptions):
     """Extra loss terms penalty(model, output) (orthogonality, energy, ...); not saved, library use only."""
 
     def __post_init__(self):
+        if self.expansion_factor is None:
+            self.expansion_factor = MULTILAYER_EXPANSION if self.pair == MULTILAYER else 8
         super().__post_init__()
         if self.lr is None:
             topk = self.activation in ("topk", "batchtopk") and not self.tied and self.pair != MULTILAYER
