@@ -205,26 +205,20 @@ def save_torch(path: str | Path, obj) -> Path:
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors; unreadable (truncated, lying header) or non-finite ones are a ValueError."""
+    """A safetensors file's tensors; an unreadable one (truncated, lying header) is a ValueError. Their values are
+    checked where they meet their model (`build_checked`)."""
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a readable safetensors file ({reason})") from err
-    check_finite(tensors, str(path))
     return tensors
-
-
-def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
-    """NaN or Inf in any floating-point tensor is a ValueError naming the first such tensor."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"{source}: {name} holds NaN or Inf values; the weights are corrupt")
 
 
 def build_checked(make: Callable[[], torch.nn.Module], weights: dict[str, torch.Tensor], source: str):
     """`make()` holding `weights`, after checking names and shapes against a skeleton built on the meta device
-    (so a config that asks for far more than the file holds allocates nothing), and finiteness."""
+    (so a config that asks for far more than the file holds allocates nothing), and finiteness: every set of
+    weights the toolkit loads (policies in all three formats, every dictionary) passes here, once."""
     with torch.device("meta"):
         skeleton = make()
     expected = skeleton.state_dict()
@@ -235,7 +229,9 @@ def build_checked(make: Callable[[], torch.nn.Module], weights: dict[str, torch.
     if problems:
         more = " ..." if len(problems) > 4 else ""
         raise ValueError(f"{source} does not fit its config: " + "; ".join(problems[:4]) + more)
-    check_finite(weights, source)
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{source}: {name} holds NaN or Inf values; the weights are corrupt")
     model = make()
     model.load_state_dict(weights)
     return model

@@ -67,8 +67,7 @@ def save_model(folder: str | Path, module: nn.Module) -> None:
 
 
 def read_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(cfg dict, state dict) from a folder written by `save_model`; an unreadable or non-finite file is a
-    ValueError naming it."""
+    """(cfg dict, state dict) from a folder written by `save_model`; an unreadable file is a ValueError naming it."""
     folder = Path(folder)
     if not (folder / "cfg.json").is_file() or not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"{folder} needs cfg.json and model.safetensors")
@@ -77,8 +76,8 @@ def read_model_files(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]
 
 def load_model(folder: str | Path, make_config, make_model) -> nn.Module:
     """A dictionary from `save_model`'s files in eval mode: `make_model(make_config(cfg dict))` holding the weights,
-    every problem (a config field of the wrong type or out of range, weights that do not fit it) a ValueError
-    naming the file."""
+    every problem (a config field of the wrong type or out of range, weights that do not fit it or are not finite)
+    a ValueError naming the file."""
     folder = Path(folder)
     raw, state = read_model_files(folder)
     try:
