@@ -43,16 +43,9 @@ from policy.loading import load_policy
 from policy.options import choice, options
 from sae.collection_loop import collect, collection_request, hook_dims, instance_batches, provenance
 from sae.hooks import HookedPolicy
+from sae.registry import check_registry_writable, new_collection_id, register_datasets
 from sae.runs import activations_root, clt_activations_dir
-from sae.store import (
-    DTYPES,
-    DumpWriter,
-    check_registry_writable,
-    dump_lock,
-    new_collection_id,
-    register_datasets,
-    reusable,
-)
+from sae.store import DTYPES, DumpWriter, dump_lock, reusable
 
 
 @dataclass
@@ -172,7 +165,7 @@ def read_tours(path: str, num_instances: int, num_loc: int) -> np.ndarray | None
 
 def _collect_pairs(cfg, loaded, hooked, pairs: list[LayerPair], paths: dict[str, Path], request: dict,
                    tours: np.ndarray | None) -> None:  # fmt: skip
-    """Write every pair, then publish them together under one collection id (see sae.store.registered_dump)."""
+    """Write every pair, then publish them together under one collection id (see sae.registry.registered_dump)."""
     common = request[pairs[0].name]
     n, num_instances = common["nodes_per_instance"], common["num_instances"]
     dims = hook_dims(hooked, sorted({h for p in pairs for h in (p.source, p.target)}), n)

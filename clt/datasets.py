@@ -20,8 +20,9 @@ from policy.loading import LoadedPolicy, read_config
 from policy.runs import check_name, list_checkpoints
 from sae.data import RowStream, split_instances
 from sae.hook_names import hook_names
+from sae.registry import read_registry, registered_dump
 from sae.runs import clt_activations_dir, owning_run
-from sae.store import Dump, open_dump, read_registry, registered_dump
+from sae.store import Dump, open_dump
 
 
 def find_pair(run_dir: Path, pair: str, root: Path | None = None) -> Path:

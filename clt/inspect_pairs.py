@@ -15,7 +15,7 @@ from clt.datasets import find_pair, open_pair
 from clt.pair_stats import inspect_pair
 from policy.cli import command
 from policy.runs import resolve_run_dir
-from sae.store import read_registry
+from sae.registry import read_registry
 
 
 def run(

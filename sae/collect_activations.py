@@ -24,16 +24,9 @@ from policy.loading import load_policy
 from policy.options import choice, options
 from sae.collection_loop import collect, collection_request, hook_dims, instance_batches, provenance
 from sae.hooks import HookedPolicy
+from sae.registry import check_registry_writable, new_collection_id, register_dataset
 from sae.runs import activations_root, sae_activations_dir
-from sae.store import (
-    DTYPES,
-    DumpWriter,
-    check_registry_writable,
-    dump_lock,
-    new_collection_id,
-    register_dataset,
-    reusable,
-)
+from sae.store import DTYPES, DumpWriter, dump_lock, reusable
 
 
 @dataclass

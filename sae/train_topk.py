@@ -33,8 +33,9 @@ from policy.runs import lock_run, new_run_folder, release_run, resolve_run_dir, 
 from sae.data import RowStream, split_instances
 from sae.metrics import ReconstructionTotals
 from sae.model import SAEConfig, SAEOptions, TopKSAE, init_seed
+from sae.registry import read_registry, registered_dump
 from sae.runs import resume_dictionary_run, sae_runs_dir
-from sae.store import Dump, check_resumed_data, data_identity, read_registry, registered_dump
+from sae.store import Dump, check_resumed_data, data_identity
 from sae.trainer import DictionaryTrainer, adam
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ import torch
 from policy.loading import load_policy
 from sae.collection_loop import instance_batches
 from sae.hooks import HookedPolicy
-from sae.store import open_dump, read_registry
+from sae.registry import read_registry
+from sae.store import open_dump
 
 INSTANCES = 3000  # enough rows that the two collections overlap in time
 PAIRS = "encoder_layer_0:encoder_layer_1,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"

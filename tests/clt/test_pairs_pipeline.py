@@ -17,7 +17,8 @@ from clt.pairs import LayerPair, parse_pairs, read_pairs_config
 from policy.env import generate
 from policy.loading import load_policy
 from sae.hooks import HookedPolicy
-from sae.store import DumpWriter, NonFiniteRows, read_registry
+from sae.registry import read_registry
+from sae.store import DumpWriter, NonFiniteRows
 
 PAIRS = "encoder_layer_0:encoder_layer_1,encoder_layer_1:encoder_output,encoder_layer_1.mlp_in:encoder_layer_1.mlp_out"
 

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from policy.loading import load_policy
 from sae import collect_activations as collect_cli
 from sae.hooks import HookedPolicy
-from sae.store import open_dump, read_registry
+from sae.registry import read_registry
+from sae.store import open_dump
 
 
 def _collect(*args, env=None):

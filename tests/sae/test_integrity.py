@@ -16,13 +16,8 @@ from click.testing import CliRunner
 from policy.runs import new_run_folder, resume_folder
 from sae import collect_activations, train_topk
 from sae import store as store_mod
-from sae.store import (
-    DumpWriter,
-    open_dump,
-    read_registry,
-    register_dataset,
-    registered_dump,
-)
+from sae.registry import read_registry, register_dataset, registered_dump
+from sae.store import DumpWriter, open_dump
 
 
 def _fill(writer, rows, seed):
