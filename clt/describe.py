@@ -23,6 +23,7 @@ import numpy as np
 
 from clt.datasets import PairDataset, dump_name, pair_name, pair_path
 from clt.model import load_transcoder
+from clt.multilayer import format_k
 from policy.checks import check_types
 from policy.cli import command
 from policy.io import read_json
@@ -43,7 +44,7 @@ def model_summary(folder: Path) -> dict:
         "folder": str(folder),
         "kind": "multi-layer" if hasattr(model.cfg, "n_layers") else "pairwise",
         "features": model.feature_count,
-        "k": model.cfg.active,
+        "k": model.cfg.ks if hasattr(model.cfg, "ks") else model.cfg.active,  # multi-layer: one k per layer
         "parameters": sum(p.numel() for p in model.parameters()),
         "cfg": asdict(model.cfg),
         "encoder_row_norm": _spread(encoder),
@@ -64,7 +65,7 @@ def format_model(summary: dict) -> str:
     lines = [
         f"{summary['kind']} transcoder in {summary['folder']}",
         f"  {shape}, {summary['features']} features, {summary['parameters']:,} parameters",
-        f"  {cfg['activation']}, k={summary['k']}; normalise source "
+        f"  {cfg['activation']}, k={format_k(summary['k'])}; normalise source "
         f"{cfg['normalize_source']}, target {cfg['normalize_target']}",
     ]
     for side in ("encoder", "decoder"):

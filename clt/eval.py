@@ -49,7 +49,7 @@ from clt.datasets import (
 from clt.feature_labels import Instances, LabelOptions, label_folders
 from clt.metrics import layer_reconstructions, reconstruction
 from clt.model import CrossLayerTranscoder, load_transcoder
-from clt.multilayer import MultiLayerTranscoder
+from clt.multilayer import MultiLayerTranscoder, format_k
 from clt.splice import (
     ABLATIONS,
     REPLACEMENTS,
@@ -291,7 +291,7 @@ def run_multilayer(cfg: EvalConfig, folder: Path, train_cfg: dict, model: MultiL
     layers = layer_reconstructions(model, data.val_batches())
     meta = data.dump.metadata
     report = {"transcoder": str(folder), "pair": MULTILAYER, "layers": n, "features": model.feature_count,
-              "k": model.cfg.active, "activation": model.cfg.activation, "validation_rows": layers[0].rows,
+              "k": model.cfg.ks, "activation": model.cfg.activation, "validation_rows": layers[0].rows,
               "reconstruction": {f"L{i}": r.summary() for i, r in enumerate(layers)}}  # fmt: skip
     if cfg.num_instances:
         means = data.statistics()[2]
@@ -325,7 +325,7 @@ def format_report(report: dict) -> str:
         )
     if report["pair"] == MULTILAYER:
         lines = [
-            f"multi-layer CLT ({report['layers']} layers, {report['features']} features, k={report['k']} per layer):"
+            f"multi-layer CLT ({report['layers']} layers, {report['features']} features, k={format_k(report['k'])}):"
         ]
         lines += [
             f"  {layer}: FVU {r['fvu']:.4f}, cosine {r['cosine']:.4f}, L0 {r['l0']:.1f}, dead "

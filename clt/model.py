@@ -256,17 +256,18 @@ class CrossLayerTranscoder(nn.Module):
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:  # [batch, features]
         return torch.addmm(self.b_enc, x, self.W_enc.T)
 
-    def sparsify(self, pre: torch.Tensor) -> torch.Tensor:
-        act = self.cfg.activation
+    def sparsify(self, pre: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Dense codes from pre-activations; topk and batchtopk keep k per row (default the configured k)."""
+        act, k = self.cfg.activation, k or self.cfg.active
         if act == "relu":
             return F.relu(pre)
         if act == "jumprelu":
             return jump_relu(pre, self.log_threshold.exp(), self.cfg.bandwidth)
         if act == "topk":
-            values, indices = topk_rows(pre, self.cfg.active)
+            values, indices = topk_rows(pre, k)
             return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
         if self.training:  # batchtopk: k * batch over the whole batch
-            codes = select_batchtopk(pre, self.cfg.active)
+            codes = select_batchtopk(pre, k)
             update_threshold_(self.batchtopk_threshold, codes.values.detach())
             return codes.dense(self.cfg.n_features)
         return pre * (pre > self.batchtopk_threshold)
@@ -275,17 +276,18 @@ class CrossLayerTranscoder(nn.Module):
         """y plus the skip path's x @ W_skip, if the transcoder has one (normalised spaces)."""
         return y if self.W_skip is None else y + x @ self.W_skip
 
-    def forward_normalized(self, x: torch.Tensor) -> TranscoderOutput:
-        """The map in normalised spaces: x is a normalised source."""
-        return self._dense_from(x, self.pre_activations(x))
+    def forward_normalized(self, x: torch.Tensor, k: int | None = None) -> TranscoderOutput:
+        """The map in normalised spaces: x is a normalised source (k: as in `sparsify`)."""
+        return self._dense_from(x, self.pre_activations(x), k)
 
-    def _dense_from(self, x: torch.Tensor, pre: torch.Tensor) -> TranscoderOutput:
-        z = self.sparsify(pre)
+    def _dense_from(self, x: torch.Tensor, pre: torch.Tensor, k: int | None = None) -> TranscoderOutput:
+        z = self.sparsify(pre, k)
         y = self.add_skip(z @ self.decoder + self.b_dec, x)
         return TranscoderOutput(y, z=z, pre=pre)
 
-    def forward_train(self, x: torch.Tensor, chunk: int | None = None) -> TranscoderOutput:
-        """`forward_normalized` with the same gradients; topk/batchtopk decode from the active entries only.
+    def forward_train(self, x: torch.Tensor, chunk: int | None = None, k: int | None = None) -> TranscoderOutput:
+        """`forward_normalized` with the same gradients; topk/batchtopk decode from the active entries only, k per
+        row (default the configured k; a training schedule passes its own).
 
         On the sparse path the pre-activations are never kept: topk computes them `chunk` rows
         at a time (default: as many rows as fit 64 MB) into one buffer, reused from step to step. relu and jumprelu take
@@ -294,7 +296,8 @@ class CrossLayerTranscoder(nn.Module):
         if self.cfg.activation in ("relu", "jumprelu"):
             return self._forward_thresholded(x)
         if not self.sparse_training:
-            return self.forward_normalized(x)
+            return self.forward_normalized(x, k)
+        k = k or self.cfg.active
         with torch.no_grad():
             if self.cfg.activation == "topk":
                 chunk = chunk or max(1, 2**24 // self.cfg.n_features)
@@ -302,14 +305,14 @@ class CrossLayerTranscoder(nn.Module):
                 parts = []
                 for rows in x.split(chunk):
                     torch.addmm(self.b_enc, rows, self.W_enc.T, out=pre[: len(rows)])
-                    parts.append(select_topk(pre[: len(rows)], self.cfg.active))
+                    parts.append(select_topk(pre[: len(rows)], k))
                 codes = SparseCodes(
                     torch.cat([p.values for p in parts]),
                     torch.cat([p.features for p in parts]),
-                    torch.arange(0, x.shape[0] * self.cfg.active + 1, self.cfg.active, device=x.device),
+                    torch.arange(0, x.shape[0] * k + 1, k, device=x.device),
                 )
             else:
-                codes = select_batchtopk(self.pre_activations(x), self.cfg.active)
+                codes = select_batchtopk(self.pre_activations(x), k)
                 update_threshold_(self.batchtopk_threshold, codes.values)
         y = self.add_skip(sparse_decode(x, self.W_enc, self.b_enc, self.decoder, codes) + self.b_dec, x)
         return TranscoderOutput(y, codes=codes)

@@ -4,7 +4,7 @@ Features of layer i read `encoder_layer_i.mlp_in` and write into `encoder_layer_
 for every m >= i; the prediction for layer m sums over the layers i <= m:
 
     x_i   = norm_src_i(mlp_in_i)                                   [batch, d]
-    z_i   = topk(x_i @ W_enc[i]^T + b_enc[i])                      [batch, features]   (k per layer)
+    z_i   = topk(x_i @ W_enc[i]^T + b_enc[i])                      [batch, features]   (k_i per row)
     y_m   = b_dec[m] + sum_{i <= m} z_i @ W_dec[i][:, m - i]       [batch, d], normalised target space
     mlp_out_m ~ norm_tgt_m^-1(y_m)
 
@@ -47,6 +47,8 @@ class MultiLayerConfig(CodeOptions):
     """jumprelu: c in that penalty."""
     layer_weights: list[float] | None = None
     """Weights of the per-layer FVUs in the loss (default all 1)."""
+    layer_k: list[int] | None = None
+    """topk/batchtopk: active features per row in each layer, instead of k in every layer."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,6 +62,12 @@ class MultiLayerConfig(CodeOptions):
         ):
             raise ValueError(f"layer_weights needs {self.n_layers} non-negative weights, not all zero")
         resolve_k(self.k, self.k_ratio, self.n_features)
+        if self.layer_k is not None and (
+            len(self.layer_k) != self.n_layers or not all(1 <= k <= self.n_features for k in self.layer_k)
+        ):
+            raise ValueError(f"layer_k needs {self.n_layers} values in [1, {self.n_features}], got {self.layer_k}")
+        if self.layer_k is not None and self.activation == "jumprelu":
+            raise ValueError("layer_k is for topk and batchtopk (jumprelu learns its thresholds)")
         if self.sparsity_coef is None:
             self.sparsity_coef = 1e-3 if self.activation == "jumprelu" else 0.0
         if min(self.sparsity_coef, self.sparsity_scale) < 0:
@@ -72,8 +80,18 @@ class MultiLayerConfig(CodeOptions):
         return self.d * self.expansion_factor
 
     @property
-    def active(self) -> int:  # per layer
+    def active(self) -> int:  # per layer, unless layer_k says otherwise
         return resolve_k(self.k, self.k_ratio, self.n_features)
+
+    @property
+    def ks(self) -> list[int]:
+        """Active features per row (topk, batchtopk), layer by layer."""
+        return list(self.layer_k) if self.layer_k is not None else [self.active] * self.n_layers
+
+
+def format_k(k: int | list[int]) -> str:
+    """k as a report prints it: one number, or a multi-layer CLT's k layer by layer as 64/32/32."""
+    return "/".join(map(str, k)) if isinstance(k, list) else str(k)
 
 
 @dataclass
@@ -195,20 +213,22 @@ class MultiLayerTranscoder(nn.Module):
         return torch.stack(y)
 
     @torch.no_grad()
-    def encode_normalized(self, xs: torch.Tensor) -> list[SparseCodes]:
-        """Normalised sources of the first len(xs) layers [layer, batch, d] -> each layer's active entries."""
-        return [self.select(i, torch.addmm(self.b_enc[i], x, self.W_enc[i].T)) for i, x in enumerate(xs)]
+    def encode_normalized(self, xs: torch.Tensor, k: int | None = None) -> list[SparseCodes]:
+        """Normalised sources of the first len(xs) layers [layer, batch, d] -> each layer's active entries (k: as in
+        `select`)."""
+        return [self.select(i, torch.addmm(self.b_enc[i], x, self.W_enc[i].T), k) for i, x in enumerate(xs)]
 
     @torch.no_grad()
-    def select(self, layer: int, pre: torch.Tensor) -> SparseCodes:
+    def select(self, layer: int, pre: torch.Tensor, k: int | None = None) -> SparseCodes:
         """Layer `layer`'s active entries from its pre-activations [batch, features] (training updates batchtopk's
-        threshold)."""
+        threshold). topk and batchtopk keep the layer's k per row, or k if that is larger (a training schedule's)."""
+        k = max(k or 0, self.cfg.ks[layer])
         if self.cfg.activation == "topk":
-            return select_topk(pre, self.cfg.active)
+            return select_topk(pre, k)
         if self.cfg.activation == "jumprelu":
             return threshold_codes(pre, self.log_threshold[layer].exp())
         if self.training:  # batchtopk
-            codes = select_batchtopk(pre, self.cfg.active)
+            codes = select_batchtopk(pre, k)
             update_threshold_(self.batchtopk_threshold[layer], codes.values)
             return codes
         return threshold_codes(pre, self.batchtopk_threshold[layer])
@@ -218,14 +238,15 @@ class MultiLayerTranscoder(nn.Module):
         x = normalize(x_raw, self.src_mean[layer], self.src_std[layer], self.cfg.normalize_source)
         return self.select(layer, torch.addmm(self.b_enc[layer], x, self.W_enc[layer].T)).dense(self.cfg.n_features)
 
-    def forward_train(self, xs: torch.Tensor) -> MultiLayerOutput:
-        """Normalised sources [layer, batch, d] -> prediction [layer, batch, d], through the active entries."""
+    def forward_train(self, xs: torch.Tensor, k: int | None = None) -> MultiLayerOutput:
+        """Normalised sources [layer, batch, d] -> prediction [layer, batch, d], through the active entries (k: as in
+        `select`)."""
         if self.cfg.activation == "jumprelu":  # dense: the thresholds learn through the straight-through estimate
             zs = [jump_relu(torch.addmm(self.b_enc[i], xs[i], self.W_enc[i].T), self.log_threshold[i].exp(),
                             self.cfg.bandwidth) for i in range(self.cfg.n_layers)]  # fmt: skip
             codes = [dense_codes(z.detach()) for z in zs]
             return MultiLayerOutput(self._assemble([z @ self.decoder(i) for i, z in enumerate(zs)]), codes, zs)
-        codes = self.encode_normalized(xs)
+        codes = self.encode_normalized(xs, k)
         parts = [sparse_decode(xs[i], self.W_enc[i], self.b_enc[i], self.decoder(i), c) for i, c in enumerate(codes)]
         return MultiLayerOutput(self._assemble(parts), codes)
 

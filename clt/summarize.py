@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from clt.multilayer import format_k
 from policy.cli import command
 from policy.io import read_json
 from policy.runs import resolve_run_dir
@@ -52,10 +53,10 @@ def read_summaries(folders: list[Path]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     lines = [f"{COLUMNS[0]:<32}{COLUMNS[1]:>10}" + "".join(f"{c:>10}" for c in COLUMNS[2:])]
     for r in rows:
-        ridge = r.get("ridge_val_fvu")
+        ridge, k = r.get("ridge_val_fvu"), format_k(r.get("layer_k") or r["k"])
         ratio = r["val/fvu"] / ridge if ridge else float("nan")
         lines.append(
-            f"{r['pair']:<32}{r['activation']:>10}{r['features']:>10}{r['k']:>10}{r['lr']:>10.3g}{r['val/fvu']:>10.4f}"
+            f"{r['pair']:<32}{r['activation']:>10}{r['features']:>10}{k:>10}{r['lr']:>10.3g}{r['val/fvu']:>10.4f}"
             f"{ridge if ridge is not None else float('nan'):>10.4f}{ratio:>10.2f}{r['val/l0']:>10.1f}"
             f"{r['val/dead_fraction']:>10.1%}{_percent(r.get('val/dense_fraction'), 1):>10}"
             f"{_count(r.get('val/effective_features')):>10}{r['val/cosine']:>10.4f}"

@@ -66,7 +66,7 @@ from policy.loading import load_policy, read_config
 from policy.logger import WANDB_MODES, RunLogger
 from policy.options import choice, fields_of, options, resume_option
 from policy.runs import check_name, lock_run, new_run_folder, release_run, resolve_run_dir, stored_path
-from sae.model import init_seed
+from sae.model import init_seed, resolve_k
 from sae.runs import clt_runs_dir, record_in_sweep, resume_dictionary_run
 from sae.store import check_resumed_data, data_identity
 from sae.trainer import DictionaryTrainer, adam
@@ -78,6 +78,14 @@ INITS = ("random", "data")
 
 MULTILAYER_BATCH, MULTILAYER_K, MULTILAYER_EXPANSION = 1024, 32, 4
 """The multi-layer CLT's defaults: rows per step, active features per layer and the expansion factor."""
+K_START_FACTOR = 4
+"""k at the first step is this many times k by default (with k_anneal > 0)."""
+MULTILAYER_K_ANNEAL = 0.3
+"""The multi-layer CLT's default k_anneal (a pairwise transcoder's is 0)."""
+FIRST_LAYER_K_FACTOR = 2
+"""The multi-layer CLT's first layer keeps this many times k by default: it reads the coordinate embedding, a
+near-affine image of the two coordinates, and a quarter to a half of its k places go to dense features that carry
+that affine part, leaving too few for the rest (docs/guide/transcoders.md, "Dead features")."""
 
 
 @dataclass
@@ -94,6 +102,9 @@ class TranscoderTrainConfig(TranscoderOptions):
     part after `__` of the names clt.collect_pairs prints) [default: the run's own condition]."""
     layer_weights: list[float] | None = None
     """Multi-layer only: weights of the per-layer FVUs in the loss [default: all 1]."""
+    layer_k: list[int] | None = None
+    """Multi-layer topk/batchtopk only: active features per row in each layer [default: k in every layer but the
+    first, which keeps 2 x k]."""
     init: str = choice("random", INITS)
     """Encoder rows random, or pointed at source rows (data: fewer dead features, higher FVU)."""
     group_heads: bool = False
@@ -107,6 +118,13 @@ class TranscoderTrainConfig(TranscoderOptions):
     lr_decay: float = 0.3
     """Fraction of the training steps, at the end, over which the learning rate falls linearly to 0 (0: constant;
     the step count comes from num_epochs or num_tokens)."""
+    k_start: int | None = None
+    """topk/batchtopk: active features per row at the first step, falling linearly to k over the first k_anneal of
+    the steps, so that every feature learns before the competition for the k places begins [default: 4 x k]."""
+    k_anneal: float | None = None
+    """Fraction of the training steps, at the start, over which k falls from k_start to k (0: k from the first
+    step) [default: 0.3 for the multi-layer CLT, where it keeps nearly every feature alive; 0 for a pairwise
+    transcoder, whose FVU it costs more (docs/guide/transcoders.md, "Dead features")]."""
     expansion_factor: int | None = field(default=None, kw_only=True)
     """Features = expansion_factor x the source width (per layer for a multi-layer CLT) [default: 8; 4 for the
     multi-layer CLT]."""
@@ -157,10 +175,14 @@ class TranscoderTrainConfig(TranscoderOptions):
             self.lr = 4e-3 if not topk else 32e-3 if self.decoder_init == "random" else 8e-3
         if self.batch_size is None:
             self.batch_size = MULTILAYER_BATCH if self.pair == MULTILAYER else 4096
+        if self.k_anneal is None:
+            self.k_anneal = MULTILAYER_K_ANNEAL if self.pair == MULTILAYER else 0.0
         check_types(self)
         check_device(self.device)
         if not 0 <= self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in [0, 1], got {self.lr_decay}")
+        if not 0 <= self.k_anneal < 1 or (self.k_start is not None and self.k_start < 1):
+            raise ValueError("k_anneal must be in [0, 1) and k_start positive")
         if self.lr <= 0 or self.batch_size < 1 or self.num_epochs < 1 or self.save_freq < 1 or self.state_every < 0:
             raise ValueError("lr, batch_size, num_epochs and save_freq must be positive, state_every >= 0")
         if self.log_every < 1:
@@ -175,6 +197,8 @@ class TranscoderTrainConfig(TranscoderOptions):
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.group_coef and self.group_size is None and not self.group_heads:
             raise ValueError("--group_coef needs --group_size or --group_heads")
+        if self.pair != MULTILAYER and (self.layer_k is not None or self.layer_weights is not None):
+            raise ValueError("--layer_k and --layer_weights are for the multi-layer CLT (--multilayer)")
         if self.group_heads and self.pair == MULTILAYER:
             raise ValueError("--group_heads is for a pair whose target is an attention output")
 
@@ -188,9 +212,15 @@ class TranscoderTrainConfig(TranscoderOptions):
             raise ValueError(f"the multi-layer transcoder trains {' or '.join(MULTILAYER_ACTIVATIONS)} features, "
                              "untied, without skip, --init data, L1, group lasso or a dictionary penalty")  # fmt: skip
         code = fields_of(self, CodeOptions)
-        if self.k is None and self.k_ratio is None and self.activation in ("topk", "batchtopk"):
-            code["k"] = min(MULTILAYER_K, d * self.expansion_factor)
-        return MultiLayerConfig(n_layers=n_layers, d=d, layer_weights=self.layer_weights,
+        features = d * self.expansion_factor
+        layer_k = self.layer_k
+        if self.activation in ("topk", "batchtopk"):
+            if self.k is None and self.k_ratio is None:
+                code["k"] = min(MULTILAYER_K, features)
+            if layer_k is None:
+                k = resolve_k(code["k"], code["k_ratio"], features)
+                layer_k = [min(FIRST_LAYER_K_FACTOR * k, features)] + [k] * (n_layers - 1)
+        return MultiLayerConfig(n_layers=n_layers, d=d, layer_weights=self.layer_weights, layer_k=layer_k,
                                 sparsity_coef=self.l0_coef, **code)  # fmt: skip
 
     def to_json(self) -> dict:
@@ -246,6 +276,7 @@ class TranscoderTrainer(DictionaryTrainer):
         self.optimizer = adam(model.parameters(), cfg.lr)
         self.total_steps = max_steps or num_epochs * steps
         self.rows_since_fired = torch.zeros(model.feature_count, dtype=torch.long, device=self.device)
+        self.k_start = k_schedule_start(cfg, model.cfg)
         self.logger: RunLogger | None = None
         self.weights_artifact = f"{cfg.pair}-weights" if cfg.log_weights else None
 
@@ -253,14 +284,18 @@ class TranscoderTrainer(DictionaryTrainer):
         return ((x.to(self.device), y.to(self.device)) for x, y in self.data.train_batches(epoch, start_step))
 
     def train_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-        lr = self.cfg.lr * lr_factor(self.position.global_step, self.total_steps, self.cfg.lr_decay)
+        step = self.position.global_step
+        lr = self.cfg.lr * lr_factor(step, self.total_steps, self.cfg.lr_decay)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        k = None
+        if self.k_start is not None:
+            k = k_at(step, self.total_steps, self.model.cfg.active, self.k_start, self.cfg.k_anneal)
         stats = train_step(self.model, self.optimizer, *batch, self.rows_since_fired, self.cfg.penalties, self.dist,
-                           self.forward)  # fmt: skip
+                           self.forward, k)  # fmt: skip
         if stats is None:
             self._raise_not_finite(batch)
-        return {**stats, "lr": lr}
+        return {**stats, "lr": lr} if k is None else {**stats, "lr": lr, "k": k}
 
     def _raise_not_finite(self, batch) -> None:
         p = self.position
@@ -284,6 +319,25 @@ class TranscoderTrainer(DictionaryTrainer):
         return metrics
 
 
+def k_schedule_start(cfg: TranscoderTrainConfig, model_cfg) -> int | None:
+    """The k of the first step (None: no schedule, for jumprelu, relu or k_anneal 0)."""
+    if model_cfg.activation not in ("topk", "batchtopk") or cfg.k_anneal == 0:
+        return None
+    k, features = model_cfg.active, model_cfg.n_features
+    start = min(K_START_FACTOR * k, features) if cfg.k_start is None else cfg.k_start
+    if not k <= start <= features:
+        raise ValueError(f"k_start must be in [k, features] = [{k}, {features}], got {start}")
+    return start
+
+
+def k_at(step: int, total_steps: int, k: int, k_start: int, anneal: float) -> int:
+    """Active features per row at `step` (0-based) of `total_steps`: k_start, falling linearly to k over the first
+    `anneal` of the steps, then k."""
+    steps = anneal * total_steps
+    done = 1.0 if steps <= 0 else min(1.0, step / steps)
+    return round(k_start + (k - k_start) * done)
+
+
 def lr_factor(step: int, total_steps: int, decay: float) -> float:
     """The learning rate at `step` (0-based) of `total_steps`, as a fraction of the peak: 1, then a linear fall
     over the last `decay` of the steps (warmup-stable-decay without the warmup, which bench.quality did not need)."""
@@ -300,8 +354,9 @@ class TrainingForward(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor, with_aux: bool = True):
-        out = self.model.forward_train(x)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, dead: torch.Tensor, with_aux: bool = True,
+                k: int | None = None):  # fmt: skip
+        out = self.model.forward_train(x, k=k)
         aux = self.model.aux_loss(x, y, out, dead) if with_aux else x.new_zeros(())
         return out, aux
 
@@ -315,8 +370,10 @@ def train_step(
     penalties: list[Penalty] | tuple = (),
     dist: DistInfo = SINGLE_PROCESS,
     forward: nn.Module | None = None,
+    k: int | None = None,
 ) -> dict[str, float] | None:
     """One step on raw (x_src, x_tgt): FVU + AuxK + sparsity (+ penalties); None if the loss is not finite.
+    topk and batchtopk keep k features per row (default the model's k; the trainer's schedule passes its own).
 
     The loss is measured in the model's normalised target space; `rows_since_fired` [features]
     is updated in place; unit-norm decoder rows get their parallel gradient removed and are renormalised.
@@ -334,7 +391,7 @@ def train_step(
     moments = all_reduce_sum(moments.double(), dist)  # [layer, 1 + d + 1] over the global batch
     rows = moments[0, 0].item()
     variance = ((moments[:, -1] - moments[:, 1:-1].pow(2).sum(1) / rows) / rows).clamp_min(1e-12).float()  # [layer]
-    out, aux = (forward or TrainingForward(model))(x, y, dead, with_aux=dist.is_main)
+    out, aux = (forward or TrainingForward(model))(x, y, dead, with_aux=dist.is_main, k=k)
     err_sum = ((out.y_hat if layered else out.y_hat[None]) - y3).pow(2).sum((1, 2))  # [layer]
     weight = dist.world_size / rows  # DDP averages gradients over ranks
     fvu_terms = err_sum / variance if model.layer_weights is None else model.layer_weights * err_sum / variance
@@ -431,6 +488,7 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
             init_head_groups_(model, blocks)
         if cfg.init == "data" and not resume:
             model.init_encoder_from(next(val_data.train_batches(0))[0], torch.Generator().manual_seed(seed))
+    k_schedule_start(cfg, model.cfg)  # a k_start out of range stops here, before a run folder is made
     dumps = val_data.dumps if isinstance(val_data, MultiLayerDataset) else [val_data.dump]
     if info.is_main:
         for dump in dumps:
@@ -462,6 +520,7 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
         metrics, _ = evaluate(model, val_data)
         ridges = [(pair_ridge(d, cfg.val_ratio, cfg.seed) or {}).get("fvu") for d in dumps]
         summary = {"pair": cfg.pair, "features": model.feature_count, "k": model.cfg.active,
+                   **({"layer_k": model.cfg.ks} if cfg.pair == MULTILAYER else {}),
                    "activation": cfg.activation, "steps": trainer.position.global_step, "ranks": info.world_size,
                    **metrics, "ridge_val_fvu": float(np.mean(ridges)) if None not in ridges else None}  # fmt: skip
         if len(ridges) > 1:

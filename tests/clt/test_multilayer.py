@@ -104,10 +104,10 @@ def test_multilayer_cli_trains_logs_per_layer_and_resumes_exactly(layers_run, mo
     full = runs[-1]
     model = load_transcoder(full)
     assert isinstance(model, MultiLayerTranscoder) and model.cfg.n_layers == 2 and model.cfg.k == 3
+    assert model.cfg.ks == [6, 3]  # the first layer keeps twice k by default
     summary = json.loads((full / "summary.json").read_text())
-    assert summary["val/l0"] == 6 and {"val/fvu_L0", "val/fvu_L1", "ridge_val_fvu_L0", "ridge_val_fvu_L1"} <= set(
-        summary
-    )
+    assert summary["val/l0"] == 9 and summary["layer_k"] == [6, 3] and summary["val/l0_L0"] == 6
+    assert {"val/fvu_L0", "val/fvu_L1", "ridge_val_fvu_L0", "ridge_val_fvu_L1"} <= set(summary)
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert any("val/fvu_L1" in r and "val/dead_fraction_L0" in r for r in records)
     ctrl_c_at_step(5)
@@ -140,6 +140,26 @@ def test_multilayer_cli_errors(layers_run):
     assert result.exit_code == 2 and "give --pair, or --multilayer" in result.output
     result = _cli(layers_run, "--activation", "relu")
     assert result.exit_code == 1 and "multi-layer transcoder trains topk" in result.output
+    result = _cli(layers_run, "--layer_k", "4,4,4")
+    assert result.exit_code == 1 and "layer_k needs 2 values in [1, 32], got [4, 4, 4]" in result.output
+    result = _cli(layers_run, "--activation", "jumprelu", "--layer_k", "4,4")
+    assert result.exit_code == 1 and "layer_k is for topk and batchtopk" in result.output
+    result = CliRunner().invoke(
+        train_cli.main, ["--run_dir", str(layers_run), "--pair", "clt_L0_to_L1", "--layer_k", "4"]
+    )
+    assert result.exit_code == 1 and "--layer_k and --layer_weights are for the multi-layer CLT" in result.output
+
+
+def test_layer_k_sets_each_layers_active_features(layers_run):
+    from clt.train_transcoder import TranscoderTrainConfig, run
+
+    folder = run(TranscoderTrainConfig(str(layers_run), "clt_multilayer", expansion_factor=2, k=3, layer_k=[2, 5],
+                                       batch_size=64, num_epochs=1, wandb_mode="disabled"))  # fmt: skip
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["layer_k"] == [2, 5] and summary["val/l0_L0"] <= 2 and summary["val/l0_L1"] > 3
+    xs = torch.randn(2, 10, 16)
+    codes = load_transcoder(folder).encode(xs)
+    assert ((codes[0] != 0).sum(-1) <= 2).all() and ((codes[1] != 0).sum(-1) <= 5).all()
 
 
 def test_whole_model_splice_reproduces_tours_with_error_terms(layers_run):

@@ -19,7 +19,7 @@ from clt import summarize as summarize_cli
 from clt import train_transcoder as train_cli
 from clt.model import load_transcoder
 from clt.site import export as export_cli
-from clt.train_transcoder import TranscoderTrainConfig, lr_factor, run
+from clt.train_transcoder import TranscoderTrainConfig, k_at, k_schedule_start, lr_factor, run
 from policy.signals import Interrupted
 
 PAIR = "clt_L0.mlp_in_to_L0.mlp_out"
@@ -79,6 +79,28 @@ def test_learning_rate_defaults_and_schedule(pair_run):
         assert record["train/lr"] == pytest.approx(32e-3 * lr_factor(record["step"] - 1, 27, 0.5))
     with pytest.raises(ValueError, match="lr_decay must be in"):
         _cfg(pair_run, lr_decay=1.5)
+
+
+def test_k_falls_from_k_start_to_k(pair_run):
+    assert [k_at(step, 10, 4, 16, 0.5) for step in range(10)] == [16, 14, 11, 9, 6, 4, 4, 4, 4, 4]
+    assert k_at(0, 10, 4, 16, 0.0) == 4
+    cfg = _cfg(pair_run, k_anneal=0.3)
+    assert k_schedule_start(cfg, cfg.model_config(16, 16)) == 16  # 4 x k
+    assert _cfg(pair_run).k_anneal == 0 and _cfg(pair_run, pair="clt_multilayer").k_anneal == 0.3
+    assert k_schedule_start(_cfg(pair_run), cfg.model_config(16, 16)) is None
+    jumprelu = _cfg(pair_run, activation="jumprelu", k_anneal=0.3)
+    assert k_schedule_start(jumprelu, jumprelu.model_config(16, 16)) is None
+    out = run(_cfg(pair_run, k_start=32, k_anneal=0.5, log_every=1))  # 27 steps, k falls over the first 13.5
+    logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/k" in r]
+    assert [r["train/k"] for r in logged] == [k_at(r["step"] - 1, 27, 4, 32, 0.5) for r in logged]
+    assert logged[0]["train/k"] == 32 and logged[0]["train/l0"] > 8 and logged[-1]["train/l0"] <= 4
+    assert json.loads((out / "train_cfg.json").read_text())["k_start"] == 32
+    before = _runs(pair_run)
+    with pytest.raises(ValueError, match="k_start must be in"):
+        run(_cfg(pair_run, k_start=2, k_anneal=0.3))
+    assert _runs(pair_run) == before  # no run folder for a run that cannot start
+    with pytest.raises(ValueError, match="k_anneal must be in"):
+        _cfg(pair_run, k_anneal=1.0)
 
 
 def test_pair_given_as_hooks_and_token_budget(pair_run):
