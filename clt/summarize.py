@@ -11,7 +11,6 @@ from pathlib import Path
 
 import click
 
-from clt.multilayer import format_k
 from policy.cli import command
 from policy.io import read_json
 from policy.runs import resolve_run_dir
@@ -53,7 +52,8 @@ def read_summaries(folders: list[Path]) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     lines = [f"{COLUMNS[0]:<32}{COLUMNS[1]:>10}" + "".join(f"{c:>10}" for c in COLUMNS[2:])]
     for r in rows:
-        ridge, k = r.get("ridge_val_fvu"), format_k(r.get("layer_k") or r["k"])
+        ridge = r.get("ridge_val_fvu")
+        k = "/".join(map(str, r["layer_k"])) if r.get("layer_k") else str(r["k"])  # a multi-layer CLT: 64/32/32
         ratio = r["val/fvu"] / ridge if ridge else float("nan")
         lines.append(
             f"{r['pair']:<32}{r['activation']:>10}{r['features']:>10}{k:>10}{r['lr']:>10.3g}{r['val/fvu']:>10.4f}"

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from clt import collect_pairs as collect_cli
+from clt import summarize as summarize_cli
 from clt import train_transcoder as train_cli
 from clt.model import load_transcoder
 from clt.multilayer import MultiLayerConfig, MultiLayerTranscoder
@@ -108,6 +109,8 @@ def test_multilayer_cli_trains_logs_per_layer_and_resumes_exactly(layers_run, mo
     summary = json.loads((full / "summary.json").read_text())
     assert summary["val/l0"] == 9 and summary["layer_k"] == [6, 3] and summary["val/l0_L0"] == 6
     assert {"val/fvu_L0", "val/fvu_L1", "ridge_val_fvu_L0", "ridge_val_fvu_L1"} <= set(summary)
+    table = CliRunner().invoke(summarize_cli.main, [str(full)])
+    assert table.exit_code == 0 and "6/3" in table.output.splitlines()[1]  # the k column, layer by layer
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert any("val/fvu_L1" in r and "val/dead_fraction_L0" in r for r in records)
     ctrl_c_at_step(5)
