@@ -13,7 +13,7 @@ from clt.config import CodeOptions, TranscoderOptions
 from clt.graph.decision import DecisionOptions
 from clt.model import TranscoderConfig
 from clt.multilayer import MultiLayerConfig
-from clt.train_transcoder import MULTILAYER_EXPANSION, MULTILAYER_K, TranscoderTrainConfig
+from clt.train_transcoder import FIRST_LAYER_K_FACTOR, MULTILAYER_EXPANSION, MULTILAYER_K, TranscoderTrainConfig
 from policy.options import choice, field_docs, options
 from sae.model import SAEConfig
 from sae.train_topk import SAETrainConfig
@@ -91,7 +91,9 @@ def test_trainers_and_model_configs_share_their_defaults():
     assert TranscoderTrainConfig("r", "p").model_config(16, 12) == TranscoderConfig(16, 12)
     assert SAETrainConfig("r", "h").sae_config(16) == SAEConfig(d_in=16)
     multi = TranscoderTrainConfig("r", "clt_multilayer").multilayer_config(3, 16)
-    assert multi == MultiLayerConfig(n_layers=3, d=16, k=MULTILAYER_K, expansion_factor=MULTILAYER_EXPANSION)
+    k = MULTILAYER_K
+    assert multi == MultiLayerConfig(n_layers=3, d=16, k=k, expansion_factor=MULTILAYER_EXPANSION,
+                                     layer_k=[FIRST_LAYER_K_FACTOR * k, k, k])  # fmt: skip
     assert {f.name for f in dataclasses.fields(CodeOptions)} <= {f.name for f in dataclasses.fields(MultiLayerConfig)}
     assert TranscoderConfig(8, 8, activation="jumprelu").l0_coef == 1e-3  # the activation's default, in both
     assert (
