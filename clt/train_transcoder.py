@@ -451,10 +451,13 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
     run_dir = resolve_run_dir(cfg.run_dir)
     cfg.pair = pair_name(run_dir, cfg.pair)
     pair_dir = clt_runs_dir(run_dir, cfg.pair)
-    out_dir = None
+    out_dir, legacy = None, False
     if resume:
         out_dir, cfg = resume_dictionary_run(pair_dir, TranscoderTrainConfig, cfg.to_json(), explicit, RESUMABLE,
                                              budget=("num_epochs", "num_tokens"), penalties=cfg.penalties)  # fmt: skip
+        legacy = "k_anneal" not in read_json(out_dir / "train_cfg.json")
+        if legacy:  # started before the k schedule and per-layer k: it goes on as it started
+            cfg.k_anneal = 0.0
         if info.is_main:
             lock_run(out_dir)
     root = Path(cfg.activations_root) if cfg.activations_root else None
@@ -464,6 +467,8 @@ def _run(cfg: TranscoderTrainConfig, resume: bool, info: DistInfo, explicit: tup
         paths = [pair_path(run_dir, dump_name(name, cfg.condition), root) for name in layer_pair_names(n_layers)]
         data = MultiLayerDataset(paths, *split, rank=info.rank, world_size=info.world_size)
         val_data = MultiLayerDataset(paths, *split) if info.enabled else data
+        if legacy and cfg.layer_k is None and cfg.activation in ("topk", "batchtopk"):
+            cfg.layer_k = [cfg.multilayer_config(n_layers, data.d).active] * n_layers  # one k in every layer
         model_cfg = cfg.multilayer_config(n_layers, data.d)
         torch.manual_seed(init_seed(f"clt/{cfg.pair}/{model_cfg}", cfg.seed))
         model = MultiLayerTranscoder(model_cfg)

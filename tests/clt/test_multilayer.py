@@ -123,6 +123,21 @@ def test_multilayer_cli_trains_logs_per_layer_and_resumes_exactly(layers_run, mo
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+def test_a_run_started_before_the_k_schedule_resumes_as_it_started(layers_run, monkeypatch, ctrl_c_at_step):
+    ctrl_c_at_step(5)
+    assert _cli(layers_run).exit_code == 130
+    monkeypatch.undo()
+    folder = sorted((layers_run / "clt" / "clt_runs" / "clt_multilayer").iterdir())[-1]
+    saved = json.loads((folder / "train_cfg.json").read_text())
+    old = {key: value for key, value in saved.items() if key not in ("k_start", "k_anneal", "layer_k")}
+    (folder / "train_cfg.json").write_text(json.dumps(old))  # as such a run wrote it
+    assert _cli(layers_run, "--resume").exit_code == 0
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["layer_k"] == [3, 3] and summary["val/l0"] == 6  # one k in every layer, as it started
+    resumed = json.loads((folder / "train_cfg.json").read_text())
+    assert resumed["k_anneal"] == 0 and resumed["layer_k"] == [3, 3]  # and so again on a later resume
+
+
 def test_both_transcoders_have_the_named_interface_and_log_weights_trains_the_multilayer_clt(layers_run):
     from clt.model import CrossLayerTranscoder, Transcoder, TranscoderConfig
 
