@@ -111,7 +111,7 @@ fi
 mapfile -t LISTS <<<"$GRIDS"
 [[ -z "$PAIRS" ]] || MULTILAYER=0  # pairs chosen by hand: only those
 [[ -n "$PAIRS" ]] || PAIRS=${LISTS[0]:-}
-if [[ $MULTILAYER -eq 1 ]]; then  # only where every layer's mlp pair is collected (a config may list others)
+if [[ $MULTILAYER -eq 1 && -n "$CONFIG" ]]; then  # a config may leave out a layer's mlp pair (the defaults hold all)
   for pair in $("$PYTHON" -m clt.list_pairs --run_dir "$RUN_DIR" --grids | head -n 1); do
     [[ $pair != *.mlp_in_to_* || " $PAIRS " == *" $pair "* ]] || MULTILAYER=0
   done

@@ -50,6 +50,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def error_reason(err: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message, for a one-line error; `default` (else the exception's type name)
+    when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else default or type(err).__name__
+
+
 MAX_JSON_BYTES = 1 << 30
 """The largest JSON file read (a graph of many decisions stays far below it)."""
 

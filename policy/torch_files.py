@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from policy.io import atomic_write
+from policy.io import atomic_write, error_reason
 
 ACCEPTED = "a torch.save zip of tensors, or torch's legacy (pre-1.6) tensor pickle"
 
@@ -180,8 +180,7 @@ def load_torch_file(path: str | Path, map_location="cpu", stub_objects: bool = F
                               pickle_module=_RestrictedPickleModule)  # fmt: skip
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, TypeError, KeyError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable PyTorch file ({reason})") from err
+        raise ValueError(f"{path}: not a readable PyTorch file ({error_reason(err)})") from err
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -198,7 +197,7 @@ def save_torch(path: str | Path, obj) -> Path:
         try:
             torch.save(obj, tmp)
         except RuntimeError as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else "write failed"
+            reason = error_reason(err, "write failed")
             raise OSError(errno.EIO, f"could not write {path} ({reason}): is the disk full?") from err
 
     return atomic_write(path, write)
@@ -208,11 +207,9 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors; an unreadable one (truncated, lying header) is a ValueError. Their values are
     checked where they meet their model (`build_checked`)."""
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except (SafetensorError, OSError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: not a readable safetensors file ({reason})") from err
-    return tensors
+        raise ValueError(f"{path}: not a readable safetensors file ({error_reason(err)})") from err
 
 
 def build_checked(make: Callable[[], torch.nn.Module], weights: dict[str, torch.Tensor], source: str):

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from policy.io import error_reason
 from policy.logger import RunLogger, truncate_metrics
 from policy.signals import GracefulStop, Interrupted
 from policy.torch_files import load_torch_file, save_tensors, save_torch
@@ -119,7 +120,7 @@ class EpochTrainer:
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
             raise ValueError(
                 f"{self.state_path} is not a training state of this run ({type(err).__name__}: "
-                f"{str(err).strip().splitlines()[0] if str(err).strip() else 'unreadable'})"
+                f"{error_reason(err, 'unreadable')})"
             ) from err
         truncate_metrics(self.out_dir / "metrics.jsonl", self.position.global_step)
 

@@ -47,6 +47,7 @@ from numpy.lib.format import open_memmap
 
 from policy import __version__
 from policy.io import file_sha256, locked, read_json, read_json_object, write_json
+from sae.model import MAX_WIDTH
 
 log = logging.getLogger(__name__)
 
@@ -423,7 +424,7 @@ def check_metadata(meta: dict) -> None:
             raise ValueError(f"arrays.{name}.shape must be [rows, dim], got {shape!r}")
         if whole(f"arrays.{name}.shape[0]", shape[0]) != rows:
             raise ValueError(f"arrays.{name} has {shape[0]} rows, the dump {rows}")
-        dim = whole(f"arrays.{name}.shape[1]", shape[1], high=1 << 16)
+        dim = whole(f"arrays.{name}.shape[1]", shape[1], high=MAX_WIDTH)
         for stat in ("mean", "std"):
             values = info.get(stat)
             if not isinstance(values, list) or len(values) != dim:
